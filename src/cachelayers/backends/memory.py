@@ -1,0 +1,217 @@
+"""The in-process memory tier: LRU bounded by entries and bytes, with absolute expiry and tags.
+
+As the first tier it stores live Python objects under local keys, so a hit is a dict lookup; the engine
+gives it the encoded size of each value so the byte bound is exact. As a lower tier (or for any caller of the
+`Backend` contract) it stores envelopes like every other backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Any, Final
+
+from cachelayers.backends.base import Backend, BackendURL, Clock, StoreItem
+from cachelayers.durations import parse_size
+from cachelayers.errors import ConfigError
+
+__all__ = ["MISSING", "MemoryBackend", "Slot"]
+
+DEFAULT_MAX_ENTRIES: Final = 10_000
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+_SLOT_OVERHEAD: Final = 64  # bytes charged per entry beyond its encoded size: keys and bookkeeping
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final[Any] = _Missing()
+"""Returned by `MemoryBackend.lookup` on a miss (``None`` is a cacheable value)."""
+
+
+class Slot:
+    """One stored entry: value, absolute expiry, charged size, tags and storage key."""
+
+    __slots__ = ("expires_at", "size", "storage_key", "tags", "value")
+
+    def __init__(self, value: Any, expires_at: float | None, size: int, tags: tuple[str, ...],
+                 storage_key: str | None) -> None:
+        self.value = value
+        self.expires_at = expires_at
+        self.size = size
+        self.tags = tags
+        self.storage_key = storage_key
+
+
+class MemoryBackend(Backend):
+    """LRU memory tier.
+
+    URL: ``memory://?max_entries=10000&max_bytes=64MiB``. Both bounds always hold: inserting past either
+    evicts least recently used entries first; an entry larger than ``max_bytes`` is not stored.
+    """
+
+    schemes = ("memory",)
+    options = frozenset({"max_entries", "max_bytes", "name"})
+
+    def __init__(self, url: BackendURL | None = None, *, clock: Clock = time.time,
+                 max_entries: int | None = None, max_bytes: int | None = None) -> None:
+        url = url or BackendURL.parse("memory://")
+        super().__init__(url, clock=clock)
+        self.validate_url(url)
+        self.max_entries = max_entries or int(url.options.get("max_entries", DEFAULT_MAX_ENTRIES))
+        self.max_bytes = max_bytes or parse_size(url.options.get("max_bytes", DEFAULT_MAX_BYTES),
+                                                 url.option_field("max_bytes"))
+        self._data: OrderedDict[Hashable, Slot] = OrderedDict()
+        self.slots = self._data
+        """The entries, least recently used first. Read-only for the engine's hit path, which looks a key up
+        here, checks ``expires_at`` and calls ``move_to_end``; every change goes through this class."""
+        self._tags: dict[str, set[Hashable]] = {}
+        self._by_storage_key: dict[str, Hashable] = {}
+        self.bytes_used = 0
+        self.evictions = 0
+
+    @classmethod
+    def validate_url(cls, url: BackendURL) -> None:
+        """Check ``max_entries`` and ``max_bytes``."""
+        super().validate_url(url)
+        if url.host or url.path not in ("", "/"):
+            raise ConfigError(url.field, url.url, "memory:// takes no host or path, only ?max_entries=&max_bytes=")
+        raw = url.options.get("max_entries")
+        if raw is not None and (not raw.isdigit() or int(raw) <= 0):
+            raise ConfigError(url.option_field("max_entries"), raw, "must be a positive integer")
+        if "max_bytes" in url.options:
+            parse_size(url.options["max_bytes"], url.option_field("max_bytes"))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    # -- the object interface used by the engine for the first tier -------------------------------------
+
+    def lookup(self, key: Hashable) -> Any:
+        """Return the value under ``key`` and mark it recently used, or `MISSING`."""
+        slot = self._data.get(key)
+        if slot is None:
+            return MISSING
+        expires_at = slot.expires_at
+        if expires_at is not None and expires_at <= self.clock():
+            self._remove(key, slot)
+            return MISSING
+        self._data.move_to_end(key)
+        return slot.value
+
+    def lookup_entry(self, key: Hashable) -> tuple[Any, float | None] | None:
+        """Return ``(value, expires_at)`` under ``key`` (marking it used), or ``None``."""
+        value = self.lookup(key)
+        if value is MISSING:
+            return None
+        return value, self._data[key].expires_at
+
+    def store(self, key: Hashable, value: Any, *, size: int, expires_at: float | None,
+              tags: tuple[str, ...] = (), storage_key: str | None = None) -> bool:
+        """Store ``value`` under ``key``; return ``False`` when it is larger than the byte bound."""
+        size += _SLOT_OVERHEAD
+        old = self._data.get(key)
+        if old is not None:
+            self._remove(key, old)
+        if size > self.max_bytes:
+            return False
+        if expires_at is not None and expires_at <= self.clock():
+            return False
+        slot = Slot(value, expires_at, size, tags, storage_key)
+        self._data[key] = slot
+        self.bytes_used += size
+        for tag in tags:
+            members = self._tags.get(tag)
+            if members is None:
+                self._tags[tag] = {key}
+            else:
+                members.add(key)
+        if storage_key is not None:
+            self._by_storage_key[storage_key] = key
+        data = self._data
+        while len(data) > self.max_entries or self.bytes_used > self.max_bytes:
+            victim, victim_slot = data.popitem(last=False)
+            self._forget(victim, victim_slot)
+            self.evictions += 1
+        return True
+
+    def remove(self, key: Hashable) -> bool:
+        """Remove ``key``; return whether it was there."""
+        slot = self._data.get(key)
+        if slot is None:
+            return False
+        self._remove(key, slot)
+        return True
+
+    def remove_storage_keys(self, storage_keys: Sequence[str]) -> int:
+        """Remove the entries stored under these storage keys (as other tiers name them)."""
+        removed = 0
+        for storage_key in storage_keys:
+            key = self._by_storage_key.get(storage_key)
+            if key is not None and self.remove(key):
+                removed += 1
+        return removed
+
+    def remove_tags(self, tags: Sequence[str]) -> int:
+        """Remove every entry carrying any of ``tags``; return how many were removed."""
+        removed = 0
+        for tag in tags:
+            for key in list(self._tags.get(tag, ())):
+                if self.remove(key):
+                    removed += 1
+        return removed
+
+    def _remove(self, key: Hashable, slot: Slot) -> None:
+        del self._data[key]
+        self._forget(key, slot)
+
+    def _forget(self, key: Hashable, slot: Slot) -> None:
+        self.bytes_used -= slot.size
+        for tag in slot.tags:
+            members = self._tags.get(tag)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._tags[tag]
+        if slot.storage_key is not None and self._by_storage_key.get(slot.storage_key) == key:
+            del self._by_storage_key[slot.storage_key]
+
+    def clear_now(self) -> None:
+        """Remove everything, synchronously."""
+        self._data.clear()
+        self._tags.clear()
+        self._by_storage_key.clear()
+        self.bytes_used = 0
+
+    # -- the Backend contract (envelopes under storage keys) --------------------------------------------
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return the envelopes stored under ``keys``."""
+        out: list[bytes | None] = []
+        for key in keys:
+            value = self.lookup(key)
+            out.append(None if value is MISSING else value)
+        return out
+
+    async def set_many(self, items: Sequence[StoreItem]) -> None:
+        """Store envelopes, charging their length against the byte bound."""
+        for item in items:
+            self.store(item.key, item.blob, size=len(item.blob), expires_at=item.expires_at, tags=item.tags)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove the keys."""
+        for key in keys:
+            self.remove(key)
+
+    async def delete_tags(self, tags: Sequence[str]) -> None:
+        """Remove every key under any of the tags."""
+        self.remove_tags(tags)
+
+    async def clear(self) -> None:
+        """Remove everything."""
+        self.clear_now()

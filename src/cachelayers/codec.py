@@ -1,0 +1,316 @@
+"""Encoding of cached values, and the integrity envelope every stored entry travels in.
+
+Values are encoded with msgpack. Beyond msgpack's own types the codec keeps tuples, sets, big integers,
+datetimes, dates, times, timedeltas, decimals, UUIDs and numpy arrays and scalars (dtype and shape kept), and
+any type registered with `register_codec` (dataclasses and pydantic models need only the class). Pickle is
+used only when explicitly enabled, and an entry written with pickle is never read by a codec without it.
+
+An entry stored outside the process is an *envelope*::
+
+    magic "\\xc1C" | format (1 byte) | flags (1 byte) | expires_at (float64, NaN = never) | mac (20 bytes) | body
+
+where ``body`` is the msgpack of ``[tags, value]`` and ``mac`` is a BLAKE2b over the storage key, the header
+and the body — keyed by the secret when one is configured (an HMAC-grade signature), plain otherwise (a
+checksum). Binding the key into the mac means that an entry copied under another key is detected as well
+as one that was truncated or overwritten. ``0xc1`` is the one byte msgpack never emits, so no bare msgpack
+value is mistaken for an envelope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import hashlib
+import hmac
+import math
+import pickle
+import struct
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
+
+import msgpack
+import numpy as np
+
+from cachelayers.errors import ConfigError, IntegrityError, SerializationError
+
+__all__ = ["FORMAT_VERSION", "Codec", "Envelope", "register_codec"]
+
+T = TypeVar("T")
+
+FORMAT_VERSION: Final = 1
+_MAGIC: Final = b"\xc1C"
+_HEADER: Final = struct.Struct(">2sBBd")
+_MAC_SIZE: Final = 20
+_PREFIX_SIZE: Final = _HEADER.size + _MAC_SIZE
+_FLAG_SIGNED: Final = 0x01
+_NEVER: Final = float("nan")
+
+# Extension codes of stored values. Never renumber: stored entries must stay readable.
+(_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA,
+ _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE) = range(1, 15)
+
+
+class _Registered(NamedTuple):
+    name: str
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
+
+
+_by_type: dict[type, _Registered] = {}
+_by_name: dict[str, _Registered] = {}
+
+
+def register_codec(
+    cls: type[T],
+    *,
+    name: str | None = None,
+    encode: Callable[[T], Any] | None = None,
+    decode: Callable[[Any], T] | None = None,
+) -> type[T]:
+    """Teach the codec to store instances of ``cls``.
+
+    Dataclasses and pydantic models need only the class; any other type needs ``encode`` (to something the
+    codec can store) and ``decode`` (back). Usable as a class decorator.
+
+    Args:
+        cls: The type to register.
+        name: Stable name stored with each value; defaults to ``module.qualname``. Keep it when moving the
+            class, or stored entries stop decoding (they are then a miss, never an error).
+        encode: Function from an instance to a storable value.
+        decode: Function from that value back to an instance.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        ConfigError: The class is neither a dataclass nor a pydantic model and no encode/decode was given,
+            or the name is taken by another class.
+    """
+    if encode is None or decode is None:
+        if dataclasses.is_dataclass(cls):
+            fields = [f.name for f in dataclasses.fields(cls)]
+
+            def encode_dc(obj: Any) -> Any:
+                return [getattr(obj, f) for f in fields]
+
+            def decode_dc(data: Any) -> Any:
+                return cls(**dict(zip(fields, data, strict=True)))
+
+            encode, decode = encode_dc, decode_dc
+        elif hasattr(cls, "model_validate") and hasattr(cls, "model_dump"):
+            encode = lambda obj: obj.model_dump(mode="python")  # type: ignore[attr-defined]  # noqa: E731
+            decode = cls.model_validate  # type: ignore[attr-defined]
+        else:
+            raise ConfigError("register_codec.cls", cls, "not a dataclass or pydantic model: pass encode= and decode=")
+    key = name or f"{cls.__module__}.{cls.__qualname__}"
+    existing = _by_name.get(key)
+    if existing is not None and _by_type.get(cls) is not existing:
+        raise ConfigError("register_codec.name", key, "already registered for another class")
+    entry = _Registered(key, encode, decode)
+    _by_type[cls] = entry
+    _by_name[key] = entry
+    return cls
+
+
+class Envelope(NamedTuple):
+    """A decoded entry: the value, its absolute expiry (``None`` = never) and its tags."""
+
+    value: Any
+    expires_at: float | None
+    tags: tuple[str, ...]
+
+
+class Codec:
+    """Encodes values and seals them in integrity envelopes bound to their storage key.
+
+    Args:
+        secret: When set, envelopes are signed with it and only signed envelopes are accepted.
+        allow_pickle: Encode values msgpack cannot with pickle, and accept such entries. Off by default:
+            unpickling data from a shared store runs code chosen by whoever could write to it.
+    """
+
+    __slots__ = ("_allow_pickle", "_flags", "_mac_key", "_packer_default")
+
+    def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False) -> None:
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and not 16 <= len(secret) <= 64:
+            raise ConfigError("secret", "<redacted>", "must be 16 to 64 bytes long")
+        self._mac_key = secret or b""
+        self._allow_pickle = allow_pickle
+        self._flags = _FLAG_SIGNED if secret else 0
+        self._packer_default = self._default
+
+    # -- values ------------------------------------------------------------------------------------------
+
+    def _default(self, obj: Any) -> Any:
+        tp = type(obj)
+        if tp is tuple:
+            return msgpack.ExtType(_EXT_TUPLE, self._pack(list(obj)))
+        if tp is set or tp is frozenset:
+            return msgpack.ExtType(_EXT_SET if tp is set else _EXT_FROZENSET, self._pack(list(obj)))
+        if tp is int:  # only reached for integers outside 64 bits
+            return msgpack.ExtType(_EXT_BIGINT, str(obj).encode())
+        registered = _by_type.get(tp)
+        if registered is not None:
+            return msgpack.ExtType(_EXT_REGISTERED, self._pack([registered.name, registered.encode(obj)]))
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            data = np.ascontiguousarray(obj)
+            return msgpack.ExtType(_EXT_NDARRAY, self._pack([data.dtype.str, list(data.shape), data.tobytes()]))
+        if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
+            return msgpack.ExtType(_EXT_NPSCALAR, self._pack([obj.dtype.str, obj.tobytes()]))
+        if tp is dt.datetime:
+            return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+        if tp is dt.date:
+            return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
+        if tp is dt.time:
+            return msgpack.ExtType(_EXT_TIME, obj.isoformat().encode())
+        if tp is dt.timedelta:
+            return msgpack.ExtType(_EXT_TIMEDELTA, self._pack([obj.days, obj.seconds, obj.microseconds]))
+        if tp is decimal.Decimal:
+            return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
+        if tp is uuid.UUID:
+            return msgpack.ExtType(_EXT_UUID, obj.bytes)
+        if self._allow_pickle:
+            return msgpack.ExtType(_EXT_PICKLE, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        raise TypeError(f"cannot encode {tp.__module__}.{tp.__qualname__}: register it with "
+                        f"cachelayers.register_codec() or enable pickle")
+
+    def _pack(self, obj: Any) -> bytes:
+        return msgpack.packb(obj, default=self._packer_default, use_bin_type=True,  # type: ignore[no-any-return]
+                             strict_types=True, datetime=False)
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _EXT_TUPLE:
+            return tuple(self._unpack(data))
+        if code == _EXT_SET:
+            return set(self._unpack(data))
+        if code == _EXT_FROZENSET:
+            return frozenset(self._unpack(data))
+        if code == _EXT_BIGINT:
+            return int(data.decode())
+        if code == _EXT_NDARRAY:
+            dtype, shape, raw = self._unpack(data)
+            return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+        if code == _EXT_NPSCALAR:
+            dtype, raw = self._unpack(data)
+            return np.frombuffer(raw, dtype=np.dtype(dtype))[0]
+        if code == _EXT_REGISTERED:
+            name, payload = self._unpack(data)
+            registered = _by_name.get(name)
+            if registered is None:
+                raise SerializationError(f"no codec registered under {name!r}")
+            return registered.decode(payload)
+        if code == _EXT_DATETIME:
+            return dt.datetime.fromisoformat(data.decode())
+        if code == _EXT_DATE:
+            return dt.date.fromisoformat(data.decode())
+        if code == _EXT_TIME:
+            return dt.time.fromisoformat(data.decode())
+        if code == _EXT_TIMEDELTA:
+            days, seconds, micros = self._unpack(data)
+            return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+        if code == _EXT_DECIMAL:
+            return decimal.Decimal(data.decode())
+        if code == _EXT_UUID:
+            return uuid.UUID(bytes=data)
+        if code == _EXT_PICKLE:
+            if not self._allow_pickle:
+                raise SerializationError("entry holds a pickled value and pickle is not enabled")
+            return pickle.loads(data)
+        raise SerializationError(f"unknown extension code {code}")
+
+    def _unpack(self, data: bytes | memoryview) -> Any:
+        return msgpack.unpackb(data, ext_hook=self._ext_hook, raw=False, strict_map_key=False,
+                               use_list=True, timestamp=0)
+
+    def encode_value(self, value: object) -> bytes:
+        """Encode a bare value (no envelope).
+
+        Raises:
+            SerializationError: The value has a type the codec cannot store.
+        """
+        try:
+            return self._pack(value)
+        except Exception as exc:
+            raise SerializationError(str(exc)) from exc
+
+    def decode_value(self, data: bytes) -> Any:
+        """Decode what `encode_value` made.
+
+        Raises:
+            SerializationError: The data is not a value this codec wrote.
+        """
+        try:
+            return self._unpack(data)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot decode value: {exc}") from exc
+
+    # -- envelopes ---------------------------------------------------------------------------------------
+
+    def _mac(self, key: str, head: bytes, body: bytes | memoryview) -> bytes:
+        h = hashlib.blake2b(digest_size=_MAC_SIZE, key=self._mac_key, person=b"cachelayers-e1")
+        h.update(key.encode())
+        h.update(b"\x00")
+        h.update(head)
+        h.update(body)
+        return h.digest()
+
+    def pack_body(self, value: object, tags: Sequence[str] = ()) -> bytes:
+        """Encode ``value`` and its tags into an envelope body (see `seal_body`).
+
+        Raises:
+            SerializationError: The value cannot be encoded.
+        """
+        try:
+            return self._pack([list(tags), value])
+        except Exception as exc:
+            raise SerializationError(str(exc)) from exc
+
+    def seal(self, key: str, value: object, expires_at: float | None, tags: Sequence[str] = ()) -> bytes:
+        """Encode ``value`` into an envelope bound to ``key``.
+
+        Raises:
+            SerializationError: The value cannot be encoded.
+        """
+        return self.seal_body(key, self.pack_body(value, tags), expires_at)
+
+    def seal_body(self, key: str, body: bytes, expires_at: float | None) -> bytes:
+        """Wrap a body made by `pack_body` in an envelope bound to ``key``."""
+        head = _HEADER.pack(_MAGIC, FORMAT_VERSION, self._flags, _NEVER if expires_at is None else expires_at)
+        return head + self._mac(key, head, body) + body
+
+    def open(self, key: str, blob: bytes) -> Envelope:
+        """Check and decode an envelope stored under ``key``.
+
+        Raises:
+            IntegrityError: The envelope is truncated, of another format, signed differently than this
+                codec expects, bound to another key, or its body does not match its mac.
+            SerializationError: The body passed its check but holds a value this codec cannot decode.
+        """
+        if len(blob) < _PREFIX_SIZE:
+            raise IntegrityError("entry is truncated")
+        view = memoryview(blob)
+        head = bytes(view[: _HEADER.size])
+        magic, version, flags, expires_at = _HEADER.unpack(head)
+        if magic != _MAGIC:
+            raise IntegrityError("entry is not a cachelayers envelope")
+        if version != FORMAT_VERSION:
+            raise IntegrityError(f"entry has format {version}, this codec reads {FORMAT_VERSION}")
+        if flags & _FLAG_SIGNED != self._flags & _FLAG_SIGNED:
+            raise IntegrityError("entry is unsigned but a secret is set" if self._flags
+                                 else "entry is signed but no secret is set")
+        body = view[_PREFIX_SIZE:]
+        if not hmac.compare_digest(bytes(view[_HEADER.size:_PREFIX_SIZE]), self._mac(key, head, body)):
+            raise IntegrityError("entry checksum or signature does not match")
+        try:
+            tags, value = self._unpack(body)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot decode entry: {exc}") from exc
+        return Envelope(value, None if math.isnan(expires_at) else expires_at, tuple(tags))

@@ -1,0 +1,80 @@
+"""Parsing of durations (``"90s"``, ``"1h"``, ``5``) and byte sizes (``"64MiB"``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+
+from cachelayers.errors import ConfigError
+
+__all__ = ["parse_duration", "parse_size"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
+                   "w": 604800.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g|tb|tib|t)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4,
+               "tib": 1024**4}
+
+
+def parse_duration(value: object, field: str, *, allow_zero: bool = False) -> float:
+    """Return a duration in seconds.
+
+    Args:
+        value: Seconds as an int or float, a `datetime.timedelta`, or a string such as ``"250ms"``,
+            ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"``.
+        field: Name of the setting, used in the error message.
+        allow_zero: Whether zero is acceptable.
+
+    Returns:
+        The duration in seconds, finite and positive (or zero when allowed).
+
+    Raises:
+        ConfigError: The value is negative, not finite, of the wrong type or malformed.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "expected a duration (seconds or a string like '90s'), got a bool")
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ConfigError(field, value, "malformed duration; use seconds or a string like "
+                                            "'250ms', '90s', '5m', '1h', '2d'")
+        unit = match.group(2).lower() if match.group(2) else None
+        seconds = float(match.group(1)) * _DURATION_UNITS[unit]
+    else:
+        raise ConfigError(field, value, f"expected a duration, got {type(value).__name__}")
+    if not math.isfinite(seconds):
+        raise ConfigError(field, value, "duration must be finite")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(field, value, "duration must be positive" if not allow_zero
+                          else "duration must not be negative")
+    return seconds
+
+
+def parse_size(value: object, field: str) -> int:
+    """Return a size in bytes from an int or a string such as ``"512KiB"``, ``"64MiB"``, ``"1GB"``.
+
+    Raises:
+        ConfigError: The value is not a positive size.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(field, value, "expected a size in bytes, got a bool")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ConfigError(field, value, "malformed size; use bytes or a string like '512KiB', '64MiB'")
+        unit = match.group(2).lower() if match.group(2) else None
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    else:
+        raise ConfigError(field, value, f"expected a size in bytes, got {type(value).__name__}")
+    if size <= 0:
+        raise ConfigError(field, value, "size must be positive")
+    return size

@@ -1,0 +1,311 @@
+"""Cache keys: normalised through the signature, stable across processes, hashed for storage.
+
+A key has two forms:
+
+* the **local key**, a hashable tuple used by the in-process memory tier. For the common case (a few
+  ``int``/``str``/``bytes``/``None`` arguments) it is the tuple of arguments itself, so a memory hit costs a
+  tuple and a dict lookup;
+* the **storage key**, a string ``<prefix><namespace>:<blake2b hex>`` used by every other tier. It is a hash
+  of a canonical encoding of the function identity, the user version and the normalised arguments: stable
+  across processes and Python runs (``hash()`` is never used) and free of raw argument text.
+
+Arguments are normalised through the signature once: ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` build
+the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import inspect
+import math
+import pathlib
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from cachelayers.errors import ConfigError, UnkeyableArgumentError
+
+__all__ = ["FAST_TYPES", "KeyBuilder", "canonical_bytes", "function_identity"]
+
+# Exact types whose values are equal only when their msgpack encodings are equal *and* that never compare
+# equal to a value of another type in this set. ``bool`` and ``float`` are left out on purpose: ``True == 1``
+# and ``1.0 == 1`` would make two different calls share a tuple key in the memory tier.
+FAST_TYPES: Final = frozenset({str, int, bytes, type(None)})
+_FAST = FAST_TYPES
+_INT64_MIN: Final = -(2**63)
+_UINT64_MAX: Final = 2**64 - 1
+
+# Extension codes of the canonical key encoding. Never renumber: keys must stay stable across releases.
+_EXT_TUPLE, _EXT_DICT, _EXT_SET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA = range(1, 9)
+_EXT_DECIMAL, _EXT_UUID, _EXT_ENUM, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_OBJECT, _EXT_PATH, _EXT_FLOAT = range(9, 17)
+
+
+class _Unkeyable(Exception):
+    def __init__(self, path: str, value: object) -> None:
+        self.path = path
+        self.value = value
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, strict_types=True)  # type: ignore[no-any-return]
+
+
+def _qualname(tp: type) -> str:
+    return f"{tp.__module__}.{tp.__qualname__}"
+
+
+def _canon(obj: Any, path: str) -> Any:
+    """Turn ``obj`` into a msgpack-ready structure whose encoding is the same for equal values."""
+    tp = type(obj)
+    if tp is str or tp is bytes or tp is bool or obj is None:
+        return obj
+    if tp is int:
+        if _INT64_MIN <= obj <= _UINT64_MAX:
+            return obj
+        return msgpack.ExtType(_EXT_BIGINT, str(obj).encode())
+    if tp is float:
+        # One encoding for every NaN; -0.0 stays distinct from 0.0 (they differ under division).
+        return msgpack.ExtType(_EXT_FLOAT, b"nan") if math.isnan(obj) else obj
+    if tp is list:
+        return [_canon(item, f"{path}[{i}]") for i, item in enumerate(obj)]
+    if tp is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, _pack([_canon(item, f"{path}[{i}]") for i, item in enumerate(obj)]))
+    if tp is dict:
+        items = sorted(([_pack(_canon(k, f"{path}.<key>")), _canon(v, f"{path}[{k!r}]")] for k, v in obj.items()),
+                       key=lambda item: item[0])
+        return msgpack.ExtType(_EXT_DICT, _pack(items))
+    if tp is set or tp is frozenset:
+        return msgpack.ExtType(_EXT_SET, _pack(sorted(_pack(_canon(item, f"{path}.<item>")) for item in obj)))
+    custom = getattr(obj, "__cache_key__", None)
+    if custom is not None and callable(custom):
+        return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(custom(), f"{path}.__cache_key__()")]))
+    if isinstance(obj, enum.Enum):
+        return msgpack.ExtType(_EXT_ENUM, _pack([_qualname(tp), _canon(obj.value, f"{path}.value")]))
+    if isinstance(obj, dt.datetime):
+        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, dt.date):
+        return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, dt.time):
+        return msgpack.ExtType(_EXT_TIME, obj.isoformat().encode())
+    if isinstance(obj, dt.timedelta):
+        return msgpack.ExtType(_EXT_TIMEDELTA, _pack([obj.days, obj.seconds, obj.microseconds]))
+    if isinstance(obj, decimal.Decimal):
+        return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_EXT_UUID, obj.bytes)
+    if isinstance(obj, pathlib.PurePath):
+        return msgpack.ExtType(_EXT_PATH, _pack([_qualname(tp), str(obj)]))
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise _Unkeyable(path, obj)
+        data = np.ascontiguousarray(obj)
+        return msgpack.ExtType(_EXT_NDARRAY, _pack([data.dtype.str, list(data.shape), data.tobytes()]))
+    if isinstance(obj, np.generic):
+        return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+    if isinstance(obj, int | str | bytes | float | tuple | list | dict):  # subclasses, e.g. NamedTuple
+        base: Any = next(b for b in (bool, int, float, str, bytes, tuple, list, dict) if isinstance(obj, b))
+        fields = obj._asdict() if hasattr(obj, "_asdict") else base(obj)
+        return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(fields, path)]))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(fields, path)]))
+    dump = getattr(obj, "model_dump", None)  # pydantic v2 models, without importing pydantic
+    if dump is not None and callable(dump) and hasattr(tp, "model_fields"):
+        return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(dump(mode="python"), path)]))
+    raise _Unkeyable(path, obj)
+
+
+def canonical_bytes(value: object) -> bytes:
+    """Encode ``value`` so that equal values, in any process, give equal bytes.
+
+    Dicts and sets are sorted by the encoding of their members; tuples, lists, numpy arrays (dtype, shape and
+    data), datetimes, enums, dataclasses and pydantic models are tagged with their type.
+
+    Raises:
+        TypeError: ``value`` (or something inside it) has no canonical encoding.
+    """
+    try:
+        return _pack(_canon(value, "value"))
+    except _Unkeyable as exc:
+        raise TypeError(f"{exc.path} of type {_qualname(type(exc.value))} has no canonical encoding") from None
+
+
+def function_identity(fn: Callable[..., Any]) -> str:
+    """Return ``module.qualname`` of ``fn``: its identity in every key, stable across processes."""
+    target = inspect.unwrap(fn)
+    module = getattr(target, "__module__", None) or "<unknown>"
+    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+    return f"{module}.{qualname}"
+
+
+class KeyBuilder:
+    """Builds the keys of one function; made once, at decoration time.
+
+    Args:
+        fn: The function whose calls are keyed.
+        namespace: Group of entries; part of the storage key and invalidatable as a whole.
+        version: User version; change it to stop reading entries written by older code.
+        key: Optional function whose result is keyed instead of the arguments. It is called with every
+            argument by name, defaults applied (``key=lambda question, **_: question.lower()``).
+        ignore: Names of parameters left out of the key (e.g. a client object or ``self``).
+        name: Identity used in keys instead of ``module.qualname``.
+
+    Raises:
+        ConfigError: ``ignore`` names a parameter the function does not have.
+    """
+
+    __slots__ = ("_custom", "_defaults_tail", "_fast_arity", "_ignore", "_params", "_signature",
+                 "identity", "namespace", "token", "version")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        namespace: str | None = None,
+        version: str | int = 0,
+        key: Callable[..., Any] | None = None,
+        ignore: Iterable[str] = (),
+        name: str | None = None,
+    ) -> None:
+        self.identity = name or function_identity(fn)
+        self.namespace = namespace if namespace is not None else self.identity
+        self.version = str(version)
+        if not self.namespace or ":" in self.namespace:
+            raise ConfigError("namespace", self.namespace, "must be a non-empty string without ':'")
+        self.token = f"{self.namespace}\x00{self.identity}\x00{self.version}"
+        self._custom = key
+        self._signature = inspect.signature(fn)
+        self._params = tuple(self._signature.parameters.values())
+        names = {p.name for p in self._params}
+        self._ignore = frozenset(ignore)
+        unknown = self._ignore - names
+        if unknown:
+            raise ConfigError("ignore", sorted(unknown), f"{self.identity}() has no such parameter")
+        # The fast path applies when every parameter can be passed positionally, none is ignored and none
+        # is variadic: then the positional args padded with the defaults *are* the normalised arguments.
+        simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in self._params)
+        if key is None and simple and not self._ignore:
+            self._fast_arity = len(self._params)
+            defaults: list[Any] = []
+            for p in reversed(self._params):
+                if p.default is p.empty:
+                    break
+                defaults.insert(0, p.default)
+            self._defaults_tail = tuple(defaults)
+        else:
+            self._fast_arity = -1
+            self._defaults_tail = ()
+
+    @property
+    def parameters(self) -> tuple[inspect.Parameter, ...] | None:
+        """The parameters, when every call can be keyed by the tuple of their (non-ignored) values.
+
+        ``None`` when the function has ``*args``/``**kwargs`` or a ``key=`` function.
+        """
+        if self._custom is not None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in self._params):
+            return None
+        return self._params
+
+    @property
+    def ignored(self) -> frozenset[str]:
+        """Names of parameters left out of the key."""
+        return self._ignore
+
+    @property
+    def fast_arity(self) -> int:
+        """Number of positional arguments for which `local` is ``(token, args)`` when all are fast scalars.
+
+        ``-1`` when there is no such fast path (a ``key=`` function, ignored or variadic parameters).
+        """
+        return self._fast_arity
+
+    def local(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Hashable:
+        """Return the in-process key of a call: cheap, hashable, equal only for equal normalised calls.
+
+        The key is ``(token, normalised_args)`` where the arguments are a tuple of fast scalars or, for any
+        other call, their canonical encoding; the token makes keys of different functions distinct.
+
+        Raises:
+            UnkeyableArgumentError: An argument cannot be keyed; the message names it.
+            TypeError: The arguments do not match the signature.
+        """
+        if not kwargs:
+            n = len(args)
+            arity = self._fast_arity
+            if n == arity:
+                for a in args:
+                    if type(a) not in _FAST:
+                        break
+                else:
+                    return (self.token, args)
+            elif 0 <= arity - n <= len(self._defaults_tail) and arity > 0:
+                full = args + self._defaults_tail[len(self._defaults_tail) - (arity - n):]
+                for a in full:
+                    if type(a) not in _FAST:
+                        break
+                else:
+                    return (self.token, full)
+        return (self.token, self._canonical(args, kwargs))
+
+    def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Return every argument of the call by parameter name, defaults applied.
+
+        This is how ``key=``, ``tags=`` and similar functions are called: ``tags=lambda collection, **_: ...``
+        receives the ``collection`` argument however the caller passed it.
+        """
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    def _normalised(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        items: list[tuple[str, Any]] = []
+        for p in self._params:
+            if p.name in self._ignore:
+                continue
+            value = bound.arguments[p.name]
+            items.append((p.name, value))
+        return items
+
+    def _canonical(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...] | bytes:
+        """Return the normalised arguments as a tuple when all are fast scalars, else their encoding."""
+        if self._custom is not None:
+            custom = self._custom(**self.arguments(args, kwargs))
+            try:
+                return _pack(["key=", _canon(custom, "key()")])
+            except _Unkeyable as exc:
+                raise UnkeyableArgumentError(self.identity, exc.path, exc.value) from None
+        items = self._normalised(args, kwargs)
+        if all(type(value) in _FAST for _, value in items):
+            return tuple(value for _, value in items)
+        parts: list[Any] = []
+        for name, value in items:
+            try:
+                parts.append(_canon(value, name))
+            except _Unkeyable as exc:
+                raise UnkeyableArgumentError(self.identity, exc.path, exc.value) from None
+        return _pack(parts)
+
+    def storage_digest(self, local_key: Hashable) -> str:
+        """Return the hex digest that identifies a call in every tier below memory."""
+        args = local_key[1]  # type: ignore[index]
+        if type(args) is tuple:
+            payload = _pack(list(args))  # only _FAST scalars: already canonical as a list
+        else:
+            assert type(args) is bytes
+            payload = args
+        h = hashlib.blake2b(digest_size=20, person=b"cachelayers-k1")
+        h.update(self.token.encode())
+        h.update(b"\x00")
+        # Fast-path keys and canonical keys of the same call must agree: both are the msgpack array of the
+        # normalised arguments (a fast key's scalars are their own canonical form).
+        h.update(payload)
+        return h.hexdigest()

@@ -1,0 +1,286 @@
+"""The one settings object, where it comes from, and which one is in force.
+
+`Settings` is immutable and validated when it is made: a bad value raises `ConfigError` naming the field.
+It can be built from code, from a mapping (`Settings.from_mapping`) or from ``CACHELAYERS_*`` environment
+variables (`Settings.from_env`, the only place the environment is read). `configure` sets the settings in
+force; until it is called, the first use reads the environment once, and with no variables set that is the
+embedded default: one bounded memory tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+from cachelayers.backends import validate_backend_url
+from cachelayers.durations import parse_duration
+from cachelayers.errors import ConfigError
+
+__all__ = ["DEFAULT_TIERS", "ENV_PREFIX", "Settings", "configure", "get_settings", "on_change", "reset_settings",
+           "settings_generation"]
+
+ENV_PREFIX: Final = "CACHELAYERS_"
+DEFAULT_TIERS: Final = (("memory", "memory://?max_entries=10000&max_bytes=64MiB"),)
+_LIMIT = re.compile(
+    r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*"
+    r"(;\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*)*$",
+    re.IGNORECASE,
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _tiers(value: object) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, Mapping):
+        pairs = [(str(name), url) for name, url in value.items()]
+    elif isinstance(value, Sequence):
+        pairs = []
+        for item in value:
+            if isinstance(item, tuple) and len(item) == 2:
+                pairs.append((str(item[0]), item[1]))
+            elif isinstance(item, str) and "=" in item.split("://", 1)[0]:
+                name, _, url = item.partition("=")
+                pairs.append((name.strip(), url.strip()))
+            elif isinstance(item, str):
+                base = item.split("://", 1)[0].split("+", 1)[0].lower() or "tier"
+                name = base
+                n = 2
+                while any(existing == name for existing, _ in pairs):
+                    name = f"{base}{n}"
+                    n += 1
+                pairs.append((name, item))
+            else:
+                raise ConfigError("tiers", value, "expected URLs, 'name=url' strings or a mapping of name to URL")
+    else:
+        raise ConfigError("tiers", value, "expected URLs, 'name=url' strings or a mapping of name to URL")
+    if not pairs:
+        raise ConfigError("tiers", value, "at least one tier is needed")
+    seen: set[str] = set()
+    for name, url in pairs:
+        if not name or name in seen:
+            raise ConfigError("tiers", value, f"tier names must be unique and non-empty, got {name!r} twice")
+        seen.add(name)
+        if not isinstance(url, str):
+            raise ConfigError(f"tiers[{name!r}]", url, "expected a URL string")
+        validate_backend_url(url, f"tiers[{name!r}]")
+    return tuple(pairs)
+
+
+def _bool(value: object, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(field, value, "expected true or false")
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(field, value, "expected a positive integer")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class Settings:
+    """Configuration of cachelayers: which tiers, how keys look, how failures are handled.
+
+    Every field is validated when the object is made. Change settings with `dataclasses.replace` or
+    `Settings.with_`, which validate again.
+
+    Attributes:
+        tiers: Ordered tiers, fastest first, as ``name -> URL`` (a list of URLs is named after the
+            schemes). Schemes: ``memory://?max_entries=&max_bytes=``; ``redis://``, ``rediss://``,
+            ``redis+cluster://``, ``unix://`` and ``disk:///path?max_bytes=`` with their extras.
+        key_prefix: Prefix of every storage key, so several applications can share one Redis.
+        default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``; ``None`` keeps
+            them until evicted.
+        secret: Key that signs every stored entry (16-64 bytes). Entries not signed with it are never served.
+        allow_pickle: Store values msgpack cannot encode with pickle. Only for stores you fully trust.
+        tier_timeout: Longest wait for one tier operation before it counts as a miss (seconds or ``"250ms"``).
+        breaker_threshold: Consecutive failures of a tier that open its circuit breaker.
+        breaker_cooldown: How long an open breaker skips its tier before one probe call.
+        strict: Raise cache failures to the caller instead of computing uncached (for tests and debugging).
+        vector_index: Where the semantic cache keeps its index: ``memory://`` or ``usearch:///path``.
+        limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
+    """
+
+    tiers: Any = DEFAULT_TIERS
+    key_prefix: str = "cl:"
+    default_ttl: Any = None
+    secret: str | bytes | None = None
+    allow_pickle: bool = False
+    tier_timeout: Any = 0.25
+    breaker_threshold: int = 5
+    breaker_cooldown: Any = 10.0
+    strict: bool = False
+    vector_index: str = "memory://"
+    limits: Any = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "tiers", _tiers(self.tiers))
+        if not isinstance(self.key_prefix, str) or any(c.isspace() for c in self.key_prefix):
+            raise ConfigError("key_prefix", self.key_prefix, "expected a string without whitespace")
+        if self.default_ttl is not None:
+            set_(self, "default_ttl", parse_duration(self.default_ttl, "default_ttl"))
+        if self.secret is not None:
+            raw = self.secret.encode() if isinstance(self.secret, str) else self.secret
+            if not isinstance(raw, bytes) or not 16 <= len(raw) <= 64:
+                raise ConfigError("secret", "<redacted>", "must be 16 to 64 bytes long")
+        set_(self, "allow_pickle", _bool(self.allow_pickle, "allow_pickle"))
+        set_(self, "tier_timeout", parse_duration(self.tier_timeout, "tier_timeout"))
+        set_(self, "breaker_threshold", _positive_int(self.breaker_threshold, "breaker_threshold"))
+        set_(self, "breaker_cooldown", parse_duration(self.breaker_cooldown, "breaker_cooldown"))
+        set_(self, "strict", _bool(self.strict, "strict"))
+        if not isinstance(self.vector_index, str) or not self.vector_index.startswith(("memory://", "usearch://")):
+            raise ConfigError("vector_index", self.vector_index, "expected 'memory://' or 'usearch:///path'")
+        limits = self.limits
+        if isinstance(limits, str):
+            limits = dict(part.split("=", 1) for part in limits.split(",") if "=" in part)
+        if not isinstance(limits, Mapping):
+            raise ConfigError("limits", self.limits, "expected a mapping of name to a limit like '3500/minute'")
+        for name, spec in limits.items():
+            if not isinstance(spec, str) or not _LIMIT.match(spec):
+                raise ConfigError(f"limits[{name!r}]", spec,
+                                  "expected a limit like '3500/minute' or '10 per 2 seconds'")
+        set_(self, "limits", tuple(sorted((str(k), str(v).strip()) for k, v in limits.items())))
+
+    @property
+    def tier_urls(self) -> dict[str, str]:
+        """The tiers as an ordered ``name -> URL`` dict."""
+        return dict(self.tiers)
+
+    @property
+    def limit_specs(self) -> dict[str, str]:
+        """The named limits as a dict."""
+        return dict(self.limits)
+
+    def with_(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - _FIELDS)
+        if unknown:
+            raise ConfigError(unknown[0], changes[unknown[0]], f"unknown setting; known: {', '.join(sorted(_FIELDS))}")
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        current.update(changes)
+        return Settings(**current)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> Settings:
+        """Build settings from a mapping of field names (e.g. a parsed TOML or YAML section).
+
+        Raises:
+            ConfigError: A key is not a setting, or a value is invalid.
+        """
+        unknown = sorted(set(mapping) - _FIELDS)
+        if unknown:
+            raise ConfigError(unknown[0], mapping[unknown[0]], f"unknown setting; known: {', '.join(sorted(_FIELDS))}")
+        return cls(**dict(mapping))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``CACHELAYERS_<FIELD>`` variables (e.g. ``CACHELAYERS_TIERS``).
+
+        ``CACHELAYERS_TIERS`` is comma-separated URLs or ``name=url`` items; ``CACHELAYERS_LIMITS`` is
+        comma-separated ``name=limit`` items. Unset variables keep their defaults.
+
+        Raises:
+            ConfigError: A ``CACHELAYERS_`` variable is unknown or invalid; the message names the variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, value in env.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            field = name[len(ENV_PREFIX):].lower()
+            if field not in _FIELDS:
+                raise ConfigError(name, value, f"unknown setting; known: "
+                                  f"{', '.join(ENV_PREFIX + f.upper() for f in sorted(_FIELDS))}")
+            values[field] = value
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            field = exc.field.split("[", 1)[0].split("?", 1)[0]
+            raise ConfigError(ENV_PREFIX + field.upper() + exc.field[len(field):], exc.value, exc.reason) from None
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or (f.name == "limits" and not value):
+                continue
+            parts.append(f"{f.name}={'<redacted>' if f.name == 'secret' else repr(value)}")
+        return f"Settings({', '.join(parts)})"
+
+
+_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+
+_lock = threading.Lock()
+_current: Settings | None = None
+_generation = 0
+_listeners: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` whenever the settings in force change (engines drop what they bound)."""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+    for listener in list(_listeners):
+        listener()
+
+
+def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes: Any) -> Settings:
+    """Set the settings in force and return them.
+
+    ``configure(Settings(...))`` replaces them; ``configure({"tiers": [...]})`` builds them from a mapping;
+    ``configure(default_ttl="1h")`` changes fields of the current settings. Functions already decorated
+    pick up the new settings on their next call.
+    """
+    global _current, _generation
+    if settings is None:
+        new = get_settings().with_(**changes)
+    else:
+        new = settings if isinstance(settings, Settings) else Settings.from_mapping(settings)
+        if changes:
+            new = new.with_(**changes)
+    with _lock:
+        _current = new
+    _changed()
+    return new
+
+
+def get_settings() -> Settings:
+    """Return the settings in force, reading ``CACHELAYERS_*`` from the environment on first use."""
+    global _current, _generation
+    current = _current
+    if current is None:
+        with _lock:
+            if _current is None:
+                _current = Settings.from_env()
+                _generation += 1
+            current = _current
+    return current
+
+
+def reset_settings() -> None:
+    """Forget the configured settings; the next use reads the environment again (for tests)."""
+    global _current
+    with _lock:
+        _current = None
+    _changed()
+
+
+def settings_generation() -> int:
+    """A number that changes whenever the settings in force change."""
+    return _generation
