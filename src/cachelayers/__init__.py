@@ -10,12 +10,43 @@ from __future__ import annotations
 from cachelayers.backends import Backend, BackendURL, StoreItem, register_backend
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec, register_codec
-from cachelayers.decorators import CachedFunction, multilevel_cached
-from cachelayers.engines import FunctionCache, TieredCache, default_cache
+from cachelayers.decorators import (
+    BatchedFunction,
+    CachedFunction,
+    SemanticCachedFunction,
+    batched,
+    multilevel_cached,
+    semantic_cached,
+)
+from cachelayers.embedders import HashingEmbedder
+from cachelayers.engines import (
+    Batcher,
+    BatchInfo,
+    FunctionCache,
+    Outcome,
+    TieredCache,
+    default_cache,
+    gather_bounded,
+    with_fallbacks,
+)
+from cachelayers.engines.semantic import (
+    Candidate,
+    Explanation,
+    Lookup,
+    SemanticCacheInfo,
+    SemanticFunction,
+    explain,
+    last_lookup,
+)
 from cachelayers.errors import (
+    AllAttemptsFailedError,
     BackendError,
+    BatcherClosedError,
+    BatchError,
+    BatchQueueFullError,
     CacheLayersError,
     ConfigError,
+    EmbeddingError,
     IntegrityError,
     MissingDependencyError,
     SerializationError,
@@ -27,33 +58,55 @@ from cachelayers.settings import Settings, configure, get_settings, reset_settin
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllAttemptsFailedError",
     "Backend",
     "BackendError",
     "BackendURL",
+    "BatchError",
+    "BatchInfo",
+    "BatchQueueFullError",
+    "BatchedFunction",
+    "Batcher",
+    "BatcherClosedError",
     "CacheInfo",
     "CacheLayersError",
     "CachedFunction",
+    "Candidate",
     "Codec",
     "ConfigError",
+    "EmbeddingError",
+    "Explanation",
     "FunctionCache",
+    "HashingEmbedder",
     "IntegrityError",
+    "Lookup",
     "MemoryBackend",
     "MissingDependencyError",
+    "Outcome",
+    "SemanticCacheInfo",
+    "SemanticCachedFunction",
+    "SemanticFunction",
     "SerializationError",
     "Settings",
     "StoreItem",
     "TieredCache",
     "UnkeyableArgumentError",
+    "batched",
     "configure",
     "default_cache",
+    "explain",
+    "gather_bounded",
     "get_settings",
     "invalidate_namespace",
     "invalidate_tags",
+    "last_lookup",
     "multilevel_cached",
     "register_backend",
     "register_codec",
     "reset_settings",
+    "semantic_cached",
     "stats",
+    "with_fallbacks",
 ]
 
 

@@ -179,8 +179,10 @@ class Codec:
                         f"cachelayers.register_codec() or enable pickle")
 
     def _pack(self, obj: Any) -> bytes:
-        return msgpack.packb(obj, default=self._packer_default, use_bin_type=True,  # type: ignore[no-any-return]
-                             strict_types=True, datetime=False)
+        # A Packer per call: msgpack.packb is a Python wrapper around the same thing that costs as much again
+        # (keyword parsing), and one shared Packer would break when `_default` packs nested values with it.
+        packer = msgpack.Packer(default=self._packer_default, use_bin_type=True, strict_types=True, datetime=False)
+        return packer.pack(obj)  # type: ignore[no-any-return]
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         if code == _EXT_TUPLE:

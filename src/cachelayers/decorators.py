@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, Self, TypeVar, cast, overload
+from types import TracebackType
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, Self, TypeVar, cast, final, overload
 
+from cachelayers.engines.batcher import Batcher, BatchInfo, QueueFullPolicy, Rows
+from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, Verifier
 from cachelayers.engines.tiered import FunctionCache, TieredCache
 from cachelayers.metrics import CacheInfo
 
-__all__ = ["CachedFunction", "multilevel_cached"]
+__all__ = ["BatchedFunction", "CachedFunction", "SemanticCachedFunction", "batched", "multilevel_cached",
+           "semantic_cached"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 T_co = TypeVar("T_co")
+X = TypeVar("X")
+Y = TypeVar("Y")
 
 
 class CachedFunction(Protocol[P, T_co]):
@@ -126,3 +133,227 @@ def multilevel_cached(
         return cast(CachedFunction[P, T], engine.wrapper)
 
     return decorate if fn is None else decorate(fn)
+
+
+@final
+class BatchedFunction(Generic[X, P, Y]):
+    """What `batched` returns: call it with *one* item (and the shared arguments) to get that item's result.
+
+    ``await embed_one(text)`` puts ``text`` in the next batch and returns its own result;
+    ``await embed_one.many(texts)`` submits several at once. The batch function itself is ``__wrapped__``.
+    """
+
+    def __init__(self, batcher: Batcher[X, P, Y]) -> None:
+        self.batcher = batcher
+        """The engine behind the function."""
+        functools.update_wrapper(self, batcher.fn, updated=())  # not the wrapped object's __dict__: ours is ours
+
+    def __call__(self, item: X, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Y]:
+        """Submit one item; the coroutine returns its result (see `Batcher.submit`)."""
+        return self.batcher.submit(item, *args, **kwargs)
+
+    def many(self, items: Iterable[X], /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, list[Y]]:
+        """Submit several items sharing the same arguments; the coroutine returns their results in order."""
+        return self.batcher.submit_many(items, *args, **kwargs)
+
+    def flush(self) -> None:
+        """Send every pending batch now, without waiting for ``max_wait``."""
+        self.batcher.flush()
+
+    async def aclose(self, *, flush: bool = True) -> None:
+        """Close: send (or, with ``flush=False``, reject) what is pending; later calls raise."""
+        await self.batcher.aclose(flush=flush)
+
+    def batch_info(self) -> BatchInfo:
+        """Batches, items, deduplicated and dropped items, fill ratio, waits and durations."""
+        return self.batcher.info()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.batcher.aclose()
+
+    def __repr__(self) -> str:
+        return f"<batched {self.batcher.name}>"
+
+
+@overload
+def batched(fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]], /) -> BatchedFunction[X, P, Y]: ...
+
+
+@overload
+def batched(
+    *,
+    max_size: int = 64,
+    max_wait: float | str | timedelta = 0.005,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrency: int | None = None,
+    max_queue: int | None = None,
+    queue_full: QueueFullPolicy = "wait",
+    key: Callable[[Any], Hashable] | None = None,
+    dedupe: bool = True,
+    name: str | None = None,
+) -> Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]], BatchedFunction[X, P, Y]]: ...
+
+
+def batched(
+    fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]] | None = None,
+    /,
+    *,
+    max_size: int = 64,
+    max_wait: float | str | timedelta = 0.005,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrency: int | None = None,
+    max_queue: int | None = None,
+    queue_full: QueueFullPolicy = "wait",
+    key: Callable[[Any], Hashable] | None = None,
+    dedupe: bool = True,
+    name: str | None = None,
+) -> BatchedFunction[X, P, Y] | Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]],
+                                         BatchedFunction[X, P, Y]]:
+    """Turn a batch function into a per-item function whose calls are gathered into batches.
+
+    Decorate ``async def fn(items: list[X], *shared) -> list[Y]`` (or an array with one row per item); callers
+    then await ``fn(item, *shared)`` and get their own result. A batch goes when it has ``max_size`` items (or
+    ``max_weight``), or ``max_wait`` after its first item; calls with different shared arguments never share a
+    batch; identical pending items are sent once. Usable bare (``@batched``) or with arguments, from asyncio or
+    trio, across repeated ``asyncio.run`` calls: nothing is bound to an event loop until the first call in it.
+
+    Args:
+        fn: The batch function, when used bare.
+        max_size: Most items in one batch.
+        max_wait: Longest a batch waits for more items after its first: seconds, ``"5ms"``, a timedelta.
+        max_weight: Most total weight in one batch (e.g. tokens); needs ``weight``.
+        weight: Weight of one item, e.g. ``lambda text: len(text) // 4``.
+        max_concurrency: Most batches in flight at once (per event loop); ``None`` for no bound.
+        max_queue: Most items waiting to be sent (per event loop); ``None`` for no bound.
+        queue_full: When the queue is full, ``"wait"`` for room or ``"raise"`` `BatchQueueFullError`.
+        key: Function of an item giving its identity for deduplication (default: the item, when hashable).
+        dedupe: ``False`` sends identical items separately.
+        name: Name used in errors and statistics instead of ``module.qualname``.
+
+    Returns:
+        A `BatchedFunction`: ``await f(item, *shared)`` for one result, ``await f.many(items, *shared)`` for
+        several, ``f.flush()``, ``await f.aclose()`` (or ``async with f:``), ``f.batch_info()``.
+
+    Raises:
+        ConfigError: A parameter is out of range or malformed (the error names it).
+        TypeError: ``fn`` is not an async function.
+    """
+
+    def decorate(f: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]) -> BatchedFunction[X, P, Y]:
+        return BatchedFunction(Batcher(f, max_size=max_size, max_wait=max_wait, max_weight=max_weight,
+                                       weight=weight, max_concurrency=max_concurrency, max_queue=max_queue,
+                                       queue_full=queue_full, key=key, dedupe=dedupe, name=name))
+
+    return decorate if fn is None else decorate(fn)
+
+
+class SemanticCachedFunction(Protocol[P, T_co]):
+    """What `semantic_cached` returns: the function, same signature, plus cache management.
+
+    At run time it is a plain ``async def`` function. How a call was answered is told by
+    `cachelayers.explain` / `cachelayers.last_lookup`, never by the return value.
+    """
+
+    __wrapped__: Callable[P, Awaitable[T_co]]
+    cache: SemanticFunction[P, Any]
+    """The engine behind the function."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+
+    def cache_info(self) -> SemanticCacheInfo:
+        """Hits per level, misses, entries, evictions, errors, verifier outcomes, latencies."""
+        ...
+
+    async def cache_clear(self) -> None:
+        """Remove every entry of the function (every process's, when shared)."""
+        ...
+
+    async def invalidate_all(self) -> None:
+        """Same as `cache_clear`."""
+        ...
+
+    async def save(self) -> None:
+        """Persist the index now (disk mode)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Save and close the store."""
+        ...
+
+
+def semantic_cached(
+    *,
+    embed: Callable[[list[str]], Any] | None = None,
+    threshold: float | None = None,
+    text: str | Callable[..., str] | None = None,
+    partition: Callable[..., Any] | None = None,
+    ignore: Iterable[str] = (),
+    ttl: float | str | timedelta | None = None,
+    max_entries: int = 10_000,
+    verifier: Verifier | None = None,
+    max_candidates: int = 4,
+    namespace: str | None = None,
+    version: str | int = 0,
+    name: str | None = None,
+    cache: TieredCache | None = None,
+    cache_embeddings: bool = True,
+    vector_index: str | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Callable[[Callable[P, Awaitable[T]]], SemanticCachedFunction[P, T]]:
+    """Answer calls from a *similar* earlier call of the same partition.
+
+    The semantic text (one argument) is embedded and looked up among earlier calls whose other arguments —
+    the partition — are equal; the stored result of the nearest one is returned when its cosine similarity
+    is at least ``threshold``. Otherwise the function runs and its result is stored.
+
+    Args:
+        embed: Embedder, sync or async ``list[str] -> (n, d)`` array; the built-in offline
+            `cachelayers.embedders.HashingEmbedder` by default (near-duplicates only: see its docs).
+        threshold: Least similarity for a hit, in [0, 1]; the embedder's calibrated ``default_threshold``
+            when omitted. Measure yours with ``cachelayers calibrate``.
+        text: Name of the argument holding the text (the first parameter by default), or a function of the
+            arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
+        partition: Function of the arguments (by name) returning what must be *equal* for two calls to share
+            an answer; by default every argument except the text and ``ignore``. Required with a ``text``
+            function. Include the tenant.
+        ignore: Arguments left out of the default partition (clients, ``self``).
+        ttl: Lifetime of entries (seconds, ``"1h"``, a timedelta); a hit never extends it.
+        max_entries: Capacity of each partition (LRU eviction removes vector and payload).
+        verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
+            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
+        max_candidates: Candidates above the threshold offered to the verifier, best first.
+        namespace: Group of entries; the function's identity by default.
+        version: Bump it to stop serving entries stored by older code.
+        name: Identity used instead of ``module.qualname``.
+        cache: Tiered cache for embeddings; the default cache of the settings in force when omitted.
+        cache_embeddings: Set to ``False`` not to cache embeddings.
+        vector_index: Where entries live, overriding ``Settings.vector_index`` (``memory://``,
+            ``usearch:///dir``, ``redis://host:port/db``).
+        clock: Wall-clock time source for expiry (tests).
+
+    Returns:
+        A decorator making a `SemanticCachedFunction`.
+
+    Raises:
+        ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
+            embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
+            ``ttl``, ``max_entries`` or ``vector_index``.
+        TypeError: The function is not async. At call time, a semantic text that is not a ``str``, or a
+            partition argument that cannot be keyed (`UnkeyableArgumentError`).
+    """
+
+    def decorate(f: Callable[P, Awaitable[T]]) -> SemanticCachedFunction[P, T]:
+        engine = SemanticFunction(f, embed=embed, threshold=threshold, text=text, partition=partition,
+                                  ignore=ignore, ttl=ttl, max_entries=max_entries, verifier=verifier,
+                                  max_candidates=max_candidates, namespace=namespace, version=version, name=name,
+                                  cache=cache, cache_embeddings=cache_embeddings, vector_index=vector_index,
+                                  clock=clock)
+        return cast(SemanticCachedFunction[P, T], engine.wrapper)
+
+    return decorate

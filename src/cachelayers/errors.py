@@ -1,6 +1,6 @@
 """Exceptions raised by cachelayers.
 
-Every exception the library raises on purpose derives from `CacheLayersError`::
+Every exception the library raises on purpose derives from `CacheLayersError`:
 
     CacheLayersError
     ├── ConfigError                 bad configuration, raised when it is given (also a ValueError)
@@ -8,7 +8,13 @@ Every exception the library raises on purpose derives from `CacheLayersError`::
     ├── UnkeyableArgumentError      an argument cannot be turned into a cache key (also a TypeError)
     ├── SerializationError          a value cannot be encoded or decoded
     │   └── IntegrityError          a stored entry is corrupt, truncated, foreign or wrongly signed
-    └── BackendError                a tier failed; the driver's exception is kept as ``__cause__``
+    ├── BackendError                a tier failed; the driver's exception is kept as ``__cause__``
+    ├── EmbeddingError              an embedder failed or returned malformed vectors (wrong shape, NaN)
+    ├── BatchError                  a batch call failed or answered malformed; every caller of the batch
+    │                               gets it, the function's exception is kept as ``__cause__``
+    ├── BatcherClosedError          an item was submitted to, or left pending in, a closed batcher
+    ├── BatchQueueFullError         a batcher's queue is full and its policy is to raise
+    └── AllAttemptsFailedError      a primary and its fallbacks all failed (also an ExceptionGroup)
 
 Cache failures never reach the caller of a decorated function unless strict mode asks for it: they are
 counted, logged once per change of state, and the call goes on uncached.
@@ -17,9 +23,14 @@ counted, logged once per change of state, and the call goes on uncached.
 from __future__ import annotations
 
 __all__ = [
+    "AllAttemptsFailedError",
     "BackendError",
+    "BatchError",
+    "BatchQueueFullError",
+    "BatcherClosedError",
     "CacheLayersError",
     "ConfigError",
+    "EmbeddingError",
     "IntegrityError",
     "MissingDependencyError",
     "SerializationError",
@@ -90,3 +101,43 @@ class IntegrityError(SerializationError):
 
 class BackendError(CacheLayersError):
     """A storage tier failed. The driver's exception is available as ``__cause__``."""
+
+
+class EmbeddingError(CacheLayersError):
+    """An embedder raised, or returned vectors of the wrong count or dimension, NaN, infinity or zeros.
+
+    The semantic cache counts it and lets the call proceed uncached; the embedder's own exception, if any,
+    is ``__cause__``.
+    """
+
+
+class BatchError(CacheLayersError):
+    """A batch call failed, was cancelled, or returned a result of the wrong length or type.
+
+    Every caller whose item was in the batch gets it; the batch function's own exception, if any, is
+    ``__cause__``. An exception *returned* for one item is not wrapped: only that item's callers get it.
+
+    Attributes:
+        function: Name of the batch function.
+        batch_size: Number of items in the failed batch.
+    """
+
+    def __init__(self, function: str, batch_size: int, reason: str) -> None:
+        self.function = function
+        self.batch_size = batch_size
+        super().__init__(f"batch of {batch_size} item{'s' if batch_size != 1 else ''} to {function}() {reason}")
+
+
+class BatcherClosedError(CacheLayersError):
+    """An item was submitted to a closed batcher, or was still pending when it closed without flushing."""
+
+
+class BatchQueueFullError(CacheLayersError):
+    """A batcher holds ``max_queue`` pending items and its ``queue_full`` policy is ``"raise"``."""
+
+
+class AllAttemptsFailedError(CacheLayersError, ExceptionGroup[Exception]):
+    """A primary and every fallback failed or timed out; ``exceptions`` holds each attempt's error in order.
+
+    It is an `ExceptionGroup`, so ``except* SomeProviderError`` matches it when any attempt raised one.
+    """

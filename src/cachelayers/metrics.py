@@ -72,6 +72,20 @@ class CacheInfo(NamedTuple):
     """What `cache_info()` tells about one cached function.
 
     Latencies are in seconds, ``None`` until measured. ``cost_saved`` is in the unit of the declared cost.
+
+    Attributes:
+        hits: Calls answered without running the function (from a tier or by joining an in-flight call).
+        misses: Calls that ran the function.
+        hit_rate: ``hits / (hits + misses)``, 0.0 before the first call.
+        hits_by_tier: Hits per tier name; ``"in-flight"`` counts callers that joined a running computation.
+        errors: Failures of the function's own cache machinery, such as a failing ``tags=`` function.
+        unstorable: Results returned but not cached because the codec could not encode them.
+        cached_p50: Median latency of hits served by a tier below memory (memory hits are not timed).
+        cached_p95: 95th percentile of the same.
+        computed_p50: Median latency of calls that ran the function.
+        computed_p95: 95th percentile of the same.
+        time_saved: Estimated seconds saved: hits times (mean computed - mean cached latency).
+        cost_saved: Sum of the declared ``cost=`` over hits served from a tier.
     """
 
     hits: int

@@ -145,6 +145,8 @@ class Settings:
         limits = self.limits
         if isinstance(limits, str):
             limits = dict(part.split("=", 1) for part in limits.split(",") if "=" in part)
+        elif isinstance(limits, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in limits):
+            limits = dict(limits)  # the stored form, given back by with_() and dataclasses.replace()
         if not isinstance(limits, Mapping):
             raise ConfigError("limits", self.limits, "expected a mapping of name to a limit like '3500/minute'")
         for name, spec in limits.items():

@@ -11,11 +11,19 @@ import importlib
 import importlib.util
 from typing import NamedTuple
 
-from cachelayers.backends.base import Backend, BackendURL, Clock, StoreItem
+from cachelayers.backends.base import (
+    Backend,
+    BackendURL,
+    ClearPrefixSupport,
+    Clock,
+    LockSupport,
+    PubSubSupport,
+    StoreItem,
+)
 from cachelayers.errors import ConfigError, MissingDependencyError
 
-__all__ = ["Backend", "BackendURL", "Clock", "StoreItem", "backend_class", "create_backend", "register_backend",
-           "registered_schemes", "validate_backend_url"]
+__all__ = ["Backend", "BackendURL", "ClearPrefixSupport", "Clock", "LockSupport", "PubSubSupport", "StoreItem",
+           "backend_class", "create_backend", "register_backend", "registered_schemes", "validate_backend_url"]
 
 
 class _Registration(NamedTuple):
@@ -85,3 +93,6 @@ def create_backend(url: str | BackendURL, *, clock: Clock | None = None, field: 
 
 
 register_backend("memory", "cachelayers.backends.memory:MemoryBackend")
+for _scheme in ("redis", "rediss", "redis+cluster", "unix"):
+    register_backend(_scheme, "cachelayers.backends.redis:RedisBackend", driver="redis", extra="redis")
+register_backend("disk", "cachelayers.backends.disk:DiskBackend", driver="sqlite3", extra="disk")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import abc
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 from cachelayers.errors import ConfigError
 
-__all__ = ["Backend", "BackendURL", "Clock", "StoreItem"]
+__all__ = ["Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LockSupport", "PubSubSupport",
+           "StoreItem"]
 
 Clock = Callable[[], float]
 """A source of wall-clock time in seconds since the epoch (``time.time`` or a fake for tests)."""
@@ -128,3 +130,72 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url.redacted()!r})"
+
+
+class ClearPrefixSupport(abc.ABC):
+    """Optional ability of a shared backend: remove only the keys of one key prefix.
+
+    Several applications (or settings with different ``key_prefix``) may share one store; the engine's
+    ``clear()`` then removes its own keys and leaves the others'.
+    """
+
+    @abc.abstractmethod
+    async def clear_prefix(self, prefix: str) -> None:
+        """Remove every key that starts with ``prefix``, with any tag and lock bookkeeping under it."""
+
+
+class DeadlineSupport(abc.ABC):
+    """Optional ability: reads that fail by themselves after a timeout.
+
+    The engine bounds every tier operation by the tier timeout. A generic cancel scope around each read costs,
+    on asyncio, a good part of a Redis round trip; a backend that already waits on a socket with a timeout can
+    enforce the engine's at no extra cost, and the engine then calls it without a scope.
+    """
+
+    @abc.abstractmethod
+    async def get_many_within(self, keys: Sequence[str], timeout: float) -> list[bytes | None]:
+        """Like `Backend.get_many`, raising `TimeoutError` when no answer came within ``timeout`` seconds."""
+
+
+class PubSubSupport(abc.ABC):
+    """Optional ability of a shared backend: broadcast small messages to every process that uses it.
+
+    The engine uses it to tell other processes' memory tiers which entries were invalidated and to wake
+    processes waiting for a distributed lock. Delivery is at most once: a subscriber that loses its connection
+    gets an exception from the iterator and must assume it missed messages.
+    """
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send ``message`` to every current subscriber of ``channel``."""
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Subscribe to ``channel``.
+
+        Entering the context returns once the subscription is active, so no message published afterwards is
+        missed; iterating yields messages. Losing the connection raises from the iterator.
+        """
+
+
+class LockSupport(abc.ABC):
+    """Optional ability of a shared backend: leased locks, so that processes missing one key compute it once.
+
+    A lock is held by whoever knows its ``token`` and expires by itself after ``lease`` seconds, so a holder
+    that crashed never blocks the others for longer than the lease.
+    """
+
+    @abc.abstractmethod
+    async def acquire_lock(self, name: str, token: str, lease: float) -> bool:
+        """Take the lock ``name`` for ``lease`` seconds unless someone holds it; return whether we got it."""
+
+    @abc.abstractmethod
+    async def extend_lock(self, name: str, token: str, lease: float) -> bool:
+        """Extend a lock we hold to ``lease`` seconds from now; ``False`` when we no longer hold it."""
+
+    @abc.abstractmethod
+    async def release_lock(self, name: str, token: str, notify: tuple[str, bytes] | None = None) -> bool:
+        """Release a lock we hold and, in the same step, publish ``notify = (channel, message)`` if given.
+
+        Returns whether we still held it.
+        """

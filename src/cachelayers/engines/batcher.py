@@ -1,0 +1,736 @@
+"""The micro-batching engine: single-item calls gathered into few calls of a batch function.
+
+A `Batcher` wraps ``async def fn(items: list[X], *shared) -> list[Y]`` (or an array with one row per item).
+Callers submit one item each and await their own result; the batcher sends a batch when it is full (``max_size``
+items or ``max_weight``, e.g. a token budget) or ``max_wait`` after its first item, with at most
+``max_concurrency`` batches in flight.
+
+Rules kept here, each tested:
+
+* **no polling**: a batch has one task, spawned with its first item, which waits on one timer (its deadline) or
+  on the batch filling up, sends it, and ends. With nothing pending there is no task and no timer: an idle
+  batcher never wakes the event loop;
+* **isolation**: an exception returned for one item reaches only that item's callers; a failed batch, or a
+  result of the wrong length, fails each of its callers with a `BatchError` (the cause kept);
+* **cancellation**: a cancelled caller only stops waiting. Its item leaves the batch when every caller of it
+  was cancelled before the batch was sent; nothing else is cancelled, nothing waits forever, and no future is
+  left with an unretrieved exception (results travel in plain slots, signalled by one event per batch);
+* **no loop binding**: nothing is created at construction. The state of each event loop (pending batches,
+  in-flight count, queue) is made on first use in that loop and forgotten with it, so one batcher serves
+  repeated ``asyncio.run`` calls, several threads' loops, and trio.
+
+The batch's task is spawned natively (``loop.create_task`` on asyncio, a system task on trio) because it must
+outlive the caller that started the batch: any caller may be cancelled, and the batch must still go for the
+others. Everything it does inside uses anyio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Concatenate, Final, Generic, Literal, NamedTuple, ParamSpec, Protocol, Self, TypeVar
+
+import anyio
+import numpy as np
+
+from cachelayers.durations import parse_duration
+from cachelayers.errors import BatcherClosedError, BatchError, BatchQueueFullError, ConfigError
+from cachelayers.keys import canonical_bytes, function_identity
+from cachelayers.metrics import LatencyRing, register_stats_source
+
+__all__ = ["BatchInfo", "Batcher", "QueueFullPolicy", "Rows"]
+
+X = TypeVar("X")
+Y = TypeVar("Y")
+Y_co = TypeVar("Y_co", covariant=True)
+P = ParamSpec("P")
+
+QueueFullPolicy = Literal["wait", "raise"]
+
+# Stages of a batch. A batch accepts items while OPEN; CLOSED means full (or flushed) but not sent yet.
+_OPEN: Final = 0
+_CLOSED: Final = 1
+_SENT: Final = 2
+_DONE: Final = 3
+
+_NO_VALUE: Final[Any] = object()
+
+
+class Rows(Protocol[Y_co]):
+    """What a batch function returns: a sequence with one result per item (a list, or an array's rows)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Y_co: ...
+
+
+class BatchInfo(NamedTuple):
+    """What `Batcher.info()` tells about one batcher.
+
+    Attributes:
+        calls: Items submitted by callers (a caller of ``many()`` counts once per item).
+        deduplicated: Calls answered by an identical item already pending or in flight.
+        dropped: Items taken out of their batch because every caller of them was cancelled before it was sent.
+        rejected: Calls refused because the queue was full (policy ``"raise"``) or the batcher was closed.
+        batches: Batches sent to the function.
+        items: Items sent to the function.
+        failed_batches: Batches that raised, returned the wrong number of results, or were cancelled.
+        mean_size: ``items / batches``.
+        fill_ratio: ``mean_size / max_size``.
+        wait_p50: Median time from a batch's first item to the batch being sent, in seconds.
+        wait_p99: 99th percentile of the same.
+        batch_p50: Median duration of one call of the batch function, in seconds.
+        batch_p99: 99th percentile of the same.
+        pending: Items waiting to be sent now, over every event loop.
+        in_flight: Batches running now, over every event loop.
+    """
+
+    calls: int
+    deduplicated: int
+    dropped: int
+    rejected: int
+    batches: int
+    items: int
+    failed_batches: int
+    mean_size: float
+    fill_ratio: float
+    wait_p50: float | None
+    wait_p99: float | None
+    batch_p50: float | None
+    batch_p99: float | None
+    pending: int
+    in_flight: int
+
+
+class _Entry:
+    """One distinct item of a batch, the callers waiting for it, and its outcome once the batch is done."""
+
+    __slots__ = ("batch", "callers", "dkey", "error", "item", "traceback", "value", "weight")
+
+    def __init__(self, item: Any, dkey: Hashable | None, weight: float, batch: _Batch) -> None:
+        self.item = item
+        self.dkey = dkey
+        self.weight = weight
+        self.batch = batch
+        self.callers = 1
+        self.value: Any = _NO_VALUE
+        self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
+
+    def outcome(self) -> Any:
+        error = self.error
+        if error is not None:
+            # Several callers may raise the same object: reset its traceback each time, as a Future does, so
+            # tracebacks do not pile up across tasks.
+            raise error.with_traceback(self.traceback)
+        return self.value
+
+
+class _Batch:
+    """Items gathered for one call of the batch function, with the same shared arguments."""
+
+    __slots__ = ("args", "deadline", "done", "due", "entries", "go", "group", "has_slot", "kwargs", "size",
+                 "stage", "wake", "weight")
+
+    def __init__(self, group: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float) -> None:
+        self.group = group
+        self.args = args
+        self.kwargs = kwargs
+        self.deadline = deadline
+        self.entries: list[_Entry] = []
+        self.size = 0  # live entries: those dropped by cancellation are not counted
+        self.weight = 0.0
+        self.stage = _OPEN
+        self.wake = anyio.Event()  # full, flushed, emptied or closed: stop waiting for the timer
+        self.done = anyio.Event()  # every live entry has its outcome
+        self.due = False  # full, flushed or timed out: holds a concurrency slot or waits in line for one
+        self.go: anyio.Event | None = None  # set when a slot is handed over (or the batch was emptied or rejected)
+        self.has_slot = False
+
+
+class _Loop:
+    """The batcher's state in one event loop."""
+
+    __slots__ = ("__weakref__", "batches", "clock", "idle", "in_flight", "index", "native", "open", "queued",
+                 "space", "spawn", "waiting")
+
+    def __init__(self, native: object, clock: Callable[[], float],
+                 spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None]) -> None:
+        self.native = weakref.ref(native)
+        self.clock = clock
+        self.spawn = spawn
+        self.open: dict[Hashable, _Batch] = {}  # per group of shared arguments: the batch accepting items
+        self.index: dict[Hashable, _Entry] = {}  # dedupe key -> entry not answered yet (pending or in flight)
+        self.batches: set[_Batch] = set()  # every batch whose task has not ended
+        self.waiting: deque[_Batch] = deque()  # due batches waiting for a concurrency slot, oldest first
+        self.queued = 0  # live items not sent yet
+        self.in_flight = 0
+        self.space: anyio.Event | None = None  # set when queued items leave the queue
+        self.idle: anyio.Event | None = None  # set when the last batch ends
+
+
+def _native_loop() -> tuple[object, str]:
+    """The running event loop (asyncio) or run (trio), and which library it is."""
+    try:
+        return asyncio.get_running_loop(), "asyncio"
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_trio_token(), "trio"
+        except RuntimeError:
+            pass
+    raise RuntimeError("a Batcher must be used from a running asyncio or trio event loop")
+
+
+def _make_loop(native: object, library: str) -> _Loop:
+    # Nothing here may hold the native loop strongly: the state is the value of a WeakKeyDictionary keyed by
+    # it, and would keep a finished loop alive forever. Both functions run only inside the loop anyway.
+    if library == "asyncio":
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn_asyncio(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            task = asyncio.get_running_loop().create_task(run())
+            tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(tasks.discard)
+
+        def asyncio_time() -> float:
+            return asyncio.get_running_loop().time()
+
+        return _Loop(native, asyncio_time, spawn_asyncio)
+
+    import trio
+
+    def spawn_trio(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        trio.lowlevel.spawn_system_task(run)
+
+    return _Loop(native, trio.current_time, spawn_trio)
+
+
+def _default_key(item: object) -> Hashable | None:
+    """The item itself when hashable, tagged with its type unless a str (so ``1``, ``1.0`` and ``True`` differ)."""
+    if type(item) is str:
+        return item
+    try:
+        hash(item)
+    except TypeError:
+        return None
+    return (type(item), item)
+
+
+def _positive_int(value: object, field: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(field, value, "must be a positive integer" + (" or None" if optional else ""))
+    return value
+
+
+class Batcher(Generic[X, P, Y]):
+    """Gathers single items into batches for one call of ``fn`` per batch.
+
+    ``fn`` takes a list of items, plus optional arguments shared by the whole batch, and returns one result
+    per item in the same order: a list, or an array with one row per item. Calls with different shared
+    arguments go in different batches. Nothing is bound to an event loop until the first call in it.
+
+    Args:
+        fn: The batch function, ``async def fn(items: list[X], *shared) -> list[Y]``.
+        max_size: Most items in one batch; a batch that reaches it goes at once.
+        max_wait: Longest a batch waits for more items after its first (seconds, ``"5ms"``, a timedelta).
+            Zero sends what arrived in the same scheduling round.
+        max_weight: Most total weight in one batch (e.g. tokens); needs ``weight``. An item heavier than this
+            goes in a batch of its own.
+        weight: Weight of one item, e.g. ``lambda text: len(text) // 4``.
+        max_concurrency: Most batches in flight per event loop (``None``: no bound). A batch that is due
+            while all slots are taken keeps accepting items until a slot frees.
+        max_queue: Most items waiting to be sent per event loop (``None``: no bound).
+        queue_full: What a call does when the queue is full: ``"wait"`` for room, or ``"raise"``
+            `BatchQueueFullError`.
+        key: Function of an item giving the key under which identical pending items are sent once. By
+            default the item itself when it is hashable (with its type, so ``1`` and ``1.0`` differ).
+        dedupe: Set to ``False`` to send every item, even identical ones.
+        name: Name used in errors and statistics instead of the function's ``module.qualname``.
+
+    Raises:
+        ConfigError: A parameter is out of range or malformed (the error names it).
+        TypeError: ``fn`` is not an async function.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]],
+        *,
+        max_size: int = 64,
+        max_wait: float | str | timedelta = 0.005,
+        max_weight: float | None = None,
+        weight: Callable[[X], float] | None = None,
+        max_concurrency: int | None = None,
+        max_queue: int | None = None,
+        queue_full: QueueFullPolicy = "wait",
+        key: Callable[[X], Hashable] | None = None,
+        dedupe: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn))
+                or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))):
+            raise TypeError(f"batched needs an async function, got {fn!r}")
+        self.fn = fn
+        self.name = name if name is not None else function_identity(fn)
+        self.max_size: int = _positive_int(max_size, "max_size")  # type: ignore[assignment]
+        self.max_wait = parse_duration(max_wait, "max_wait", allow_zero=True)
+        if max_weight is not None:
+            if isinstance(max_weight, bool) or not isinstance(max_weight, int | float) or not max_weight > 0 \
+                    or max_weight == float("inf"):
+                raise ConfigError("max_weight", max_weight, "must be a positive finite number or None")
+            if weight is None:
+                raise ConfigError("weight", weight, "max_weight needs a weight= function giving each item's weight")
+        elif weight is not None:
+            raise ConfigError("weight", weight, "weight= only matters with max_weight; set max_weight too")
+        if weight is not None and not callable(weight):
+            raise ConfigError("weight", weight, "must be a function of one item")
+        self.max_weight = float(max_weight) if max_weight is not None else None
+        self._weight = weight
+        self.max_concurrency = _positive_int(max_concurrency, "max_concurrency", optional=True)
+        self._slots = self.max_concurrency if self.max_concurrency is not None else sys.maxsize
+        self.max_queue = _positive_int(max_queue, "max_queue", optional=True)
+        if queue_full not in ("wait", "raise"):
+            raise ConfigError("queue_full", queue_full, "must be 'wait' or 'raise'")
+        self.queue_full: QueueFullPolicy = queue_full
+        if key is not None and not callable(key):
+            raise ConfigError("key", key, "must be a function of one item returning a hashable key")
+        if not isinstance(dedupe, bool):
+            raise ConfigError("dedupe", dedupe, "must be True or False")
+        self._key: Callable[[Any], Hashable | None] | None = (key if key is not None
+                                                               else _default_key if dedupe else None)
+        self._closed = False
+        self._loops: weakref.WeakKeyDictionary[object, _Loop] = weakref.WeakKeyDictionary()
+        self._last: _Loop | None = None
+        # counters
+        self._calls = 0
+        self._deduplicated = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._batches = 0
+        self._items = 0
+        self._failed = 0
+        self._waits = LatencyRing()
+        self._durations = LatencyRing()
+        register_stats_source(self)
+
+    # -- per-loop state ------------------------------------------------------------------------------------
+
+    def _loop(self) -> _Loop:
+        native, library = _native_loop()
+        state = self._last
+        if state is not None and state.native() is native:
+            return state
+        state = self._loops.get(native)
+        if state is None:
+            state = self._loops[native] = _make_loop(native, library)
+        self._last = state
+        return state
+
+    # -- submitting ----------------------------------------------------------------------------------------
+
+    async def submit(self, item: X, /, *args: P.args, **kwargs: P.kwargs) -> Y:
+        """Add one item to a batch and return its result once the batch is done.
+
+        Args:
+            item: The item.
+            *args: Arguments shared by the batch, passed to the function after the list of items.
+            **kwargs: Keyword arguments shared by the batch. Calls whose shared arguments differ never share
+                a batch.
+
+        Returns:
+            The item's result: its element of the list (or row of the array) the function returned.
+
+        Raises:
+            BatchError: The batch failed (the function's exception is ``__cause__``), returned the wrong number
+                of results, or was cancelled.
+            BatcherClosedError: The batcher is closed, or closed without flushing while the item was pending.
+            BatchQueueFullError: The queue is full and ``queue_full="raise"``.
+            Exception: Whatever exception object the function returned in this item's place, or what ``key=``
+                or ``weight=`` raised for this item.
+        """
+        loop = self._loop()
+        group = self._group(args, kwargs)
+        entry = self._enqueue(loop, item, group, args, kwargs)
+        if entry is None:
+            entry = await self._enqueue_when_room(loop, item, group, args, kwargs)
+        try:
+            await entry.batch.done.wait()
+        except BaseException:
+            self._abandon(loop, entry)
+            raise
+        return entry.outcome()  # type: ignore[no-any-return]
+
+    async def submit_many(self, items: Iterable[X], /, *args: P.args, **kwargs: P.kwargs) -> list[Y]:
+        """Add several items (sharing the same arguments) and return their results in order.
+
+        Cheaper than one `submit` per item: one wait per batch rather than per item. When an item fails, its
+        error is raised and the items not yet sent whose only caller was this one are dropped.
+
+        Returns:
+            One result per item, in order.
+
+        Raises:
+            BatchError: As `submit`, for the first failing item in order.
+            BatcherClosedError: As `submit`.
+            BatchQueueFullError: As `submit`.
+        """
+        loop = self._loop()
+        group = self._group(args, kwargs)
+        entries: list[_Entry] = []
+        claimed = 0  # entries[:claimed] no longer count this call as a caller
+        try:
+            for item in items:
+                entry = self._enqueue(loop, item, group, args, kwargs)
+                if entry is None:
+                    entry = await self._enqueue_when_room(loop, item, group, args, kwargs)
+                entries.append(entry)
+            results: list[Y] = []
+            for entry in entries:
+                done = entry.batch.done
+                if not done.is_set():
+                    await done.wait()
+                claimed += 1
+                results.append(entry.outcome())
+            return results
+        except BaseException:
+            for entry in entries[claimed:]:
+                self._abandon(loop, entry)
+            raise
+
+    def _group(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """The key that keeps calls with different shared arguments in different batches."""
+        if not args and not kwargs:
+            return None
+        group = (args, tuple(sorted(kwargs.items()))) if kwargs else (args, ())
+        try:
+            hash(group)
+        except TypeError:
+            try:
+                return canonical_bytes(group)
+            except TypeError as exc:
+                raise TypeError(f"the shared arguments of {self.name}() must be hashable or have a canonical "
+                                f"encoding, since they decide which calls share a batch: {exc}") from None
+        return group
+
+    def _enqueue(self, loop: _Loop, item: Any, group: Hashable, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> _Entry | None:
+        """Put ``item`` in a batch (or join an identical one); ``None`` when the queue is full."""
+        if self._closed:
+            self._rejected += 1
+            raise BatcherClosedError(f"{self.name}(): the batcher is closed")
+        self._calls += 1
+        dkey: Hashable | None = None
+        key_fn = self._key
+        if key_fn is not None:
+            dkey = key_fn(item)
+            if dkey is not None:
+                if group is not None:
+                    dkey = (group, dkey)
+                entry = loop.index.get(dkey)
+                if entry is not None:
+                    entry.callers += 1
+                    self._deduplicated += 1
+                    return entry
+        if self.max_queue is not None and loop.queued >= self.max_queue:
+            self._calls -= 1  # counted again when it gets in
+            return None
+        weight = 1.0
+        if self._weight is not None:
+            weight = self._weight(item)
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+                raise ValueError(f"weight= of {self.name}() returned {weight!r} for an item; expected a "
+                                 f"non-negative number")
+        batch = loop.open.get(group)
+        max_weight = self.max_weight
+        if batch is not None and max_weight is not None and batch.weight + weight > max_weight and batch.size:
+            self._close(loop, batch)
+            batch = None
+        if batch is None:
+            batch = self._open(loop, group, args, kwargs)
+        entry = _Entry(item, dkey, weight, batch)
+        batch.entries.append(entry)
+        batch.size += 1
+        batch.weight += weight
+        loop.queued += 1
+        if dkey is not None:
+            loop.index[dkey] = entry
+        if batch.size >= self.max_size or (max_weight is not None and batch.weight >= max_weight):
+            self._close(loop, batch)
+        return entry
+
+    async def _enqueue_when_room(self, loop: _Loop, item: Any, group: Hashable, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any]) -> _Entry:
+        """The queue is full: wait for room or raise, as the policy says."""
+        if self.queue_full == "raise":
+            self._rejected += 1
+            raise BatchQueueFullError(f"{self.name}(): {self.max_queue} items are already waiting to be sent "
+                                      f"(max_queue={self.max_queue}, queue_full='raise')")
+        while True:
+            space = loop.space
+            if space is None:
+                space = loop.space = anyio.Event()
+            await space.wait()
+            entry = self._enqueue(loop, item, group, args, kwargs)
+            if entry is not None:
+                return entry
+
+    def _open(self, loop: _Loop, group: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Batch:
+        batch = _Batch(group, args, kwargs, loop.clock() + self.max_wait)
+        loop.open[group] = batch
+        loop.batches.add(batch)
+
+        async def run() -> None:
+            await self._run(loop, batch)
+
+        loop.spawn(run)
+        return batch
+
+    def _close(self, loop: _Loop, batch: _Batch) -> None:
+        """Stop ``batch`` accepting items and let it go without waiting for its timer."""
+        if loop.open.get(batch.group) is batch:
+            del loop.open[batch.group]
+        if batch.stage == _OPEN:
+            batch.stage = _CLOSED
+        self._due(loop, batch)
+        batch.wake.set()
+
+    def _due(self, loop: _Loop, batch: _Batch) -> None:
+        """``batch`` may go: give it a free slot, or queue it for one.
+
+        Called the moment it is due (full, flushed, or its timer fired), not when its task next runs, so slots go
+        to batches in the order they became due whatever order the scheduler runs tasks in.
+        """
+        if batch.due or not batch.size or batch.stage >= _SENT:
+            return
+        batch.due = True
+        if loop.in_flight < self._slots and not loop.waiting:
+            loop.in_flight += 1
+            batch.has_slot = True
+        else:
+            batch.go = anyio.Event()
+            loop.waiting.append(batch)
+
+    def _space_freed(self, loop: _Loop) -> None:
+        space = loop.space
+        if space is not None:
+            loop.space = None
+            space.set()
+
+    def _abandon(self, loop: _Loop, entry: _Entry) -> None:
+        """A caller of ``entry`` stopped waiting; drop the item if it was the last and the batch is unsent."""
+        entry.callers -= 1
+        batch = entry.batch
+        if entry.callers or batch.stage >= _SENT:
+            return
+        batch.size -= 1
+        batch.weight -= entry.weight
+        loop.queued -= 1
+        self._dropped += 1
+        if entry.dkey is not None and loop.index.get(entry.dkey) is entry:
+            del loop.index[entry.dkey]
+        self._space_freed(loop)
+        if batch.size == 0:
+            self._close(loop, batch)
+            if batch.go is not None:
+                if batch in loop.waiting:  # else it was handed a slot already: its task passes the slot on
+                    loop.waiting.remove(batch)
+                batch.go.set()
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    async def _run(self, loop: _Loop, batch: _Batch) -> None:
+        """The task of one batch: wait for its timer or for it to fill, wait for a slot, send it, end."""
+        try:
+            if not batch.due:
+                with anyio.CancelScope(deadline=batch.deadline):  # the batch's one timer
+                    await batch.wake.wait()
+                self._due(loop, batch)
+            if batch.size == 0 or batch.stage == _DONE:
+                return
+            if not batch.has_slot:
+                assert batch.go is not None
+                await batch.go.wait()
+                if batch.size == 0 or batch.stage == _DONE:
+                    return
+            await self._send(loop, batch)
+        finally:
+            if batch.stage < _DONE:
+                if batch.size == 0:  # every caller was cancelled before it was sent: nobody to answer
+                    self._finish(loop, batch, None)
+                else:  # cancelled before or while sending (the event loop is shutting down): nobody may wait on
+                    self._finish(loop, batch, BatchError(self.name, batch.size, "was cancelled before it completed"))
+            if batch.has_slot:
+                batch.has_slot = False
+                self._release(loop)
+            loop.batches.discard(batch)
+            if not loop.batches and loop.idle is not None:
+                loop.idle.set()
+
+    async def _send(self, loop: _Loop, batch: _Batch) -> None:
+        if loop.open.get(batch.group) is batch:
+            del loop.open[batch.group]
+        batch.stage = _SENT
+        live = [e for e in batch.entries if e.callers]
+        batch.entries = live
+        loop.queued -= len(live)
+        self._space_freed(loop)
+        self._batches += 1
+        self._items += len(live)
+        started = loop.clock()
+        self._waits.add(max(0.0, started - (batch.deadline - self.max_wait)))
+        try:
+            results = await self.fn([e.item for e in live], *batch.args, **batch.kwargs)
+        except Exception as exc:
+            error = BatchError(self.name, len(live), f"failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            self._finish(loop, batch, error)
+            return
+        finally:
+            self._durations.add(loop.clock() - started)
+        try:
+            count = len(results)
+        except TypeError:
+            self._finish(loop, batch, BatchError(self.name, len(live), f"returned a {type(results).__name__}, "
+                                                 "not a list or an array with one result per item"))
+            return
+        if count != len(live):
+            self._finish(loop, batch, BatchError(self.name, len(live), f"returned {count} results; expected one "
+                                                 "per item, in order"))
+            return
+        # An array's rows are copied: a view would keep the whole batch's array alive as long as any one
+        # result is (in a cache, for instance).
+        rows = isinstance(results, np.ndarray) and results.ndim > 1
+        for index, entry in enumerate(live):
+            value = results[index].copy() if rows else results[index]  # type: ignore[attr-defined]
+            if isinstance(value, Exception):
+                entry.error = value
+                entry.traceback = value.__traceback__
+            else:
+                entry.value = value
+        self._finish(loop, batch, None)
+
+    def _finish(self, loop: _Loop, batch: _Batch, error: BatchError | BatcherClosedError | None) -> None:
+        """Give every live entry of ``batch`` its outcome (``error`` when not None) and wake its callers."""
+        if error is not None and isinstance(error, BatchError):
+            self._failed += 1
+        for entry in batch.entries:
+            if error is not None and entry.value is _NO_VALUE and entry.error is None:
+                entry.error = error
+                entry.traceback = None
+            if entry.dkey is not None and loop.index.get(entry.dkey) is entry:
+                del loop.index[entry.dkey]
+        if batch.stage < _SENT:
+            loop.queued -= batch.size
+            batch.size = 0
+            self._space_freed(loop)
+            if loop.open.get(batch.group) is batch:
+                del loop.open[batch.group]
+        batch.stage = _DONE
+        batch.done.set()
+
+    def _release(self, loop: _Loop) -> None:
+        """Hand a finished batch's slot to the oldest due batch, or free it."""
+        waiting = loop.waiting
+        while waiting:
+            batch = waiting.popleft()
+            if batch.size and batch.go is not None and batch.stage < _SENT:
+                batch.has_slot = True
+                batch.go.set()
+                return
+        loop.in_flight -= 1
+
+    # -- control -------------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send every batch pending in the current event loop now, without waiting for its timer."""
+        loop = self._loop()
+        for batch in list(loop.open.values()):
+            self._close(loop, batch)
+
+    async def aclose(self, *, flush: bool = True) -> None:
+        """Close the batcher: new calls raise `BatcherClosedError`; return when no caller is left waiting.
+
+        Acts on the current event loop's pending items (a batcher is normally used from one loop at a time).
+
+        Args:
+            flush: Send the pending items now (``True``) or fail their callers with `BatcherClosedError`
+                (``False``). Batches already in flight complete either way.
+        """
+        self._closed = True
+        native, _ = _native_loop()
+        loop = self._loops.get(native)
+        if loop is None:
+            return
+        self._space_freed(loop)  # callers waiting for room wake and find the batcher closed
+        for batch in list(loop.batches):
+            if batch.stage >= _SENT:
+                continue
+            if flush:
+                self._close(loop, batch)
+            else:
+                if batch in loop.waiting:
+                    loop.waiting.remove(batch)
+                self._finish(loop, batch, BatcherClosedError(
+                    f"{self.name}(): the batcher was closed without flushing before the item was sent"))
+                batch.wake.set()
+                if batch.go is not None:
+                    batch.go.set()
+        while loop.batches:
+            idle = loop.idle = anyio.Event()
+            await idle.wait()
+        loop.idle = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose` was called."""
+        return self._closed
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- introspection -------------------------------------------------------------------------------------
+
+    def info(self) -> BatchInfo:
+        """Counters, sizes, fill ratio, waits and durations of this batcher."""
+        loops = list(self._loops.values())
+        mean = self._items / self._batches if self._batches else 0.0
+        return BatchInfo(
+            calls=self._calls,
+            deduplicated=self._deduplicated,
+            dropped=self._dropped,
+            rejected=self._rejected,
+            batches=self._batches,
+            items=self._items,
+            failed_batches=self._failed,
+            mean_size=mean,
+            fill_ratio=mean / self.max_size,
+            wait_p50=self._waits.percentile(50),
+            wait_p99=self._waits.percentile(99),
+            batch_p50=self._durations.percentile(50),
+            batch_p99=self._durations.percentile(99),
+            pending=sum(loop.queued for loop in loops),
+            in_flight=sum(loop.in_flight for loop in loops),
+        )
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Entry for `cachelayers.stats()`."""
+        return {f"{self.name} (batched)": self.info()._asdict()}
+
+    def __repr__(self) -> str:
+        return (f"<Batcher of {self.name} max_size={self.max_size} max_wait={self.max_wait:g}s"
+                f"{' closed' if self._closed else ''}>")

@@ -1,0 +1,621 @@
+"""@semantic_cached in memory mode: levels, explain, partitions, TTL, eviction, verifier, bad input, fail-open."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cachelayers
+from cachelayers import (
+    Candidate,
+    ConfigError,
+    EmbeddingError,
+    HashingEmbedder,
+    explain,
+    last_lookup,
+    multilevel_cached,
+    semantic_cached,
+)
+from cachelayers.backends.usearch_index import VectorIndex
+from cachelayers.engines.semantic import SemanticFunction
+from tests.conftest import FakeClock
+from tests.semantic_helpers import AngleEmbedder, CountingEmbedder
+
+pytestmark = pytest.mark.anyio
+
+
+def store_of(fn: Any) -> Any:
+    engine: SemanticFunction[Any, Any] = fn.cache
+    assert engine._store is not None
+    return engine._store
+
+
+# -- levels and explain --------------------------------------------------------------------------------------
+
+
+async def test_exact_semantic_and_computed_levels_are_reported_without_changing_the_return_value() -> None:
+    emb = AngleEmbedder()
+    calls: list[str] = []
+
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> dict[str, str]:
+        calls.append(question)
+        return {"answer": question}
+
+    with explain() as info:
+        first = await ask("pw@0")
+        again = await ask("pw@0")
+        near = await ask("pw@20")  # cos 20° = 0.94 >= 0.9
+        # cos 40° = 0.77 < 0.9; pw@20 was answered, not stored, so answers never chain: computed.
+        far = await ask("pw@40")
+    assert first == again == near == {"answer": "pw@0"}
+    assert far == {"answer": "pw@40"}
+    assert calls == ["pw@0", "pw@40"]
+    assert [lookup.level for lookup in info] == ["computed", "exact", "semantic", "computed"]
+    assert info[2].matched_text == "pw@0"
+    assert info[2].similarity == pytest.approx(math.cos(math.radians(20)), abs=1e-5)
+    assert info.levels() == {"computed": 2, "exact": 1, "semantic": 1}
+    last = last_lookup()
+    assert last is not None and last.text == "pw@40"
+
+
+async def test_below_threshold_computes_and_reports_the_best_similarity() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("a@0")
+    with explain() as info:
+        assert await ask("a@60") == "a@60"
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert info.last.similarity == pytest.approx(0.5, abs=1e-5)
+    assert info.last.matched_text is None
+
+
+async def test_threshold_boundary_is_inclusive() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.5 - 1e-6)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("t@0")
+    assert await ask("t@60") == "t@0"  # similarity 0.5 == threshold (to float precision)
+
+
+async def test_the_default_embedder_and_its_calibrated_threshold_are_used_without_arguments() -> None:
+    @semantic_cached()
+    async def ask(question: str) -> str:
+        return question.upper()
+
+    assert ask.cache.threshold == HashingEmbedder.default_threshold
+    assert await ask("How do I reset my password?") == "HOW DO I RESET MY PASSWORD?"
+    assert await ask("how do I reset my password") == "HOW DO I RESET MY PASSWORD?"
+    assert await ask("What is the capital of France?") == "WHAT IS THE CAPITAL OF FRANCE?"
+
+
+async def test_explain_collects_calls_made_in_child_tasks() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    with explain() as info:
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(ask, f"topic{i}@0")
+    assert sorted(lookup.text or "" for lookup in info) == ["topic0@0", "topic1@0", "topic2@0"]
+
+
+# -- partitions -----------------------------------------------------------------------------------------------
+
+
+async def test_every_other_argument_is_part_of_the_partition_by_default() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.0)
+    async def ask(question: str, model: str, temperature: float = 0.0) -> str:
+        return f"{question}/{model}/{temperature}"
+
+    assert await ask("q@0", "m1") == "q@0/m1/0.0"
+    assert await ask("q@10", "m1") == "q@0/m1/0.0"
+    assert await ask("q@10", "m2") == "q@10/m2/0.0"
+    assert await ask("q@10", "m1", temperature=0.7) == "q@10/m1/0.7"
+    assert await ask("q@10", model="m1", temperature=0.0) == "q@0/m1/0.0"  # normalised through the signature
+
+
+async def test_a_partition_function_decides_what_must_be_equal() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.0, partition=lambda model, **_: model)
+    async def ask(question: str, model: str, request_id: int) -> str:
+        return f"{question}/{model}/{request_id}"
+
+    assert await ask("q@0", "m1", 1) == "q@0/m1/1"
+    assert await ask("q@5", "m1", 2) == "q@0/m1/1"  # request_id is not part of the partition
+    assert await ask("q@5", "m2", 3) == "q@5/m2/3"
+
+
+async def test_a_text_function_takes_the_last_user_message() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9, text=lambda messages, **_: messages[-1]["content"],
+                     partition=lambda messages, model, **_: (model, messages[:-1]))
+    async def chat(messages: list[dict[str, str]], model: str) -> str:
+        return messages[-1]["content"]
+
+    system = {"role": "system", "content": "be brief"}
+    assert await chat([system, {"role": "user", "content": "x@0"}], "m") == "x@0"
+    assert await chat([system, {"role": "user", "content": "x@10"}], "m") == "x@0"
+    other = {"role": "system", "content": "be verbose"}
+    assert await chat([other, {"role": "user", "content": "x@10"}], "m") == "x@10"
+
+
+partition_values = st.sampled_from(["m1", "m2"])
+tenants = st.sampled_from(["acme", "globex", "initech"])
+texts = st.sampled_from(["reset password", "reset my password", "password reset please", "delete account",
+                         "how to delete my account", "reset password"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(tenants, partition_values, texts), min_size=1, max_size=25), st.booleans())
+def test_no_call_is_ever_answered_from_another_partition_or_tenant(calls: list[tuple[str, str, str]],
+                                                                  custom_partition: bool) -> None:
+    """Threshold 0 answers with *any* entry of the partition, so any leak between partitions would show."""
+
+    async def run() -> None:
+        partition = (lambda tenant, model, **_: (tenant, model)) if custom_partition else None
+        deco = semantic_cached(threshold=0.0, partition=partition, cache_embeddings=False, max_entries=3)
+
+        @deco
+        async def ask(question: str, tenant: str, model: str, nonce: int = 0) -> tuple[str, str, str]:
+            return tenant, model, question
+
+        for tenant, model, question in calls:
+            with explain() as info:
+                got = await ask(question, tenant, model)
+            assert got[:2] == (tenant, model), f"answered from another partition: {got} for {tenant}/{model}"
+            lookup = info.last
+            assert lookup is not None and lookup.level in ("exact", "semantic", "computed")
+            if lookup.level != "computed":
+                assert lookup.matched_text == got[2]
+
+    anyio.run(run)
+
+
+async def test_an_unkeyable_partition_argument_raises_a_type_error_naming_it() -> None:
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str, client: object) -> str:
+        return question
+
+    with pytest.raises(cachelayers.UnkeyableArgumentError, match="client"):
+        await ask("q", object())
+
+
+# -- configuration errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [-0.01, 1.01, math.nan, math.inf, True, "0.9"])
+def test_a_threshold_outside_0_1_is_a_config_error_at_decoration(threshold: Any) -> None:
+    with pytest.raises(ConfigError, match="threshold"):
+        semantic_cached(threshold=threshold)(_noop)
+
+
+async def _noop(question: str, model: str = "m") -> str:
+    return question
+
+
+def test_bad_decoration_arguments_are_config_errors_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match="text"):
+        semantic_cached(threshold=0.9, text="prompt")(_noop)
+    with pytest.raises(ConfigError, match="partition"):
+        semantic_cached(threshold=0.9, text=lambda question, **_: question)(_noop)
+    with pytest.raises(ConfigError, match="threshold"):
+        semantic_cached(embed=AngleEmbedder())(_noop)  # no calibrated default for this embedder
+    with pytest.raises(ConfigError, match="max_entries"):
+        semantic_cached(threshold=0.9, max_entries=0)(_noop)
+    with pytest.raises(ConfigError, match="ttl"):
+        semantic_cached(threshold=0.9, ttl=-1)(_noop)
+    with pytest.raises(ConfigError, match="vector_index"):
+        semantic_cached(threshold=0.9, vector_index="faiss:///tmp/x")(_noop)
+    with pytest.raises(ConfigError, match="dtype"):
+        semantic_cached(threshold=0.9, vector_index="memory://?dtype=f8")(_noop)
+    with pytest.raises(TypeError, match="async"):
+        semantic_cached(threshold=0.9)(lambda question: question)  # type: ignore[arg-type,return-value]
+
+
+async def test_a_non_string_text_is_a_type_error_at_call_time() -> None:
+    calls = 0
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return str(question)
+
+    with pytest.raises(TypeError, match="must be a str"):
+        await ask(42)
+    assert calls == 0
+
+
+async def test_empty_text_runs_uncached() -> None:
+    emb = CountingEmbedder(HashingEmbedder())
+    calls = 0
+
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    with explain() as info:
+        assert await ask("   ") == 1
+        assert await ask("   ") == 2
+    assert [lookup.level for lookup in info] == ["uncached", "uncached"]
+    assert info[0].reason == "empty text"
+    assert emb.texts == []
+    assert ask.cache_info().uncached == 2
+
+
+async def test_wrong_arguments_reach_the_function_as_its_own_type_error() -> None:
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    with pytest.raises(TypeError):
+        await ask()  # type: ignore[call-arg]
+
+
+# -- fail-open -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", ["nan", "inf", "dimension", "rows", "zeros", "raise", "ragged"])
+async def test_a_broken_embedder_makes_the_call_proceed_uncached_and_is_counted(broken: str) -> None:
+    emb = CountingEmbedder(HashingEmbedder(64), broken=broken)
+    calls = 0
+
+    @semantic_cached(embed=emb, threshold=0.5)
+    async def ask(question: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    with explain() as info:
+        assert await ask("hello world") == 1
+        assert await ask("hello world") == 2  # nothing was stored
+    assert [lookup.level for lookup in info] == ["uncached", "uncached"]
+    assert info[0].reason is not None and "embedding failed" in info[0].reason
+    assert ask.cache_info().embed_errors == 2
+    assert len(store_of(ask)) == 0
+
+
+async def test_strict_mode_raises_embedding_errors() -> None:
+    cachelayers.configure(strict=True)
+    emb = CountingEmbedder(HashingEmbedder(64), broken="nan")
+
+    @semantic_cached(embed=emb, threshold=0.5)
+    async def ask(question: str) -> str:
+        return question
+
+    with pytest.raises(EmbeddingError, match="NaN"):
+        await ask("hello")
+
+
+async def test_an_index_failure_makes_the_call_proceed_uncached(monkeypatch: pytest.MonkeyPatch) -> None:
+    @semantic_cached(threshold=0.5, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("first question")
+
+    def broken(self: VectorIndex, vector: np.ndarray, count: int = 1) -> Any:
+        raise RuntimeError("index corrupted")
+
+    monkeypatch.setattr(VectorIndex, "search", broken)
+    with explain() as info:
+        assert await ask("second question") == "second question"
+    assert info.last is not None and info.last.level == "uncached"
+    assert ask.cache_info().index_errors == 1
+
+
+async def test_a_failing_partition_function_does_not_fail_the_call() -> None:
+    @semantic_cached(threshold=0.5, partition=lambda model, **_: model["missing"])
+    async def ask(question: str, model: dict[str, str]) -> str:
+        return question
+
+    assert await ask("q", {}) == "q"
+    assert ask.cache_info().uncached == 1
+
+
+# -- TTL, eviction, key reuse ----------------------------------------------------------------------------------
+
+
+async def test_entries_expire_at_their_absolute_ttl_and_hits_do_not_extend_it(clock: FakeClock) -> None:
+    emb = AngleEmbedder()
+    calls = 0
+
+    @semantic_cached(embed=emb, threshold=0.9, ttl=60, clock=clock)
+    async def ask(question: str) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    assert await ask("q@0") == 1
+    clock.advance(50)
+    assert await ask("q@10") == 1  # semantic hit at 50 s
+    assert await ask("q@0") == 1  # exact hit at 50 s
+    clock.advance(11)  # 61 s after insert: expired although it was just used
+    assert await ask("q@10") == 2
+    assert await ask("q@0") == 2  # the new entry (q@10, 2) answers; the expired one never does
+    clock.advance(61)
+    assert await ask("q@30") == 3
+    await store_of(ask).sweep()
+    assert [e.text for e in store_of(ask).entries.values()] == ["q@30"]
+    assert ask.cache_info().expirations >= 1
+
+
+async def test_settings_default_ttl_applies_when_the_decorator_gives_none(clock: FakeClock) -> None:
+    cachelayers.configure(default_ttl=10)
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9, clock=clock)
+    async def ask(question: str) -> float:
+        return clock()
+
+    first = await ask("q@0")
+    clock.advance(11)
+    assert await ask("q@0") != first
+
+
+async def test_capacity_per_partition_evicts_least_recently_used_vector_and_payload() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.99, max_entries=3, cache_embeddings=False)
+    async def ask(question: str, tenant: str) -> str:
+        return f"{question}/{tenant}"
+
+    for topic in ("a", "b", "c"):
+        await ask(f"{topic}@0", "t1")
+    await ask("z@0", "t2")
+    await ask("a@0", "t1")  # a is now the most recently used in t1
+    await ask("d@0", "t1")  # evicts b (least recently used)
+    store = store_of(ask)
+    texts = sorted(e.text for e in store.entries.values() if e.text != "z@0")
+    assert texts == ["a@0", "c@0", "d@0"]
+    part = store.partitions[next(iter(store.entries.values())).partition]
+    assert all(len(p.index) == len(p.lru) for p in store.partitions.values())
+    assert sum(len(p.index) for p in store.partitions.values()) == 4
+    assert len(part.index) <= 3
+    with explain() as info:
+        assert await ask("b@0", "t1") == "b@0/t1"  # recomputed: no vector or payload of b survived
+    assert info.last is not None and info.last.level == "computed"
+    assert ask.cache_info().evictions == 2
+    assert await ask("z@0", "t2") == "z@0/t2"  # the other partition was untouched
+
+
+async def test_removed_keys_are_reused() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.999, max_entries=4, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return question
+
+    for i in range(40):
+        await ask(f"k{i % 4}@{i * 3}")
+    store = store_of(ask)
+    assert len(store) == 4
+    assert store._next_key <= 8  # keys of evicted entries were handed out again
+    assert max(store.entries) < 8
+
+
+async def test_same_text_recomputed_after_expiry_replaces_the_entry(clock: FakeClock) -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9, ttl=5, clock=clock)
+    async def ask(question: str) -> float:
+        return clock()
+
+    await ask("q@0")
+    clock.advance(6)
+    await ask("q@0")
+    store = store_of(ask)
+    assert len(store) == 1
+    assert sum(len(p.index) for p in store.partitions.values()) == 1
+
+
+# -- verifier ------------------------------------------------------------------------------------------------
+
+
+async def test_a_verifier_confirms_or_rejects_candidates_before_they_are_served() -> None:
+    emb = AngleEmbedder()
+    seen: list[tuple[str, Candidate]] = []
+
+    async def verifier(text: str, candidate: Candidate) -> bool:
+        seen.append((text, candidate))
+        return not text.endswith("@15")
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def ask(question: str) -> str:
+        return f"answer {question}"
+
+    await ask("v@0")
+    assert await ask("v@10") == "answer v@0"
+    with explain() as info:
+        assert await ask("v@15") == "answer v@15"
+    assert info.last is not None and info.last.level == "computed" and info.last.rejected >= 1
+    text, candidate = seen[0]
+    assert text == "v@10"
+    assert candidate.text == "v@0" and candidate.value == "answer v@0"
+    assert candidate.similarity == pytest.approx(math.cos(math.radians(10)), abs=1e-5)
+    assert ask.cache_info().verifier_rejections >= 1
+
+
+async def test_a_rejected_candidate_lets_the_next_candidate_be_tried() -> None:
+    emb = AngleEmbedder()
+
+    async def verifier(text: str, candidate: Candidate) -> bool:
+        return candidate.text != "w@0"
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("w@0")
+    with explain():
+        await ask("w@24")  # 0.91 from w@0: rejected, so computed and stored
+    with explain() as info:
+        assert await ask("w@10") == "w@24"  # w@0 is nearer (0.985) but rejected; w@24 (0.97) is accepted
+    assert info.last is not None and info.last.level == "semantic" and info.last.rejected == 1
+
+
+async def test_a_verifier_that_raises_rejects_and_is_counted() -> None:
+    emb = AngleEmbedder()
+
+    async def verifier(text: str, candidate: Candidate) -> bool:
+        raise RuntimeError("judge unavailable")
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("e@0")
+    assert await ask("e@5") == "e@5"
+    assert ask.cache_info().verifier_errors == 1
+
+
+# -- embeddings: cached and batched -----------------------------------------------------------------------------
+
+
+async def test_embeddings_are_cached_per_text() -> None:
+    emb = CountingEmbedder(HashingEmbedder(64))
+
+    @semantic_cached(embed=emb, threshold=0.99)
+    async def ask(question: str, model: str) -> str:
+        return question + model
+
+    await ask("what is rust", "m1")
+    await ask("what is rust", "m2")  # another partition: the embedding is reused, not recomputed
+    assert emb.texts == ["what is rust"]
+
+
+async def test_concurrent_calls_are_embedded_in_one_batch() -> None:
+    emb = CountingEmbedder(HashingEmbedder(64))
+    batches: list[int] = []
+    inner = emb.__call__
+
+    def counting(texts: list[str]) -> object:
+        batches.append(len(texts))
+        return inner(texts)
+
+    emb.__call__ = counting  # type: ignore[method-assign]
+
+    class Wrapper:
+        name = emb.name
+        ndim = 64
+        default_threshold = 0.99
+
+        def __call__(self, texts: list[str]) -> object:
+            return counting(texts)
+
+    @semantic_cached(embed=Wrapper())
+    async def ask(question: str) -> str:
+        return question
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(ask, f"distinct question number {i} about {'xyz' * i}")
+    assert sum(batches) == 8
+    assert max(batches) > 1
+
+
+async def test_identical_concurrent_calls_run_the_function_once() -> None:
+    calls = 0
+    started = anyio.Event()
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> int:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await anyio.sleep(0.01)
+        return calls
+
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append(await ask("same question"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(one)
+    assert calls == 1
+    assert results == [1] * 5
+
+
+async def test_async_embedders_are_awaited() -> None:
+    inner = HashingEmbedder(64)
+
+    class AsyncEmbedder:
+        name = "async-hashing"
+        default_threshold = 0.9
+
+        async def __call__(self, texts: list[str]) -> np.ndarray:
+            await anyio.sleep(0)
+            return inner(texts)
+
+    @semantic_cached(embed=AsyncEmbedder())
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("hello there")
+    with explain() as info:
+        assert await ask("Hello there!") == "hello there"
+    assert info.last is not None and info.last.level == "semantic"
+
+
+# -- composition -----------------------------------------------------------------------------------------------
+
+
+async def test_composes_with_multilevel_cached_exact_first() -> None:
+    emb = AngleEmbedder()
+    calls: list[str] = []
+
+    @multilevel_cached
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> str:
+        calls.append(question)
+        return question
+
+    assert await ask("c@0") == "c@0"
+    with explain() as info:
+        assert await ask("c@0") == "c@0"  # the exact tier answered: the semantic layer was not reached
+    assert len(info) == 0
+    with explain() as info:
+        assert await ask("c@10") == "c@0"
+    assert info.last is not None and info.last.level == "semantic"
+    assert calls == ["c@0"]
+
+
+async def test_cache_clear_removes_everything() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("x@0")
+    await ask.cache_clear()
+    assert await ask("x@5") == "x@5"
+    info = ask.cache_info()
+    assert info.entries == 1 and info.misses == 2
+    assert cachelayers.stats()[f"semantic:{ask.cache.identity}"]["misses"] == 2
