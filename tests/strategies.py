@@ -12,16 +12,21 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as nps
 
 __all__ = [
+    "DEFAULT_Y",
     "aware_datetimes",
     "codec_values",
+    "decimals_with_specials",
     "durations",
+    "equivalent_calls",
     "hashable_values",
     "keyable_scalars",
     "keyable_values",
     "numpy_arrays",
     "numpy_scalars",
     "payload_sizes",
+    "spell_call",
     "tag_sets",
+    "uuid_values",
 ]
 
 # -- keys ---------------------------------------------------------------------------------------------------
@@ -147,3 +152,31 @@ def decimals_with_specials(draw: st.DrawFn) -> decimal.Decimal:
 def uuid_values(draw: st.DrawFn) -> uuid.UUID:
     """UUIDs of every version."""
     return draw(st.uuids(version=draw(st.sampled_from([None, 1, 3, 4, 5]))))
+
+
+DEFAULT_Y: Any = 7
+"""Default of ``y`` in the two-parameter functions the key tests decorate: ``async def f(x, y=7)``."""
+
+_CALL_STYLES = ("positional", "keyword", "positional+default", "all-positional", "all-keyword", "reversed-keyword")
+
+
+def spell_call(value: Any, style: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return ``(args, kwargs)`` of ``f(value)`` for ``async def f(x, y=DEFAULT_Y)``, spelled in ``style``."""
+    return {
+        "positional": ((value,), {}),
+        "keyword": ((), {"x": value}),
+        "positional+default": ((value,), {"y": DEFAULT_Y}),
+        "all-positional": ((value, DEFAULT_Y), {}),
+        "all-keyword": ((), {"x": value, "y": DEFAULT_Y}),
+        "reversed-keyword": ((), {"y": DEFAULT_Y, "x": value}),
+    }[style]
+
+
+@st.composite
+def equivalent_calls(
+    draw: st.DrawFn, values: st.SearchStrategy[Any] = keyable_values
+) -> tuple[Any, tuple[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]:
+    """A value and two spellings of the same call ``f(value)`` of ``async def f(x, y=DEFAULT_Y)``."""
+    value = draw(values)
+    first, second = draw(st.lists(st.sampled_from(_CALL_STYLES), min_size=2, max_size=2))
+    return value, spell_call(value, first), spell_call(value, second)

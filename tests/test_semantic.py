@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -62,7 +63,8 @@ async def test_exact_semantic_and_computed_levels_are_reported_without_changing_
     assert info[2].similarity == pytest.approx(math.cos(math.radians(20)), abs=1e-5)
     assert info.levels() == {"computed": 2, "exact": 1, "semantic": 1}
     last = last_lookup()
-    assert last is not None and last.text == "pw@40"
+    assert last is not None
+    assert last.text == "pw@40"
 
 
 async def test_below_threshold_computes_and_reports_the_best_similarity() -> None:
@@ -186,7 +188,8 @@ def test_no_call_is_ever_answered_from_another_partition_or_tenant(calls: list[t
                 got = await ask(question, tenant, model)
             assert got[:2] == (tenant, model), f"answered from another partition: {got} for {tenant}/{model}"
             lookup = info.last
-            assert lookup is not None and lookup.level in ("exact", "semantic", "computed")
+            assert lookup is not None
+            assert lookup.level in ("exact", "semantic", "computed")
             if lookup.level != "computed":
                 assert lookup.matched_text == got[2]
 
@@ -231,7 +234,7 @@ def test_bad_decoration_arguments_are_config_errors_naming_the_field() -> None:
     with pytest.raises(ConfigError, match="dtype"):
         semantic_cached(threshold=0.9, vector_index="memory://?dtype=f8")(_noop)
     with pytest.raises(TypeError, match="async"):
-        semantic_cached(threshold=0.9)(lambda question: question)  # type: ignore[arg-type,return-value]
+        semantic_cached(threshold=0.9)(lambda question: question)
 
 
 async def test_a_non_string_text_is_a_type_error_at_call_time() -> None:
@@ -294,7 +297,8 @@ async def test_a_broken_embedder_makes_the_call_proceed_uncached_and_is_counted(
         assert await ask("hello world") == 1
         assert await ask("hello world") == 2  # nothing was stored
     assert [lookup.level for lookup in info] == ["uncached", "uncached"]
-    assert info[0].reason is not None and "embedding failed" in info[0].reason
+    assert info[0].reason is not None
+    assert "embedding failed" in info[0].reason
     assert ask.cache_info().embed_errors == 2
     assert len(store_of(ask)) == 0
 
@@ -324,7 +328,8 @@ async def test_an_index_failure_makes_the_call_proceed_uncached(monkeypatch: pyt
     monkeypatch.setattr(VectorIndex, "search", broken)
     with explain() as info:
         assert await ask("second question") == "second question"
-    assert info.last is not None and info.last.level == "uncached"
+    assert info.last is not None
+    assert info.last.level == "uncached"
     assert ask.cache_info().index_errors == 1
 
 
@@ -398,7 +403,8 @@ async def test_capacity_per_partition_evicts_least_recently_used_vector_and_payl
     assert len(part.index) <= 3
     with explain() as info:
         assert await ask("b@0", "t1") == "b@0/t1"  # recomputed: no vector or payload of b survived
-    assert info.last is not None and info.last.level == "computed"
+    assert info.last is not None
+    assert info.last.level == "computed"
     assert ask.cache_info().evictions == 2
     assert await ask("z@0", "t2") == "z@0/t2"  # the other partition was untouched
 
@@ -452,10 +458,13 @@ async def test_a_verifier_confirms_or_rejects_candidates_before_they_are_served(
     assert await ask("v@10") == "answer v@0"
     with explain() as info:
         assert await ask("v@15") == "answer v@15"
-    assert info.last is not None and info.last.level == "computed" and info.last.rejected >= 1
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert info.last.rejected >= 1
     text, candidate = seen[0]
     assert text == "v@10"
-    assert candidate.text == "v@0" and candidate.value == "answer v@0"
+    assert candidate.text == "v@0"
+    assert candidate.value == "answer v@0"
     assert candidate.similarity == pytest.approx(math.cos(math.radians(10)), abs=1e-5)
     assert ask.cache_info().verifier_rejections >= 1
 
@@ -475,7 +484,9 @@ async def test_a_rejected_candidate_lets_the_next_candidate_be_tried() -> None:
         await ask("w@24")  # 0.91 from w@0: rejected, so computed and stored
     with explain() as info:
         assert await ask("w@10") == "w@24"  # w@0 is nearer (0.985) but rejected; w@24 (0.97) is accepted
-    assert info.last is not None and info.last.level == "semantic" and info.last.rejected == 1
+    assert info.last is not None
+    assert info.last.level == "semantic"
+    assert info.last.rejected == 1
 
 
 async def test_a_verifier_that_raises_rejects_and_is_counted() -> None:
@@ -570,7 +581,7 @@ async def test_async_embedders_are_awaited() -> None:
         default_threshold = 0.9
 
         async def __call__(self, texts: list[str]) -> np.ndarray:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             return inner(texts)
 
     @semantic_cached(embed=AsyncEmbedder())
@@ -580,7 +591,8 @@ async def test_async_embedders_are_awaited() -> None:
     await ask("hello there")
     with explain() as info:
         assert await ask("Hello there!") == "hello there"
-    assert info.last is not None and info.last.level == "semantic"
+    assert info.last is not None
+    assert info.last.level == "semantic"
 
 
 # -- composition -----------------------------------------------------------------------------------------------
@@ -602,7 +614,8 @@ async def test_composes_with_multilevel_cached_exact_first() -> None:
     assert len(info) == 0
     with explain() as info:
         assert await ask("c@10") == "c@0"
-    assert info.last is not None and info.last.level == "semantic"
+    assert info.last is not None
+    assert info.last.level == "semantic"
     assert calls == ["c@0"]
 
 
@@ -617,5 +630,6 @@ async def test_cache_clear_removes_everything() -> None:
     await ask.cache_clear()
     assert await ask("x@5") == "x@5"
     info = ask.cache_info()
-    assert info.entries == 1 and info.misses == 2
+    assert info.entries == 1
+    assert info.misses == 2
     assert cachelayers.stats()[f"semantic:{ask.cache.identity}"]["misses"] == 2

@@ -21,7 +21,12 @@ from tests.semantic_helpers import near_duplicate_texts
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    out: np.ndarray = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def compacting(index: VectorIndex) -> bool:
+    return index.compacting
 
 
 def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -49,9 +54,13 @@ def test_add_search_remove_and_replace() -> None:
     found = index.search(vectors[7], 2)
     assert found.keys[0] == 7
     assert found.similarities[0] == pytest.approx(1.0, abs=1e-5)
-    assert 7 in index and 99 not in index and -1 not in index
-    assert index.remove(7) and not index.remove(7)
-    assert 7 not in index and len(index) == 49
+    assert 7 in index
+    assert 99 not in index
+    assert -1 not in index
+    assert index.remove(7)
+    assert not index.remove(7)
+    assert 7 not in index
+    assert len(index) == 49
     assert index.search(vectors[7], 1).keys[0] != 7
     index.add(7, vectors[8])  # the key is reused for another vector
     assert set(index.search(vectors[8], 2).keys) == {7, 8}
@@ -101,7 +110,8 @@ def test_a_compaction_replays_writes_made_while_it_was_building() -> None:
     index.remove_many(range(100))
     assert index.needs_compaction(minimum=10)
     job = index.begin_compaction()
-    assert index.compacting and not index.needs_compaction(minimum=10)
+    assert index.compacting
+    assert not index.needs_compaction(minimum=10)
     with pytest.raises(RuntimeError):
         index.begin_compaction()
     index.add_many(range(200, 300), vectors[200:])  # written while the new graph builds
@@ -109,7 +119,7 @@ def test_a_compaction_replays_writes_made_while_it_was_building() -> None:
     index.add(120, vectors[0])  # a reused key
     job.build()
     assert index.commit_compaction(job)
-    assert not index.compacting
+    assert not compacting(index)
     assert set(index.keys().tolist()) == set(range(150, 300)) | {120}
     assert index.search(vectors[0], 1).keys == [120]
     assert index.search(vectors[250], 1).keys == [250]
@@ -133,7 +143,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "index.usearch"
     index.save(path)
     loaded = VectorIndex.load(path, dtype="f32")
-    assert len(loaded) == 100 and loaded.dtype == "f32"
+    assert len(loaded) == 100
+    assert loaded.dtype == "f32"
     assert loaded.search(vectors[42], 1).keys == [42]
     with pytest.raises(ValueError, match="f16"):
         VectorIndex.load(path, dtype="f16")
@@ -167,7 +178,7 @@ async def test_top1_recall_on_real_near_duplicates_stays_above_099_after_churn(a
     pairs = near_duplicate_texts(live_size + rounds * live_size // 2 + 50, seed=11)
     embedder = HashingEmbedder()
     texts = [a for a, _ in pairs]
-    queries = {a: b for a, b in pairs}
+    queries = dict(pairs)
     stats = _Stats()
     store = SemanticStore(max_entries=10**6, options=_IndexOptions("f32", None, None, None), clock=lambda: 0.0,
                           stats=stats, log=StateLog(), codec=Codec())

@@ -13,17 +13,23 @@ from cachelayers.codec import Codec, register_codec
 from cachelayers.decorators import (
     BatchedFunction,
     CachedFunction,
+    RateLimitedFunction,
     SemanticCachedFunction,
     batched,
     multilevel_cached,
+    rate_limited,
     semantic_cached,
 )
 from cachelayers.embedders import HashingEmbedder
 from cachelayers.engines import (
+    Adaptive,
     Batcher,
     BatchInfo,
     FunctionCache,
+    LimiterInfo,
     Outcome,
+    Permit,
+    RateLimiter,
     TieredCache,
     default_cache,
     gather_bounded,
@@ -49,6 +55,7 @@ from cachelayers.errors import (
     EmbeddingError,
     IntegrityError,
     MissingDependencyError,
+    RateLimitExceeded,
     SerializationError,
     UnkeyableArgumentError,
 )
@@ -58,6 +65,7 @@ from cachelayers.settings import Settings, configure, get_settings, reset_settin
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adaptive",
     "AllAttemptsFailedError",
     "Backend",
     "BackendError",
@@ -79,10 +87,15 @@ __all__ = [
     "FunctionCache",
     "HashingEmbedder",
     "IntegrityError",
+    "LimiterInfo",
     "Lookup",
     "MemoryBackend",
     "MissingDependencyError",
     "Outcome",
+    "Permit",
+    "RateLimitExceeded",
+    "RateLimitedFunction",
+    "RateLimiter",
     "SemanticCacheInfo",
     "SemanticCachedFunction",
     "SemanticFunction",
@@ -101,6 +114,7 @@ __all__ = [
     "invalidate_tags",
     "last_lookup",
     "multilevel_cached",
+    "rate_limited",
     "register_backend",
     "register_codec",
     "reset_settings",

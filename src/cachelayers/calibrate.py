@@ -6,11 +6,13 @@ threshold) is a wrong answer served from cache; a *false negative* is a missed s
 the pairs, measures precision and recall at every threshold of a grid, and `Calibration.threshold_for`
 picks the threshold for a target precision by a rule fixed in advance:
 
-    the lowest threshold of the grid from which precision stays at or above the target
-    (every higher threshold that accepts any pair has precision >= target).
+    the lowest threshold of the grid from which precision stays at or above the target: every threshold
+    at or above it that accepts at least ``min_support`` pairs (50 by default) has precision >= target.
 
 "Stays" matters: precision is not monotonic in the threshold, and the lowest threshold that touches the
-target once can sit in a dip. The command ``cachelayers calibrate PAIRS.jsonl[.gz] --target-precision P``
+target once can sit in a dip. Thresholds accepting fewer than ``min_support`` pairs are ignored: a
+precision measured on a handful of pairs (often near-identical texts with a noisy label) says nothing.
+The command ``cachelayers calibrate PAIRS.jsonl[.gz] --target-precision P``
 prints the table, the chosen threshold and writes a plot.
 
 Pairs are JSON lines ``{"a": str, "b": str, "duplicate": bool}`` (the format of the QQP pairs), optionally
@@ -121,11 +123,11 @@ class Calibration:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def threshold_for(self, precision: float) -> ThresholdPoint | None:
+    def threshold_for(self, precision: float, *, min_support: int = 50) -> ThresholdPoint | None:
         """The lowest grid threshold from which precision stays at or above ``precision``.
 
-        Thresholds that accept no pair are skipped. ``None`` when even the highest threshold that accepts a
-        pair misses the target.
+        Thresholds that accept fewer than ``min_support`` pairs are skipped (their precision is noise).
+        ``None`` when even the highest supported threshold misses the target.
 
         Raises:
             ConfigError: ``precision`` is outside (0, 1].
@@ -134,15 +136,18 @@ class Calibration:
             raise ConfigError("target_precision", precision, "expected a number in (0, 1]")
         chosen: ThresholdPoint | None = None
         for point in reversed(self.points):
-            if point.precision is None:
+            if point.precision is None or point.true_positives + point.false_positives < min_support:
                 continue
             if point.precision + 1e-12 < precision:
                 break
             chosen = point
         return chosen
 
-    def table(self, *, every: float = 0.05, highlight: float | None = None) -> str:
-        """The curve as a text table, one row per ``every`` of threshold (plus ``highlight``)."""
+    def table(self, *, every: float = 0.05, highlight: float | None = None, min_support: int = 50) -> str:
+        """The curve as a text table, one row per ``every`` of threshold (plus ``highlight``).
+
+        Rows accepting fewer than ``min_support`` pairs are marked ``*`` (ignored when choosing).
+        """
         lines = [f"{'threshold':>9}  {'precision':>9}  {'recall':>6}  {'TP':>6}  {'FP':>6}  {'FN':>6}"]
         for point in self.points:
             on_grid = math.isclose((point.threshold / every) % 1, 0, abs_tol=1e-6) or math.isclose(
@@ -151,6 +156,8 @@ class Calibration:
                 continue
             precision = "-" if point.precision is None else f"{point.precision:.3f}"
             mark = "  <-" if highlight is not None and math.isclose(point.threshold, highlight) else ""
+            if point.true_positives + point.false_positives < min_support:
+                mark += "  * too few pairs"
             lines.append(f"{point.threshold:>9.2f}  {precision:>9}  {point.recall:>6.3f}  {point.true_positives:>6}"
                          f"  {point.false_positives:>6}  {point.false_negatives:>6}{mark}")
         return "\n".join(lines)
@@ -239,6 +246,8 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of precision and recall here")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     parser.add_argument("--every", type=float, default=0.05, help="print one row per this step of threshold")
+    parser.add_argument("--min-support", type=int, default=50,
+                        help="ignore thresholds accepting fewer pairs than this (their precision is noise)")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -250,10 +259,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, MissingDependencyError) as exc:
         print(f"cachelayers calibrate: error: {exc}")
         return 2
-    chosen = result.threshold_for(args.target_precision)
+    chosen = result.threshold_for(args.target_precision, min_support=args.min_support)
     positives = int(result.labels.sum())
     print(f"{len(result)} pairs ({positives} duplicates), embedder {result.embedder}")
-    print(result.table(every=args.every, highlight=chosen.threshold if chosen else None))
+    print(result.table(every=args.every, highlight=chosen.threshold if chosen else None,
+                       min_support=args.min_support))
     if chosen is None:
         print(f"no threshold reaches precision {args.target_precision:g} on these pairs")
     else:

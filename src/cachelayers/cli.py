@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (replay a simulated AI pipeline through the caches and report), ``stats`` (the settings
 in force and the state of every tier), ``invalidate`` (drop entries by tag or namespace from every tier),
-``bench`` (run the benchmarks of a source checkout).
+``calibrate`` (choose a semantic similarity threshold from labelled pairs), ``bench`` (run the benchmarks of a
+source checkout).
 
 A subcommand is one function registered with `command`: it receives the parsed arguments and returns the exit
 code; its options are added by the function given as ``arguments``. Exit codes: 0 success, 1 the command
@@ -89,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cachelayers.demo import DemoConfig, render_report, report_json, run_demo
+    from cachelayers.demo import DemoConfig, DemoReport, render_report, report_json, run_demo
     from cachelayers.engines import default_cache
 
     default_cache()  # a bad configuration fails here, before the progress bar is drawn
@@ -103,8 +104,15 @@ def _demo(args: argparse.Namespace) -> int:
     def advance(done: int, from_cache: int) -> None:
         progress.update(task, completed=done, from_cache=f"{from_cache:,}")
 
+    async def replay() -> DemoReport:
+        try:
+            return await run_demo(config, progress=advance)
+        finally:
+            # Connections of shared tiers belong to this event loop, which ends here.
+            await default_cache().aclose()
+
     with progress:
-        report = anyio.run(lambda: run_demo(config, progress=advance))
+        report = anyio.run(replay)
     if args.json:
         print(report_json(report))
     else:
@@ -297,6 +305,23 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"==> benchmarks/{available[name].name} {' '.join(extra)}".rstrip(), flush=True)
         status = max(status, subprocess.call([sys.executable, str(available[name]), *extra]))
     return 1 if status else 0
+
+
+# -- calibrate --------------------------------------------------------------------------------------------
+
+
+def _calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    from cachelayers.calibrate import add_calibrate_arguments
+
+    add_calibrate_arguments(parser)
+
+
+@command("calibrate", "choose a semantic similarity threshold from labelled pairs (precision/recall, plot)",
+         _calibrate_arguments)
+def _calibrate(args: argparse.Namespace) -> int:
+    from cachelayers.calibrate import run_calibrate
+
+    return run_calibrate(args)
 
 
 # -- entry point ------------------------------------------------------------------------------------------

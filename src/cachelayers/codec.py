@@ -158,7 +158,7 @@ class Codec:
             return msgpack.ExtType(_EXT_REGISTERED, self._pack([registered.name, registered.encode(obj)]))
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
             data = np.ascontiguousarray(obj)
-            return msgpack.ExtType(_EXT_NDARRAY, self._pack([data.dtype.str, list(data.shape), data.tobytes()]))
+            return msgpack.ExtType(_EXT_NDARRAY, self._pack([data.dtype.str, list(obj.shape), data.tobytes()]))
         if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
             return msgpack.ExtType(_EXT_NPSCALAR, self._pack([obj.dtype.str, obj.tobytes()]))
         if tp is dt.datetime:

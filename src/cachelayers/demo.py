@@ -152,12 +152,17 @@ def build_requests(config: DemoConfig) -> list[Request]:
 
 
 class _CallRecord:
-    """What happened in one stage call; the provider marks it when the call reached it."""
+    """What happened in one stage call; the provider marks it when the call reached it.
 
-    __slots__ = ("outcome",)
+    ``sequence`` reads the number of stage calls started so far; the provider notes it when it finishes.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("finished_at", "outcome", "sequence")
+
+    def __init__(self, sequence: Callable[[], int]) -> None:
+        self.sequence = sequence
         self.outcome: str | None = None
+        self.finished_at = 0
 
 
 # The record of the stage call running in this task. A provider reached through the cache marks it; a
@@ -193,13 +198,11 @@ class SimulatedProvider:
         self.calls = 0
         self.cost = 0.0
         self.busy_seconds = 0.0
-        self.pending: set[Hashable] = set()
 
-    async def call(self, key: Hashable, *, latency: float, cost: float) -> float:
+    async def call(self, *, latency: float, cost: float) -> float:
         """Serve one call: mark the caller's record, sleep ``latency`` seconds (scaled), charge ``cost``.
 
         Args:
-            key: Identity of the call, so concurrent identical calls can be recognised.
             latency: Simulated seconds the call takes before scaling.
             cost: Dollars the call costs.
 
@@ -211,14 +214,14 @@ class SimulatedProvider:
             record.outcome = COMPUTED
         self.calls += 1
         self.cost += cost
-        self.pending.add(key)
         started = time.perf_counter()
         try:
             await anyio.sleep(latency * self.latency_scale)
         finally:
-            self.pending.discard(key)
             elapsed = time.perf_counter() - started
             self.busy_seconds += elapsed
+            if record is not None:
+                record.finished_at = record.sequence()
         return elapsed
 
 
@@ -249,7 +252,7 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def flight_key(self, args: tuple[Any, ...]) -> Hashable:
-        """The key the function gives the provider for ``args`` (to see whether such a call is in flight)."""
+        """Identity of a call with ``args``: equal for calls the cache answers with one entry."""
 
     async def __call__(self, args: tuple[Any, ...]) -> dict[str, Any]:
         """Run the cached function."""
@@ -278,7 +281,7 @@ class EmbedStage(Stage):
         async def embed(text: str, model: str) -> dict[str, Any]:
             tokens = _tokens(text)
             cost = tokens * _PRICES[model][0] / 1e6
-            seconds = await provider.call((text, model), latency=0.008 + 0.004 * _unit("embed", text), cost=cost)
+            seconds = await provider.call(latency=0.008 + 0.004 * _unit("embed", text), cost=cost)
             return {"vector": _vector(text), "tokens": tokens, "cost": cost, "latency": seconds}
 
         super().__init__(provider, _stage_function("embed", embed))
@@ -300,8 +303,7 @@ class SearchStage(Stage):
 
         async def search(vector: np.ndarray[Any, Any], collection: str, k: int = 4) -> dict[str, Any]:
             raw = vector.tobytes()
-            seconds = await provider.call((raw, collection, k), latency=0.010 + 0.010 * _unit("search", raw),
-                                          cost=_SEARCH_PRICE)
+            seconds = await provider.call(latency=0.010 + 0.010 * _unit("search", raw), cost=_SEARCH_PRICE)
             first = int(_unit("docs", raw, collection) * 5000)
             return {"documents": [f"{collection}/{(first + 37 * i) % 5000:04d}.md" for i in range(k)],
                     "cost": _SEARCH_PRICE, "latency": seconds}
@@ -329,7 +331,7 @@ class CompleteStage(Stage):
             price_in, price_out = _PRICES[model]
             cost = (tokens_in * price_in + tokens_out * price_out) / 1e6
             latency = (0.025 + tokens_out * _LLM_SPEED[model] / 1000) * (0.8 + 0.4 * _unit("lat", prompt, model))
-            seconds = await provider.call((prompt, model, temperature), latency=latency, cost=cost)
+            seconds = await provider.call(latency=latency, cost=cost)
             return {"text": f"[{model}] {tokens_out}-token answer", "tokens_in": tokens_in, "tokens_out": tokens_out,
                     "cost": cost, "latency": seconds}
 
@@ -502,17 +504,27 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
     done = 0
     from_cache = 0
     feed: Iterator[Request] = iter(requests)
+    started_calls = 0
+    # Per stage: flight key -> (sequence number of the call that computed it, calls started when its provider
+    # call finished). A call that did not compute and started inside that window found the computation in
+    # flight and waited for it: the cache neither had the value (it is stored when the provider call ends)
+    # nor let it call the provider. Any other call that did not compute was answered by a cache tier.
+    computing: list[dict[Hashable, tuple[int, int]]] = [{} for _ in pipeline]
+
+    def sequence() -> int:
+        return started_calls
 
     async def serve(request: Request) -> None:
-        nonlocal done, from_cache
+        nonlocal done, from_cache, started_calls
         context: dict[str, Any] = {}
         started = time.perf_counter()
         reached_provider = False
-        for stage, stage_stats in zip(pipeline, stats, strict=True):
+        for stage, stage_stats, computed in zip(pipeline, stats, computing, strict=True):
             args = stage.arguments(request, context)
             flight_key = stage.flight_key(args)
-            in_flight = flight_key in stage.provider.pending
-            record = _CallRecord()
+            started_calls += 1
+            number = started_calls
+            record = _CallRecord(sequence)
             token = _current_call.set(record)
             call_started = time.perf_counter()
             try:
@@ -520,7 +532,12 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
             finally:
                 elapsed = time.perf_counter() - call_started
                 _current_call.reset(token)
-            outcome = record.outcome or (SHARED if in_flight else CACHED)
+            outcome = record.outcome
+            if outcome == COMPUTED:
+                computed[flight_key] = (number, record.finished_at)
+            elif outcome is None:
+                first, last = computed.get(flight_key, (0, 0))
+                outcome = SHARED if first < number <= last else CACHED
             reached_provider = reached_provider or outcome == COMPUTED
             # A result carries what its computation cost and took, like the usage block of an API response.
             stage_stats.add(outcome, elapsed, float(result["cost"]), float(result["latency"]))

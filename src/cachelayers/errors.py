@@ -14,6 +14,8 @@ Every exception the library raises on purpose derives from `CacheLayersError`:
     │                               gets it, the function's exception is kept as ``__cause__``
     ├── BatcherClosedError          an item was submitted to, or left pending in, a closed batcher
     ├── BatchQueueFullError         a batcher's queue is full and its policy is to raise
+    ├── RateLimitExceeded           a call was not admitted under its rate limits in time, or its cost can
+    │                               never fit; ``retry_after`` says when trying again may succeed
     └── AllAttemptsFailedError      a primary and its fallbacks all failed (also an ExceptionGroup)
 
 Cache failures never reach the caller of a decorated function unless strict mode asks for it: they are
@@ -33,6 +35,7 @@ __all__ = [
     "EmbeddingError",
     "IntegrityError",
     "MissingDependencyError",
+    "RateLimitExceeded",
     "SerializationError",
     "UnkeyableArgumentError",
 ]
@@ -141,3 +144,21 @@ class AllAttemptsFailedError(CacheLayersError, ExceptionGroup[Exception]):
 
     It is an `ExceptionGroup`, so ``except* SomeProviderError`` matches it when any attempt raised one.
     """
+
+
+class RateLimitExceeded(CacheLayersError):
+    """A call was not admitted under its rate limits before its timeout, or its cost can never fit a limit.
+
+    Attributes:
+        retry_after: Seconds after which trying again may succeed, when known; ``None`` when it is unknown
+            or when the cost is larger than the limit (it never fits).
+        limit: The limit (or limits) that held the call back.
+        key: The key the limit was counted under (a tenant, a model); ``""`` for none.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, limit: str | None = None,
+                 key: str = "") -> None:
+        self.retry_after = retry_after
+        self.limit = limit
+        self.key = key
+        super().__init__(message)

@@ -45,6 +45,7 @@ _UINT64_MAX: Final = 2**64 - 1
 # Extension codes of the canonical key encoding. Never renumber: keys must stay stable across releases.
 _EXT_TUPLE, _EXT_DICT, _EXT_SET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA = range(1, 9)
 _EXT_DECIMAL, _EXT_UUID, _EXT_ENUM, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_OBJECT, _EXT_PATH, _EXT_FLOAT = range(9, 17)
+_EXT_FROZENSET: Final = 17
 
 
 class _Unkeyable(Exception):
@@ -83,8 +84,9 @@ def _canon(obj: Any, path: str) -> Any:
         items = sorted(([_pack(_canon(k, f"{path}.<key>")), _canon(v, f"{path}[{k!r}]")] for k, v in obj.items()),
                        key=lambda item: item[0])
         return msgpack.ExtType(_EXT_DICT, _pack(items))
-    if tp is set or tp is frozenset:
-        return msgpack.ExtType(_EXT_SET, _pack(sorted(_pack(_canon(item, f"{path}.<item>")) for item in obj)))
+    if tp is set or tp is frozenset:  # distinct like tuple and list: a function may tell them apart
+        return msgpack.ExtType(_EXT_SET if tp is set else _EXT_FROZENSET,
+                               _pack(sorted(_pack(_canon(item, f"{path}.<item>")) for item in obj)))
     custom = getattr(obj, "__cache_key__", None)
     if custom is not None and callable(custom):
         return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(custom(), f"{path}.__cache_key__()")]))
@@ -108,7 +110,7 @@ def _canon(obj: Any, path: str) -> Any:
         if obj.dtype.hasobject:
             raise _Unkeyable(path, obj)
         data = np.ascontiguousarray(obj)
-        return msgpack.ExtType(_EXT_NDARRAY, _pack([data.dtype.str, list(data.shape), data.tobytes()]))
+        return msgpack.ExtType(_EXT_NDARRAY, _pack([data.dtype.str, list(obj.shape), data.tobytes()]))
     if isinstance(obj, np.generic):
         return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
     if isinstance(obj, int | str | bytes | float | tuple | list | dict):  # subclasses, e.g. NamedTuple

@@ -106,9 +106,11 @@ class Settings:
         allow_pickle: Store values msgpack cannot encode with pickle. Only for stores you fully trust.
         tier_timeout: Longest wait for one tier operation before it counts as a miss (seconds or ``"250ms"``).
         breaker_threshold: Consecutive failures of a tier that open its circuit breaker.
-        breaker_cooldown: How long an open breaker skips its tier before one probe call.
+        breaker_cooldown: How long an open breaker skips its tier before one probe call (2s: a probe of a
+            tier that is still down costs one call a failed attempt; a tier back up is used again quickly).
         strict: Raise cache failures to the caller instead of computing uncached (for tests and debugging).
-        vector_index: Where the semantic cache keeps its index: ``memory://`` or ``usearch:///path``.
+        vector_index: Where the semantic cache keeps its entries: ``memory://`` (in-process),
+            ``usearch:///path`` (on disk, reloaded on start) or ``redis://host:port/db`` (shared by processes).
         limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
     """
 
@@ -119,7 +121,7 @@ class Settings:
     allow_pickle: bool = False
     tier_timeout: Any = 0.25
     breaker_threshold: int = 5
-    breaker_cooldown: Any = 10.0
+    breaker_cooldown: Any = 2.0
     strict: bool = False
     vector_index: str = "memory://"
     limits: Any = dataclasses.field(default_factory=dict)
@@ -140,8 +142,10 @@ class Settings:
         set_(self, "breaker_threshold", _positive_int(self.breaker_threshold, "breaker_threshold"))
         set_(self, "breaker_cooldown", parse_duration(self.breaker_cooldown, "breaker_cooldown"))
         set_(self, "strict", _bool(self.strict, "strict"))
-        if not isinstance(self.vector_index, str) or not self.vector_index.startswith(("memory://", "usearch://")):
-            raise ConfigError("vector_index", self.vector_index, "expected 'memory://' or 'usearch:///path'")
+        if not isinstance(self.vector_index, str) or not self.vector_index.startswith(
+                ("memory://", "usearch://", "redis://", "rediss://")):
+            raise ConfigError("vector_index", self.vector_index,
+                              "expected 'memory://', 'usearch:///path' or 'redis://host:port/db'")
         limits = self.limits
         if isinstance(limits, str):
             limits = dict(part.split("=", 1) for part in limits.split(",") if "=" in part)

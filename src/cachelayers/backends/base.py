@@ -153,8 +153,8 @@ class DeadlineSupport(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def get_many_within(self, keys: Sequence[str], timeout: float) -> list[bytes | None]:
-        """Like `Backend.get_many`, raising `TimeoutError` when no answer came within ``timeout`` seconds."""
+    async def get_many_within(self, keys: Sequence[str], seconds: float) -> list[bytes | None]:
+        """Like `Backend.get_many`, raising `TimeoutError` when no answer came within ``seconds``."""
 
 
 class PubSubSupport(abc.ABC):

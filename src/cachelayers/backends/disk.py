@@ -102,6 +102,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
         self.busy_timeout = (parse_duration(opts["busy_timeout"], parsed.option_field("busy_timeout"))
                              if "busy_timeout" in opts else DEFAULT_BUSY_TIMEOUT)
         self.evictions = 0
+        self._wal_limit = min(max(self.max_bytes // 4, 256 * 1024), 64 * 1024 * 1024)
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
 
@@ -140,6 +141,11 @@ class DiskBackend(Backend, ClearPrefixSupport):
             # In WAL mode NORMAL never corrupts the database; a power loss may lose the last commits, which for
             # a cache is a few misses.
             db.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoint the WAL often enough that it stays small next to the bound, and cut the file back after
+            # a checkpoint instead of leaving it at its peak.
+            (page,) = db.execute("PRAGMA page_size").fetchone()
+            db.execute(f"PRAGMA wal_autocheckpoint = {max(100, min(1000, self._wal_limit // page))}")
+            db.execute(f"PRAGMA journal_size_limit = {self._wal_limit}")
 
             def create() -> int:
                 for statement in _SCHEMA:
@@ -157,9 +163,8 @@ class DiskBackend(Backend, ClearPrefixSupport):
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
-            db = self._connect()
             try:
-                return fn(db)
+                return fn(self._connect())
             except sqlite3.Error as exc:
                 raise BackendError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
@@ -268,11 +273,12 @@ class DiskBackend(Backend, ClearPrefixSupport):
             if cursor.rowcount <= 0:
                 return
 
-    @staticmethod
-    def _vacuum(db: sqlite3.Connection) -> None:
-        # Give freed pages back to the filesystem now and then, so the file tracks the byte bound.
+    def _vacuum(self, db: sqlite3.Connection) -> None:
+        # Give freed pages back to the filesystem once they add up to a quarter of the bound, so the file tracks
+        # the byte bound rather than the most it ever held.
         (free,) = db.execute("PRAGMA freelist_count").fetchone()
-        if free > 1024:
+        (page,) = db.execute("PRAGMA page_size").fetchone()
+        if free * page > max(self.max_bytes // 4, 64 * page):
             db.execute("PRAGMA incremental_vacuum")
 
     async def delete_many(self, keys: Sequence[str]) -> None:

@@ -74,6 +74,7 @@ class MemoryLimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppo
     """
 
     STORAGE_SCHEME = None  # not registered with limits' storage_from_string
+    never_suspends = True  # every operation completes without yielding to the event loop
 
     def __init__(self, uri: str | None = None, *, clock: Callable[[], float] = time.time,
                  wrap_exceptions: bool = False, **options: float | str | bool) -> None:

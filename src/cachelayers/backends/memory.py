@@ -63,9 +63,12 @@ class MemoryBackend(Backend):
         url = url or BackendURL.parse("memory://")
         super().__init__(url, clock=clock)
         self.validate_url(url)
+        if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, int)
+                                        or max_entries <= 0):
+            raise ConfigError("max_entries", max_entries, "must be a positive integer")
         self.max_entries = max_entries or int(url.options.get("max_entries", DEFAULT_MAX_ENTRIES))
-        self.max_bytes = max_bytes or parse_size(url.options.get("max_bytes", DEFAULT_MAX_BYTES),
-                                                 url.option_field("max_bytes"))
+        self.max_bytes = (parse_size(max_bytes, "max_bytes") if max_bytes is not None else
+                          parse_size(url.options.get("max_bytes", DEFAULT_MAX_BYTES), url.option_field("max_bytes")))
         self._data: OrderedDict[Hashable, Slot] = OrderedDict()
         self.slots = self._data
         """The entries, least recently used first. Read-only for the engine's hit path, which looks a key up

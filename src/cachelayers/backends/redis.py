@@ -77,6 +77,13 @@ return held
 """
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -230,6 +237,7 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         if state is not None and state.loop is loop:
             return state
         if state is not None:
+            self._state = None
             self._abandon(state)
         state = self._state = _LoopState(loop, self._make_client(self._kwargs, cluster=self.cluster))
         return state
@@ -258,25 +266,41 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         return aredis.Redis(connection_pool=pool)
 
     def _abandon(self, state: _LoopState) -> None:
-        """Drop the client of an event loop we no longer run in; close its sockets if that loop has ended."""
-        if not state.loop.is_closed():
-            return  # still running elsewhere (another thread): its owner closes it
+        """Drop the client of an event loop we no longer use, closing its sockets the way that loop allows.
+
+        A pool is bound to the loop it was made in. When that loop has ended (``asyncio.run`` returned) its
+        transports can no longer be closed through it, so the sockets are closed directly; otherwise the
+        transports are closed in their own loop.
+        """
         pool = getattr(state.client, "connection_pool", None)
         connections = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ()),
                        *state.readers]
+        loop = state.loop
         for conn in connections:
             writer = getattr(conn, "_writer", None)
             if writer is None:
                 continue
-            # The loop that owned the transport is closed, so transport.close() would raise: close the socket
-            # itself and forget the streams, so that nothing warns about them later.
             transport = writer.transport
-            sock = getattr(transport, "_sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-                transport._sock = None
+            if loop.is_closed():
+                sock = getattr(transport, "_sock", None)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    transport._sock = None
+                transport._closing = True  # so the stream writer does not warn about the closed loop either
+            elif loop.is_running() and loop is not _running_loop():
+                loop.call_soon_threadsafe(transport.close)
+            else:
+                transport.close()
             conn._reader = conn._writer = None
+        state.readers.clear()
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is not None:
+            self._state = None
+            with contextlib.suppress(Exception):
+                self._abandon(state)
 
     async def aclose(self) -> None:
         """Close the connection pool of the current event loop (and forget any other)."""
@@ -301,8 +325,8 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         """Return the entries under ``keys``; reads of one event-loop tick share one ``MGET``."""
         return await self.get_many_within(keys, self._kwargs["socket_timeout"])
 
-    async def get_many_within(self, keys: Sequence[str], timeout: float) -> list[bytes | None]:
-        """Like `get_many`, raising `TimeoutError` after ``timeout`` seconds.
+    async def get_many_within(self, keys: Sequence[str], seconds: float) -> list[bytes | None]:
+        """Like `get_many`, raising `TimeoutError` after ``seconds``.
 
         The first read of a tick opens a batch and yields once; every read issued meanwhile joins it, and the
         first sends them all as one ``MGET`` on a connection of its own and hands each its share. If that
@@ -329,7 +353,7 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
             finally:
                 if state.batch is batch:
                     state.batch = None
-            values = await self._mget(state, batch.keys, timeout)
+            values = await self._mget(state, batch.keys, seconds)
         except Exception as exc:
             for _, future in batch.waiters:
                 if not future.done():
@@ -347,11 +371,11 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
             if not future.done():
                 future.set_result(values[start:start + count])
             start += count
-        return values[:len(keys)]  # type: ignore[no-any-return]
+        return values[:len(keys)]
 
-    async def _mget(self, state: _LoopState, keys: list[str], timeout: float) -> list[bytes | None]:
+    async def _mget(self, state: _LoopState, keys: list[str], seconds: float) -> list[bytes | None]:
         if self.cluster:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 return await state.client.mget_nonatomic(keys)  # type: ignore[no-any-return]
         from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -364,17 +388,17 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
                 fresh = not conn.is_connected
                 try:
                     if fresh:
-                        async with asyncio.timeout(timeout):
+                        async with asyncio.timeout(seconds):
                             await conn.connect()
                     await conn.send_packed_command(conn.pack_command("MGET", *keys), check_health=False)
-                    values = await conn.read_response(timeout=timeout)
+                    values = await conn.read_response(timeout=seconds)
                 except RedisConnectionError:
                     await conn.disconnect(nowait=True)
                     if fresh or attempt:
                         raise
                     continue  # a pooled connection that died with a restarted server: one more try, reconnected
                 if values is None:  # redis-py's way of saying the read timed out; the reply is still due
-                    raise TimeoutError(f"Redis did not answer within {timeout:g}s")
+                    raise TimeoutError(f"Redis did not answer within {seconds:g}s")
                 reusable = True
                 return values  # type: ignore[no-any-return]
             raise AssertionError("unreachable")

@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 __all__ = ["BackgroundTasks", "current_loop_token"]
 
@@ -25,11 +24,16 @@ logger = logging.getLogger("cachelayers")
 
 
 def current_loop_token() -> object:
-    """An object that identifies the running event loop (the asyncio loop itself, or trio's token)."""
+    """An object that identifies the running event loop: the asyncio loop itself, or the trio run's token.
+
+    It must be the same object for every call within one run (it is compared with ``is``).
+    """
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        return anyio.lowlevel.current_token()
+        import trio
+
+        return trio.lowlevel.current_trio_token()
 
 
 class BackgroundTasks:

@@ -18,7 +18,6 @@ import anyio
 
 from cachelayers.durations import parse_duration
 from cachelayers.errors import AllAttemptsFailedError, ConfigError
-from cachelayers.keys import function_identity
 
 __all__ = ["Outcome", "gather_bounded", "with_fallbacks"]
 
@@ -164,7 +163,7 @@ def with_fallbacks(
             raise ConfigError("primary" if index == 0 else f"fallbacks[{index - 1}]", fn, "must be an async function")
     per_attempt = _seconds(attempt_timeout, "attempt_timeout")
     overall = _seconds(timeout, "timeout")
-    names = [function_identity(fn) if hasattr(fn, "__qualname__") else repr(fn) for fn in attempts]
+    names = [getattr(fn, "__qualname__", None) or type(fn).__qualname__ for fn in attempts]
 
     async def call_with_fallbacks(*args: P.args, **kwargs: P.kwargs) -> T:
         errors: list[Exception] = []

@@ -229,8 +229,18 @@ class _Stats:
                  "verifier_errors", "verifier_rejections")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.exact_hits = 0
+        self.semantic_hits = 0
+        self.misses = 0
+        self.uncached = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.embed_errors = 0
+        self.index_errors = 0
+        self.verifier_rejections = 0
+        self.verifier_errors = 0
+        self.unstorable = 0
+        self.compactions = 0
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
 
@@ -286,6 +296,7 @@ class SemanticStore:
     """
 
     persistent: bool = False
+    reuse_keys: bool = True
 
     def __init__(self, *, max_entries: int, options: _IndexOptions, clock: Callable[[], float],
                  stats: _Stats, log: StateLog, codec: Codec) -> None:
@@ -310,6 +321,10 @@ class SemanticStore:
         """Prepare for use with ``embedder`` vectors of dimension ``ndim`` (loading stored entries)."""
         self.embedder = embedder
         self.ndim = ndim
+
+    def usable(self) -> bool:
+        """Whether the store can serve on the running event loop (a shared store's client is bound to one)."""
+        return True
 
     async def sync(self) -> None:
         """Catch up with writes made elsewhere (a no-op unless shared)."""
@@ -488,7 +503,8 @@ class SemanticStore:
                 del self.partitions[entry.partition]
             else:
                 self._maybe_compact(part)
-        heapq.heappush(self._free, entry.key)
+        if self.reuse_keys:
+            heapq.heappush(self._free, entry.key)
 
     # -- compaction ---------------------------------------------------------------------------------------
 
@@ -614,6 +630,9 @@ class DiskStore(SemanticStore):
         self._saving: threading.Thread | None = None
         self._save_lock = threading.Lock()
 
+    def _path(self, suffix: str) -> Path:
+        return self.base.parent / (self.base.name + suffix)
+
     def _storage_key(self, key: int, seq: int) -> str:
         return f"sem:{self.embedder}:{key}:{seq}"
 
@@ -628,7 +647,7 @@ class DiskStore(SemanticStore):
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(f".{self.base.name}.usearch.*.tmp"):
             stale.unlink(missing_ok=True)  # a snapshot whose writer died before the rename
-        self._file = PayloadFile(self.base.with_suffix(".sqlite"))
+        self._file = PayloadFile(self._path(".sqlite"))
         meta = self._file.meta()
         if meta and (meta.get("embedder") != self.embedder or meta.get("dtype") != self.options.dtype):
             # Vectors of another embedder live in another space: never compare with them.
@@ -651,7 +670,7 @@ class DiskStore(SemanticStore):
         rows = [r for r in rows if r.expires_at is None or r.expires_at > now]
         if rows and self.ndim is None:
             self.ndim = len(rows[0].vector) // 4
-        snapshot = read_snapshot(self.base.with_suffix(".usearch"))
+        snapshot = read_snapshot(self._path(".usearch"))
         graphs: dict[bytes, VectorIndex] = {}
         if snapshot is not None and snapshot[0].get("embedder") == self.embedder:
             wanted = {(r.key, r.seq) for r in rows}
@@ -663,9 +682,9 @@ class DiskStore(SemanticStore):
                 if index.ndim != self.ndim:
                     continue
                 # A vector answers for the row with its key only if the row is the one it was saved for.
-                stale = [int(k) for k, s in zip(item.keys.tolist(), item.seqs.tolist(), strict=True)
-                         if (int(k), int(s)) not in wanted]
-                index.remove_many(stale)
+                outdated = [int(k) for k, s in zip(item.keys.tolist(), item.seqs.tolist(), strict=True)
+                            if (int(k), int(s)) not in wanted]
+                index.remove_many(outdated)
                 present = set(index.keys().tolist())
                 listed = {int(k) for k in item.keys.tolist()}
                 index.remove_many(present - listed)  # a vector the snapshot does not vouch for
@@ -674,8 +693,10 @@ class DiskStore(SemanticStore):
         for row in rows:
             by_partition.setdefault(row.partition, []).append(row)
         for partition, part_rows in by_partition.items():
-            index = graphs.get(partition)
-            if index is None:
+            restored = graphs.get(partition)
+            if restored is not None:
+                index = restored
+            else:
                 o = self.options
                 index = VectorIndex(cast(int, self.ndim), dtype=o.dtype, connectivity=o.connectivity,
                                     expansion_add=o.expansion_add, expansion_search=o.expansion_search)
@@ -762,7 +783,7 @@ class DiskStore(SemanticStore):
 
         with self._save_lock:
             try:
-                write_snapshot(self.base.with_suffix(".usearch"), items, meta)
+                write_snapshot(self._path(".usearch"), items, meta)
             except OSError as exc:
                 self.log.failure(f"semantic snapshot {self.base.name}", exc)
 
@@ -822,7 +843,7 @@ class SemanticFunction(Generic[P, T]):
         threshold: Least cosine similarity for a semantic hit, in [0, 1]; the embedder's calibrated
             ``default_threshold`` when omitted.
         text: Name of the argument holding the semantic text, or a function of the arguments (by name)
-            returning it; the first parameter by default. A function needs ``partition=`` too.
+            returning it; the first parameter (after ``self``) by default. A function needs ``partition=`` too.
         partition: Function of the arguments (by name) returning the exact partition key; by default every
             argument except the text one and those in ``ignore``.
         ignore: Arguments left out of the default partition (clients, ``self``...).
@@ -886,9 +907,10 @@ class SemanticFunction(Generic[P, T]):
         params = list(inspect.signature(fn).parameters.values())
         names = [p.name for p in params]
         if text is None:
-            if not names:
+            candidates = [n for n in names if n not in ("self", "cls")]
+            if not candidates:
                 raise ConfigError("text", None, f"{self.identity}() has no parameter to take the text from")
-            text = names[0]
+            text = candidates[0]
         if isinstance(text, str):
             if text not in names:
                 raise ConfigError("text", text, f"{self.identity}() has no such parameter")
@@ -999,11 +1021,11 @@ class SemanticFunction(Generic[P, T]):
         settings = get_settings()
         url = self._vector_index or settings.vector_index
         store = self._store
-        if store is not None and self._store_url == url:
+        if store is not None and self._store_url == url and store.usable():
             return store
         while self._opening is not None:
             await self._opening.event.wait()
-            if self._store is not None and self._store_url == url:
+            if self._store is not None and self._store_url == url and self._store.usable():
                 return self._store
         flight = self._opening = _Flight()
         try:
@@ -1014,7 +1036,15 @@ class SemanticFunction(Generic[P, T]):
             codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle)
             new = open_store(url, namespace=f"{settings.key_prefix}{self._keys.namespace}",
                              max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec)
-            await new.open(self.embedder_name, self._ndim)
+            try:
+                await new.open(self.embedder_name, self._ndim)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await new.aclose()
+                    except Exception as exc:  # the open failure is the one to report
+                        self.log.failure(f"closing the semantic store of {self.identity}", exc)
+                raise
             if new.ndim is not None and self._ndim is None:
                 self._ndim = new.ndim
             self._store, self._store_url = new, url

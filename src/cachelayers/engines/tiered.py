@@ -32,8 +32,9 @@ import os
 import time
 import typing
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, cast
 
 import anyio
@@ -50,7 +51,7 @@ from cachelayers.engines.background import BackgroundTasks, current_loop_token
 from cachelayers.engines.breaker import CircuitBreaker
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import FAST_TYPES, KeyBuilder
-from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, logger, register_stats_source
+from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, register_stats_source
 from cachelayers.settings import Settings, get_settings
 
 __all__ = ["BatchFunctionCache", "FunctionCache", "TieredCache", "default_cache", "namespace_tag"]
@@ -60,9 +61,13 @@ T = TypeVar("T")
 
 _NAMESPACE_TAG: Final = "ns\x1f"
 DEFAULT_LOCK_LEASE: Final = 30.0
-_LOCK_FIRST_WAIT: Final = 0.02  # first back-off of a lock waiter; doubles up to _LOCK_MAX_WAIT
+# A lock waiter looks again after a pause that doubles up to _LOCK_MAX_WAIT. When it hears release messages it
+# is woken by them, and the pause only bounds the wait if a message is lost, so it starts longer.
+_LOCK_FIRST_WAIT: Final = 0.02
+_LOCK_FIRST_WAIT_NOTIFIED: Final = 0.25
 _LOCK_MAX_WAIT: Final = 1.0
 _LISTEN_MAX_BACKOFF: Final = 5.0
+_RECENT_INVALIDATIONS: Final = 1024
 
 
 def namespace_tag(namespace: str) -> str:
@@ -70,20 +75,36 @@ def namespace_tag(namespace: str) -> str:
     return _NAMESPACE_TAG + namespace
 
 
+class _Stale:
+    """A value served past its expiry, within its grace period (``stale=``): serve it, refresh it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class _Tier:
     """A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
 
-    __slots__ = ("backend", "breaker", "log", "name", "stats", "strict", "timeout")
+    __slots__ = ("backend", "breaker", "cache", "failure_serial", "log", "name", "read_within", "stats", "strict",
+                 "timeout")
 
     def __init__(self, name: str, backend: Backend, settings: Settings, log: StateLog,
-                 monotonic: Callable[[], float]) -> None:
+                 monotonic: Callable[[], float], cache: TieredCache) -> None:
         self.name = name
         self.backend = backend
+        self.cache = cache
         self.timeout: float = settings.tier_timeout
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown, monotonic)
         self.stats = TierStats(name)
         self.log = log
         self.strict = settings.strict
+        # A backend that enforces the timeout on its own reads is called without a cancel scope, which on
+        # asyncio costs a noticeable share of a Redis hit.
+        self.read_within = backend.get_many_within if isinstance(backend, DeadlineSupport) else None
+        self.failure_serial = 0
+        """`TieredCache.failures` when this tier last failed: a call that started before skips its writes."""
 
     async def call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
         """Run ``op`` under the tier's timeout and breaker; on failure count, log and return ``default``."""
@@ -106,15 +127,37 @@ class _Tier:
         return default
 
     def _failed(self, exc: BaseException, message: str) -> None:
+        cache = self.cache
+        cache.failures += 1
+        self.failure_serial = cache.failures
         opened = self.breaker.failure()
         self.log.failure(f"tier {self.name!r}", message + (" (circuit breaker open)" if opened else ""))
         if self.strict:
             raise BackendError(f"tier {self.name!r} {message}") from exc
 
-    async def get(self, key: str) -> bytes | None:
-        missing: list[bytes | None] = [None]
-        result = await self.call(lambda: self.backend.get_many([key]), missing)
-        return result[0]
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Read ``keys``; ``None`` when the tier failed, timed out or its breaker is open."""
+        if not self.breaker.allow():
+            self.stats.skipped += 1
+            return None
+        read = self.read_within
+        try:
+            if read is not None:
+                blobs = await read(keys, self.timeout)
+            else:
+                with anyio.fail_after(self.timeout):
+                    blobs = await self.backend.get_many(keys)
+        except TimeoutError as exc:
+            self.stats.timeouts += 1
+            self._failed(exc, f"timed out after {self.timeout:g}s")
+            return None
+        except Exception as exc:
+            self.stats.errors += 1
+            self._failed(exc, f"{type(exc).__name__}: {exc}")
+            return None
+        if self.breaker.success():
+            self.log.recovered(f"tier {self.name!r}")
+        return blobs
 
     async def set(self, items: Sequence[StoreItem]) -> None:
         async def op() -> bool:
@@ -136,6 +179,17 @@ class _Tier:
 
         await self.call(op, None)
 
+    async def clear(self, prefix: str) -> None:
+        backend = self.backend
+
+        async def op() -> None:
+            if isinstance(backend, ClearPrefixSupport):
+                await backend.clear_prefix(prefix)
+            else:
+                await backend.clear()
+
+        await self.call(op, None)
+
 
 class _Flight:
     """One computation in progress that concurrent callers of the same key wait for."""
@@ -143,10 +197,114 @@ class _Flight:
     __slots__ = ("done", "error", "event", "value")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.event: anyio.Event | None = None  # made when a second caller waits: most flights have none
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
+
+    async def wait(self) -> None:
+        if self.event is None:
+            self.event = anyio.Event()
+        await self.event.wait()
+
+    def finish(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+class _Listener:
+    """Follows the invalidation channel of a `PubSubSupport` tier, one subscription per event loop.
+
+    It drops from this process's memory tier what other processes invalidated, and wakes callers waiting for
+    a distributed lock. Entries stored in memory before the subscription was active are dropped when it
+    becomes active; after a lost subscription the whole memory tier is, since messages may have been missed.
+    """
+
+    __slots__ = ("backend", "cache", "loop", "lost", "ready", "subscribed", "tier", "unsynced", "waiters")
+
+    def __init__(self, cache: TieredCache, tier: _Tier) -> None:
+        self.cache = cache
+        self.tier = tier
+        self.backend = cast(PubSubSupport, tier.backend)
+        self.loop: object | None = None
+        self.subscribed = False
+        self.lost = False
+        self.ready: anyio.Event | None = None
+        self.unsynced: set[Hashable] = set()
+        self.waiters: dict[str, anyio.Event] = {}
+
+    async def start(self) -> None:
+        """Start listening in the current event loop, waiting (up to the tier timeout) until subscribed."""
+        token = current_loop_token()
+        if self.loop is token:
+            return
+        self.loop = token
+        self.subscribed = False
+        self.lost = False
+        self.waiters = {}
+        ready = self.ready = anyio.Event()
+        self.cache.background.start_soon(self._run, token)
+        with anyio.move_on_after(self.tier.timeout):
+            await ready.wait()
+
+    def stop(self) -> None:
+        """Forget the subscription (the engine is closing)."""
+        self.loop = None
+        self.subscribed = False
+
+    def waiter(self, lock_name: str) -> anyio.Event:
+        """An event set when a release of ``lock_name`` is announced."""
+        event = self.waiters.get(lock_name)
+        if event is None or event.is_set():
+            event = self.waiters[lock_name] = anyio.Event()
+        return event
+
+    async def _run(self, token: object) -> None:
+        what = f"invalidation listener on tier {self.tier.name!r}"
+        backoff = 0.05
+        while self.loop is token:
+            try:
+                async with self.backend.subscribe(self.cache.channel) as messages:
+                    self._on_subscribed()
+                    self.cache.log.recovered(what)
+                    backoff = 0.05
+                    async for message in messages:
+                        self._on_message(message)
+            except Exception as exc:
+                self.cache.log.failure(what, exc)
+            if self.subscribed:
+                self.subscribed = False
+                self.lost = True
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, _LISTEN_MAX_BACKOFF)
+
+    def _on_subscribed(self) -> None:
+        cache = self.cache
+        if self.lost:
+            cache.invalidated("c", [])  # messages may have been missed while disconnected
+        elif cache.local is not None:
+            for key in self.unsynced:
+                cache.local.remove(key)
+        self.unsynced.clear()
+        self.lost = False
+        self.subscribed = True
+        if self.ready is not None:
+            self.ready.set()
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            sender, kind, items = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            self.cache.log.failure("decoding invalidation messages", exc)
+            return
+        if sender == self.cache.sender:
+            return
+        if kind == "l":
+            event = self.waiters.pop(items, None)
+            if event is not None:
+                event.set()
+        elif kind in ("k", "t", "c"):
+            self.cache.invalidated(kind, items)
 
 
 class TieredCache:
@@ -159,6 +317,9 @@ class TieredCache:
             the in-process object tier.
         clock: Wall-clock time source for expiry (``time.time``); tests pass a fake clock.
         monotonic: Monotonic time source for breakers; defaults to ``clock`` when a fake clock is given.
+
+    Background work (stale-while-revalidate refreshes, the invalidation listener) runs in a task group the
+    engine owns per event loop; `aclose` stops it and closes the backends.
     """
 
     def __init__(
@@ -190,9 +351,23 @@ class TieredCache:
             self.local_name, local = named.pop(0)
             self.local = cast(MemoryBackend, local)
             self.local_stats = TierStats(self.local_name)
-        self.tiers = [_Tier(name, backend, self.settings, self.log, monotonic) for name, backend in named]
+        self.failures = 0
+        """Failures of any tier so far; a call notes it when it starts, to skip tiers that failed since."""
+        self.tiers = [_Tier(name, backend, self.settings, self.log, monotonic, self) for name, backend in named]
         self.strict = self.settings.strict
         self._inflight: dict[Hashable, _Flight] = {}
+        prefix = self.settings.key_prefix
+        self._tag_prefix = prefix + "~tag:"
+        self.lock_prefix = prefix + "~lock:"
+        self.channel = prefix + "~events"
+        self.sender = os.urandom(8)
+        self.epoch = 0
+        """Bumped by every invalidation this process makes or hears of; see `invalidated_since`."""
+        self._recent: deque[tuple[int, str, list[str]]] = deque(maxlen=_RECENT_INVALIDATIONS)
+        self.background = BackgroundTasks(f"TieredCache@{id(self):x}")
+        self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
+        pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
+        self.listener = _Listener(self, pubsub) if pubsub is not None else None
         self.functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
         register_stats_source(self)
 
@@ -211,7 +386,8 @@ class TieredCache:
                 self.local_stats.hits += 1
                 return value
             self.local_stats.misses += 1
-        value = await self.read_lower(sk, sk)
+        await self.follow_invalidations()
+        value = await self.read_lower(sk, sk, epoch=self.epoch)
         return default if value is MISSING else value
 
     async def set(self, key: str, value: Any, *, ttl: float | str | None = None, tags: Iterable[str] = ()) -> bool:
@@ -223,39 +399,45 @@ class TieredCache:
         seconds = parse_duration(ttl, "ttl") if ttl is not None else self.settings.default_ttl
         expires_at = self.clock() + seconds if seconds is not None else None
         sk = self.storage_key(key)
+        await self.follow_invalidations()
         return await self.write(sk, sk, value, expires_at, tuple(tags))
 
     async def delete(self, *keys: str) -> None:
-        """Remove keys from every tier."""
+        """Remove keys from every tier (and from other processes' memory tiers)."""
         sks = [self.storage_key(k) for k in keys]
         await self.remove(sks, sks)
 
     async def invalidate_tags(self, *tags: str) -> None:
-        """Remove every entry carrying any of ``tags`` from every tier."""
-        if self.local is not None:
-            self.local.remove_tags(tags)
+        """Remove every entry carrying any of ``tags`` from every tier (and other processes' memory tiers)."""
+        self.invalidated("t", list(tags))
+        qualified = self.tier_tags(tags)
         async with anyio.create_task_group() as tg:
             for tier in self.tiers:
-                tg.start_soon(tier.delete_tags, tags)
+                tg.start_soon(tier.delete_tags, qualified)
+        await self._publish("t", list(tags))
 
     async def invalidate_namespace(self, namespace: str) -> None:
         """Remove every entry of ``namespace`` (by default, of one function) from every tier."""
         await self.invalidate_tags(namespace_tag(namespace))
 
     async def clear(self) -> None:
-        """Remove everything from every tier."""
-        if self.local is not None:
-            self.local.clear_now()
-        for tier in self.tiers:
-            async def op(tier: _Tier = tier) -> None:
-                await tier.backend.clear()
-
-            await tier.call(op, None)
+        """Remove everything under this configuration's key prefix from every tier."""
+        self.invalidated("c", [])
+        async with anyio.create_task_group() as tg:
+            for tier in self.tiers:
+                tg.start_soon(tier.clear, self.settings.key_prefix)
+        await self._publish("c", [])
 
     async def aclose(self) -> None:
-        """Close the backends' connections and files."""
+        """Stop background work, then close the backends' connections and files."""
+        await self.background.aclose()
+        if self.listener is not None:
+            self.listener.stop()
         for tier in self.tiers:
-            await tier.backend.aclose()
+            try:
+                await tier.backend.aclose()
+            except Exception as exc:
+                self.log.failure(f"closing tier {tier.name!r}", exc)
         if self.local is not None:
             await self.local.aclose()
 
@@ -270,8 +452,10 @@ class TieredCache:
         for tier in self.tiers:
             tier_snap: dict[str, Any] = tier.stats.snapshot()
             tier_snap["breaker"] = tier.breaker.state
-            snap = tier_snap
-            out[tier.name] = snap
+            evictions = getattr(tier.backend, "evictions", None)
+            if isinstance(evictions, int):
+                tier_snap["evictions"] = evictions
+            out[tier.name] = tier_snap
         return out
 
     def stats_snapshot(self) -> dict[str, Any]:
@@ -280,43 +464,186 @@ class TieredCache:
 
     # -- machinery shared with cached functions -----------------------------------------------------------
 
-    async def read_lower(self, local_key: Hashable, storage_key: str,
-                         fstats: FunctionStats | None = None) -> Any:
-        """Look ``storage_key`` up in the tiers below memory, back-filling the tiers above a hit."""
+    def tier_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
+        """The names tags have in the tiers below memory: inside the key prefix."""
+        prefix = self._tag_prefix
+        return tuple(prefix + tag for tag in tags)
+
+    async def follow_invalidations(self) -> None:
+        """Make sure this process hears other processes' invalidations before its memory tier takes entries."""
+        listener = self.listener
+        if listener is not None and self.local is not None and listener.loop is not current_loop_token():
+            await listener.start()
+
+    def invalidated(self, kind: str, items: list[str]) -> None:
+        """Record an invalidation (ours or another process's) and apply it to the memory tier.
+
+        Args:
+            kind: ``"k"`` for storage keys, ``"t"`` for tags, ``"c"`` for everything.
+            items: The storage keys or tags.
+        """
+        self.epoch += 1
+        self._recent.append((self.epoch, kind, items))
+        local = self.local
+        if local is not None:
+            if kind == "k":
+                local.remove_storage_keys(items)
+            elif kind == "t":
+                local.remove_tags(items)
+            else:
+                local.clear_now()
+
+    def invalidated_since(self, epoch: int, storage_key: str, tags: Iterable[str]) -> bool:
+        """Whether an invalidation since ``epoch`` covers this entry (then a value read or computed across it
+        is returned but not stored: it may be what was just invalidated)."""
+        if epoch == self.epoch:
+            return False
+        recent = self._recent
+        if not recent or recent[0][0] > epoch + 1:
+            return True  # the record no longer reaches back that far
+        tags = tuple(tags)
+        for serial, kind, items in reversed(recent):
+            if serial <= epoch:
+                break
+            if kind == "c" or (kind == "k" and storage_key in items) or (kind == "t" and any(t in items for t in tags)):
+                return True
+        return False
+
+    async def _publish(self, kind: str, items: list[str]) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        payload = msgpack.packb([self.sender, kind, items], use_bin_type=True)
+        backend = listener.backend
+
+        async def op() -> None:
+            await backend.publish(self.channel, payload)
+
+        await listener.tier.call(op, None)
+
+    def _store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
+                     tags: tuple[str, ...], storage_key: str) -> None:
+        local = self.local
+        assert local is not None
+        listener = self.listener
+        if listener is not None and not listener.subscribed:
+            listener.unsynced.add(local_key)
+        local.store(local_key, value, size=size, expires_at=expires_at, tags=tags, storage_key=storage_key)
+
+    async def read_lower(self, local_key: Hashable, storage_key: str, fstats: FunctionStats | None = None, *,
+                         grace: float = 0.0, epoch: int | None = None) -> Any:
+        """Look ``storage_key`` up in the tiers below memory, back-filling the tiers above a hit.
+
+        Returns the value, `MISSING`, or a `_Stale` wrapper for an entry past its expiry but within ``grace``
+        (not back-filled into memory). With ``epoch``, nothing is back-filled when an invalidation covering the
+        entry went by since.
+        """
+        keys = (storage_key,)
         for index, tier in enumerate(self.tiers):
-            blob = await tier.get(storage_key)
+            blobs = await tier.get_many(keys)
+            blob = None if blobs is None else blobs[0]
             if blob is None:
                 tier.stats.misses += 1
                 continue
             try:
                 envelope = self.codec.open(storage_key, blob)
             except SerializationError as exc:
-                tier.stats.corrupt += 1
-                self.log.failure(f"integrity of tier {tier.name!r}", exc)
-                await tier.delete([storage_key])
-                if self.strict:
-                    raise
+                await self._corrupt(tier, [storage_key], exc)
                 continue
-            if envelope.expires_at is not None and envelope.expires_at <= self.clock():
-                tier.stats.misses += 1
-                continue
+            expires_at = envelope.expires_at
+            stale = False
+            if expires_at is not None and expires_at <= self.clock():
+                if expires_at + grace <= self.clock():
+                    tier.stats.misses += 1
+                    continue
+                stale = True
             tier.stats.hits += 1
             if fstats is not None:
                 fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + 1
-            if self.local is not None:
-                self.local.store(local_key, envelope.value, size=len(blob), expires_at=envelope.expires_at,
-                                 tags=envelope.tags, storage_key=storage_key)
+            if epoch is not None and self.invalidated_since(epoch, storage_key, envelope.tags):
+                return _Stale(envelope.value) if stale else envelope.value
+            if self.local is not None and not stale:
+                self._store_local(local_key, envelope.value, len(blob), expires_at, envelope.tags, storage_key)
             if index:
-                item = StoreItem(storage_key, blob, envelope.expires_at, envelope.tags)
+                item = StoreItem(storage_key, blob, None if expires_at is None else expires_at + grace,
+                                 self.tier_tags(envelope.tags))
                 async with anyio.create_task_group() as tg:
                     for upper in self.tiers[:index]:
                         tg.start_soon(upper.set, [item])
-            return envelope.value
+            return _Stale(envelope.value) if stale else envelope.value
         return MISSING
 
+    async def read_lower_many(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str],
+                              fstats: FunctionStats | None = None, *, epoch: int | None = None) -> dict[int, Any]:
+        """Batch form of `read_lower`: one multi-get per tier. Returns ``{index: value}`` of the hits."""
+        found: dict[int, Any] = {}
+        pending = list(range(len(storage_keys)))
+        for index, tier in enumerate(self.tiers):
+            if not pending:
+                break
+            blobs = await tier.get_many([storage_keys[i] for i in pending])
+            if blobs is None:
+                continue
+            still: list[int] = []
+            corrupt: list[str] = []
+            backfill: list[StoreItem] = []
+            now = self.clock()
+            first_error: SerializationError | None = None
+            for i, blob in zip(pending, blobs, strict=True):
+                if blob is None:
+                    tier.stats.misses += 1
+                    still.append(i)
+                    continue
+                sk = storage_keys[i]
+                try:
+                    envelope = self.codec.open(sk, blob)
+                except SerializationError as exc:
+                    first_error = first_error or exc
+                    corrupt.append(sk)
+                    still.append(i)
+                    continue
+                if envelope.expires_at is not None and envelope.expires_at <= now:
+                    tier.stats.misses += 1
+                    still.append(i)
+                    continue
+                tier.stats.hits += 1
+                if fstats is not None:
+                    fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + 1
+                found[i] = envelope.value
+                if epoch is not None and self.invalidated_since(epoch, sk, envelope.tags):
+                    continue
+                if self.local is not None:
+                    self._store_local(local_keys[i], envelope.value, len(blob), envelope.expires_at, envelope.tags,
+                                      sk)
+                if index:
+                    backfill.append(StoreItem(sk, blob, envelope.expires_at, self.tier_tags(envelope.tags)))
+            if corrupt:
+                assert first_error is not None
+                await self._corrupt(tier, corrupt, first_error)
+            if backfill:
+                async with anyio.create_task_group() as tg:
+                    for upper in self.tiers[:index]:
+                        tg.start_soon(upper.set, backfill)
+            pending = still
+        return found
+
+    async def _corrupt(self, tier: _Tier, storage_keys: list[str], exc: SerializationError) -> None:
+        """Entries that failed their integrity check: count, log once, delete (and raise in strict mode)."""
+        tier.stats.corrupt += len(storage_keys)
+        self.log.failure(f"integrity of tier {tier.name!r}", exc)
+        await tier.delete(storage_keys)
+        if self.strict:
+            raise exc
+
     async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
-                    tags: tuple[str, ...], fstats: FunctionStats | None = None) -> bool:
-        """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored)."""
+                    tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
+                    since: int | None = None) -> bool:
+        """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored).
+
+        Args:
+            grace: Seconds past ``expires_at`` that the tiers below memory keep the entry (``stale=``).
+            since: A value of `failures` taken when the call started: tiers that failed since are skipped.
+        """
         try:
             body = self.codec.pack_body(value, tags)
         except SerializationError as exc:
@@ -327,27 +654,57 @@ class TieredCache:
                 raise
             return False
         if self.local is not None:
-            self.local.store(local_key, value, size=len(body), expires_at=expires_at, tags=tags,
-                             storage_key=storage_key)
+            self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
             self.local_stats.writes += 1
         if self.tiers:
-            item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at, tags)
-            if len(self.tiers) == 1:
-                await self.tiers[0].set([item])
-            else:
+            keep = None if expires_at is None else expires_at + grace
+            item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), keep,
+                             self.tier_tags(tags))
+            targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+            if len(targets) == 1:
+                await targets[0].set([item])
+            elif targets:
                 async with anyio.create_task_group() as tg:
-                    for tier in self.tiers:
+                    for tier in targets:
                         tg.start_soon(tier.set, [item])
         return True
 
+    async def write_many(self, entries: Sequence[tuple[Hashable, str, Any, float | None, tuple[str, ...]]],
+                         fstats: FunctionStats | None = None, *, since: int | None = None) -> None:
+        """Batch form of `write`: ``entries`` are ``(local_key, storage_key, value, expires_at, tags)``; one
+        multi-set per tier. Values that cannot be encoded are skipped and counted."""
+        items: list[StoreItem] = []
+        for local_key, storage_key, value, expires_at, tags in entries:
+            try:
+                body = self.codec.pack_body(value, tags)
+            except SerializationError as exc:
+                if fstats is not None:
+                    fstats.unstorable += 1
+                self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
+                if self.strict:
+                    raise
+                continue
+            if self.local is not None:
+                self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
+                self.local_stats.writes += 1
+            items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,
+                                   self.tier_tags(tags)))
+        targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+        if items and targets:
+            async with anyio.create_task_group() as tg:
+                for tier in targets:
+                    tg.start_soon(tier.set, items)
+
     async def remove(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str]) -> None:
-        """Remove entries from every tier."""
+        """Remove entries from every tier and from other processes' memory tiers."""
         if self.local is not None:
             for key in local_keys:
                 self.local.remove(key)
+        self.invalidated("k", list(storage_keys))
         async with anyio.create_task_group() as tg:
             for tier in self.tiers:
                 tg.start_soon(tier.delete, storage_keys)
+        await self._publish("k", list(storage_keys))
 
 
 _default: TieredCache | None = None
@@ -375,6 +732,17 @@ def default_cache() -> TieredCache:
     return cache
 
 
+def _lease(lock: bool | float | str | timedelta | None) -> float | None:
+    if lock is None or lock is False:
+        return None
+    if lock is True:
+        return DEFAULT_LOCK_LEASE
+    lease = parse_duration(lock, "lock")
+    if lease <= 0:
+        raise ConfigError("lock", lock, "the lease must be positive (or pass lock=True for the default)")
+    return lease
+
+
 class FunctionCache(Generic[P, T]):
     """The engine of one function decorated with `multilevel_cached`.
 
@@ -382,6 +750,12 @@ class FunctionCache(Generic[P, T]):
     as fast as Python allows) whose hit path is inlined: no task, no string formatting, no signature
     binding. Its attributes ``cache_info``, ``invalidate``, ``invalidate_all``, ``cache_clear`` and
     ``cache`` (this object) come from here.
+
+    Beyond the options of `multilevel_cached` it takes ``lock`` (a lease in seconds, ``True`` for 30s, or
+    ``None``): processes that miss one key take a leased lock in the first `LockSupport` tier so that one of
+    them computes while the others wait for its release message (or back off exponentially); and ``stale``
+    (seconds): an entry past its expiry is still served for that long while exactly one background refresh
+    per key runs.
     """
 
     def __init__(
@@ -397,6 +771,8 @@ class FunctionCache(Generic[P, T]):
         name: str | None = None,
         cost: float | Callable[[T], float] | None = None,
         cache: TieredCache | None = None,
+        lock: bool | float | str | timedelta | None = None,
+        stale: float | str | Any = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(inspect.unwrap(fn)):
             raise TypeError(f"multilevel_cached needs an async function, got {fn!r}")
@@ -415,6 +791,10 @@ class FunctionCache(Generic[P, T]):
         if cost is not None and not callable(cost) and (not isinstance(cost, int | float) or cost < 0):
             raise TypeError(f"cost must be a non-negative number or a function of the result, got {cost!r}")
         self._cost = cost
+        self._lease = _lease(lock)
+        self._grace = parse_duration(stale, "stale") if stale is not None else 0.0
+        self.refreshes = 0
+        """Background refreshes of stale entries completed (``stale=``)."""
         self._explicit_cache = cache
         self._cache: TieredCache | None = cache
         self._generation = -1
@@ -544,24 +924,42 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
 
     async def _miss(self, local_key: Hashable, args: Any, kwargs: Any) -> T:
         cache = self.cache
-        if cache.local is not None:
+        local = cache.local
+        if local is not None:
+            # The compiled hit path may not be bound to this engine yet (first call, or settings just changed),
+            # and a stale entry within its grace period is still served: look at the memory tier here too.
+            slot = local.slots.get(local_key)
+            if slot is not None:
+                now = cache.clock()
+                expires_at = slot.expires_at
+                if expires_at is None or expires_at > now:
+                    local.slots.move_to_end(local_key)
+                    self._served(slot.value, None)
+                    return cast(T, slot.value)
+                if expires_at + self._grace > now:
+                    local.slots.move_to_end(local_key)
+                    self._served(slot.value, "stale")
+                    self._refresh_soon(cache, local_key, args, kwargs)
+                    return cast(T, slot.value)
             cache.local_stats.misses += 1
         inflight = cache._inflight
         while True:
             flight = inflight.get(local_key)
             if flight is None:
                 break
-            await flight.event.wait()
+            await flight.wait()
             if flight.done:
                 if flight.error is not None:
                     raise flight.error
-                self.stats.hits += 1
-                self.stats.hits_by_tier["in-flight"] = self.stats.hits_by_tier.get("in-flight", 0) + 1
+                self._served(flight.value, "in-flight")
                 return cast(T, flight.value)
             # The computing caller was cancelled: one of the waiters takes over.
         flight = inflight[local_key] = _Flight()
         try:
             value = await self._load(cache, local_key, args, kwargs)
+            stale = type(value) is _Stale
+            if stale:
+                value = value.value
         except Exception as exc:
             flight.error = exc
             flight.done = True
@@ -569,24 +967,54 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         else:
             flight.value = value
             flight.done = True
-            return value
         finally:
             if inflight.get(local_key) is flight:
                 del inflight[local_key]
-            flight.event.set()
+            flight.finish()
+        if stale:
+            self._refresh_soon(cache, local_key, args, kwargs)
+        return cast(T, value)
 
-    async def _load(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any) -> T:
+    def _served(self, value: Any, source: str | None) -> None:
+        """Count a hit not served by the compiled hit path (``source`` names where it came from)."""
         stats = self.stats
+        stats.hits += 1
+        if source is not None:
+            stats.hits_by_tier[source] = stats.hits_by_tier.get(source, 0) + 1
+        # The declared cost counts hits served from a tier; a caller that joined a running computation shared
+        # its cost rather than saved it.
+        if self._cost is not None and source != "in-flight":
+            self._count_cost(value)
+
+    async def _load(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any) -> Any:
+        """Read the lower tiers, else compute (under the distributed lock, if asked) and store."""
         storage_key = self._prefix + self._keys.storage_digest(local_key)
+        epoch, since = cache.epoch, cache.failures
+        listener = cache.listener
+        if listener is not None and cache.local is not None and listener.loop is not current_loop_token():
+            await listener.start()
         if cache.tiers:
-            started = time.perf_counter()
-            value = await cache.read_lower(local_key, storage_key, stats)
+            value = await self._read(cache, local_key, storage_key, epoch)
             if value is not MISSING:
-                stats.hits += 1
-                stats.cached_latency.add(time.perf_counter() - started)
-                if self._cost is not None:
-                    self._count_cost(value)
-                return cast(T, value)
+                return value
+            if self._lease is not None and cache.lock_tier is not None:
+                return await self._load_locked(cache, local_key, storage_key, args, kwargs, epoch, since)
+        return await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+
+    async def _read(self, cache: TieredCache, local_key: Hashable, storage_key: str, epoch: int) -> Any:
+        started = time.perf_counter()
+        value = await cache.read_lower(local_key, storage_key, self.stats, grace=self._grace, epoch=epoch)
+        if value is not MISSING:
+            stats = self.stats
+            stats.hits += 1
+            stats.cached_latency.add(time.perf_counter() - started)
+            if self._cost is not None:
+                self._count_cost(value.value if type(value) is _Stale else value)
+        return value
+
+    async def _compute(self, cache: TieredCache, local_key: Hashable, storage_key: str, args: Any, kwargs: Any,
+                       epoch: int, since: int) -> T:
+        stats = self.stats
         stats.misses += 1
         started = time.perf_counter()
         result = await self._fn(*args, **kwargs)
@@ -599,14 +1027,122 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
             if cache.strict:
                 raise
             return result
+        if cache.invalidated_since(epoch, storage_key, tags):
+            return result  # an invalidation of this entry went by while computing: it may be stale already
         ttl = self._expiry_default
         expires_at = cache.clock() + ttl if ttl is not None else None
         try:
-            await cache.write(local_key, storage_key, result, expires_at, tags, stats)
+            await cache.write(local_key, storage_key, result, expires_at, tags, stats, grace=self._grace,
+                              since=since)
         except (SerializationError, BackendError):
             if cache.strict:
                 raise
         return result
+
+    async def _load_locked(self, cache: TieredCache, local_key: Hashable, storage_key: str, args: Any,
+                           kwargs: Any, epoch: int, since: int) -> Any:
+        """Compute under a leased lock so that one process computes while the others wait for its result.
+
+        Waiters are woken by the release message on the pub/sub channel; without it (or if it is lost) they
+        look again after an exponentially growing pause. A holder that died leaves a lock that expires with
+        its lease. If the lock tier fails, the call computes without it (fail open).
+        """
+        tier = cache.lock_tier
+        assert tier is not None
+        assert self._lease is not None
+        backend = cast(LockSupport, tier.backend)
+        lease = self._lease
+        name = cache.lock_prefix + storage_key[len(cache.settings.key_prefix):]
+        token = os.urandom(16).hex()
+        listener = cache.listener
+        if listener is not None and listener.loop is not current_loop_token():
+            await listener.start()
+        notified = listener is not None and listener.subscribed
+        pause = _LOCK_FIRST_WAIT_NOTIFIED if notified else _LOCK_FIRST_WAIT
+        while True:
+            woken = listener.waiter(name) if listener is not None and listener.subscribed else None
+            acquired = await tier.call(lambda: backend.acquire_lock(name, token, lease), None)
+            if acquired is None:
+                return await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+            if acquired:
+                break
+            with anyio.move_on_after(pause):
+                if woken is not None:
+                    await woken.wait()
+                else:
+                    await anyio.sleep_forever()
+            pause = min(pause * 2, _LOCK_MAX_WAIT)
+            value = await self._read(cache, local_key, storage_key, epoch)
+            if value is not MISSING:
+                return value
+        release = msgpack.packb([cache.sender, "l", name], use_bin_type=True)
+        try:
+            # A second look now that we hold the lock: the previous holder may have stored it just before.
+            value = await self._read(cache, local_key, storage_key, epoch)
+            if value is not MISSING:
+                return value
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, tier, backend, name, token, lease)
+                try:
+                    return await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await tier.call(lambda: backend.release_lock(name, token, (cache.channel, release)), False)
+
+    @staticmethod
+    async def _keep_lease(tier: _Tier, backend: LockSupport, name: str, token: str, lease: float) -> None:
+        """Extend the lease while the computation runs, so a long call keeps the others waiting."""
+        while True:
+            await anyio.sleep(lease / 3)
+            if await tier.call(lambda: backend.extend_lock(name, token, lease), None) is False:
+                return
+
+    def _refresh_soon(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any) -> None:
+        """Start a background refresh of a stale entry unless one (or any computation of it) is running."""
+        inflight = cache._inflight
+        if local_key in inflight:
+            return
+        flight = inflight[local_key] = _Flight()
+        cache.background.start_soon(self._refresh, cache, local_key, args, kwargs, flight)
+
+    async def _refresh(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
+                       flight: _Flight) -> None:
+        try:
+            storage_key = self._prefix + self._keys.storage_digest(local_key)
+            epoch, since = cache.epoch, cache.failures
+            tier = cache.lock_tier
+            if self._lease is not None and tier is not None:
+                # Across processes too, one refresh: whoever holds the lock refreshes, the others keep serving.
+                backend = cast(LockSupport, tier.backend)
+                name = cache.lock_prefix + storage_key[len(cache.settings.key_prefix):]
+                token = os.urandom(16).hex()
+                acquired = await tier.call(lambda: backend.acquire_lock(name, token, self._lease or 0.0), None)
+                if acquired is False:
+                    return
+                try:
+                    value = await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+                finally:
+                    if acquired:
+                        release = msgpack.packb([cache.sender, "l", name], use_bin_type=True)
+                        with anyio.CancelScope(shield=True):
+                            await tier.call(lambda: backend.release_lock(name, token, (cache.channel, release)),
+                                            False)
+            else:
+                value = await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+            flight.value = value
+            flight.done = True
+            self.refreshes += 1
+        except Exception as exc:
+            flight.error = exc
+            flight.done = True
+            self.stats.errors += 1
+            cache.log.failure(f"background refresh of {self.identity}", exc)
+        finally:
+            if cache._inflight.get(local_key) is flight:
+                del cache._inflight[local_key]
+            flight.finish()
 
     def _tags(self, args: Any, kwargs: Any) -> tuple[str, ...]:
         if self._tags_fn is None:
@@ -653,3 +1189,243 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
 
     def __repr__(self) -> str:
         return f"<FunctionCache of {self.identity}>"
+
+
+def _returns_array(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is annotated to return a numpy array (then batch results are stacked back)."""
+    annotation = inspect.signature(fn).return_annotation
+    if annotation is inspect.Signature.empty:
+        return False
+    if isinstance(annotation, str):
+        try:
+            annotation = typing.get_type_hints(fn).get("return", annotation)
+        except Exception:
+            return "ndarray" in annotation or "NDArray" in annotation
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, np.ndarray)
+
+
+class _BatchCall(NamedTuple):
+    """One call of a batch function taken apart: its items and how to rebuild the call around other items."""
+
+    items: list[Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    position: int | None  # where the items are among ``args``; ``None`` when passed by name
+
+    def with_items(self, items: Any, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.position is not None:
+            return (*self.args[:self.position], items, *self.args[self.position + 1:]), self.kwargs
+        return self.args, {**self.kwargs, name: items}
+
+
+class BatchFunctionCache(FunctionCache[P, T]):
+    """The engine of a list-to-list (or list-to-array) function cached per item: ``multilevel_cached(batch=True)``.
+
+    Each item is keyed with the other arguments as if the function took that one item. A call looks its items
+    up in memory, then the rest with one multi-get per tier, calls the function once with only the items still
+    missing (in their input order, duplicates once), stores each result under its item's key and returns the
+    results in input order: a list, or a numpy array stacked from the rows when the function is annotated to
+    return one. Items computed by a concurrent call are waited for, not computed twice.
+
+    Args:
+        fn: The batch function.
+        batch: Name of the parameter holding the items; ``True`` for the first parameter.
+        **options: The options of `FunctionCache` (``lock`` and ``stale`` are not supported here).
+
+    Raises:
+        ConfigError: ``batch`` names no parameter, or ``lock``/``stale`` was given.
+    """
+
+    def __init__(self, fn: Callable[P, Awaitable[T]], *, batch: bool | str = True, **options: Any) -> None:
+        params = list(inspect.signature(fn).parameters.values())
+        if batch is True:
+            if not params or params[0].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise ConfigError("batch", batch, f"{fn!r} has no first parameter to take the items")
+            batch = params[0].name
+        if not isinstance(batch, str) or batch not in {p.name for p in params}:
+            raise ConfigError("batch", batch, "expected True or the name of the parameter that holds the items")
+        for option in ("lock", "stale"):
+            if options.get(option) not in (None, False):
+                raise ConfigError(option, options[option], "not supported with batch=")
+        self._batch_name = batch
+        index = next(i for i, p in enumerate(params) if p.name == batch)
+        self._batch_index = index if params[index].kind is not inspect.Parameter.KEYWORD_ONLY else None
+        self._array_output = _returns_array(fn)
+        super().__init__(fn, **options)
+
+    def _build_wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
+        engine = self
+
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            return await engine._call_batch(args, kwargs)
+
+        if self._cache is not None:
+            self._bind(self._cache)
+        functools.update_wrapper(wrapper, self._fn)
+        wrapper.cache = self  # type: ignore[attr-defined]
+        wrapper.cache_info = self.cache_info  # type: ignore[attr-defined]
+        wrapper.invalidate = self.invalidate  # type: ignore[attr-defined]
+        wrapper.invalidate_all = self.invalidate_all  # type: ignore[attr-defined]
+        wrapper.cache_clear = self.invalidate_all  # type: ignore[attr-defined]
+        return wrapper
+
+    def _split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _BatchCall:
+        position = self._batch_index
+        if position is not None and position < len(args):
+            items = args[position]
+        elif self._batch_name in kwargs:
+            items, position = kwargs[self._batch_name], None
+        else:
+            raise TypeError(f"{self.identity}() missing the items argument {self._batch_name!r}")
+        if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+            raise TypeError(f"{self.identity}(): {self._batch_name!r} must be a list of items, got "
+                            f"{type(items).__qualname__}")
+        return _BatchCall(list(items), args, kwargs, position)
+
+    def _rows(self, result: Any, count: int) -> list[Any]:
+        if isinstance(result, np.ndarray):
+            if result.ndim == 0 or len(result) != count:
+                raise ValueError(f"{self.identity} returned an array of shape {result.shape} for {count} items")
+            return [row.copy() if isinstance(row, np.ndarray) else row for row in result]
+        if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+            raise TypeError(f"{self.identity} must return a list or an array, got {type(result).__qualname__}")
+        rows = list(result)
+        if len(rows) != count:
+            raise ValueError(f"{self.identity} returned {len(rows)} results for {count} items")
+        return rows
+
+    def _output(self, rows: list[Any]) -> T:
+        if self._array_output:
+            return cast(T, np.stack(rows) if rows else np.empty((0,)))
+        return cast(T, rows)
+
+    async def _call_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        cache = self.cache
+        call = self._split(args, kwargs)
+        if not call.items:
+            return await self._fn(*args, **kwargs)
+        name = self._batch_name
+        local_of = self._keys.local
+        keys = [local_of(*call.with_items(item, name)) for item in call.items]
+        first: dict[Hashable, Any] = {}
+        for key, item in zip(keys, call.items, strict=True):
+            first.setdefault(key, item)
+        values: dict[Hashable, Any] = {}
+        stats = self.stats
+        local = cache.local
+        if local is not None:
+            slots, now = local.slots, cache.clock()
+            for key in first:
+                slot = slots.get(key)
+                if slot is not None and (slot.expires_at is None or slot.expires_at > now):
+                    slots.move_to_end(key)
+                    values[key] = slot.value
+            cache.local_stats.misses += len(first) - len(values)
+        stats.hits += len(values)
+        if len(values) < len(first):
+            await self._fill(cache, call, first, values)
+        rows = [values[key] for key in keys]
+        if self._cost is not None:
+            for key in values:
+                self._count_cost(values[key])
+        return self._output(rows)
+
+    async def _fill(self, cache: TieredCache, call: _BatchCall, first: dict[Hashable, Any],
+                    values: dict[Hashable, Any]) -> None:
+        """Find the missing items in the lower tiers, compute the rest in one call, store them."""
+        stats = self.stats
+        await cache.follow_invalidations()
+        epoch, since = cache.epoch, cache.failures
+        inflight = cache._inflight
+        mine: list[Hashable] = []
+        theirs: dict[Hashable, _Flight] = {}
+        for key in first:
+            if key in values:
+                continue
+            flight = inflight.get(key)
+            if flight is not None:
+                theirs[key] = flight
+            else:
+                inflight[key] = _Flight()
+                mine.append(key)
+        flights = {key: inflight[key] for key in mine}
+        try:
+            if mine and cache.tiers:
+                storage = [self._prefix + self._keys.storage_digest(key) for key in mine]
+                started = time.perf_counter()
+                found = await cache.read_lower_many(mine, storage, stats, epoch=epoch)
+                if found:
+                    stats.hits += len(found)
+                    stats.cached_latency.add(time.perf_counter() - started)
+                for i, value in found.items():
+                    values[mine[i]] = value
+            todo = [key for key in mine if key not in values]
+            if todo:
+                await self._compute_items(cache, call, first, todo, values, epoch, since)
+            for key in mine:
+                flights[key].value = values[key]
+                flights[key].done = True
+        except Exception as exc:
+            for key in mine:
+                flights[key].error = exc
+                flights[key].done = True
+            raise
+        finally:
+            for key in mine:
+                if inflight.get(key) is flights[key]:
+                    del inflight[key]
+                flights[key].finish()
+        retry: list[Hashable] = []
+        for key, flight in theirs.items():
+            if not flight.done:
+                await flight.wait()
+            if flight.done and flight.error is None:
+                values[key] = flight.value
+                stats.hits += 1
+                stats.hits_by_tier["in-flight"] = stats.hits_by_tier.get("in-flight", 0) + 1
+            else:
+                retry.append(key)
+        if retry:
+            # The concurrent call that was computing these failed or was cancelled: compute them here.
+            await self._compute_items(cache, call, first, retry, values, cache.epoch, cache.failures)
+
+    async def _compute_items(self, cache: TieredCache, call: _BatchCall, first: dict[Hashable, Any],
+                             todo: list[Hashable], values: dict[Hashable, Any], epoch: int, since: int) -> None:
+        stats = self.stats
+        stats.misses += len(todo)
+        f_args, f_kwargs = call.with_items([first[key] for key in todo], self._batch_name)
+        started = time.perf_counter()
+        result = await self._fn(*f_args, **f_kwargs)
+        stats.computed_latency.add(time.perf_counter() - started)
+        rows = self._rows(result, len(todo))
+        ttl = self._expiry_default
+        expires_at = cache.clock() + ttl if ttl is not None else None
+        entries: list[tuple[Hashable, str, Any, float | None, tuple[str, ...]]] = []
+        for key, row in zip(todo, rows, strict=True):
+            values[key] = row
+            item_args, item_kwargs = call.with_items(first[key], self._batch_name)
+            try:
+                tags = self._tags(item_args, item_kwargs)
+            except Exception as exc:
+                stats.errors += 1
+                cache.log.failure(f"tags= of {self.identity}", exc)
+                if cache.strict:
+                    raise
+                continue
+            storage_key = self._prefix + self._keys.storage_digest(key)
+            if not cache.invalidated_since(epoch, storage_key, tags):
+                entries.append((key, storage_key, row, expires_at, tags))
+        try:
+            await cache.write_many(entries, stats, since=since)
+        except (SerializationError, BackendError):
+            if cache.strict:
+                raise
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Remove the entries of the items of this call (same arguments as the function) from every tier."""
+        cache = self.cache
+        call = self._split(args, kwargs)
+        keys = list(dict.fromkeys(self._keys.local(*call.with_items(item, self._batch_name))
+                                  for item in call.items))
+        await cache.remove(keys, [self._prefix + self._keys.storage_digest(key) for key in keys])

@@ -1,0 +1,174 @@
+"""What only the Redis tier does: URL validation, one round trip per batch, auto-pipelining, tag sets without
+KEYS/SCAN, one pool per event loop, asyncio-only, unix sockets. Round trips are counted by the server itself
+(``INFO commandstats``)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import redis
+
+from cachelayers import BackendError, ConfigError, Settings, StoreItem
+from cachelayers.backends import create_backend
+from cachelayers.backends.redis import RedisBackend
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client for looking at the server behind the backend's back."""
+    c = redis.Redis.from_url(redis_url)
+    c.config_resetstat()
+    yield c
+    c.close()
+
+
+def calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+class TestURLs:
+    @pytest.mark.parametrize("url", [
+        "redis://localhost", "redis://localhost:6380/3", "redis://:pw@cache.internal:6379/0?timeout=250ms",
+        "redis://user:pw@h/1?max_connections=20&connect_timeout=1s&health_check_interval=30s&client_name=app",
+        "rediss://h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem",
+        "redis+cluster://node1:7000", "redis+cluster://node1:7000/0?ssl=true&ssl_cert_reqs=none",
+        "unix:///run/redis.sock", "unix:///run/redis.sock?db=2&timeout=1",
+    ])
+    def test_good_urls_are_accepted_without_connecting(self, url: str) -> None:
+        assert Settings(tiers={"redis": url}).tier_urls["redis"] == url
+
+    @pytest.mark.parametrize(("url", "field"), [
+        ("redis://h/0?timeot=1", "tiers['redis']?timeot"),
+        ("redis://h/0?timeout=-1", "tiers['redis']?timeout"),
+        ("redis://h/0?timeout=soon", "tiers['redis']?timeout"),
+        ("redis://h/0?max_connections=0", "tiers['redis']?max_connections"),
+        ("redis://h/x", "tiers['redis']"),
+        ("redis://h/0?db=1", "tiers['redis']?db"),
+        ("redis:///0", "tiers['redis']"),
+        ("redis://h:99999/0", "tiers['redis']"),
+        ("redis://h/0?ssl_ca_certs=/ca.pem", "tiers['redis']?ssl_ca_certs"),
+        ("rediss://h/0?ssl_cert_reqs=maybe", "tiers['redis']?ssl_cert_reqs"),
+        ("redis://h/0?ssl=true", "tiers['redis']?ssl"),
+        ("redis+cluster://h:7000/2", "tiers['redis']"),
+        ("unix://relative.sock", "tiers['redis']"),
+        ("unix:///run/redis.sock?db=one", "tiers['redis']?db"),
+    ])
+    def test_bad_urls_raise_config_error_naming_the_field(self, url: str, field: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            Settings(tiers={"redis": url})
+        assert info.value.field == field
+
+    def test_the_password_never_shows_in_errors(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            Settings(tiers={"redis": "redis://user:hunter2@h/0?bogus=1"})
+        assert "hunter2" not in str(info.value)
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> RedisBackend:
+    return RedisBackend(redis_url)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+class TestRoundTrips:
+    async def test_concurrent_reads_of_one_tick_go_as_one_mget(self, backend: RedisBackend,
+                                                               client: redis.Redis) -> None:
+        await backend.set_many([StoreItem(f"k{i}", str(i).encode(), None) for i in range(50)])
+        client.config_resetstat()
+        results = await asyncio.gather(*(backend.get_many([f"k{i}"]) for i in range(50)),
+                                       backend.get_many(["missing", "k3"]))
+        assert results[:50] == [[str(i).encode()] for i in range(50)]
+        assert results[50] == [None, b"3"]
+        assert calls(client, "mget") == 1
+        assert calls(client, "get") == 0
+        await backend.aclose()
+
+    async def test_a_batch_is_one_mget_and_a_batch_write_one_transaction(self, backend: RedisBackend,
+                                                                           client: redis.Redis) -> None:
+        items = [StoreItem(f"k{i}", b"v", time.time() + 60, ("a", "b")) for i in range(100)]
+        await backend.set_many(items)
+        assert (calls(client, "multi"), calls(client, "exec"), calls(client, "set")) == (1, 1, 100)
+        assert await backend.get_many([f"k{i}" for i in range(100)]) == [b"v"] * 100
+        assert calls(client, "mget") == 1
+        await backend.aclose()
+
+    async def test_tags_are_sets_and_invalidating_one_never_scans(self, backend: RedisBackend,
+                                                                  client: redis.Redis) -> None:
+        now = time.time()
+        await backend.set_many([StoreItem("x", b"1", now + 100, ("cl:~tag:t",)),
+                                StoreItem("y", b"2", now + 500, ("cl:~tag:t",))])
+        assert client.smembers("cl:~tag:t") == {b"x", b"y"}
+        # The set lives as long as its longest-lived member.
+        assert 499_000 < client.pttl("cl:~tag:t") <= 500_000
+        await backend.set_many([StoreItem("z", b"3", None, ("cl:~tag:t",))])
+        assert client.pttl("cl:~tag:t") == -1
+        client.config_resetstat()
+        await backend.delete_tags(["cl:~tag:t"])
+        assert client.exists("x", "y", "z", "cl:~tag:t") == 0
+        assert calls(client, "keys") == calls(client, "scan") == 0
+        await backend.aclose()
+
+    async def test_each_event_loop_gets_its_own_pool_and_an_ended_loop_leaves_no_open_socket(
+            self, redis_url: str) -> None:
+        backend = RedisBackend(redis_url)
+
+        async def use(value: bytes) -> list[bytes | None]:
+            await backend.set_many([StoreItem("k", value, None)])
+            return await backend.get_many(["k"])
+
+        # Other loops, in threads, one after another and never closed: the next loop's first call drops the
+        # previous pool, closing its sockets (filterwarnings=error turns a leaked socket into a failure).
+        for value in (b"a", b"b", b"c"):
+            assert await anyio.to_thread.run_sync(asyncio.run, use(value)) == [value]
+        assert await use(b"d") == [b"d"]
+        await backend.aclose()
+        gc.collect()
+
+    async def test_a_backend_dropped_with_an_ended_loop_warns_about_nothing(self, redis_url: str) -> None:
+        async def use() -> None:
+            backend = RedisBackend(redis_url)
+            await backend.set_many([StoreItem("k", b"v", None)])
+            assert await backend.get_many(["k"]) == [b"v"]
+            leaked.append(backend)
+
+        leaked: list[RedisBackend] = []
+        await anyio.to_thread.run_sync(asyncio.run, use())
+        leaked.clear()
+        gc.collect()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_under_trio_every_operation_fails_with_a_clear_error(redis_url: str) -> None:
+    backend = create_backend(redis_url)
+    with pytest.raises(BackendError, match="asyncio only"):
+        await backend.get_many(["k"])
+    with pytest.raises(BackendError, match="asyncio only"):
+        await backend.set_many([StoreItem("k", b"v", None)])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_unix_socket_urls_reach_the_server() -> None:
+    directory = tempfile.mkdtemp(prefix="cl-sock-")
+    path = os.path.join(directory, "redis.sock")
+    server = RedisServer(extra_args=["--unixsocket", path, "--unixsocketperm", "700"]).start()
+    try:
+        backend = create_backend(f"unix://{path}?db=2")
+        await backend.set_many([StoreItem("k", b"over the socket", None)])
+        assert await backend.get_many(["k"]) == [b"over the socket"]
+        assert redis.Redis(unix_socket_path=path, db=2).get("k") == b"over the socket"
+        await backend.aclose()
+    finally:
+        server.close()

@@ -1,0 +1,123 @@
+"""Calibration: precision/recall per threshold, the threshold for a target precision, the plot, the command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachelayers import cli
+from cachelayers.calibrate import Calibration, Pair, calibrate, load_pairs
+from cachelayers.errors import ConfigError
+from tests.semantic_helpers import DATA_DIR, AngleEmbedder
+
+pytestmark = pytest.mark.anyio
+
+# (angle between a and b in degrees, duplicate): similarity = cos(angle)
+FIXTURE = [(0, True), (5, True), (10, True), (15, False), (20, True), (25, False), (30, True), (45, False),
+           (60, False), (80, False)]
+
+
+def fixture_pairs() -> list[Pair]:
+    return [Pair(f"t{i}@0", f"t{i}@{angle}", duplicate) for i, (angle, duplicate) in enumerate(FIXTURE)]
+
+
+def write_jsonl(path: Path, pairs: list[Pair]) -> Path:
+    lines = "".join(json.dumps({"a": p.a, "b": p.b, "duplicate": p.duplicate}) + "\n" for p in pairs)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(lines)
+    else:
+        path.write_text(lines, encoding="utf-8")
+    return path
+
+
+async def test_precision_and_recall_per_threshold_on_a_small_fixture() -> None:
+    result = await calibrate(fixture_pairs(), AngleEmbedder(), thresholds=[0.5, 0.9, 0.95, 0.99])
+    by_threshold = {p.threshold: p for p in result.points}
+    # cos: 0°=1, 5°=.996, 10°=.985, 15°=.966, 20°=.940, 25°=.906, 30°=.866, 45°=.707, 60°=.5, 80°=.17
+    assert by_threshold[0.99][1:] == (1.0, 2 / 5, 2, 0, 3)
+    assert by_threshold[0.95][1:] == (3 / 4, 3 / 5, 3, 1, 2)
+    assert by_threshold[0.9][1:] == (4 / 6, 4 / 5, 4, 2, 1)
+    assert by_threshold[0.5][1:] == (5 / 9, 1.0, 5, 4, 0)
+    assert result.embedder.startswith("angle-")
+    assert len(result) == 10
+
+
+def test_the_threshold_for_a_precision_is_where_precision_stays_above_it() -> None:
+    # precision by threshold: 0.6 -> 0.77, 0.7 -> 0.9 (a lucky bump), 0.8 -> 0.8 (a dip), 0.9 -> 0.96, 1.0 -> 1
+    sims = np.array([0.65] * 10 + [0.75] * 30 + [0.85] * 5 + [0.95] * 20 + [1.0] * 5)
+    labels = np.array([False] * 10 + [True] * 30 + [False] * 5 + [True] * 19 + [False] + [True] * 5)
+    result = Calibration(sims, labels, thresholds=[0.6, 0.7, 0.8, 0.9, 1.0])
+    precision = {p.threshold: p.precision for p in result.points}
+    assert precision == pytest.approx({0.6: 54 / 70, 0.7: 0.9, 0.8: 0.8, 0.9: 0.96, 1.0: 1.0})
+    chosen = result.threshold_for(0.9, min_support=1)
+    assert chosen is not None
+    assert chosen.threshold == 0.9  # not 0.7: precision dips below 0.9 at 0.8
+    assert result.threshold_for(0.99, min_support=1) is not None
+    assert result.threshold_for(0.99, min_support=1).threshold == 1.0  # type: ignore[union-attr]
+    assert result.threshold_for(0.99, min_support=10) is None  # only 5 pairs reach 1.0: too few to trust
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ConfigError, match="target_precision"):
+            result.threshold_for(bad)
+
+
+def test_table_marks_the_chosen_threshold_and_unsupported_rows() -> None:
+    sims = np.array([0.9, 0.95, 0.99, 1.0])
+    labels = np.array([False, True, True, True])
+    result = Calibration(sims, labels, thresholds=[0.9, 0.95, 1.0])
+    table = result.table(every=0.05, highlight=0.95, min_support=2)
+    assert "<-" in table.splitlines()[2]
+    assert "too few pairs" in table.splitlines()[-1]
+
+
+def test_load_pairs_reads_jsonl_and_gzip_and_names_bad_lines(tmp_path: Path) -> None:
+    pairs = fixture_pairs()
+    assert load_pairs(write_jsonl(tmp_path / "p.jsonl", pairs)) == pairs
+    assert load_pairs(write_jsonl(tmp_path / "p.jsonl.gz", pairs), limit=3) == pairs[:3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x", "b": "y", "duplicate": true}\n{"a": "x", "b": 2, "duplicate": true}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        load_pairs(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not JSON"):
+        load_pairs(bad)
+
+
+async def test_calibrating_without_pairs_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no labelled pairs"):
+        await calibrate([])
+
+
+async def test_the_plot_is_a_png(tmp_path: Path) -> None:
+    result = await calibrate(fixture_pairs(), AngleEmbedder())
+    path = result.plot(tmp_path / "curve.png", target_precision=0.75)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5000
+
+
+def test_the_calibrate_command_prints_the_table_and_threshold_and_writes_the_plot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = DATA_DIR / "qqp-dev.jsonl.gz"
+    pairs_file = source if source.exists() else write_jsonl(tmp_path / "p.jsonl", fixture_pairs())
+    plot = tmp_path / "out.png"
+    code = cli.main(["calibrate", str(pairs_file), "--limit", "400", "--target-precision", "0.6",
+                     "--embedder", "default", "--plot", str(plot), "--min-support", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "threshold for precision >= 0.6:" in out
+    assert "precision" in out.splitlines()[1]
+    assert "recall" in out.splitlines()[1]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_calibrate_command_reports_an_unreachable_precision_and_bad_files(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pairs_file = write_jsonl(tmp_path / "p.jsonl", [Pair("a b c", "a b c", False)] * 60)
+    assert cli.main(["calibrate", str(pairs_file), "--target-precision", "0.9"]) == 1
+    assert "no threshold reaches precision 0.9" in capsys.readouterr().out
+    assert cli.main(["calibrate", str(tmp_path / "missing.jsonl")]) == 2
+    assert "error" in capsys.readouterr().out

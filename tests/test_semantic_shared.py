@@ -1,0 +1,220 @@
+"""Shared mode on plain Redis: a write in one process is found by another within 1 s; replicas stay in sync."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cachelayers
+from cachelayers import explain, semantic_cached
+from cachelayers.engines.semantic_shared import RedisStore
+from tests.conftest import FakeClock
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    "how do I reset the password of my router",
+    "what is the boiling point of water on mount everest",
+    "which river flows through the city of vienna",
+    "how many moons does the planet neptune have",
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """redis-py's asyncio client: shared mode runs on asyncio."""
+    return "asyncio"
+
+
+def make(url: str, *, sync_interval: float = 0.1, threshold: float = 0.8, **options: Any) -> Any:
+    """One 'process': its own engine and replica over the shared Redis."""
+
+    @semantic_cached(threshold=threshold, name="shared.ask", vector_index=f"{url}?sync_interval={sync_interval}",
+                     **options)
+    async def ask(question: str, tenant: str = "t") -> dict[str, str]:
+        return {"q": question, "tenant": tenant}
+
+    return ask
+
+
+def replica(fn: Any) -> RedisStore:
+    store = fn.cache._store
+    assert isinstance(store, RedisStore)
+    return store
+
+
+CHILD = textwrap.dedent('''
+    import sys, anyio
+    from cachelayers import semantic_cached
+
+    url, question = sys.argv[1], sys.argv[2]
+
+    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=url)
+    async def ask(question: str, tenant: str = "t") -> dict:
+        return {"q": question, "tenant": tenant, "writer": "child"}
+
+    async def main():
+        await ask(question)
+        await ask.aclose()
+
+    anyio.run(main)
+''')
+
+
+async def test_a_write_in_another_process_is_found_within_one_second(redis_url: str, tmp_path: Path) -> None:
+    reader = make(redis_url)
+    await reader("warm up the replica")  # opened and synced before the other process writes
+    script = tmp_path / "writer.py"
+    script.write_text(CHILD)
+    with anyio.fail_after(120):
+        await anyio.run_process([sys.executable, str(script), redis_url, QUESTIONS[0]], cwd=ROOT)
+    written = time.monotonic()
+    found_after = None
+    while time.monotonic() - written < 1.0:
+        with explain() as info:
+            got = await reader(QUESTIONS[0] + "?")
+        if info.last is not None and info.last.level == "semantic":
+            assert got == {"q": QUESTIONS[0], "tenant": "t", "writer": "child"}
+            found_after = time.monotonic() - written
+            break
+        await anyio.sleep(0.05)
+    assert found_after is not None
+    assert found_after < 1.0
+    await reader.aclose()
+
+
+async def test_a_new_process_rebuilds_its_replica_from_redis(redis_url: str) -> None:
+    writer = make(redis_url)
+    for q in QUESTIONS:
+        await writer(q)
+    await writer(QUESTIONS[0], tenant="other")
+    newcomer = make(redis_url)
+    with explain() as info:
+        for q in QUESTIONS:
+            assert await newcomer(q + "?") == {"q": q, "tenant": "t"}
+        assert await newcomer(QUESTIONS[0] + "?", tenant="other") == {"q": QUESTIONS[0], "tenant": "other"}
+        assert await newcomer(QUESTIONS[1]) == {"q": QUESTIONS[1], "tenant": "t"}
+    assert [lookup.level for lookup in info] == ["semantic"] * 5 + ["exact"]
+    assert len(replica(newcomer)) == 5
+    await writer.aclose()
+    await newcomer.aclose()
+
+
+async def test_evictions_and_clears_reach_every_replica(redis_url: str) -> None:
+    a = make(redis_url, sync_interval=0, max_entries=2)
+    b = make(redis_url, sync_interval=0, max_entries=2)
+    await a(QUESTIONS[0])
+    await a(QUESTIONS[1])
+    await b("sync b", tenant="b")  # b's replica now has both (and its own entry, in another partition)
+    assert {e.text for e in replica(b).entries.values()} == {QUESTIONS[0], QUESTIONS[1], "sync b"}
+    await a(QUESTIONS[2])  # evicts QUESTIONS[0] in Redis
+    with explain() as info:
+        assert await b(QUESTIONS[0] + "?") == {"q": QUESTIONS[0] + "?", "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert QUESTIONS[1] not in {e.text for e in replica(b).entries.values()}  # evicted by b's own insert
+    await a.cache_clear()
+    with explain() as info:
+        await b(QUESTIONS[2])
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert {e.text for e in replica(b).entries.values()} == {QUESTIONS[2]}
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_an_entry_removed_elsewhere_is_never_served_even_before_the_replica_syncs(redis_url: str) -> None:
+    a = make(redis_url, sync_interval=3600)  # never syncs after opening
+    b = make(redis_url, sync_interval=0)
+    await b(QUESTIONS[0])
+    await a("open a")  # a's replica loads b's entry
+    assert QUESTIONS[0] in {e.text for e in replica(a).entries.values()}
+    await b.cache_clear()
+    with explain() as info:
+        assert await a(QUESTIONS[0] + "?") == {"q": QUESTIONS[0] + "?", "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "computed"  # the payload read missed
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_trimmed_log_makes_a_replica_reload(redis_url: str) -> None:
+    a = make(redis_url, sync_interval=0)
+    b = make(redis_url, sync_interval=0)
+    await b("open b")
+    await a(QUESTIONS[0])
+    client = redis.Redis.from_url(redis_url)
+    [log] = client.keys("*sem:*log")
+    client.xtrim(log, maxlen=0)  # b never saw the insert of QUESTIONS[0]
+    client.close()
+    await a(QUESTIONS[1])
+    with explain() as info:
+        assert await b(QUESTIONS[0] + "?") == {"q": QUESTIONS[0], "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "semantic"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_ttl_is_absolute_in_shared_mode(redis_url: str) -> None:
+    clock = FakeClock(time.time())
+    a = make(redis_url, sync_interval=0, ttl=60, clock=clock)
+    await a(QUESTIONS[0])
+    client = redis.Redis.from_url(redis_url)
+    ttls = [client.pttl(k) for k in client.keys("*sem:*e:*")]
+    client.close()
+    assert len(ttls) == 1
+    assert 55_000 < ttls[0] <= 60_000  # Redis expires its copy at the same moment
+    clock.advance(30)
+    assert await a(QUESTIONS[0] + "?") == {"q": QUESTIONS[0], "tenant": "t"}
+    clock.advance(31)
+    with explain() as info:
+        await a(QUESTIONS[0] + "?")
+    assert info.last is not None
+    assert info.last.level == "computed"
+    await a.aclose()
+
+
+async def test_an_unreachable_redis_makes_calls_proceed_uncached() -> None:
+    fn = make("redis://127.0.0.1:1/0")
+    with explain() as info:
+        assert await fn(QUESTIONS[0]) == {"q": QUESTIONS[0], "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "uncached"
+    assert fn.cache_info().index_errors == 1
+
+
+tenants = st.sampled_from(["acme", "globex"])
+texts = st.sampled_from(["reset password", "reset my password", "delete account", "delete my account"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1), tenants, texts), min_size=1, max_size=12))
+def test_no_call_is_ever_answered_from_another_tenant_in_shared_mode(redis_url: str,
+                                                                     calls: list[tuple[int, str, str]]) -> None:
+    async def run() -> None:
+        client = redis.Redis.from_url(redis_url)
+        client.flushall()
+        client.close()
+        # Threshold 0: any entry of the partition answers, so a leak between tenants would show.
+        processes = [make(redis_url, sync_interval=0, threshold=0.0), make(redis_url, sync_interval=0, threshold=0.0)]
+        for process, tenant, text in calls:
+            fn = processes[process]
+            got = await fn(text, tenant)
+            assert got["tenant"] == tenant
+        for fn in processes:
+            await fn.aclose()
+
+    cachelayers.reset_settings()
+    anyio.run(run)

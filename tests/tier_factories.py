@@ -1,0 +1,63 @@
+"""One factory per backend kind, so that a test runs over every tier by adding one parameter.
+
+``pytest.mark.parametrize("kind", backend_params())`` gives the kinds with their marks (``memory``, ``redis``,
+``disk``); `make_backend` builds a fresh backend of a kind for the running test. Redis is asyncio-only
+(redis-py's asyncio client): under trio its parameters are skipped with that reason, never failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Final
+
+import pytest
+from _pytest.mark.structures import ParameterSet
+
+from cachelayers import Backend, MemoryBackend
+from cachelayers.backends import create_backend
+from tests.conftest import FakeClock
+
+__all__ = ["KINDS", "REDIS_ON_TRIO", "backend_params", "make_backend", "skip_unless_supported"]
+
+KINDS: Final = ("memory", "redis", "disk")
+REDIS_ON_TRIO: Final = "the Redis tier runs on asyncio only (redis-py's asyncio client has no trio support)"
+_disk_dirs = itertools.count()
+
+
+def backend_params(kinds: Sequence[str] = KINDS) -> list[ParameterSet]:
+    """``pytest.param`` per kind, marked with the kind."""
+    return [pytest.param(kind, marks=getattr(pytest.mark, kind), id=kind) for kind in kinds]
+
+
+def skip_unless_supported(kind: str, request: pytest.FixtureRequest) -> None:
+    """Skip a Redis parameter under trio (the only combination that cannot run)."""
+    if kind == "redis" and "anyio_backend" in request.fixturenames and \
+            request.getfixturevalue("anyio_backend") == "trio":
+        pytest.skip(REDIS_ON_TRIO)
+
+
+def make_backend(kind: str, request: pytest.FixtureRequest, clock: FakeClock | None = None,
+                 *, query: str = "") -> Backend:
+    """A fresh backend of ``kind`` for the running test (the caller closes it).
+
+    Args:
+        kind: ``"memory"``, ``"redis"`` or ``"disk"``.
+        request: The test's request, for the ``redis_url`` and ``tmp_path`` fixtures.
+        clock: Fake clock for expiry; real time when omitted.
+        query: URL options, e.g. ``"max_bytes=4096"``.
+    """
+    skip_unless_supported(kind, request)
+    options = f"?{query}" if query else ""
+    if kind == "memory":
+        url = f"memory://{options}"
+    elif kind == "redis":
+        url = str(request.getfixturevalue("redis_url")) + options
+    elif kind == "disk":
+        directory = request.getfixturevalue("tmp_path") / f"disk{next(_disk_dirs)}"
+        url = f"disk://{directory}{options}"
+    else:
+        raise ValueError(f"unknown backend kind {kind!r}")
+    backend = create_backend(url, clock=clock)
+    assert not isinstance(backend, MemoryBackend) or kind == "memory"
+    return backend
