@@ -42,9 +42,9 @@ import numpy as np
 from usearch.index import Index
 
 from _util import Series, environment, render_table, to_json
-from cachelayers.backends.usearch_index import VectorIndex
+from cachelayers.backends.usearch_index import IndexOptions, VectorIndex
 from cachelayers.codec import Codec
-from cachelayers.engines.semantic import SemanticFunction, SemanticStore, _Entry, _IndexOptions, _Stats
+from cachelayers.engines.semantic import SemanticFunction, SemanticStore, _Entry, _Stats
 from cachelayers.metrics import StateLog
 
 LOOKUPS = ("usearch search", "store lookup", "decorated hit", "numpy brute force")
@@ -96,7 +96,7 @@ class Setup:
         self.raw.add(np.arange(n, dtype=np.uint64), base, threads=1)
         self.build_seconds = time.perf_counter() - started
         self.partition = b"p" * 16
-        self.store = SemanticStore(max_entries=10**9, options=_IndexOptions("f32", None, None, None),
+        self.store = SemanticStore(max_entries=10**9, options=IndexOptions(),
                                    clock=time.time, stats=_Stats(), log=StateLog(), codec=Codec())
         self.texts = [f"question {i}" for i in range(n)]
         self.matrix = np.empty((n + extra, args.dim), dtype=np.float32)

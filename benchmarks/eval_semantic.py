@@ -27,10 +27,11 @@ from typing import Any
 import anyio
 import numpy as np
 
+from cachelayers.backends.usearch_index import IndexOptions
 from cachelayers.calibrate import Calibration, load_pairs
 from cachelayers.codec import Codec
 from cachelayers.embedders import embed, embedder_name, resolve_embedder
-from cachelayers.engines.semantic import SemanticStore, _IndexOptions, _Stats
+from cachelayers.engines.semantic import SemanticStore, _Stats
 from cachelayers.metrics import StateLog
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -55,7 +56,7 @@ async def embed_all(embedder: Any, texts: list[str], cache_dir: Path | None) -> 
 
 async def replay(vectors: dict[str, np.ndarray], pairs: list[dict[str, str]]) -> list[tuple[str, float]]:
     """For each ``similar``: the origin text of its nearest cached entry and the similarity."""
-    store = SemanticStore(max_entries=10**9, options=_IndexOptions("f32", None, None, None), clock=lambda: 0.0,
+    store = SemanticStore(max_entries=10**9, options=IndexOptions(), clock=lambda: 0.0,
                           stats=_Stats(), log=StateLog(), codec=Codec())
     first = next(iter(vectors.values()))
     await store.open("eval", int(first.shape[0]))

@@ -2,8 +2,9 @@
 
 Modes:
 
-* ``saturate``: from ``start_at`` to ``stop_at`` (wall clock), ``tasks`` tasks call a function limited by
-  ``limit`` over Redis as fast as they are admitted. Every admission is recorded twice: around the storage
+* ``saturate``: prints ``ready`` once connected and reads ``{"start_at": …, "stop_at": …}`` (wall clock)
+  from stdin; from ``start_at`` to ``stop_at``, ``tasks`` tasks call a function limited by ``limit`` over
+  Redis as fast as they are admitted. Every admission is recorded twice: around the storage
   call that granted it (``before``/``after`` the moving-window hit: the time limits stored lies between) and
   around the decorated call (``called`` before it, ``started`` when its body began). At ``stop_at`` the
   waiters are cancelled. Prints one JSON object: ``grants``, ``calls``, ``info`` (the engine's counters).
@@ -55,6 +56,9 @@ async def saturate(args: dict[str, Any]) -> dict[str, Any]:
         while True:
             await call(time.time())
 
+    await storage.check()  # connect before the clock matters
+    print("ready", flush=True)
+    args.update(json.loads(await anyio.to_thread.run_sync(sys.stdin.readline)))
     await anyio.sleep(max(0.0, args["start_at"] - time.time()))
     with anyio.move_on_after(args["stop_at"] - time.time()):
         async with anyio.create_task_group() as tg:

@@ -76,11 +76,17 @@ def naive_max_in_window(times: list[float], window: float) -> int:
 
 def test_four_processes_never_admit_more_than_the_limit_in_any_window(redis_url: str) -> None:
     processes, tasks, amount, window, windows = 4, 20, 20, 2.0, 3
-    start_at = time.time() + 4.0  # the workers import and connect meanwhile, then start together
+    args = {"mode": "saturate", "url": redis_url, "limit": f"{amount} per {int(window)} seconds", "tasks": tasks}
+    procs = [worker(args, stdin=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    for p in procs:  # every worker has imported and connected
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+    start_at = time.time() + 0.3
     stop_at = start_at + windows * window + 0.5
-    args = {"mode": "saturate", "url": redis_url, "limit": f"{amount} per {int(window)} seconds",
-            "tasks": tasks, "start_at": start_at, "stop_at": stop_at}
-    procs = [worker(args, stderr=subprocess.PIPE) for _ in range(processes)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(json.dumps({"start_at": start_at, "stop_at": stop_at}) + "\n")
+        p.stdin.flush()
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     results = [json.loads(out) for out, _ in outputs]

@@ -633,3 +633,10 @@ async def test_cache_clear_removes_everything() -> None:
     assert info.entries == 1
     assert info.misses == 2
     assert cachelayers.stats()[f"semantic:{ask.cache.identity}"]["misses"] == 2
+
+
+@pytest.mark.parametrize("url", ["faiss:///tmp/x", "memory://?dtype=f8", "usearch://", "memory://?save_every=3",
+                                 "redis://localhost:6379/0?sync_interval=soon", "usearch:///tmp/x?save_every=0"])
+def test_a_bad_vector_index_is_a_config_error_when_configured(url: str) -> None:
+    with pytest.raises(ConfigError, match="vector_index"):
+        cachelayers.configure(vector_index=url)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cachelayers.backends.usearch_index import VectorIndex, atomic_write
+from cachelayers.backends.usearch_index import IndexOptions, VectorIndex, atomic_write
 from cachelayers.codec import Codec
 from cachelayers.embedders import HashingEmbedder
-from cachelayers.engines.semantic import SemanticStore, _IndexOptions, _Stats
+from cachelayers.engines.semantic import SemanticStore, _Stats
 from cachelayers.errors import ConfigError
 from cachelayers.metrics import StateLog
 from tests.semantic_helpers import near_duplicate_texts
@@ -180,7 +180,7 @@ async def test_top1_recall_on_real_near_duplicates_stays_above_099_after_churn(a
     texts = [a for a, _ in pairs]
     queries = dict(pairs)
     stats = _Stats()
-    store = SemanticStore(max_entries=10**6, options=_IndexOptions("f32", None, None, None), clock=lambda: 0.0,
+    store = SemanticStore(max_entries=10**6, options=IndexOptions(), clock=lambda: 0.0,
                           stats=stats, log=StateLog(), codec=Codec())
     await store.open(embedder.name, embedder.ndim)
     partition = b"p" * 16

@@ -24,6 +24,7 @@ an all-zero row raise `EmbeddingError`, and rows are normalised to unit length.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 import unicodedata
@@ -221,7 +222,7 @@ class HashingEmbedder:
             buckets.append(b)
             weights.append(w)
         if len(words) > 1:
-            pairs = [self._hashed(f"b:{a} {b}", 0.5) for a, b in zip(words, words[1:], strict=False)]
+            pairs = [self._hashed(f"b:{a} {b}", 0.5) for a, b in itertools.pairwise(words)]
             buckets.append(np.array([b for b, _ in pairs], dtype=np.intp))
             weights.append(np.array([w for _, w in pairs]))
         return np.bincount(np.concatenate(buckets), weights=np.concatenate(weights), minlength=self.ndim)

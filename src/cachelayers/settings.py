@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from cachelayers.backends import validate_backend_url
+from cachelayers.backends.usearch_index import parse_vector_index
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
 
@@ -142,10 +143,10 @@ class Settings:
         set_(self, "breaker_threshold", _positive_int(self.breaker_threshold, "breaker_threshold"))
         set_(self, "breaker_cooldown", parse_duration(self.breaker_cooldown, "breaker_cooldown"))
         set_(self, "strict", _bool(self.strict, "strict"))
-        if not isinstance(self.vector_index, str) or not self.vector_index.startswith(
-                ("memory://", "usearch://", "redis://", "rediss://")):
+        if not isinstance(self.vector_index, str):
             raise ConfigError("vector_index", self.vector_index,
                               "expected 'memory://', 'usearch:///path' or 'redis://host:port/db'")
+        parse_vector_index(self.vector_index)
         limits = self.limits
         if isinstance(limits, str):
             limits = dict(part.split("=", 1) for part in limits.split(",") if "=" in part)

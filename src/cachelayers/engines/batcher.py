@@ -302,8 +302,9 @@ class Batcher(Generic[X, P, Y]):
         max_queue: Most items waiting to be sent per event loop (``None``: no bound).
         queue_full: What a call does when the queue is full: ``"wait"`` for room, or ``"raise"``
             `BatchQueueFullError`.
-        key: Function of an item giving the key under which identical pending items are sent once. By
-            default the item itself when it is hashable (with its type, so ``1`` and ``1.0`` differ).
+        key: Function of an item giving the key under which identical pending (or in-flight) items are sent
+            once; ``None`` for an item that must not be merged. By default the item itself when it is hashable
+            (with its type, so ``1`` and ``1.0`` differ).
         dedupe: Set to ``False`` to send every item, even identical ones.
         name: Name used in errors and statistics instead of the function's ``module.qualname``.
 

@@ -55,9 +55,15 @@ from typing import Any, Final, Generic, Literal, NamedTuple, ParamSpec, TypeVar,
 import anyio
 import numpy as np
 
-from cachelayers.backends.base import BackendURL
 from cachelayers.backends.memory import MISSING
-from cachelayers.backends.usearch_index import DTYPES, Compaction, VectorIndex
+from cachelayers.backends.usearch_index import (
+    Compaction,
+    IndexOptions,
+    VectorIndex,
+    int_option,
+    parse_vector_index,
+    require_usearch,
+)
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.embedders import HashingEmbedder, embed, embedder_name
@@ -273,13 +279,6 @@ class _Partition:
         self.compaction: tuple[Compaction, threading.Thread] | None = None
 
 
-class _IndexOptions(NamedTuple):
-    dtype: str
-    connectivity: int | None
-    expansion_add: int | None
-    expansion_search: int | None
-
-
 class SemanticStore:
     """Entries of one semantically cached function, in memory: partitions, vectors, exact texts, LRU, expiry.
 
@@ -298,7 +297,7 @@ class SemanticStore:
     persistent: bool = False
     reuse_keys: bool = True
 
-    def __init__(self, *, max_entries: int, options: _IndexOptions, clock: Callable[[], float],
+    def __init__(self, *, max_entries: int, options: IndexOptions, clock: Callable[[], float],
                  stats: _Stats, log: StateLog, codec: Codec) -> None:
         self.max_entries = max_entries
         self.options = options
@@ -318,7 +317,12 @@ class SemanticStore:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     async def open(self, embedder: str, ndim: int | None) -> None:
-        """Prepare for use with ``embedder`` vectors of dimension ``ndim`` (loading stored entries)."""
+        """Prepare for use with ``embedder`` vectors of dimension ``ndim`` (loading stored entries).
+
+        Raises:
+            MissingDependencyError: usearch is not installed.
+        """
+        require_usearch()
         self.embedder = embedder
         self.ndim = ndim
 
@@ -551,47 +555,6 @@ class SemanticStore:
         return len(self.entries)
 
 
-# -- options from Settings.vector_index ----------------------------------------------------------------------
-
-_INDEX_OPTIONS: Final = frozenset({"dtype", "connectivity", "expansion_add", "expansion_search"})
-_MODE_OPTIONS: Final = {"memory": frozenset(), "usearch": frozenset({"save_every"}),
-                        "redis": frozenset({"sync_interval", "stream_maxlen"}),
-                        "rediss": frozenset({"sync_interval", "stream_maxlen"})}
-
-
-def _int_option(url: BackendURL, name: str) -> int | None:
-    raw = url.options.get(name)
-    if raw is None:
-        return None
-    if not raw.isdigit() or int(raw) <= 0:
-        raise ConfigError(url.option_field(name), raw, "expected a positive integer")
-    return int(raw)
-
-
-def parse_vector_index(url: str, field: str = "vector_index") -> tuple[BackendURL, _IndexOptions]:
-    """Parse and check a ``vector_index`` URL.
-
-    Raises:
-        ConfigError: Unknown scheme or option, a bad option value, or ``usearch://`` without a path.
-    """
-    parsed = BackendURL.parse(url, field)
-    known = _MODE_OPTIONS.get(parsed.scheme)
-    if known is None:
-        raise ConfigError(field, url, "expected 'memory://', 'usearch:///path' or 'redis://host:port/db'")
-    unknown = sorted(set(parsed.options) - known - _INDEX_OPTIONS)
-    if unknown:
-        raise ConfigError(parsed.option_field(unknown[0]), url,
-                          f"unknown option (known: {', '.join(sorted(known | _INDEX_OPTIONS))})")
-    dtype = parsed.options.get("dtype", "f32")
-    if dtype not in DTYPES:
-        raise ConfigError(parsed.option_field("dtype"), dtype, f"expected one of {', '.join(DTYPES)}")
-    if parsed.scheme == "usearch" and (parsed.host or not parsed.path or parsed.path == "/"):
-        raise ConfigError(field, url, "expected usearch:///absolute/path/to/a/directory")
-    options = _IndexOptions(dtype, _int_option(parsed, "connectivity"), _int_option(parsed, "expansion_add"),
-                            _int_option(parsed, "expansion_search"))
-    return parsed, options
-
-
 def open_store(url: str, *, namespace: str, max_entries: int, clock: Callable[[], float], stats: _Stats,
                log: StateLog, codec: Codec) -> SemanticStore:
     """Make the store ``url`` names for the function of ``namespace`` (not opened yet).
@@ -606,7 +569,7 @@ def open_store(url: str, *, namespace: str, max_entries: int, clock: Callable[[]
     if parsed.scheme == "memory":
         return SemanticStore(**common)
     if parsed.scheme == "usearch":
-        save_every = _int_option(parsed, "save_every") or 1000
+        save_every = int_option(parsed, "save_every") or 1000
         return DiskStore(Path(parsed.path), namespace, save_every=save_every, **common)
     from cachelayers.engines.semantic_shared import RedisStore
 

@@ -32,6 +32,7 @@ import numpy as np
 from cachelayers.backends.base import BackendURL
 from cachelayers.backends.memory import MISSING
 from cachelayers.backends.semantic_redis import RedisVectorStore, StoredEntry
+from cachelayers.backends.usearch_index import int_option
 from cachelayers.durations import parse_duration
 from cachelayers.engines.semantic import SemanticStore, _Entry
 from cachelayers.errors import SerializationError
@@ -54,8 +55,7 @@ class RedisStore(SemanticStore):
         self.namespace = namespace
         raw_interval = url.options.get("sync_interval", "0.1")
         self.sync_interval = parse_duration(raw_interval, url.option_field("sync_interval"), allow_zero=True)
-        maxlen = url.options.get("stream_maxlen", "100000")
-        self.stream_maxlen = int(maxlen) if maxlen.isdigit() and int(maxlen) > 0 else 100_000
+        self.stream_maxlen = int_option(url, "stream_maxlen") or 100_000
         self.redis: RedisVectorStore | None = None
         self._last_event = "0-0"
         self._seen = 0  # changes ever logged up to and including _last_event

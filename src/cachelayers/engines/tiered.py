@@ -578,6 +578,8 @@ class TieredCache:
         """Batch form of `read_lower`: one multi-get per tier. Returns ``{index: value}`` of the hits."""
         found: dict[int, Any] = {}
         pending = list(range(len(storage_keys)))
+        open_ = self.codec.open
+        local = self.local
         for index, tier in enumerate(self.tiers):
             if not pending:
                 break
@@ -589,34 +591,38 @@ class TieredCache:
             backfill: list[StoreItem] = []
             now = self.clock()
             first_error: SerializationError | None = None
+            # An invalidation during the read makes each entry's fate depend on what it covered.
+            check = epoch is not None and epoch != self.epoch
+            hits = 0
             for i, blob in zip(pending, blobs, strict=True):
                 if blob is None:
-                    tier.stats.misses += 1
                     still.append(i)
                     continue
                 sk = storage_keys[i]
                 try:
-                    envelope = self.codec.open(sk, blob)
+                    envelope = open_(sk, blob)
                 except SerializationError as exc:
                     first_error = first_error or exc
                     corrupt.append(sk)
                     still.append(i)
                     continue
-                if envelope.expires_at is not None and envelope.expires_at <= now:
-                    tier.stats.misses += 1
+                expires_at = envelope.expires_at
+                if expires_at is not None and expires_at <= now:
                     still.append(i)
                     continue
-                tier.stats.hits += 1
-                if fstats is not None:
-                    fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + 1
+                hits += 1
                 found[i] = envelope.value
-                if epoch is not None and self.invalidated_since(epoch, sk, envelope.tags):
+                if check and self.invalidated_since(cast(int, epoch), sk, envelope.tags):
                     continue
-                if self.local is not None:
-                    self._store_local(local_keys[i], envelope.value, len(blob), envelope.expires_at, envelope.tags,
-                                      sk)
+                if local is not None:
+                    self._store_local(local_keys[i], envelope.value, len(blob), expires_at, envelope.tags, sk)
                 if index:
-                    backfill.append(StoreItem(sk, blob, envelope.expires_at, self.tier_tags(envelope.tags)))
+                    backfill.append(StoreItem(sk, blob, expires_at, self.tier_tags(envelope.tags)))
+            stats = tier.stats
+            stats.hits += hits
+            stats.misses += len(still) - len(corrupt)
+            if fstats is not None and hits:
+                fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + hits
             if corrupt:
                 assert first_error is not None
                 await self._corrupt(tier, corrupt, first_error)
@@ -1307,7 +1313,12 @@ class BatchFunctionCache(FunctionCache[P, T]):
             return await self._fn(*args, **kwargs)
         name = self._batch_name
         local_of = self._keys.local
-        keys = [local_of(*call.with_items(item, name)) for item in call.items]
+        if self._keys.fast_arity == 1 and call.position == 0 and len(args) == 1 and not kwargs:
+            # The items are the only argument: a scalar item's key is what KeyBuilder.local makes, built here.
+            token = self._keys.token
+            keys = [(token, (item,)) if type(item) in FAST_TYPES else local_of((item,), {}) for item in call.items]
+        else:
+            keys = [local_of(*call.with_items(item, name)) for item in call.items]
         first: dict[Hashable, Any] = {}
         for key, item in zip(keys, call.items, strict=True):
             first.setdefault(key, item)
@@ -1333,23 +1344,29 @@ class BatchFunctionCache(FunctionCache[P, T]):
 
     async def _fill(self, cache: TieredCache, call: _BatchCall, first: dict[Hashable, Any],
                     values: dict[Hashable, Any]) -> None:
-        """Find the missing items in the lower tiers, compute the rest in one call, store them."""
+        """Find the missing items in the lower tiers, compute the rest in one call, store them.
+
+        The items this call looks up are registered as in flight (one shared `_Flight` whose ``value`` is a
+        dict by key), so a concurrent call wanting one of them waits for it instead of computing it again.
+        """
         stats = self.stats
         await cache.follow_invalidations()
         epoch, since = cache.epoch, cache.failures
         inflight = cache._inflight
         mine: list[Hashable] = []
         theirs: dict[Hashable, _Flight] = {}
+        flight = _Flight()
+        results: dict[Hashable, Any] = {}
+        flight.value = results
         for key in first:
             if key in values:
                 continue
-            flight = inflight.get(key)
-            if flight is not None:
-                theirs[key] = flight
+            other = inflight.get(key)
+            if other is not None:
+                theirs[key] = other
             else:
-                inflight[key] = _Flight()
+                inflight[key] = flight
                 mine.append(key)
-        flights = {key: inflight[key] for key in mine}
         try:
             if mine and cache.tiers:
                 storage = [self._prefix + self._keys.storage_digest(key) for key in mine]
@@ -1364,24 +1381,24 @@ class BatchFunctionCache(FunctionCache[P, T]):
             if todo:
                 await self._compute_items(cache, call, first, todo, values, epoch, since)
             for key in mine:
-                flights[key].value = values[key]
-                flights[key].done = True
+                results[key] = values[key]
+            flight.done = True
         except Exception as exc:
-            for key in mine:
-                flights[key].error = exc
-                flights[key].done = True
+            flight.error = exc
+            flight.done = True
             raise
         finally:
             for key in mine:
-                if inflight.get(key) is flights[key]:
+                if inflight.get(key) is flight:
                     del inflight[key]
-                flights[key].finish()
+            flight.finish()
         retry: list[Hashable] = []
-        for key, flight in theirs.items():
-            if not flight.done:
-                await flight.wait()
-            if flight.done and flight.error is None:
-                values[key] = flight.value
+        for key, other in theirs.items():
+            if not other.done:
+                await other.wait()
+            value = other.value.get(key, MISSING) if isinstance(other.value, dict) else MISSING
+            if other.done and other.error is None and value is not MISSING:
+                values[key] = value
                 stats.hits += 1
                 stats.hits_by_tier["in-flight"] = stats.hits_by_tier.get("in-flight", 0) + 1
             else:
