@@ -20,6 +20,7 @@ import anyio
 import redis
 
 from cachelayers import Settings, TieredCache, multilevel_cached
+from tests.tier_factories import eventually
 
 
 def say(**event: Any) -> None:
@@ -44,9 +45,8 @@ async def hold(options: dict[str, Any]) -> None:
     assert cache.listener is not None
     assert cache.listener.subscribed
     say(event="ready")
-    with anyio.fail_after(30):
-        while len(cache.local):
-            await anyio.sleep(0.0005)
+    local = cache.local
+    await eventually(lambda: not len(local), 30, 0.0005)
     say(event="dropped", at=time.time())
     await cache.aclose()
 

@@ -89,7 +89,7 @@ async def test_the_file_tracks_the_bound_after_heavy_churn(tmp_path: Path) -> No
         await disk.set_many([StoreItem(f"r{round_}k{i}", bytes(4000), None, (f"tag{i % 3}",)) for i in range(30)])
         if round_ % 7 == 0:
             await disk.delete_tags(["tag1"])
-    entries, used = await disk.usage()
+    _, used = await disk.usage()
     assert used <= max_bytes
     size = disk.path.stat().st_size
     assert size < 2 * max_bytes + 256 * 1024, f"a {size}-byte database for {used} bytes stored"
@@ -121,7 +121,7 @@ async def test_a_broken_database_file_is_a_failing_tier_not_a_failing_call(tmp_p
     directory.mkdir()
     (directory / "cachelayers.sqlite3").write_bytes(b"this is not a database" * 100)
     backend = create_backend(f"disk://{directory}")
-    with pytest.raises(BackendError, match="cachelayers.sqlite3"):
+    with pytest.raises(BackendError, match=r"cachelayers\.sqlite3"):
         await backend.get_many(["k"])
     cache = TieredCache(Settings(), backends={"disk": backend})
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -116,7 +117,8 @@ async def test_four_processes_soak_without_a_wrong_or_corrupt_value(
     directory = tmp_path / "shared-disk"
     workers.extend(Worker("soak", redis=redis_url, disk=str(directory), max_bytes=max_bytes, worker=i,
                           seconds=SOAK_SECONDS) for i in range(4))
-    reports = [await anyio.to_thread.run_sync(lambda w=w: w.next_event(SOAK_SECONDS + 120)) for w in workers]
+    reports = [await anyio.to_thread.run_sync(functools.partial(w.next_event, SOAK_SECONDS + 120))
+               for w in workers]
     assert all(r["event"] == "done" for r in reports)
     print("soak reports:", *reports, sep="\n  ")
     assert sum(r["calls"] for r in reports) > 400  # it did run
@@ -130,7 +132,10 @@ async def test_four_processes_soak_without_a_wrong_or_corrupt_value(
     entries, used = await disk.usage()
     assert used <= max_bytes
     assert entries > 0
-    rows = await disk._call(lambda db: db.execute("SELECT key, blob FROM entries").fetchall())
+    def entries_of(db: Any) -> list[tuple[str, bytes]]:
+        return list(db.execute("SELECT key, blob FROM entries").fetchall())
+
+    rows = await disk._call(entries_of)
     codec = Codec()
     builder = multilevel_cached(name="soak", cache=TieredCache(Settings(), backends={}))(_soak_shape).cache
     by_key = {builder._prefix + builder._keys.storage_digest(builder._keys.local((k,), {})): k for k in range(400)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import anyio
 import pytest
 import redis
 
-from cachelayers import BackendError, ConfigError, Settings, StoreItem
+from cachelayers import BackendError, ConfigError, Settings, StoreItem, TieredCache, multilevel_cached
 from cachelayers.backends import create_backend
 from cachelayers.backends.redis import RedisBackend
 from tests.redis_server import RedisServer
@@ -86,12 +87,32 @@ class TestRoundTrips:
                                                                client: redis.Redis) -> None:
         await backend.set_many([StoreItem(f"k{i}", str(i).encode(), None) for i in range(50)])
         client.config_resetstat()
-        results = await asyncio.gather(*(backend.get_many([f"k{i}"]) for i in range(50)),
-                                       backend.get_many(["missing", "k3"]))
+
+        async def burst() -> list[list[bytes | None]]:
+            return await asyncio.gather(*(backend.get_many([f"k{i}"]) for i in range(50)),
+                                        backend.get_many(["missing", "k3"]))
+
+        # From idle, the first read goes at once (a lone caller pays no extra loop turn) and the rest of the
+        # tick follows it as one MGET ...
+        results = await burst()
         assert results[:50] == [[str(i).encode()] for i in range(50)]
         assert results[50] == [None, b"3"]
+        assert calls(client, "mget") == 2
+        # ... and while reads keep coming, each tick's reads are one MGET.
+        client.config_resetstat()
+        assert await burst() == results
         assert calls(client, "mget") == 1
         assert calls(client, "get") == 0
+        await backend.aclose()
+
+    async def test_a_lone_read_is_sent_without_waiting_for_company(self, backend: RedisBackend,
+                                                                   client: redis.Redis) -> None:
+        await backend.set_many([StoreItem("k", b"v", None)])
+        for _ in range(3):
+            assert await backend.get_many(["k"]) == [b"v"]
+        state = backend._loop_state()
+        assert not state.crowded
+        assert state.in_flight == 0
         await backend.aclose()
 
     async def test_a_batch_is_one_mget_and_a_batch_write_one_transaction(self, backend: RedisBackend,
@@ -172,3 +193,68 @@ async def test_unix_socket_urls_reach_the_server() -> None:
         await backend.aclose()
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[str]:
+    """A real three-node Redis cluster (no replicas) on free ports; yields its ``redis+cluster://`` URL."""
+    from tests.conftest import _require_redis
+    from tests.redis_server import free_port
+
+    _require_redis()
+    ports = [free_port() for _ in range(3)]
+    servers = [RedisServer(port=p, extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
+                                               f"nodes-{p}.conf", "--cluster-node-timeout", "2000"]).start()
+               for p in ports]
+    try:
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while b"cluster_state:ok" not in subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                                                         capture_output=True, timeout=10).stdout:
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cluster_stores_reads_tags_and_locks_across_its_nodes(redis_cluster: str) -> None:
+    backend = create_backend(redis_cluster)
+    keys = [f"cl:ns:{i}" for i in range(30)]  # spread over the three nodes' slots
+    await backend.set_many([StoreItem(k, k.encode(), time.time() + 60, ("cl:~tag:even" if i % 2 == 0 else
+                                                                        "cl:~tag:odd",)) for i, k in enumerate(keys)])
+    assert await backend.get_many(keys) == [k.encode() for k in keys]
+    await backend.delete_tags(["cl:~tag:even"])
+    assert await backend.get_many(keys) == [None if i % 2 == 0 else k.encode() for i, k in enumerate(keys)]
+    await backend.delete_many(keys[1:3])
+    assert await backend.get_many(keys[1:4]) == [None, None, keys[3].encode()]
+    assert isinstance(backend, RedisBackend)
+    assert await backend.acquire_lock("cl:~lock:x", "me", 5)
+    assert not await backend.acquire_lock("cl:~lock:x", "you", 5)
+    assert await backend.release_lock("cl:~lock:x", "me")
+    await backend.clear_prefix("cl:")
+    assert await backend.get_many(keys) == [None] * 30
+    await backend.aclose()
+
+    cache = TieredCache(Settings(tiers={"memory": "memory://", "redis": redis_cluster}))
+    computed: list[int] = []
+
+    @multilevel_cached(cache=cache, tags=lambda x: [f"mod3:{x % 3}"])
+    async def triple(x: int) -> int:
+        computed.append(x)
+        return 3 * x
+
+    assert [await triple(x) for x in range(12)] == [3 * x for x in range(12)]
+    assert cache.local is not None
+    cache.local.clear_now()
+    assert [await triple(x) for x in range(12)] == [3 * x for x in range(12)]
+    assert len(computed) == 12  # the second pass came from the cluster
+    await cache.invalidate_tags("mod3:1")
+    cache.local.clear_now()
+    assert [await triple(x) for x in range(12)] == [3 * x for x in range(12)]
+    assert sorted(computed[12:]) == [1, 4, 7, 10]
+    await cache.aclose()

@@ -20,6 +20,7 @@ import pytest
 
 from cachelayers import Settings, StoreItem, TieredCache, multilevel_cached
 from tests.redis_server import RedisServer
+from tests.tier_factories import eventually
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -116,8 +117,9 @@ async def test_every_damaged_entry_in_redis_and_on_disk_is_counted_and_never_ser
             elif kind == 1:
                 bad = blob[: rng.randrange(len(blob))]
             else:
-                bad = blobs[(i + 1) % len(blobs)]  # intact, but another entry's
-                assert bad is not None
+                other = blobs[(i + 1) % len(blobs)]  # intact, but another entry's
+                assert other is not None
+                bad = other
             damaged.append(StoreItem(key, bad, None))
         await tier.backend.set_many(damaged)
     await writer.aclose()
@@ -236,13 +238,10 @@ async def test_after_a_lost_subscription_the_memory_tier_starts_over(own_redis: 
     assert len(cache.local) == 5
     own_redis.kill()
     own_redis.start()
-    with anyio.fail_after(10):
-        while len(cache.local):
-            await anyio.sleep(0.02)
-    assert cache.listener is not None
-    with anyio.fail_after(10):
-        while not cache.listener.subscribed:
-            await anyio.sleep(0.02)
+    local, listener = cache.local, cache.listener
+    assert listener is not None
+    await eventually(lambda: not len(local), 10, 0.02)
+    await eventually(lambda: listener.subscribed, 10, 0.02)
     await cache.aclose()
 
 

@@ -17,7 +17,7 @@ import redis
 from cachelayers import Backend, ConfigError, MemoryBackend, Settings, StoreItem, TieredCache, multilevel_cached
 from cachelayers.codec import Codec
 from tests.conftest import FakeClock
-from tests.tier_factories import backend_params, make_backend, skip_unless_supported
+from tests.tier_factories import backend_params, eventually, make_backend, skip_unless_supported
 
 pytestmark = pytest.mark.anyio
 
@@ -326,13 +326,9 @@ class TestStaleWhileRevalidate:
             for _ in range(50):
                 tg.start_soon(call)
         assert results == [1] * 50  # every caller got the stale value at once
-        with anyio.fail_after(5):
-            while computed < 2:  # and a refresh started in the background
-                await anyio.sleep(0.001)
+        await eventually(lambda: computed >= 2, 5)  # and a refresh started in the background
         release.set()
-        with anyio.fail_after(5):
-            while value.cache.refreshes < 1:
-                await anyio.sleep(0.001)
+        await eventually(lambda: value.cache.refreshes >= 1, 5)
         assert await value(1) == 2
         assert computed == 2
         assert value.cache_info().hits_by_tier.get("stale") == 50
@@ -352,9 +348,7 @@ class TestStaleWhileRevalidate:
         assert cache.local is not None
         cache.local.clear_now()  # only the lower tier has it now, expired 20 s ago
         assert await value(1) == 1
-        with anyio.fail_after(5):
-            while value.cache.refreshes < 1:
-                await anyio.sleep(0.001)
+        await eventually(lambda: value.cache.refreshes >= 1, 5)
         assert await value(1) == 2
         clock.advance(100)  # past expiry and grace: computed in the call
         assert await value(1) == 3
@@ -377,12 +371,9 @@ class TestAcrossCaches:
     @staticmethod
     async def dropped_within(cache: TieredCache, seconds: float) -> float:
         """How long until ``cache``'s memory tier is empty; fails after ``seconds``."""
-        assert cache.local is not None
-        started = anyio.current_time()
-        with anyio.fail_after(seconds):
-            while len(cache.local):
-                await anyio.sleep(0.002)
-        return anyio.current_time() - started
+        local = cache.local
+        assert local is not None
+        return await eventually(lambda: not len(local), seconds)
 
     @pytest.mark.parametrize("how", ["arguments", "tag", "namespace", "clear"])
     async def test_an_invalidation_reaches_the_other_memory_tier_within_100ms(

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
+import anyio
 import pytest
 from _pytest.mark.structures import ParameterSet
 
@@ -18,7 +19,7 @@ from cachelayers import Backend, MemoryBackend
 from cachelayers.backends import create_backend
 from tests.conftest import FakeClock
 
-__all__ = ["KINDS", "REDIS_ON_TRIO", "backend_params", "make_backend", "skip_unless_supported"]
+__all__ = ["KINDS", "REDIS_ON_TRIO", "backend_params", "eventually", "make_backend", "skip_unless_supported"]
 
 KINDS: Final = ("memory", "redis", "disk")
 REDIS_ON_TRIO: Final = "the Redis tier runs on asyncio only (redis-py's asyncio client has no trio support)"
@@ -61,3 +62,16 @@ def make_backend(kind: str, request: pytest.FixtureRequest, clock: FakeClock | N
     backend = create_backend(url, clock=clock)
     assert not isinstance(backend, MemoryBackend) or kind == "memory"
     return backend
+
+
+async def eventually(condition: Callable[[], object], seconds: float, interval: float = 0.002) -> float:
+    """Wait until ``condition()`` is true; return how long it took. Fails (``TimeoutError``) after ``seconds``.
+
+    For state that changes in another task or process (a background refresh, a pub/sub message): there is no
+    event of ours to wait on, so the test looks every ``interval``.
+    """
+    started = anyio.current_time()
+    with anyio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 - watching state we do not own
+            await anyio.sleep(interval)
+    return anyio.current_time() - started

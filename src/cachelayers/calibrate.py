@@ -162,8 +162,11 @@ class Calibration:
                          f"  {point.false_positives:>6}  {point.false_negatives:>6}{mark}")
         return "\n".join(lines)
 
-    def plot(self, path: str | Path, *, target_precision: float | None = None, title: str | None = None) -> Path:
+    def plot(self, path: str | Path, *, target_precision: float | None = None, title: str | None = None,
+             min_support: int = 50) -> Path:
         """Write a PNG of precision and recall against the threshold.
+
+        Precision is drawn only where at least ``min_support`` pairs reach the threshold.
 
         Raises:
             MissingDependencyError: matplotlib is not installed (extra ``plot``).
@@ -176,14 +179,15 @@ class Calibration:
         from matplotlib import pyplot as plt
 
         xs = [p.threshold for p in self.points]
-        precision = [p.precision if p.precision is not None else float("nan") for p in self.points]
+        precision = [p.precision if p.precision is not None and p.true_positives + p.false_positives >= min_support
+                     else float("nan") for p in self.points]
         recall = [p.recall for p in self.points]
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         ax.plot(xs, precision, label="precision (1 - share of served answers that are wrong)", color="#1f77b4")
         ax.plot(xs, recall, label="recall (share of duplicates answered from cache)", color="#ff7f0e")
         if target_precision is not None:
             ax.axhline(target_precision, color="#888888", linestyle=":", linewidth=1)
-            chosen = self.threshold_for(target_precision)
+            chosen = self.threshold_for(target_precision, min_support=min_support)
             if chosen is not None:
                 ax.axvline(chosen.threshold, color="#2ca02c", linestyle="--", linewidth=1,
                            label=f"threshold {chosen.threshold:.2f}: precision {chosen.precision:.2f}, "
@@ -271,7 +275,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
               f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f})")
     if args.plot is not None:
         try:
-            written = result.plot(args.plot, target_precision=args.target_precision)
+            written = result.plot(args.plot, target_precision=args.target_precision, min_support=args.min_support)
         except MissingDependencyError as exc:
             print(f"cachelayers calibrate: error: {exc}")
             return 2

@@ -12,10 +12,11 @@ Adapters here wrap a sentence-transformers model (`SentenceTransformerEmbedder`,
 ``sentence-transformers``), a model2vec static model (`Model2VecEmbedder`, extra ``model2vec``) and any
 OpenAI-compatible async client (`OpenAIEmbedder`, extra ``openai``); each imports its library only when used.
 `HashingEmbedder` is the built-in default: numpy only, offline, deterministic, microseconds per text. It
-matches texts that share words and spellings — reworded, reordered, re-punctuated, re-cased or slightly
-misspelled questions — and **does not** understand meaning: synonyms, paraphrases with different words and
-negations ("is X safe" vs "is X not safe") look alike or unalike by their letters only. Use it for tests,
-demos and near-duplicate traffic; use a neural model for paraphrases.
+scores texts by the words and spellings they share and **does not** understand meaning: synonyms,
+paraphrases with different words and negations ("is X safe" vs "is X not safe") look alike or unalike by
+their letters only. At its calibrated threshold (0.98) it answers repeats that differ in case, punctuation and
+spacing; reordered words, a changed function word or a misspelling score 0.7-0.95. Use it for tests, demos
+and near-duplicate traffic; use a neural model for paraphrases.
 
 Every embedder's output is checked by `validate_embeddings`: wrong row count or dimension, NaN, infinity or
 an all-zero row raise `EmbeddingError`, and rows are normalised to unit length.
@@ -162,10 +163,11 @@ class HashingEmbedder:
     content word padded with spaces. Features are hashed with CRC-32 into ``ndim`` signed
     buckets, summed, and the vector is normalised to unit length.
 
-    What it catches: re-casing, punctuation, word order, small spelling changes, extra or missing function
-    words, shared content words. What it misses: meaning. Synonyms ("car" / "automobile") look unrelated,
-    and a negation or a changed number can look nearly identical. Pair it with a high threshold, a verifier,
-    or a neural embedder for paraphrase traffic; ``cachelayers calibrate`` measures it on your data.
+    What scores high: re-casing, punctuation and spacing (1.0); reordered words, a changed function word or
+    a misspelling (0.7-0.95, below the calibrated 0.98). What it misses: meaning. Synonyms ("car" /
+    "automobile") look unrelated, and a negation or a changed number can look nearly identical. Pair it with
+    a verifier or use a neural embedder for paraphrase traffic; ``cachelayers calibrate`` measures it on
+    your data.
 
     Args:
         ndim: Dimension of the vectors (more buckets, fewer collisions).

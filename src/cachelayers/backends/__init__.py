@@ -16,14 +16,16 @@ from cachelayers.backends.base import (
     BackendURL,
     ClearPrefixSupport,
     Clock,
+    DeadlineSupport,
     LockSupport,
     PubSubSupport,
     StoreItem,
 )
 from cachelayers.errors import ConfigError, MissingDependencyError
 
-__all__ = ["Backend", "BackendURL", "ClearPrefixSupport", "Clock", "LockSupport", "PubSubSupport", "StoreItem",
-           "backend_class", "create_backend", "register_backend", "registered_schemes", "validate_backend_url"]
+__all__ = ["Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LockSupport", "PubSubSupport",
+           "StoreItem", "backend_class", "create_backend", "register_backend", "registered_schemes",
+           "validate_backend_url"]
 
 
 class _Registration(NamedTuple):

@@ -68,6 +68,7 @@ _LOCK_FIRST_WAIT_NOTIFIED: Final = 0.25
 _LOCK_MAX_WAIT: Final = 1.0
 _LISTEN_MAX_BACKOFF: Final = 5.0
 _RECENT_INVALIDATIONS: Final = 1024
+_DIGEST_MEMO: Final = 1 << 16  # storage digests a batch function remembers before starting over
 
 
 def namespace_tag(namespace: str) -> str:
@@ -1255,6 +1256,8 @@ class BatchFunctionCache(FunctionCache[P, T]):
             if options.get(option) not in (None, False):
                 raise ConfigError(option, options[option], "not supported with batch=")
         self._batch_name = batch
+        # Items recur (that is why they are cached): their storage digests are remembered, within a bound.
+        self._digests: dict[Hashable, str] = {}
         index = next(i for i, p in enumerate(params) if p.name == batch)
         self._batch_index = index if params[index].kind is not inspect.Parameter.KEYWORD_ONLY else None
         self._array_output = _returns_array(fn)
@@ -1369,7 +1372,15 @@ class BatchFunctionCache(FunctionCache[P, T]):
                 mine.append(key)
         try:
             if mine and cache.tiers:
-                storage = [self._prefix + self._keys.storage_digest(key) for key in mine]
+                prefix, digests, digest_of = self._prefix, self._digests, self._keys.storage_digest
+                if len(digests) > _DIGEST_MEMO:
+                    digests.clear()
+                storage = []
+                for key in mine:
+                    digest = digests.get(key)
+                    if digest is None:
+                        digest = digests[key] = digest_of(key)
+                    storage.append(prefix + digest)
                 started = time.perf_counter()
                 found = await cache.read_lower_many(mine, storage, stats, epoch=epoch)
                 if found:
@@ -1430,7 +1441,8 @@ class BatchFunctionCache(FunctionCache[P, T]):
                 if cache.strict:
                     raise
                 continue
-            storage_key = self._prefix + self._keys.storage_digest(key)
+            digest = self._digests.get(key)
+            storage_key = self._prefix + (digest if digest is not None else self._keys.storage_digest(key))
             if not cache.invalidated_since(epoch, storage_key, tags):
                 entries.append((key, storage_key, row, expires_at, tags))
         try:
