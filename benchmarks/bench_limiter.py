@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import random
@@ -44,12 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _util import Series, environment, render_table, to_json
 from aiolimiter import AsyncLimiter
 from limits import parse
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from _util import Series, environment, render_table, to_json
 from cachelayers import RateLimiter, Settings, rate_limited
 from cachelayers.backends.limits_storage import create_limits_storage
 
@@ -151,10 +152,8 @@ async def contention(storage_url: str | Storage, limit: str, tasks: int, seconds
             for _ in range(tasks):
                 tg.create_task(client())
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(run(), seconds)
-    except TimeoutError:
-        pass
     info = engine.info()
     await engine.aclose()
     return {"admitted": info.admitted, "window": info.window_calls_per_admission, "all": info.calls_per_admission}
@@ -165,24 +164,19 @@ async def polling(storage: Storage, limit: str, tasks: int, seconds: float, inte
     strategy = MovingWindowRateLimiter(storage)
     item = parse(limit)
     counts = {"admitted": 0, "calls": 0}
+    deadline = time.monotonic() + seconds
 
     async def client() -> None:
-        while True:
+        while time.monotonic() < deadline:
             counts["calls"] += 1
             if await strategy.hit(item, "poll"):
                 counts["admitted"] += 1
             else:
                 await asyncio.sleep(interval)
 
-    async def run() -> None:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(tasks):
-                tg.create_task(client())
-
-    try:
-        await asyncio.wait_for(run(), seconds)
-    except TimeoutError:
-        pass
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(tasks):
+            tg.create_task(client())
     return {"admitted": counts["admitted"], "window": counts["calls"] / max(1, counts["admitted"]),
             "all": counts["calls"] / max(1, counts["admitted"])}
 
@@ -218,10 +212,8 @@ def worker(raw: str) -> None:
                 for _ in range(args["tasks"]):
                     tg.create_task(client())
 
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(run(), args["seconds"])
-        except TimeoutError:
-            pass
         info = engine.info()._asdict()
         await engine.aclose()
         return info

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -202,7 +203,20 @@ def redis_cluster() -> Iterator[str]:
     from tests.redis_server import free_port
 
     _require_redis()
-    ports = [free_port() for _ in range(3)]
+
+    def cluster_port() -> int:
+        # A cluster node also listens on port + 10000 (its bus), which must be a valid, free port too.
+        while True:
+            port = free_port()
+            if port < 55_000:
+                with socket.socket() as bus:
+                    try:
+                        bus.bind(("127.0.0.1", port + 10_000))
+                    except OSError:
+                        continue
+                return port
+
+    ports = [cluster_port() for _ in range(3)]
     servers = [RedisServer(port=p, extra_args=["--cluster-enabled", "yes", "--cluster-config-file",
                                                f"nodes-{p}.conf", "--cluster-node-timeout", "2000"]).start()
                for p in ports]

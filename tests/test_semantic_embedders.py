@@ -212,6 +212,7 @@ def test_embedder_names_are_stable_and_never_shared_by_lambdas() -> None:
         "tests.test_semantic_embedders.test_validation_rejects_malformed_output")
     one, two = (lambda texts: texts), (lambda texts: texts)
     first, second = embedder_name(one), embedder_name(two)
+    assert embedder_name(one) == first  # stable for the object's life
     assert first != second
     assert "<lambda>" in first
     assert isinstance(resolve_embedder(None), HashingEmbedder)
@@ -219,3 +220,20 @@ def test_embedder_names_are_stable_and_never_shared_by_lambdas() -> None:
         resolve_embedder(42)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="ndim"):
         HashingEmbedder(4)
+
+
+def test_a_collected_embedder_never_lends_its_identity_to_a_new_one() -> None:
+    """Identities of nested embedders are not ids: a reused id would share cached vectors between models."""
+    import gc
+
+    def make(scale: float) -> Any:
+        def embed_texts(texts: list[str]) -> np.ndarray:
+            return np.full((len(texts), 2), scale)
+
+        return embed_texts
+
+    names = set()
+    for scale in (1.0, 2.0, 3.0):
+        names.add(embedder_name(make(scale)))
+        gc.collect()
+    assert len(names) == 3

@@ -167,6 +167,35 @@ async def test_read_through_in_order_and_back_fill_keeps_the_remaining_ttl(
     await writer.aclose()
 
 
+async def test_a_value_computed_while_it_was_invalidated_is_returned_but_not_stored(
+        cache: TieredCache, lower: Backend) -> None:
+    started, release = anyio.Event(), anyio.Event()
+    computed = 0
+
+    @multilevel_cached(cache=cache, name="racy")
+    async def value(x: int) -> int:
+        nonlocal computed
+        computed += 1
+        started.set()
+        await release.wait()
+        return computed
+
+    results: list[int] = []
+
+    async def call() -> None:
+        results.append(await value(1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await started.wait()
+        await value.invalidate(1)  # the source changed while the old value was being computed
+        release.set()
+    assert results == [1]
+    storage_key = value.cache._prefix + value.cache._keys.storage_digest(value.cache._keys.local((1,), {}))
+    assert await lower.get_many([storage_key]) == [None]
+    assert await value(1) == 2
+
+
 class TestIntegrity:
     @pytest.mark.parametrize("damage", ["random", "truncated", "foreign", "unsigned"])
     async def test_a_damaged_entry_is_a_miss_deleted_and_counted(
@@ -423,6 +452,45 @@ class TestAcrossCaches:
         # five. The other two SETs are the holder's lock and its write.
         assert int(client.info("commandstats")["cmdstat_set"]["calls"]) <= 4
         client.close()
+
+    async def test_a_stale_entry_is_refreshed_once_across_caches(self, request: pytest.FixtureRequest,
+                                                                 clock: FakeClock) -> None:
+        """With ``lock=``, stale-while-revalidate refreshes a key once across processes, not once in each."""
+        skip_unless_supported("redis", request)
+        settings = Settings(tiers={"memory": "memory://", "redis": str(request.getfixturevalue("redis_url"))})
+        caches = [TieredCache(settings, clock=clock) for _ in range(2)]
+        computed = 0
+        release = anyio.Event()
+
+        async def fn(x: int) -> int:
+            nonlocal computed
+            computed += 1
+            if computed > 1:
+                await release.wait()
+            return computed
+
+        fns = [multilevel_cached(name="swr", ttl=10, stale=100, lock=True, cache=c)(fn) for c in caches]
+        assert await fns[0](1) == 1
+        assert await fns[1](1) == 1  # from Redis
+        clock.advance(20)
+        results: list[int] = []
+
+        async def call(f: Any) -> None:
+            results.append(await f(1))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                for f in fns:
+                    tg.start_soon(call, f)
+        assert results == [1] * 40
+        # One cache's refresh holds the lock and computes; the other's found it taken and gave up.
+        await eventually(lambda: computed == 2 and any(not c._inflight for c in caches), 5)
+        release.set()
+        await eventually(lambda: sum(f.cache.refreshes for f in fns) == 1 and
+                         all(not c._inflight for c in caches), 5)
+        assert computed == 2
+        for c in caches:
+            await c.aclose()
 
     async def test_a_crashed_holder_blocks_only_until_its_lease_runs_out(
             self, pair: tuple[TieredCache, TieredCache], request: pytest.FixtureRequest) -> None:

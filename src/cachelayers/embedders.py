@@ -29,6 +29,8 @@ import itertools
 import math
 import re
 import unicodedata
+import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,19 +63,42 @@ class Embedder(Protocol):
     def __call__(self, texts: list[str], /) -> Any: ...
 
 
+_tokens: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_pinned: dict[int, tuple[Any, str]] = {}
+
+
+def _process_token(embedder: Any) -> str:
+    """A token unique to ``embedder`` for the life of the process.
+
+    Not ``id()`` alone: an id is reused once its object is collected, and a new embedder would then read the
+    cached vectors of the old one. Objects that cannot be weakly referenced are kept alive instead.
+    """
+    try:
+        token = _tokens.get(embedder)
+        if token is None:
+            token = _tokens[embedder] = uuid.uuid4().hex[:16]
+        return token
+    except TypeError:
+        pinned = _pinned.get(id(embedder))
+        if pinned is None or pinned[0] is not embedder:
+            pinned = _pinned[id(embedder)] = (embedder, uuid.uuid4().hex[:16])
+        return pinned[1]
+
+
 def embedder_name(embedder: Callable[..., Any]) -> str:
     """A stable identity of ``embedder`` for the keys of cached embeddings.
 
-    The ``name`` attribute when it has one; else ``module.qualname``, plus the object's id for lambdas and
-    nested functions, whose qualified names are not unique (their cached embeddings then stay in-process
-    rather than risk being shared with another function of the same name).
+    The ``name`` attribute when it has one; else ``module.qualname`` of a module-level function. Lambdas,
+    nested functions and callable objects without a ``name`` get a token unique to the object in this
+    process: their qualified names are not unique, so their cached embeddings stay in-process rather than
+    risk being read by another embedder. Give such embedders a ``name`` to share their cache.
     """
     name = getattr(embedder, "name", None)
     if isinstance(name, str) and name:
         return name
     identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
-    if "<lambda>" in identity or "<locals>" in identity or not inspect.isroutine(embedder):
-        identity += f"@{id(embedder):x}"
+    if "<lambda>" in identity or "<locals>" in identity or not inspect.isfunction(embedder):
+        identity += f"@{_process_token(embedder)}"
     return identity
 
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
+import anyio
+
 from cachelayers.backends.base import (
     Backend,
     BackendURL,
@@ -603,9 +605,11 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
                     break
             yield self._messages(pubsub)
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            await self._close_client(client)
+            # The subscriber is usually cancelled (the engine closing): close the connection all the same.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                await self._close_client(client)
 
     @staticmethod
     async def _close_client(client: Any) -> None:

@@ -515,6 +515,8 @@ class RateLimiter:
         self._windows: dict[str, _Window] = {}
         self._queues: dict[tuple[str, tuple[str, ...]], _Queue] = {}
         self._resolved: dict[tuple[tuple[str, ...], str], tuple[Limit, ...]] = {}
+        # (limits, strategy, key) of `acquire` calls -> what they resolve to, so repeated calls skip the work
+        self._calls: dict[tuple[Any, ...], tuple[tuple[Limit, ...], _Queue, tuple[int, ...]]] = {}
         self.stats = _Stats()
         self.log = StateLog()
         register_stats_source(self)
@@ -623,6 +625,7 @@ class RateLimiter:
         """Drop an idle queue, and its windows when nothing else uses them and they hold no state."""
         ident = (queue.strategy.name, tuple(w.key for w in queue.windows))
         self._queues.pop(ident, None)
+        self._calls = {k: v for k, v in self._calls.items() if v[1] is not queue}
         for window in queue.windows:
             with contextlib.suppress(ValueError):
                 window.queues.remove(queue)
@@ -1028,9 +1031,16 @@ class RateLimiter:
                 (``retry_after`` is ``None``: it can never fit).
             ConfigError: A limit is unknown or malformed.
         """
-        resolved, strat = self._limits(limits, strategy)
-        queue = self._queue(resolved, str(key), strat)
-        costs = self._expand(resolved, cost, str(key))
+        ident = (limits, strategy, key)
+        found = self._calls.get(ident) if type(key) is str else None
+        if found is None:
+            resolved, strat = self._limits(limits, strategy)
+            found = (resolved, self._queue(resolved, str(key), strat), self._expand(resolved, None, str(key)))
+            if len(self._calls) < _SWEEP_AT and all(isinstance(s, str) for s in limits):
+                self._calls[ident] = found
+        resolved, queue, costs = found
+        if cost is not None:
+            costs = self._expand(resolved, cost, str(key))
         wait = None if timeout is None else parse_duration(timeout, "timeout", allow_zero=True)
         since = await self._acquire(queue, costs, wait)
         return Permit(self, queue, resolved, costs, since, _adaptive(adaptive))

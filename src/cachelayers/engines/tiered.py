@@ -273,6 +273,8 @@ class _Listener:
                         self._on_message(message)
             except Exception as exc:
                 self.cache.log.failure(what, exc)
+                if self.ready is not None:
+                    self.ready.set()  # whoever waits in start() goes on without: entries stay unsynced
             if self.subscribed:
                 self.subscribed = False
                 self.lost = True
