@@ -64,7 +64,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """URL of the session's redis-server, flushed before each test (restarted if a test killed it)."""
     import redis
 
@@ -72,7 +72,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     client = redis.Redis(port=redis_server.port)
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
