@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,6 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from cachelayers import Backend, MemoryBackend, Settings, TieredCache, multilevel_cached
 from cachelayers.backends import create_backend
+from cachelayers.backends.memory import Slot
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.engines import namespace_tag
@@ -136,6 +137,9 @@ class TierModel:
     max_bytes: int = 0
     order: OrderedDict[str, int] = field(default_factory=OrderedDict)  # storage key -> charged size, LRU first
     may_hold: set[str] = field(default_factory=set)
+    # Names a memory slot by its storage key. A memory-only engine stores no storage key in its slots (nothing
+    # outside the process names them), so the machine derives it from the local key.
+    resolve: Callable[[Hashable, Slot], str] = lambda key, slot: slot.storage_key or str(key)
 
     def fits(self, entry: Entry) -> bool:
         if entry.body_size + SIZE_SLACK <= self.max_bytes:
@@ -146,8 +150,7 @@ class TierModel:
     def contents(self) -> list[tuple[str, int]]:
         """The backend's entries as ``(storage key, charged size)``, least recently used first."""
         assert isinstance(self.backend, MemoryBackend)
-        return [(slot.storage_key if slot.storage_key is not None else str(key), slot.size)
-                for key, slot in self.backend.slots.items()]
+        return [(self.resolve(key, slot), slot.size) for key, slot in self.backend.slots.items()]
 
     def holds(self, key: str) -> bool:
         return key in self.order if self.exact else key in self.may_hold
@@ -226,6 +229,8 @@ class TieredCacheMachine(RuleBasedStateMachine):
                                       cache=self.cache)(beta)
         # Storage keys as documented: <prefix><namespace>:<digest of the normalised call>.
         self.fn_keys = {"alpha": KeyBuilder(alpha, namespace="alpha"), "beta": KeyBuilder(beta, namespace="beta")}
+        for tier in self.tiers:
+            tier.resolve = self.memory_key
 
     # -- helpers ------------------------------------------------------------------------------------------
 
@@ -238,6 +243,15 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
     def kv_key(self, key: str) -> str:
         return f"{self.prefix}kv:{key}"
+
+    def memory_key(self, local_key: Hashable, slot: Slot) -> str:
+        """The storage key of a memory slot: recorded in it, or derived from a function's local key."""
+        if slot.storage_key is not None:
+            return slot.storage_key
+        for name, builder in self.fn_keys.items():
+            if isinstance(local_key, tuple) and local_key[0] == builder.token:
+                return f"{self.prefix}{name}:{builder.storage_digest(local_key)}"
+        return str(local_key)
 
     def fn_key(self, name: str, x: int) -> str:
         builder = self.fn_keys[name]
@@ -389,7 +403,7 @@ class TieredCacheMachine(RuleBasedStateMachine):
                 continue
             assert isinstance(tier.backend, MemoryBackend)
             for local_key, slot in tier.backend.slots.items():
-                key = slot.storage_key if slot.storage_key is not None else str(local_key)
+                key = tier.resolve(local_key, slot)
                 entry = self.model[key]
                 # Absolute expiry: a back-filled copy keeps the original deadline, never a fresh TTL.
                 assert slot.expires_at == entry.expires_at

@@ -525,7 +525,7 @@ class TieredCache:
         await listener.tier.call(op, None)
 
     def _store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
-                     tags: tuple[str, ...], storage_key: str) -> None:
+                     tags: tuple[str, ...], storage_key: str | None) -> None:
         local = self.local
         assert local is not None
         listener = self.listener
@@ -644,14 +644,12 @@ class TieredCache:
         if self.strict:
             raise exc
 
-    async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
-                    tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
-                    since: int | None = None) -> bool:
-        """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored).
+    def store_in_memory(self, local_key: Hashable, storage_key: str | None, value: Any, expires_at: float | None,
+                        tags: tuple[str, ...], fstats: FunctionStats | None = None) -> bytes | None:
+        """Encode ``value`` (its size is what the memory tier charges) and store it there, if there is one.
 
-        Args:
-            grace: Seconds past ``expires_at`` that the tiers below memory keep the entry (``stale=``).
-            since: A value of `failures` taken when the call started: tiers that failed since are skipped.
+        Returns the encoded body for the tiers below, or ``None`` when the value cannot be encoded (counted,
+        logged once, nothing stored).
         """
         try:
             body = self.codec.pack_body(value, tags)
@@ -661,10 +659,29 @@ class TieredCache:
             self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
             if self.strict:
                 raise
-            return False
-        if self.local is not None:
-            self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
+            return None
+        local = self.local
+        if local is not None:
+            if self.listener is None:
+                local.store(local_key, value, size=len(body), expires_at=expires_at, tags=tags,
+                            storage_key=storage_key)
+            else:
+                self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
             self.local_stats.writes += 1
+        return body
+
+    async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
+                    tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
+                    since: int | None = None) -> bool:
+        """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored).
+
+        Args:
+            grace: Seconds past ``expires_at`` that the tiers below memory keep the entry (``stale=``).
+            since: A value of `failures` taken when the call started: tiers that failed since are skipped.
+        """
+        body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+        if body is None:
+            return False
         if self.tiers:
             keep = None if expires_at is None else expires_at + grace
             item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), keep,
@@ -812,6 +829,7 @@ class FunctionCache(Generic[P, T]):
         self._expiry_default: float | None = None
         self.stats = FunctionStats()
         self._namespace_tags = (namespace_tag(self._keys.namespace),)
+        self._fixed_tags = self._namespace_tags + self._static_tags
         self.wrapper = self._build_wrapper()
         _functions.add(self)
         register_stats_source(self)
@@ -965,7 +983,14 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
             # The computing caller was cancelled: one of the waiters takes over.
         flight = inflight[local_key] = _Flight()
         try:
-            value = await self._load(cache, local_key, args, kwargs)
+            if cache.tiers or cache.listener is not None:
+                value = await self._load(cache, local_key, args, kwargs)
+            else:  # memory only: compute right here (one coroutine less on the miss path)
+                epoch = cache.epoch
+                started = time.perf_counter()
+                value = await self._fn(*args, **kwargs)
+                self._store_computed_in_memory(cache, local_key, args, kwargs, value, epoch,
+                                               time.perf_counter() - started)
             stale = type(value) is _Stale
             if stale:
                 value = value.value
@@ -1020,6 +1045,30 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
             if self._cost is not None:
                 self._count_cost(value.value if type(value) is _Stale else value)
         return value
+
+    def _store_computed_in_memory(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
+                                  result: Any, epoch: int, seconds: float) -> None:
+        """`_compute`'s bookkeeping for an engine with no tier below memory and no invalidation channel.
+
+        No storage key is needed to store (nothing names the entry outside this process); it is derived only
+        to check an invalidation that went by while computing.
+        """
+        stats = self.stats
+        stats.misses += 1
+        stats.computed_latency.add(seconds)
+        try:
+            tags = self._tags(args, kwargs)
+        except Exception as exc:  # a failing tags= function must not lose the result
+            stats.errors += 1
+            cache.log.failure(f"tags= of {self.identity}", exc)
+            if cache.strict:
+                raise
+            return
+        if epoch != cache.epoch and cache.invalidated_since(
+                epoch, self._prefix + self._keys.storage_digest(local_key), tags):
+            return
+        ttl = self._expiry_default
+        cache.store_in_memory(local_key, None, result, cache.clock() + ttl if ttl is not None else None, tags, stats)
 
     async def _compute(self, cache: TieredCache, local_key: Hashable, storage_key: str, args: Any, kwargs: Any,
                        epoch: int, since: int) -> T:
@@ -1155,7 +1204,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
 
     def _tags(self, args: Any, kwargs: Any) -> tuple[str, ...]:
         if self._tags_fn is None:
-            return self._namespace_tags + self._static_tags
+            return self._fixed_tags
         produced = tuple(self._tags_fn(**self._keys.arguments(args, kwargs)))
         if not all(isinstance(t, str) for t in produced):
             raise TypeError(f"tags= of {self.identity} must return strings, got {produced!r}")
