@@ -19,6 +19,8 @@ from cachelayers.cli import main
 from cachelayers.demo import (
     CACHED,
     COMPUTED,
+    EXACT,
+    SEMANTIC,
     SHARED,
     DemoConfig,
     build_requests,
@@ -30,6 +32,13 @@ from cachelayers.settings import get_settings, reset_settings
 
 # Small and fast: 240 requests, simulated latencies cut to 5 %.
 DEMO_ARGS = ["demo", "--requests", "240", "--latency-scale", "0.05", "--concurrency", "6", "--seed", "11"]
+
+
+@pytest.fixture(autouse=True)
+def demo_cache_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The demo's default disk tier lives under $XDG_CACHE_HOME: here, a directory of this test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -46,13 +55,19 @@ def demo_json(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]
 
 
 def expected_provider_calls(config: DemoConfig) -> dict[str, int]:
-    """Distinct calls per stage of the request stream: each reaches the provider exactly once."""
+    """Distinct calls per stage of the request stream: each misses the exact cache exactly once (for the LLM,
+    the semantic layer answers some of these misses)."""
     requests = build_requests(config)
     return {
         "embed": len({r.question for r in requests}),
         "search": len({(r.question, r.collection) for r in requests}),
         "complete": len({(r.question, r.collection, r.model, r.temperature) for r in requests}),
     }
+
+
+def same_words(question: str) -> str:
+    """A question as the default embedder sees it: case, punctuation and spacing do not count."""
+    return " ".join("".join(c for c in question.casefold() if c.isalnum() or c.isspace()).split())
 
 
 # -- the demo -------------------------------------------------------------------------------------------
@@ -68,24 +83,58 @@ def test_demo_report_adds_up(capsys: pytest.CaptureFixture[str]) -> None:
     for stage in report["stages"]:
         outcomes = stage["outcomes"]
         computed = outcomes.get(COMPUTED, 0)
-        assert set(outcomes) <= {CACHED, SHARED, COMPUTED}
+        semantic = outcomes.get(SEMANTIC, 0) + outcomes.get(EXACT, 0)  # misses of the exact cache answered anyway
+        assert set(outcomes) <= ({CACHED, SHARED, COMPUTED, SEMANTIC, EXACT} if stage["name"] == "complete"
+                                 else {CACHED, SHARED, COMPUTED})
         assert stage["calls"] == sum(outcomes.values()) == requests
-        assert stage["provider_calls"] == computed == expected[stage["name"]]
+        assert computed + semantic == expected[stage["name"]]
+        if stage["name"] != "embed":  # the embedding provider is called once per batch (below)
+            assert stage["provider_calls"] == computed
         assert stage["avoided"] == requests - computed > 0
         info = stage["cache_info"]
-        assert info["misses"] == computed
+        assert info["misses"] == computed + semantic
         assert info["hits"] == outcomes.get(CACHED, 0) + outcomes.get(SHARED, 0)
         assert info["hits_by_tier"].get("in-flight", 0) == outcomes.get(SHARED, 0)
         # The library counts the declared cost of tier hits; the demo counts what each call would have cost.
         assert info["cost_saved"] == pytest.approx(stage["cost_saved"].get(CACHED, 0.0), rel=1e-9)
         assert stage["latency"][COMPUTED]["p50"] <= stage["latency"][COMPUTED]["p95"]
         assert stage["latency"][CACHED]["p50"] is not None
-    assert report["provider_calls"] == sum(s["provider_calls"] for s in report["stages"])
+    # Computed calls: the embedding provider served them in fewer requests (batches), the others one each.
+    assert report["provider_calls"] == sum(s["outcomes"].get(COMPUTED, 0) for s in report["stages"])
     assert report["provider_calls"] + report["avoided_calls"] == 3 * requests
     assert report["cost_spent"] == pytest.approx(sum(s["cost_spent"] for s in report["stages"]))
     assert report["cost_saved"] == pytest.approx(sum(sum(s["cost_saved"].values()) for s in report["stages"]))
     assert sum(report["requests_by_outcome"].values()) == requests
     assert report["time_saved"] > 0
+
+
+def test_demo_reports_batching_rate_limiting_and_semantic_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    """The numbers of the other three decorators agree with the stage outcomes and the request stream."""
+    report = demo_json(capsys)
+    embed, _, complete = report["stages"]
+    # Batching: every computed embedding went to the provider in a batch; batches x mean size = items.
+    batching = embed["details"]
+    assert batching["items"] == embed["outcomes"][COMPUTED]
+    assert embed["provider_calls"] == batching["batches"] <= batching["items"]
+    assert batching["batches"] * batching["mean_batch_size"] == pytest.approx(batching["items"])
+    assert batching["fill_ratio"] == pytest.approx(batching["mean_batch_size"] / batching["max_batch_size"])
+    # Rate limiting: only calls that reached the LLM were admitted (hits never wait); each at once or after waiting.
+    limits = complete["details"]
+    assert limits["admitted"] == complete["outcomes"][COMPUTED] == complete["provider_calls"]
+    assert limits["admitted"] == limits["immediate"] + limits["waited"]
+    assert limits["timeouts"] == 0
+    # Semantic layer: exact + semantic + computed = the LLM stage's requests; re-cased variants hit.
+    outcomes = complete["outcomes"]
+    exact = outcomes.get(CACHED, 0) + outcomes.get(SHARED, 0) + outcomes.get(EXACT, 0)
+    assert exact + outcomes.get(SEMANTIC, 0) + outcomes[COMPUTED] == complete["calls"] == report["requests"]
+    assert outcomes.get(SEMANTIC, 0) > 0
+    semantic_info = limits["semantic_cache"]
+    assert semantic_info["semantic_hits"] == outcomes.get(SEMANTIC, 0)
+    # A question differing only in case or punctuation is answered semantically, so the LLM computes at least
+    # one answer per distinct wording of a question, and no more than one per distinct call.
+    requests = build_requests(DemoConfig(requests=240, seed=11))
+    wordings = len({(same_words(r.question), r.collection, r.model, r.temperature) for r in requests})
+    assert wordings <= outcomes[COMPUTED] < expected_provider_calls(DemoConfig(requests=240, seed=11))["complete"]
 
 
 def test_constant_cost_stage_saves_hits_times_cost(capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,15 +149,18 @@ def test_constant_cost_stage_saves_hits_times_cost(capsys: pytest.CaptureFixture
 
 @pytest.mark.anyio
 async def test_cost_spent_plus_saved_is_the_cost_without_a_cache() -> None:
-    """Spent + saved equals the bill of the same stream sent straight to the providers (no cache)."""
-    config = DemoConfig(requests=150, seed=5, concurrency=4, latency_scale=0.0)
+    """Spent + saved equals the bill of the same stream sent straight to the providers (no cache).
+
+    Without re-worded questions: a semantic answer is priced at what its stored answer cost, which a re-worded
+    prompt would not cost exactly."""
+    config = DemoConfig(requests=150, seed=5, concurrency=4, latency_scale=0.0, variant_fraction=0.0)
     report = await run_demo(config)
     uncached = default_stages(config)
     bill = 0.0
     for request in build_requests(config):
         context: dict[str, Any] = {}
         for stage in uncached:
-            result = await stage.function.__wrapped__(*stage.arguments(request, context))
+            result = await stage.uncached(*stage.arguments(request, context))
             context[stage.name] = result
             bill += result["cost"]
     assert sum(s.provider.calls for s in uncached) == 3 * config.requests
@@ -117,8 +169,9 @@ async def test_cost_spent_plus_saved_is_the_cost_without_a_cache() -> None:
 
 
 def test_demo_replays_the_same_stream_for_the_same_seed(capsys: pytest.CaptureFixture[str]) -> None:
-    """Equal seeds: equal provider calls and spend (the cache starts empty each run); another seed differs."""
-    first, second = demo_json(capsys), demo_json(capsys)
+    """Equal seeds: equal provider calls and spend (--fresh: the cache starts empty each run); another seed
+    differs."""
+    first, second = demo_json(capsys, "--fresh"), demo_json(capsys, "--fresh")
     for a, b in zip(first["stages"], second["stages"], strict=True):
         assert a["outcomes"][COMPUTED] == b["outcomes"][COMPUTED]
         assert a["cost_spent"] == pytest.approx(b["cost_spent"], rel=1e-12)
@@ -126,19 +179,36 @@ def test_demo_replays_the_same_stream_for_the_same_seed(capsys: pytest.CaptureFi
     assert build_requests(DemoConfig(seed=11, requests=50)) != build_requests(DemoConfig(seed=12, requests=50))
 
 
-def test_demo_keep_reuses_entries_of_the_previous_run(capsys: pytest.CaptureFixture[str]) -> None:
-    """With --keep the second run in one process finds the first run's entries: nothing is computed."""
-    demo_json(capsys)
-    warm = demo_json(capsys, "--keep")
-    assert all(stage["outcomes"].get(COMPUTED, 0) == 0 for stage in warm["stages"])
+def test_second_run_on_the_default_tiers_computes_nothing(
+    capsys: pytest.CaptureFixture[str], demo_cache_home: Any,
+) -> None:
+    """By default the demo keeps its entries in memory over disk under $XDG_CACHE_HOME: a second run with an
+    empty memory tier (as in a new process) is answered from disk, and no provider is called."""
+    cold = demo_json(capsys)
+    assert set(cold["tiers"]) == {"memory", "disk"}
+    assert str(demo_cache_home / "cachelayers" / "demo") in cold["tiers"]["disk"]
+    reset_settings()  # a new engine: an empty memory tier over the same disk
+    warm = demo_json(capsys)
+    for before, after in zip(cold["stages"], warm["stages"], strict=True):
+        assert after["outcomes"].get(COMPUTED, 0) == 0
+        assert after["outcomes"].get(SEMANTIC, 0) == 0
+        assert after["provider_calls"] == 0
+        # Each distinct call missed the exact cache once in the first run; now it is read from disk once.
+        assert after["cache_info"]["hits_by_tier"]["disk"] == before["cache_info"]["misses"]
     assert warm["cost_spent"] == 0
+    assert warm["cost_saved"] == pytest.approx(cold["cost_spent"] + cold["cost_saved"])
+    # --fresh removes the demo's entries first: the third run computes like the first.
+    reset_settings()
+    fresh = demo_json(capsys, "--fresh")
+    assert [s["outcomes"][COMPUTED] > 0 for s in fresh["stages"]] == [True, True, True]
 
 
 def test_demo_prints_a_readable_report(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run_cli(capsys, *DEMO_ARGS, "--quiet")
     assert status == 0
     for text in ("embed", "search", "complete", "hit rate", "provider calls:", "avoided", "spent", "saved",
-                 "single-flight", "cached p50 / p95"):
+                 "single-flight", "cached p50 / p95", "hits by tier", "memory", "embed batching:", "batches",
+                 "mean size", "complete rate limit:", "waited", "answers by level: exact", "semantic"):
         assert text in out
 
 
@@ -339,9 +409,9 @@ def test_demo_over_redis_is_warm_for_a_fresh_memory_tier(
     monkeypatch.setenv("CACHELAYERS_TIER_TIMEOUT", "5s")  # a slow first connection must not count as a miss
     cold = demo_json(capsys)
     reset_settings()  # a new engine: an empty memory tier over the same Redis
-    warm = demo_json(capsys, "--keep")
+    warm = demo_json(capsys)
     for before, after in zip(cold["stages"], warm["stages"], strict=True):
         assert after["outcomes"].get(COMPUTED, 0) == 0
         assert after["cost_spent"] == 0
-        assert after["cache_info"]["hits_by_tier"]["redis"] == before["outcomes"][COMPUTED]
+        assert after["cache_info"]["hits_by_tier"]["redis"] == before["cache_info"]["misses"]
     assert warm["cost_saved"] == pytest.approx(cold["cost_spent"] + cold["cost_saved"])

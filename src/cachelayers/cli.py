@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -79,8 +80,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight at once (default 8)")
     parser.add_argument("--latency-scale", type=float, default=1.0, metavar="X",
                         help="factor on the simulated provider latencies (default 1.0)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the demo's entries from earlier runs (with a shared tier, a second run is warm)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="remove the demo's entries from every tier first (by default they are kept: a second "
+                             "run is answered from the disk tier)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -92,10 +94,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     from cachelayers.demo import DemoConfig, DemoReport, render_report, report_json, run_demo
     from cachelayers.engines import default_cache
+    from cachelayers.settings import configure
 
+    if "CACHELAYERS_TIERS" not in os.environ:
+        # Memory over disk unless told otherwise: entries outlive the process, so a second run starts warm.
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cachelayers" / "demo"
+        configure(tiers={"memory": "memory://", "disk": f"disk://{cache_dir}?max_bytes=256MiB"})
     default_cache()  # a bad configuration fails here, before the progress bar is drawn
     config = DemoConfig(requests=args.requests, seed=args.seed, concurrency=args.concurrency,
-                        latency_scale=args.latency_scale, fresh=not args.keep)
+                        latency_scale=args.latency_scale, fresh=args.fresh)
     progress = Progress(TextColumn("[bold]replaying"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[from_cache]} from cache"), TimeElapsedColumn(),
                         console=Console(stderr=True), disable=args.quiet, transient=False)

@@ -7,9 +7,11 @@ remote API and charges like one. Questions follow a Zipf popularity (a few are a
 rarely) with a share of never-seen questions, several requests run concurrently (so identical calls in
 flight show single-flight), and a seeded RNG makes every run replay the same stream.
 
-The pipeline is a list of stages run in order for every request, each timed per call. Later capabilities slot
-in as stages or providers without touching the runner: a batched embedding stage, a provider behind a rate
-limiter, a semantic layer in front of the LLM (which reports its answers under an outcome of its own).
+The pipeline is a list of stages run in order for every request, each timed per call. It exercises all four
+decorators: the embedding provider is reached through `batched` (concurrent misses share one request), the
+LLM provider through `rate_limited` inside the caches (hits never wait), and `semantic_cached` sits between
+the exact cache and the LLM, answering re-cased and re-punctuated repeats of questions (its answers are
+reported under an outcome of their own).
 """
 
 from __future__ import annotations
@@ -30,18 +32,22 @@ from typing import Any, Final
 import anyio
 import numpy as np
 
-from cachelayers.decorators import CachedFunction, multilevel_cached
+from cachelayers.decorators import CachedFunction, batched, multilevel_cached, rate_limited, semantic_cached
+from cachelayers.engines.limiter import RateLimiter
+from cachelayers.engines.semantic import explain
 from cachelayers.errors import ConfigError
 from cachelayers.settings import get_settings
 
-__all__ = ["CACHED", "COMPUTED", "SHARED", "CompleteStage", "DemoConfig", "DemoReport", "EmbedStage", "Request",
-           "SearchStage", "SimulatedProvider", "Stage", "StageReport", "build_requests", "default_stages",
-           "render_report", "report_json", "run_demo"]
+__all__ = ["CACHED", "COMPUTED", "EXACT", "SEMANTIC", "SHARED", "CompleteStage", "DemoConfig", "DemoReport",
+           "EmbedStage", "Request", "SearchStage", "SimulatedProvider", "Stage", "StageReport", "build_requests",
+           "default_stages", "render_report", "report_json", "run_demo"]
 
 # Outcomes of one call of a stage. A stage that answers some other way (a semantic layer) adds its own.
 COMPUTED: Final = "computed"  # this call ran the provider
 CACHED: Final = "cached"  # answered from a cache tier
 SHARED: Final = "shared"  # joined an identical call already in flight (single-flight)
+SEMANTIC: Final = "semantic"  # answered by the semantic layer from a similar earlier question
+EXACT: Final = "exact"  # answered by the semantic layer from an entry of this very text (outer cache missed)
 
 EMBED_MODEL: Final = "text-embedding-3-small"
 EMBED_DIM: Final = 256
@@ -53,6 +59,10 @@ _PRICES: Final = {
 }
 _SEARCH_PRICE: Final = 4e-6  # dollars per query of a hosted vector database
 _LLM_SPEED: Final = {"gpt-4o-mini": 0.08, "gpt-4o": 0.14}  # milliseconds per generated token
+_MAX_TOKENS: Final = 400  # completion budget of every LLM call, charged to the token limit up front
+# Limits of the simulated LLM API per model, at latency scale 1 (a faster simulation gets proportionally more).
+_LLM_RPS: Final = 60
+_LLM_TPS: Final = 90_000
 
 _VERBS: Final = ("configure", "debug", "tune", "monitor", "scale", "secure", "migrate", "benchmark", "cache",
                  "test")
@@ -76,6 +86,8 @@ class DemoConfig:
         catalog: Distinct popular questions.
         zipf_s: Exponent of the Zipf popularity of the catalog (higher: fewer questions get most traffic).
         new_fraction: Share of requests asking a question never seen before.
+        variant_fraction: Share of catalog requests asking their question re-cased or re-punctuated (the
+            semantic layer answers them).
         fresh: Remove the demo's entries from every tier before the run, so the numbers are reproducible.
     """
 
@@ -86,6 +98,7 @@ class DemoConfig:
     catalog: int = 1200
     zipf_s: float = 1.1
     new_fraction: float = 0.1
+    variant_fraction: float = 0.15
     fresh: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +109,8 @@ class DemoConfig:
             raise ConfigError("latency_scale", self.latency_scale, "must be a number >= 0")
         if not 0.0 <= self.new_fraction <= 1.0:
             raise ConfigError("new_fraction", self.new_fraction, "must be between 0 and 1")
+        if not 0.0 <= self.variant_fraction <= 1.0:
+            raise ConfigError("variant_fraction", self.variant_fraction, "must be between 0 and 1")
         if not self.zipf_s > 0:
             raise ConfigError("zipf_s", self.zipf_s, "must be positive")
 
@@ -117,6 +132,18 @@ def _question(n: int) -> str:
     where = _SETTINGS[(n // (len(_VERBS) * len(_TOPICS))) % len(_SETTINGS)]
     cycle = n // (len(_VERBS) * len(_TOPICS) * len(_SETTINGS))
     return f"How do I {verb} {topic} {where}?" + (f" (variant {cycle})" if cycle else "")
+
+
+def _variant(question: str, rng: random.Random) -> str:
+    """``question`` as another user types it: other case, punctuation or spacing (the same words)."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return question.lower()
+    if kind == 1:
+        return question.rstrip("?") + " ??"
+    if kind == 2:
+        return question.upper()
+    return "  " + question.replace("?", "").replace(" ", "  ")
 
 
 def build_requests(config: DemoConfig) -> list[Request]:
@@ -141,7 +168,9 @@ def build_requests(config: DemoConfig) -> list[Request]:
         else:
             rank = min(bisect.bisect_left(cumulative, rng.random() * total), config.catalog - 1)
             question = _question(order[rank])
-        collection = "support" if "fail" in question or "debug" in question else "docs"
+            if rng.random() < config.variant_fraction:
+                question = _variant(question, rng)
+        collection = "support" if "fail" in question.lower() or "debug" in question.lower() else "docs"
         model = "gpt-4o" if rng.random() < 0.2 else "gpt-4o-mini"
         temperature = 0.7 if rng.random() < 0.1 else 0.0
         requests.append(Request(index, question, collection, model, temperature))
@@ -196,23 +225,28 @@ class SimulatedProvider:
         self.name = name
         self.latency_scale = latency_scale
         self.calls = 0
+        self.items = 0
         self.cost = 0.0
         self.busy_seconds = 0.0
 
-    async def call(self, *, latency: float, cost: float) -> float:
+    async def call(self, *, latency: float, cost: float, items: int = 1, mark: bool = True) -> float:
         """Serve one call: mark the caller's record, sleep ``latency`` seconds (scaled), charge ``cost``.
 
         Args:
             latency: Simulated seconds the call takes before scaling.
             cost: Dollars the call costs.
+            items: Items the call serves (a batch request serves several).
+            mark: Mark the record of the stage call running in this context; a batch request runs in a
+                context of its own, so its per-item callers mark theirs with `_computing` instead.
 
         Returns:
             The seconds the call took.
         """
-        record = _current_call.get()
+        record = _current_call.get() if mark else None
         if record is not None:
             record.outcome = COMPUTED
         self.calls += 1
+        self.items += items
         self.cost += cost
         started = time.perf_counter()
         try:
@@ -223,6 +257,21 @@ class SimulatedProvider:
             if record is not None:
                 record.finished_at = record.sequence()
         return elapsed
+
+
+class _computing:
+    """Marks the stage call running in this context as computed, and when its computation finished."""
+
+    record: _CallRecord | None = None
+
+    def __enter__(self) -> None:
+        self.record = _current_call.get()
+        if self.record is not None:
+            self.record.outcome = COMPUTED
+
+    def __exit__(self, *exc: object) -> None:
+        if self.record is not None:
+            self.record.finished_at = self.record.sequence()
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -241,10 +290,13 @@ class Stage(abc.ABC):
 
     name: str
 
-    def __init__(self, provider: SimulatedProvider, function: CachedFunction[..., dict[str, Any]]) -> None:
+    def __init__(self, provider: SimulatedProvider, function: CachedFunction[..., dict[str, Any]],
+                 uncached: Callable[..., Awaitable[dict[str, Any]]] | None = None) -> None:
         self.provider = provider
         # Set on the instance: a class-level CachedFunction would bind like a method.
         self.function = function
+        # The same computation with no cache in front (to price the stream without caching).
+        self.uncached: Callable[..., Awaitable[dict[str, Any]]] = uncached or function.__wrapped__
 
     @abc.abstractmethod
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
@@ -257,6 +309,14 @@ class Stage(abc.ABC):
     async def __call__(self, args: tuple[Any, ...]) -> dict[str, Any]:
         """Run the cached function."""
         return await self.function(*args)
+
+    def details(self) -> dict[str, Any]:
+        """What this stage's other layers (batcher, rate limiter) counted during the run."""
+        return {}
+
+    async def clear(self) -> None:
+        """Remove this stage's entries from every tier."""
+        await self.function.cache_clear()
 
 
 def _stage_function(name: str, fn: Callable[..., Awaitable[dict[str, Any]]]) -> CachedFunction[..., dict[str, Any]]:
@@ -278,13 +338,26 @@ class EmbedStage(Stage):
     def __init__(self, latency_scale: float) -> None:
         provider = SimulatedProvider("embedding API", latency_scale=latency_scale)
 
-        async def embed(text: str, model: str) -> dict[str, Any]:
-            tokens = _tokens(text)
-            cost = tokens * _PRICES[model][0] / 1e6
-            seconds = await provider.call(latency=0.008 + 0.004 * _unit("embed", text), cost=cost)
-            return {"vector": _vector(text), "tokens": tokens, "cost": cost, "latency": seconds}
+        # One provider request per batch: the misses of concurrent requests share it.
+        @batched(max_size=16, max_wait="4ms", name="cachelayers.demo.embed_batch")
+        async def embed_batch(texts: list[str], model: str) -> list[dict[str, Any]]:
+            costs = [_tokens(text) * _PRICES[model][0] / 1e6 for text in texts]
+            latency = 0.008 + 0.004 * _unit("embed", texts[0]) + 0.0003 * len(texts)
+            seconds = await provider.call(latency=latency, cost=sum(costs), items=len(texts), mark=False)
+            return [{"vector": _vector(text), "tokens": _tokens(text), "cost": cost, "latency": seconds}
+                    for text, cost in zip(texts, costs, strict=True)]
 
+        async def embed(text: str, model: str) -> dict[str, Any]:
+            with _computing():
+                return await embed_batch(text, model)
+
+        self.batcher = embed_batch
         super().__init__(provider, _stage_function("embed", embed))
+
+    def details(self) -> dict[str, Any]:
+        info = self.batcher.batch_info()
+        return {"batches": info.batches, "items": info.items, "mean_batch_size": info.mean_size,
+                "fill_ratio": info.fill_ratio, "max_batch_size": 16}
 
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
         return (request.question, EMBED_MODEL)
@@ -324,8 +397,15 @@ class CompleteStage(Stage):
 
     def __init__(self, latency_scale: float) -> None:
         provider = SimulatedProvider("LLM API", latency_scale=latency_scale)
+        # A limiter of its own, so that its counters are this run's. Limits scale with the simulated latency:
+        # a test running the demo 20 times faster gets 20 times the rate.
+        speedup = 1 / latency_scale if latency_scale > 0 else 1e6
+        self.limiter = RateLimiter(storage="memory://")
 
-        async def complete(prompt: str, model: str, temperature: float) -> dict[str, Any]:
+        @rate_limited(f"{round(_LLM_RPS * speedup)}/second", f"{round(_LLM_TPS * speedup)}/second",
+                      cost=lambda prompt: _tokens(prompt) + _MAX_TOKENS, key=lambda model: model,
+                      limiter=self.limiter, name="cachelayers.demo.llm")
+        async def llm(prompt: str, model: str) -> dict[str, Any]:
             tokens_in = _tokens(prompt)
             tokens_out = 120 + int(280 * _unit("length", prompt, model))
             price_in, price_out = _PRICES[model]
@@ -335,16 +415,48 @@ class CompleteStage(Stage):
             return {"text": f"[{model}] {tokens_out}-token answer", "tokens_in": tokens_in, "tokens_out": tokens_out,
                     "cost": cost, "latency": seconds}
 
-        super().__init__(provider, _stage_function("complete", complete))
+        async def complete(question: str, prompt: str, model: str, temperature: float,
+                           collection: str) -> dict[str, Any]:
+            return await llm(prompt, model)
+
+        # Exact cache outside, semantic layer inside it: a repeat with equal arguments never embeds; an answer
+        # may be shared by questions differing in case or punctuation, in the same collection, model and
+        # temperature (the documents found follow from the question).
+        semantic = semantic_cached(
+            text="question", partition=lambda collection, model, temperature, **_: (collection, model, temperature),
+            ttl="1h", name="cachelayers.demo.complete.semantic",
+        )(complete)
+        self.semantic = semantic
+        super().__init__(provider, _stage_function("complete", semantic), uncached=complete)
 
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
         documents = "\n".join(f"<doc id={d}>{'lorem ipsum ' * 60}</doc>" for d in context["search"]["documents"])
         prompt = (f"You are a helpful assistant. Answer from the documents only.\n{documents}\n"
                   f"Question: {request.question}")
-        return (prompt, request.model, request.temperature)
+        return (request.question, prompt, request.model, request.temperature, request.collection)
+
+    async def __call__(self, args: tuple[Any, ...]) -> dict[str, Any]:
+        """Run the cached function; a record answered by the semantic layer is marked so."""
+        with explain() as lookups:
+            result = await self.function(*args)
+        record = _current_call.get()
+        levels = lookups.levels()
+        if record is not None and record.outcome is None and levels:
+            record.outcome = SEMANTIC if levels.get("semantic") else EXACT if levels.get("exact") else None
+        return result
+
+    def details(self) -> dict[str, Any]:
+        info = self.limiter.info()
+        return {"admitted": info.admitted, "immediate": info.immediate, "waited": info.waited,
+                "timeouts": info.timeouts, "semantic_cache": self.semantic.cache_info()._asdict()}
 
     def flight_key(self, args: tuple[Any, ...]) -> Hashable:
         return args
+
+    async def clear(self) -> None:
+        """Remove this stage's entries from every tier and from the semantic layer."""
+        await self.function.cache_clear()
+        await self.semantic.cache_clear()
 
 
 def default_stages(config: DemoConfig) -> list[Stage]:
@@ -386,13 +498,16 @@ class StageReport:
         name: The stage.
         provider: The provider behind it.
         calls: Calls of the stage (one per request).
-        outcomes: Calls by outcome: ``computed`` (reached the provider), ``cached``, ``shared``.
+        outcomes: Calls by outcome: ``computed`` (reached the provider), ``cached``, ``shared``, and for the
+            LLM ``semantic`` (a similar question's answer) and ``exact`` (the semantic layer had this text).
         latency: ``{outcome: {"p50": s, "p95": s, "mean": s}}``, measured around each call.
         provider_calls: Calls the provider served (it counts them itself).
         cost_spent: Dollars the provider charged.
         cost_saved: Dollars of the calls that did not reach the provider, by outcome.
         time_saved: Seconds the avoided calls took when they were computed, less the time they took now.
         cache_info: The cached function's own `cache_info()` as a dict, to compare with.
+        details: What the stage's other layers counted: batches and fill for the embedding batcher,
+            admissions and waits for the LLM's rate limiter, the semantic layer's counters.
     """
 
     name: str
@@ -405,6 +520,7 @@ class StageReport:
     cost_saved: dict[str, float]
     time_saved: float
     cache_info: dict[str, Any]
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def avoided(self) -> int:
@@ -498,7 +614,7 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
     requests = build_requests(config)
     if config.fresh:
         for stage in pipeline:
-            await stage.function.cache_clear()
+            await stage.clear()
     stats = [_StageStats(stage) for stage in pipeline]
     request_latency: dict[str, list[float]] = {CACHED: [], COMPUTED: []}
     done = 0
@@ -571,6 +687,7 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
             cost_saved=dict(sorted(s.cost_saved.items())),
             time_saved=s.time_saved,
             cache_info=s.stage.function.cache_info()._asdict(),
+            details=s.stage.details(),
         ))
     return DemoReport(
         config=config,
@@ -617,14 +734,15 @@ def render_report(report: DemoReport, console: Any) -> None:
         f"tiers: {', '.join(f'{name} ({url})' for name, url in report.tiers.items())}"
     )
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    for header in ("stage", "calls", "cached", "shared", "computed", "hit rate", "cached p50 / p95",
+    for header in ("stage", "calls", "cached", "shared", "semantic", "computed", "hit rate", "cached p50 / p95",
                    "computed p50 / p95", "spent", "saved"):
         table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
     for s in report.stages:
         cached, computed = s.latency.get(CACHED, {}), s.latency.get(COMPUTED, {})
         table.add_row(
             s.name, f"{s.calls:,}", f"{s.outcomes.get(CACHED, 0):,}", f"{s.outcomes.get(SHARED, 0):,}",
-            f"{s.outcomes.get(COMPUTED, 0):,}", _percent(s.avoided, s.calls),
+            f"{s.outcomes.get(SEMANTIC, 0) + s.outcomes.get(EXACT, 0):,}", f"{s.outcomes.get(COMPUTED, 0):,}",
+            _percent(s.avoided, s.calls),
             f"{_duration(cached.get('p50'))} / {_duration(cached.get('p95'))}",
             f"{_duration(computed.get('p50'))} / {_duration(computed.get('p95'))}",
             _dollars(s.cost_spent), _dollars(sum(s.cost_saved.values())),
@@ -639,6 +757,20 @@ def render_report(report: DemoReport, console: Any) -> None:
         for tier, hits in s.cache_info["hits_by_tier"].items():
             tiers[tier] = tiers.get(tier, 0) + hits
     by_tier = ", ".join(f"{tier} {hits:,}" for tier, hits in tiers.items()) or "none"
+    layers = []
+    for s in report.stages:
+        d = s.details
+        if "batches" in d:
+            layers.append(f"{s.name} batching: {d['items']:,} provider items in {d['batches']:,} batches "
+                          f"(mean size {d['mean_batch_size']:.2f} of {d['max_batch_size']}, "
+                          f"fill {100 * d['fill_ratio']:.0f}%)")
+        if "admitted" in d:
+            layers.append(f"{s.name} rate limit: {d['admitted']:,} admitted, {d['immediate']:,} at once, "
+                          f"{d['waited']:,} waited for room")
+        if s.outcomes.get(SEMANTIC) is not None or "semantic_cache" in d:
+            exact = s.outcomes.get(CACHED, 0) + s.outcomes.get(SHARED, 0) + s.outcomes.get(EXACT, 0)
+            layers.append(f"{s.name} answers by level: exact {exact:,}, semantic {s.outcomes.get(SEMANTIC, 0):,}, "
+                          f"computed {s.outcomes.get(COMPUTED, 0):,}")
     console.print(
         f"requests: {config.requests:,} in {report.wall_seconds:.1f} s; "
         f"{report.requests_by_outcome[CACHED]:,} answered entirely from the cache "
@@ -648,7 +780,8 @@ def render_report(report: DemoReport, console: Any) -> None:
         f"provider calls: [bold]{report.provider_calls:,} made, {report.avoided_calls:,} avoided[/] "
         f"({_percent(report.avoided_calls, calls)} of {calls:,}); "
         f"{shared:,} of them joined an identical call in flight (single-flight)\n"
-        f"hits by tier: {by_tier}\n"
+        f"hits by tier (which tier answered): {by_tier}\n"
+        + "".join(f"{line}\n" for line in layers) +
         f"cost: [bold]{_dollars(report.cost_spent)} spent, {_dollars(report.cost_saved)} saved[/] "
         f"({_percent(report.cost_saved, without)} of {_dollars(without)} without the cache)\n"
         f"time: [bold]{report.time_saved:,.1f} s[/] of provider time avoided"
