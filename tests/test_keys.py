@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachelayers import Settings, TieredCache, UnkeyableArgumentError, multilevel_cached
+from cachelayers import MemoryBackend, Settings, TieredCache, UnkeyableArgumentError, multilevel_cached
 from cachelayers.keys import KeyBuilder, canonical_bytes, function_identity
 from tests.strategies import DEFAULT_Y, equivalent_calls, keyable_values
 
@@ -141,7 +141,9 @@ async def test_compiled_wrapper_keys_calls_like_key_builder(call: Any) -> None:
         runs += 1
         return "result"
 
-    cache = TieredCache(Settings(key_prefix="kt:"))
+    # A lower tier names entries by storage key (a memory-only engine needs none and records none).
+    lower = MemoryBackend()
+    cache = TieredCache(Settings(key_prefix="kt:"), backends={"memory": MemoryBackend(), "lower": lower})
     cached = multilevel_cached(cache=cache)(g)
     assert await cached(*args1, **kwargs1) == "result"
     assert await cached(*args2, **kwargs2) == "result"
@@ -150,7 +152,9 @@ async def test_compiled_wrapper_keys_calls_like_key_builder(call: Any) -> None:
     [(local_key, slot)] = cache.local.slots.items()
     builder = KeyBuilder(g)
     assert local_key == builder.local(args1, kwargs1) == builder.local(args2, kwargs2)
-    assert slot.storage_key == f"kt:{builder.namespace}:{builder.storage_digest(local_key)}"
+    expected = f"kt:{builder.namespace}:{builder.storage_digest(local_key)}"
+    assert slot.storage_key == expected
+    assert list(lower.slots) == [expected]
 
 
 @pytest.mark.anyio
