@@ -701,18 +701,9 @@ class TieredCache:
         multi-set per tier. Values that cannot be encoded are skipped and counted."""
         items: list[StoreItem] = []
         for local_key, storage_key, value, expires_at, tags in entries:
-            try:
-                body = self.codec.pack_body(value, tags)
-            except SerializationError as exc:
-                if fstats is not None:
-                    fstats.unstorable += 1
-                self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
-                if self.strict:
-                    raise
+            body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+            if body is None:
                 continue
-            if self.local is not None:
-                self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
-                self.local_stats.writes += 1
             items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,
                                    self.tier_tags(tags)))
         targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
