@@ -980,8 +980,9 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
                 epoch = cache.epoch
                 started = time.perf_counter()
                 value = await self._fn(*args, **kwargs)
-                self._store_computed_in_memory(cache, local_key, args, kwargs, value, epoch,
-                                               time.perf_counter() - started)
+                plan = self._storable(cache, local_key, None, args, kwargs, epoch, time.perf_counter() - started)
+                if plan is not None:
+                    cache.store_in_memory(local_key, None, value, plan[1], plan[0], self.stats)
             stale = type(value) is _Stale
             if stale:
                 value = value.value
@@ -1037,13 +1038,12 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
                 self._count_cost(value.value if type(value) is _Stale else value)
         return value
 
-    def _store_computed_in_memory(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
-                                  result: Any, epoch: int, seconds: float) -> None:
-        """`_compute`'s bookkeeping for an engine with no tier below memory and no invalidation channel.
-
-        No storage key is needed to store (nothing names the entry outside this process); it is derived only
-        to check an invalidation that went by while computing.
-        """
+    def _storable(self, cache: TieredCache, local_key: Hashable, storage_key: str | None, args: Any,
+                  kwargs: Any, epoch: int, seconds: float) -> tuple[tuple[str, ...], float | None] | None:
+        """Count a computation that took ``seconds``; return the ``(tags, expires_at)`` to store its result
+        with, or ``None`` when it must not be stored (``tags=`` failed, or an invalidation of the entry went by
+        since ``epoch``: the result may be what was just invalidated). ``storage_key`` is derived only when
+        that check needs it (a memory-only engine has none)."""
         stats = self.stats
         stats.misses += 1
         stats.computed_latency.add(seconds)
@@ -1054,34 +1054,23 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
             cache.log.failure(f"tags= of {self.identity}", exc)
             if cache.strict:
                 raise
-            return
+            return None
         if epoch != cache.epoch and cache.invalidated_since(
-                epoch, self._prefix + self._keys.storage_digest(local_key), tags):
-            return
+                epoch, storage_key or self._prefix + self._keys.storage_digest(local_key), tags):
+            return None
         ttl = self._expiry_default
-        cache.store_in_memory(local_key, None, result, cache.clock() + ttl if ttl is not None else None, tags, stats)
+        return tags, (cache.clock() + ttl if ttl is not None else None)
 
     async def _compute(self, cache: TieredCache, local_key: Hashable, storage_key: str, args: Any, kwargs: Any,
                        epoch: int, since: int) -> T:
-        stats = self.stats
-        stats.misses += 1
         started = time.perf_counter()
         result = await self._fn(*args, **kwargs)
-        stats.computed_latency.add(time.perf_counter() - started)
-        try:
-            tags = self._tags(args, kwargs)
-        except Exception as exc:  # a failing tags= function must not lose the result
-            stats.errors += 1
-            cache.log.failure(f"tags= of {self.identity}", exc)
-            if cache.strict:
-                raise
+        plan = self._storable(cache, local_key, storage_key, args, kwargs, epoch, time.perf_counter() - started)
+        if plan is None:
             return result
-        if cache.invalidated_since(epoch, storage_key, tags):
-            return result  # an invalidation of this entry went by while computing: it may be stale already
-        ttl = self._expiry_default
-        expires_at = cache.clock() + ttl if ttl is not None else None
+        tags, expires_at = plan
         try:
-            await cache.write(local_key, storage_key, result, expires_at, tags, stats, grace=self._grace,
+            await cache.write(local_key, storage_key, result, expires_at, tags, self.stats, grace=self._grace,
                               since=since)
         except (SerializationError, BackendError):
             if cache.strict:
