@@ -213,6 +213,35 @@ def test_unknown_registered_name_is_a_serialization_error(monkeypatch: pytest.Mo
         Codec().decode_value(blob)
 
 
+# Scalars at every boundary of msgpack's formats (fixint/8/16/32/64-bit integers, fixstr/str8/16 and bin8/16
+# lengths), plus the values body_size leaves to the encoder (beyond 64 bits, lone surrogates).
+_int_edges = [sign * (1 << bits) + delta for bits in range(66) for sign in (1, -1) for delta in (-1, 0, 1)]
+scalar_values: st.SearchStrategy[Any] = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=True), st.integers(), st.sampled_from(_int_edges),
+    st.text(), st.text(alphabet="aé€😀", min_size=25, max_size=70), st.binary(),
+    st.sampled_from([0, 31, 32, 255, 256, 65535, 65536]).flatmap(
+        lambda n: st.sampled_from(["a" * n, b"b" * n, "é" * (n // 2)])),
+    st.just("lone \ud800 surrogate"),
+)
+
+
+@settings(max_examples=400)
+@given(scalar_values | codec_values, tag_sets)
+def test_body_size_is_the_length_of_the_encoded_body(value: Any, tags: frozenset[str]) -> None:
+    """The size the memory tier charges without encoding is exactly what encoding would give (or the same
+    error when the value cannot be encoded)."""
+    codec = Codec()
+    ordered = tuple(sorted(tags))
+    try:
+        expected: int | type[Exception] = len(codec.pack_body(value, ordered))
+    except SerializationError:
+        expected = SerializationError
+    try:
+        assert codec.body_size(value, ordered) == expected
+    except SerializationError:
+        assert expected is SerializationError
+
+
 # -- envelopes -----------------------------------------------------------------------------------------------
 
 KEY = "cl:ns:0123456789abcdef0123456789abcdef01234567"

@@ -52,6 +52,29 @@ _NEVER: Final = float("nan")
  _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE) = range(1, 15)
 
 
+_TAGS_SIZES_MEMO: Final = 1024  # encoded sizes of tag tuples `Codec.body_size` remembers before starting over
+
+
+# Encoded size of a msgpack integer beyond fixint by its bit length: msgpack uses the smallest that holds the
+# value, unsigned for a positive one (uint8 up to 8 bits, ...) and signed for a negative one, whose bits are
+# counted without the sign (int8 holds -128, whose ``~i`` is 127, of 7 bits).
+_UINT_SIZES: Final = tuple(2 if n <= 8 else 3 if n <= 16 else 5 if n <= 32 else 9 for n in range(65))
+_INT_SIZES: Final = tuple(2 if n <= 7 else 3 if n <= 15 else 5 if n <= 31 else 9 for n in range(64))
+
+
+def _raw_size(n: int, short_header: int) -> int:
+    """Encoded size of a string or bytes of ``n`` bytes: ``short_header`` when ``n`` fits the shortest
+    header that has a length byte (fixstr's is below 32), else a 16- or 32-bit length; -1 past msgpack's
+    limit."""
+    if n < 0x100:
+        return n + short_header
+    if n < 0x1_0000:
+        return n + 3
+    if n < 0x1_0000_0000:
+        return n + 5
+    return -1
+
+
 class _Registered(NamedTuple):
     name: str
     encode: Callable[[Any], Any]
@@ -131,7 +154,7 @@ class Codec:
             unpickling data from a shared store runs code chosen by whoever could write to it.
     """
 
-    __slots__ = ("_allow_pickle", "_flags", "_mac_base", "_mac_key", "_packer_default")
+    __slots__ = ("_allow_pickle", "_flags", "_mac_base", "_mac_key", "_packer_default", "_tags_sizes")
 
     def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False) -> None:
         if isinstance(secret, str):
@@ -144,6 +167,7 @@ class Codec:
         self._allow_pickle = allow_pickle
         self._flags = _FLAG_SIGNED if secret else 0
         self._packer_default = self._default
+        self._tags_sizes: dict[tuple[str, ...], int] = {}
 
     # -- values ------------------------------------------------------------------------------------------
 
@@ -274,6 +298,54 @@ class Codec:
             return self._pack([list(tags), value])
         except Exception as exc:
             raise SerializationError(str(exc)) from exc
+
+    def body_size(self, value: object, tags: tuple[str, ...] = ()) -> int:
+        """Return ``len(self.pack_body(value, tags))``, without encoding when ``value`` is a scalar.
+
+        For ``None``, ``bool``, ``int``, ``float``, ``str`` and ``bytes`` the size is computed from the
+        msgpack format; other values are encoded. The memory tier charges this size against its byte bound
+        when no tier below needs the encoding itself, so it is computed on every such miss.
+
+        Raises:
+            SerializationError: The value cannot be encoded.
+        """
+        tp = type(value)
+        size = -1
+        if tp is str:
+            text: str = value  # type: ignore[assignment]
+            if text.isascii():
+                size = _raw_size(len(text), 1 if len(text) < 32 else 2)
+            else:
+                try:
+                    n = len(text.encode())
+                except UnicodeEncodeError:  # not valid UTF-8: pack_body raises the error
+                    pass
+                else:
+                    size = _raw_size(n, 1 if n < 32 else 2)
+        elif tp is int:
+            i: int = value  # type: ignore[assignment]
+            if -32 <= i < 0x80:
+                size = 1  # fixint
+            elif i > 0:  # integers beyond 64 bits are an extension type: -1, encoded below
+                size = _UINT_SIZES[i.bit_length()] if i < 1 << 64 else -1
+            else:
+                size = _INT_SIZES[(~i).bit_length()] if i >= -(1 << 63) else -1
+        elif value is None or tp is bool:
+            size = 1
+        elif tp is float:
+            size = 9
+        elif tp is bytes:
+            size = _raw_size(len(value), 2)  # type: ignore[arg-type]
+        if size < 0:
+            return len(self.pack_body(value, tags))
+        sizes = self._tags_sizes
+        tags_size = sizes.get(tags)
+        if tags_size is None:
+            tags_size = len(self.pack_body(None, tags)) - 2  # minus the outer array header and the None
+            if len(sizes) >= _TAGS_SIZES_MEMO:
+                sizes.clear()
+            sizes[tags] = tags_size
+        return 1 + tags_size + size
 
     def seal(self, key: str, value: object, expires_at: float | None, tags: Sequence[str] = ()) -> bytes:
         """Encode ``value`` into an envelope bound to ``key``.
