@@ -96,13 +96,14 @@ def test_tags_and_storage_keys(clock: FakeClock) -> None:
     assert tier.bytes_used == 0
 
 
-@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 400), st.booleans()), max_size=60))
-def test_bounds_always_hold_and_contents_are_the_lru_model(ops: list[tuple[int, int, bool]]) -> None:
-    """After any sequence of stores and lookups the tier holds exactly what an LRU model predicts."""
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 400), st.booleans(), st.booleans()), max_size=60))
+def test_bounds_always_hold_and_contents_are_the_lru_model(ops: list[tuple[int, int, bool, bool]]) -> None:
+    """After any sequence of stores and lookups the tier holds exactly what an LRU model predicts, and its
+    tag and storage-key indexes name exactly the entries it holds (evicted and replaced ones are forgotten)."""
     clock = FakeClock()
     tier = MemoryBackend(clock=clock, max_entries=5, max_bytes=1200)
     model: OrderedDict[int, int] = OrderedDict()
-    for key, size, is_lookup in ops:
+    for key, size, is_lookup, tagged in ops:
         if is_lookup:
             found = tier.lookup(key)
             assert (found is not MISSING) == (key in model)
@@ -112,7 +113,9 @@ def test_bounds_always_hold_and_contents_are_the_lru_model(ops: list[tuple[int, 
             continue
         charged = size + OVERHEAD
         model.pop(key, None)
-        stored = tier.store(key, key, size=size, expires_at=None)
+        # Odd keys are tagged by their parity and named by a storage key when ``tagged``; the rest are plain.
+        indexed = tagged and key % 2 == 1
+        stored = tier.store(key, key, size, None, ("odd",) if indexed else (), f"sk{key}" if indexed else None)
         assert stored == (charged <= tier.max_bytes)
         if stored:
             model[key] = charged
@@ -121,6 +124,24 @@ def test_bounds_always_hold_and_contents_are_the_lru_model(ops: list[tuple[int, 
         assert list(tier.slots) == list(model)
         assert len(tier) <= tier.max_entries
         assert tier.bytes_used == sum(model.values()) <= tier.max_bytes
+    named = [key for key in model if tier.slots[key].storage_key is not None]
+    assert tier.remove_storage_keys([f"sk{key}" for key in range(13)]) == len(named)
+    tagged_left = [key for key in model if key not in named and tier.slots[key].tags]
+    assert tier.remove_tags(["odd"]) == len(tagged_left)
+    assert list(tier.slots) == [key for key in model if key not in named and key not in tagged_left]
+
+
+def test_remove_where_scans_every_entry(clock: FakeClock) -> None:
+    """`remove_where` removes exactly the entries whose key satisfies the predicate, with their bookkeeping."""
+    tier = backend(clock)
+    for i in range(10):
+        tier.store(("ns-a" if i % 2 else "ns-b", i), i, 10, None, ("t",), f"sk{i}")
+    assert tier.remove_where(lambda key: key[0] == "ns-a") == 5  # type: ignore[index]
+    assert [key[1] for key in tier.slots] == [0, 2, 4, 6, 8]  # type: ignore[index]
+    assert tier.bytes_used == 5 * (10 + OVERHEAD)
+    assert tier.remove_storage_keys(["sk1", "sk2"]) == 1
+    assert tier.remove_tags(["t"]) == 4
+    assert tier.remove_where(lambda key: True) == 0
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Final
 
 from cachelayers.backends.base import Backend, BackendURL, Clock, StoreItem
@@ -114,33 +114,49 @@ class MemoryBackend(Backend):
             return None
         return value, self._data[key].expires_at
 
-    def store(self, key: Hashable, value: Any, *, size: int, expires_at: float | None,
+    def store(self, key: Hashable, value: Any, size: int, expires_at: float | None,
               tags: tuple[str, ...] = (), storage_key: str | None = None) -> bool:
-        """Store ``value`` under ``key``; return ``False`` when it is larger than the byte bound."""
+        """Store ``value`` under ``key``; return ``False`` when it is larger than the byte bound.
+
+        Args:
+            key: The local key.
+            value: What a hit returns.
+            size: Bytes to charge against ``max_bytes`` (the value's encoded size); a fixed per-entry
+                overhead is added.
+            expires_at: Absolute expiry (``clock()`` time), or ``None``.
+            tags: Tags `remove_tags` finds the entry by.
+            storage_key: The name other tiers give the entry, for `remove_storage_keys`.
+
+        The engine calls this on every miss, so its arguments are positional and eviction is inline.
+        """
         size += _SLOT_OVERHEAD
-        old = self._data.get(key)
+        data = self._data
+        old = data.get(key)
         if old is not None:
             self._remove(key, old)
         if size > self.max_bytes:
             return False
         if expires_at is not None and expires_at <= self.clock():
             return False
-        slot = Slot(value, expires_at, size, tags, storage_key)
-        self._data[key] = slot
+        data[key] = Slot(value, expires_at, size, tags, storage_key)
         self.bytes_used += size
-        for tag in tags:
-            members = self._tags.get(tag)
-            if members is None:
-                self._tags[tag] = {key}
-            else:
-                members.add(key)
+        if tags:
+            index = self._tags
+            for tag in tags:
+                members = index.get(tag)
+                if members is None:
+                    index[tag] = {key}
+                else:
+                    members.add(key)
         if storage_key is not None:
             self._by_storage_key[storage_key] = key
-        data = self._data
         while len(data) > self.max_entries or self.bytes_used > self.max_bytes:
             victim, victim_slot = data.popitem(last=False)
-            self._forget(victim, victim_slot)
             self.evictions += 1
+            if victim_slot.tags or victim_slot.storage_key is not None:
+                self._forget(victim, victim_slot)
+            else:
+                self.bytes_used -= victim_slot.size
         return True
 
     def remove(self, key: Hashable) -> bool:
@@ -168,6 +184,17 @@ class MemoryBackend(Backend):
                 if self.remove(key):
                     removed += 1
         return removed
+
+    def remove_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Remove every entry whose key satisfies ``predicate``; return how many were removed.
+
+        This scans every entry: it is for rare, wholesale invalidations (the engine finds a namespace's
+        entries this way instead of indexing each entry under its namespace).
+        """
+        doomed = [key for key in self._data if predicate(key)]
+        for key in doomed:
+            self.remove(key)
+        return len(doomed)
 
     def _remove(self, key: Hashable, slot: Slot) -> None:
         del self._data[key]
@@ -204,7 +231,7 @@ class MemoryBackend(Backend):
     async def set_many(self, items: Sequence[StoreItem]) -> None:
         """Store envelopes, charging their length against the byte bound."""
         for item in items:
-            self.store(item.key, item.blob, size=len(item.blob), expires_at=item.expires_at, tags=item.tags)
+            self.store(item.key, item.blob, len(item.blob), item.expires_at, item.tags)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Remove the keys."""
