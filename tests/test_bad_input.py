@@ -233,7 +233,10 @@ def test_non_async_functions_are_refused() -> None:
         pytest.param({"namespace": ""}, ConfigError, id="namespace-empty"),
         pytest.param({"cost": -1.0}, TypeError, id="negative-cost"),
         pytest.param({"cost": "cheap"}, TypeError, id="cost-word"),
+        pytest.param({"namespace": "a\x00b"}, ConfigError, id="namespace-nul"),
         pytest.param({"tags": [1, 2]}, TypeError, id="tags-not-strings"),
+        pytest.param({"tags": "red"}, TypeError, id="tags-a-string"),
+        pytest.param({"tags": ["ok", "ns\x1fother"]}, ConfigError, id="tags-reserved-prefix"),
     ],
 )
 def test_bad_decorator_options(options: dict[str, Any], error: type[Exception]) -> None:
@@ -244,6 +247,27 @@ def test_bad_decorator_options(options: dict[str, Any], error: type[Exception]) 
 
     with pytest.raises(error):
         multilevel_cached(**options)(f)
+
+
+@pytest.mark.anyio
+async def test_tags_in_the_namespace_form_are_refused_where_they_come_in(clock: FakeClock) -> None:
+    """A tag starting as namespace tags do would confuse the two: refused by the key/value API at the call, and
+    from a ``tags=`` function counted as an error while the call still returns its (unstored) result."""
+    cache = TieredCache(Settings(), clock=clock)
+    with pytest.raises(ValueError, match="reserved for namespace tags"):
+        await cache.set("k", "v", tags=["ns\x1fsneaky"])
+    assert await cache.get("k", "absent") == "absent"
+    runs: list[int] = []
+
+    @multilevel_cached(cache=cache, tags=lambda x: ["ns\x1fsneaky"])
+    async def f(x: int) -> int:
+        runs.append(x)
+        return x
+
+    assert await f(1) == 1
+    assert await f(1) == 1
+    assert runs == [1, 1]
+    assert f.cache_info().errors == 2
 
 
 # -- call time: arguments --------------------------------------------------------------------------------------

@@ -274,6 +274,34 @@ async def test_invalidate_by_namespace(clock: FakeClock) -> None:
     assert runs.calls == [1, 2, 1, 1, 1]
 
 
+async def test_memory_tier_indexes_user_tags_only(clock: FakeClock) -> None:
+    """The memory tier keeps no index of namespace tags (one update less per entry stored and evicted);
+    invalidating a namespace finds its entries by key, and tags still work."""
+    cache = TieredCache(Settings(), clock=clock)
+    runs = Counter()
+
+    async def compute(x: int) -> int:
+        runs.calls.append(x)
+        return x
+
+    tagged = multilevel_cached(cache=cache, namespace="tagged", tags=lambda x: [f"parity:{x % 2}"])(compute)
+    plain = multilevel_cached(cache=cache, namespace="plain")(compute)
+    for x in range(4):
+        await tagged(x)
+        await plain(x)
+    assert cache.local is not None
+    assert set(cache.local._tags) == {"parity:0", "parity:1"}
+    await cache.invalidate_tags("parity:1")
+    assert len(cache.local) == 6
+    await plain.invalidate_all()
+    assert len(cache.local) == 2
+    assert set(cache.local._tags) == {"parity:0"}
+    await tagged.invalidate_all()
+    assert len(cache.local) == 0
+    assert cache.local._tags == {}
+    assert runs.calls == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 async def test_module_level_invalidation_uses_the_settings_in_force() -> None:
     """``cachelayers.invalidate_tags`` and ``invalidate_namespace`` act on the engine of the configured settings."""
     runs = Counter()

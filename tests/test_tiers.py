@@ -101,6 +101,29 @@ class TestReadWrite:
             await f(x)
         assert calls == {0: 2, 1: 2, 2: 2, 3: 2}
 
+    async def test_namespace_invalidation_reaches_entries_back_filled_into_memory(self, cache: TieredCache) -> None:
+        """Memory finds a namespace's entries by their keys, not by an index of namespace tags: an entry it got
+        from a lower tier (whose envelope carries the namespace tag) goes with the namespace too."""
+        calls: dict[Any, int] = {}
+        others: dict[Any, int] = {}
+        f = multilevel_cached(tags=["shared"], namespace="refill", cache=cache)(counting(calls))
+        g = multilevel_cached(tags=["shared"], namespace="refill-other", cache=cache)(counting(others))
+        await f(1)
+        await g(1)
+        assert cache.local is not None
+        cache.local.clear_now()
+        assert await f(1) == (1, 1)  # both back-filled from the lower tier
+        assert await g(1) == (1, 1)
+        assert len(cache.local) == 2
+        await f.invalidate_all()
+        assert len(cache.local) == 1  # g's entry stays: "refill" is a prefix of its namespace, not its namespace
+        assert await f(1) == (1, 2)
+        assert await g(1) == (1, 1)
+        await cache.invalidate_tags("shared")
+        assert len(cache.local) == 0
+        assert calls == {1: 2}
+        assert others == {1: 1}
+
     async def test_key_value_api_over_the_lower_tier(self, cache: TieredCache, clock: FakeClock) -> None:
         await cache.set("answer", {"v": 42}, ttl=30, tags=["t"])
         assert cache.local is not None

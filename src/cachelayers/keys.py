@@ -181,8 +181,8 @@ class KeyBuilder:
         self.identity = name or function_identity(fn)
         self.namespace = namespace if namespace is not None else self.identity
         self.version = str(version)
-        if not self.namespace or ":" in self.namespace:
-            raise ConfigError("namespace", self.namespace, "must be a non-empty string without ':'")
+        if not self.namespace or ":" in self.namespace or "\x00" in self.namespace:
+            raise ConfigError("namespace", self.namespace, "must be a non-empty string without ':' or NUL")
         self.token = f"{self.namespace}\x00{self.identity}\x00{self.version}"
         # The digest of every call starts with the token: hash it once and copy the state per call.
         self._hasher = hashlib.blake2b(digest_size=20, person=b"cachelayers-k1")

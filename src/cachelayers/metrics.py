@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 __all__ = ["CacheInfo", "FunctionStats", "LatencyRing", "StateLog", "TierStats", "register_stats_source",
@@ -22,14 +22,12 @@ logger = logging.getLogger("cachelayers")
 class LatencyRing:
     """The last ``size`` latency samples, in seconds."""
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_samples", "add")
 
     def __init__(self, size: int = 4096) -> None:
         self._samples: deque[float] = deque(maxlen=size)
-
-    def add(self, seconds: float) -> None:
-        """Record one sample."""
-        self._samples.append(seconds)
+        self.add: Callable[[float], None] = self._samples.append
+        """Record one sample (in seconds). The deque's own ``append``: every miss calls it."""
 
     def __len__(self) -> int:
         return len(self._samples)

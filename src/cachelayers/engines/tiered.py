@@ -72,8 +72,27 @@ _DIGEST_MEMO: Final = 1 << 16  # storage digests a batch function remembers befo
 
 
 def namespace_tag(namespace: str) -> str:
-    """The tag every entry of ``namespace`` carries, so a namespace is invalidated like a tag."""
+    """The tag every entry of ``namespace`` carries, so a namespace is invalidated like a tag.
+
+    It is an entry's first tag; user tags may not take its form (see `user_tags`).
+    """
     return _NAMESPACE_TAG + namespace
+
+
+def user_tags(tags: Iterable[Any], origin: str) -> tuple[str, ...]:
+    """Check tags given by a user (``origin`` names where they came from) and return them as a tuple.
+
+    Raises:
+        TypeError: A tag is not a string.
+        ValueError: A tag starts as namespace tags do (``"ns\\x1f"``), which would confuse the two.
+    """
+    checked = tuple(tags)
+    for tag in checked:
+        if not isinstance(tag, str):
+            raise TypeError(f"{origin}: tags must be strings, got {tag!r}")
+        if tag.startswith(_NAMESPACE_TAG):
+            raise ValueError(f"{origin}: tag {tag!r} starts with {_NAMESPACE_TAG!r}, reserved for namespace tags")
+    return checked
 
 
 class _Stale:
@@ -398,12 +417,15 @@ class TieredCache:
 
         Raises:
             ConfigError: ``ttl`` is malformed or negative.
+            TypeError: A tag is not a string.
+            ValueError: A tag starts as namespace tags do (``"ns\\x1f"``).
         """
         seconds = parse_duration(ttl, "ttl") if ttl is not None else self.settings.default_ttl
         expires_at = self.clock() + seconds if seconds is not None else None
+        checked = user_tags(tags, "TieredCache.set")
         sk = self.storage_key(key)
         await self.follow_invalidations()
-        return await self.write(sk, sk, value, expires_at, tuple(tags))
+        return await self.write(sk, sk, value, expires_at, checked)
 
     async def delete(self, *keys: str) -> None:
         """Remove keys from every tier (and from other processes' memory tiers)."""
@@ -493,6 +515,11 @@ class TieredCache:
                 local.remove_storage_keys(items)
             elif kind == "t":
                 local.remove_tags(items)
+                # Namespace tags are not indexed in memory (see `_store_local`): a function's local keys are
+                # ``(token, args)`` whose token starts with the namespace and a NUL (see `KeyBuilder`).
+                tokens = tuple(tag[len(_NAMESPACE_TAG):] + "\x00" for tag in items if tag.startswith(_NAMESPACE_TAG))
+                if tokens:
+                    local.remove_where(lambda key: type(key) is tuple and key[0].startswith(tokens))
             else:
                 local.clear_now()
 
@@ -526,12 +553,20 @@ class TieredCache:
 
     def _store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
                      tags: tuple[str, ...], storage_key: str | None) -> None:
+        """Put an entry in the memory tier (there is one).
+
+        A function's entry carries its namespace tag first; the memory tier does not index it, since a
+        namespace's entries there are found by their local keys (see `invalidated`): one index update less
+        per entry stored and evicted.
+        """
         local = self.local
         assert local is not None
+        if tags and tags[0].startswith(_NAMESPACE_TAG):
+            tags = tags[1:]
         listener = self.listener
         if listener is not None and not listener.subscribed:
             listener.unsynced.add(local_key)
-        local.store(local_key, value, size=size, expires_at=expires_at, tags=tags, storage_key=storage_key)
+        local.store(local_key, value, size, expires_at, tags, storage_key)
 
     async def read_lower(self, local_key: Hashable, storage_key: str, fstats: FunctionStats | None = None, *,
                          grace: float = 0.0, epoch: int | None = None) -> Any:
@@ -654,21 +689,41 @@ class TieredCache:
         try:
             body = self.codec.pack_body(value, tags)
         except SerializationError as exc:
-            if fstats is not None:
-                fstats.unstorable += 1
-            self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
-            if self.strict:
-                raise
+            self._unencodable(value, exc, fstats)
             return None
-        local = self.local
-        if local is not None:
-            if self.listener is None:
-                local.store(local_key, value, size=len(body), expires_at=expires_at, tags=tags,
-                            storage_key=storage_key)
-            else:
-                self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
+        if self.local is not None:
+            self._store_local(local_key, value, len(body), expires_at, tags, storage_key)
             self.local_stats.writes += 1
         return body
+
+    def remember(self, local_key: Hashable, value: Any, expires_at: float | None, tags: tuple[str, ...],
+                 fstats: FunctionStats | None = None) -> bool:
+        """Store ``value`` in the memory tier of an engine that has no other tier (and so no listener).
+
+        Nothing below needs the encoding, so a scalar, string or bytes value is not encoded at all: the codec
+        computes the size it would have. Returns ``False`` when the value cannot be encoded (counted, logged
+        once, nothing stored).
+        """
+        try:
+            size = self.codec.body_size(value, tags)
+        except SerializationError as exc:
+            self._unencodable(value, exc, fstats)
+            return False
+        local = self.local
+        if local is None:
+            return False
+        if tags and tags[0].startswith(_NAMESPACE_TAG):  # as `_store_local` does (this is the hot path)
+            tags = tags[1:]
+        local.store(local_key, value, size, expires_at, tags, None)
+        self.local_stats.writes += 1
+        return True
+
+    def _unencodable(self, value: Any, exc: SerializationError, fstats: FunctionStats | None) -> None:
+        if fstats is not None:
+            fstats.unstorable += 1
+        self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
+        if self.strict:
+            raise exc
 
     async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
                     tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
@@ -802,9 +857,12 @@ class FunctionCache(Generic[P, T]):
             self._static_tags: tuple[str, ...] = ()
         else:
             self._tags_fn = None
-            self._static_tags = tuple(tags)
-            if not all(isinstance(t, str) for t in self._static_tags):
-                raise TypeError("tags must be strings or a function returning strings")
+            if isinstance(tags, str):
+                raise TypeError("tags must be an iterable of strings or a function returning one, not a string")
+            try:
+                self._static_tags = user_tags(tags, "tags")
+            except ValueError as exc:
+                raise ConfigError("tags", tags, str(exc)) from None
         if cost is not None and not callable(cost) and (not isinstance(cost, int | float) or cost < 0):
             raise TypeError(f"cost must be a non-negative number or a function of the result, got {cost!r}")
         self._cost = cost
@@ -941,7 +999,9 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         self.stats.cost_saved += cost(value) if callable(cost) else cost  # type: ignore[operator]
 
     async def _miss(self, local_key: Hashable, args: Any, kwargs: Any) -> T:
-        cache = self.cache
+        cache = self._cache  # the `cache` property, inlined: every miss passes here
+        if cache is None or self._generation != _settings_module._generation:
+            cache = self._rebind()
         local = cache.local
         if local is not None:
             # The compiled hit path may not be bound to this engine yet (first call, or settings just changed),
@@ -982,7 +1042,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
                 value = await self._fn(*args, **kwargs)
                 plan = self._storable(cache, local_key, None, args, kwargs, epoch, time.perf_counter() - started)
                 if plan is not None:
-                    cache.store_in_memory(local_key, None, value, plan[1], plan[0], self.stats)
+                    cache.remember(local_key, value, plan[1], plan[0], self.stats)
             stale = type(value) is _Stale
             if stale:
                 value = value.value
@@ -1048,7 +1108,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         stats.misses += 1
         stats.computed_latency.add(seconds)
         try:
-            tags = self._tags(args, kwargs)
+            tags = self._fixed_tags if self._tags_fn is None else self._tags(args, kwargs)
         except Exception as exc:  # a failing tags= function must not lose the result
             stats.errors += 1
             cache.log.failure(f"tags= of {self.identity}", exc)
@@ -1185,10 +1245,8 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
     def _tags(self, args: Any, kwargs: Any) -> tuple[str, ...]:
         if self._tags_fn is None:
             return self._fixed_tags
-        produced = tuple(self._tags_fn(**self._keys.arguments(args, kwargs)))
-        if not all(isinstance(t, str) for t in produced):
-            raise TypeError(f"tags= of {self.identity} must return strings, got {produced!r}")
-        return self._namespace_tags + produced
+        return self._namespace_tags + user_tags(self._tags_fn(**self._keys.arguments(args, kwargs)),
+                                                f"tags= of {self.identity}")
 
     # -- management ---------------------------------------------------------------------------------------
 
