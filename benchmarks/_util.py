@@ -103,6 +103,18 @@ def environment(packages: Iterable[str] = ()) -> dict[str, Any]:
     }
 
 
+def environment_line(env: Mapping[str, Any]) -> str:
+    """One line of an `environment` for the head of a report."""
+    packages = ", ".join(f"{name} {version}" for name, version in env["packages"].items())
+    return f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; {packages}"
+
+
+def target_line(check: str, ok: bool, measured: Any) -> str:
+    """One line of a report's acceptance targets: PASS or FAIL, the check, what was measured."""
+    shown = f"{measured:,.2f}" if isinstance(measured, float) else str(measured)
+    return f"  {'PASS' if ok else 'FAIL'}  {check} (measured {shown})"
+
+
 def to_json(document: Mapping[str, Any]) -> str:
     """Serialise a benchmark result, floats rounded to three decimals."""
 

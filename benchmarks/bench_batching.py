@@ -48,7 +48,7 @@ from typing import Any
 
 from aiodataloader import DataLoader
 
-from _util import Series, environment, render_table, to_json
+from _util import Series, environment, environment_line, render_table, to_json
 from cachelayers import batched
 
 PEER_PACKAGES = ("cachelayers", "anyio", "aiodataloader")
@@ -337,8 +337,7 @@ def render(document: dict[str, Any]) -> str:
     env, config = document["environment"], document["config"]
     lines = [
         document["benchmark"],
-        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
-        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        environment_line(env),
         f"{config['rounds']} interleaved rounds; best and median round shown.",
         "",
         f"Overhead: {config['items']:,} items x {config['repeat']} per round, batches of {config['max_size']}, "

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _util import Series, environment, measure_calls, render_table, to_json
+from _util import Series, environment, environment_line, measure_calls, render_table, target_line, to_json
 from cachelayers import multilevel_cached
 
 CAPACITY = 10_000  # the embedded default's max_entries; peers with a bound get the same one
@@ -234,8 +234,7 @@ def render(document: dict[str, Any]) -> str:
     env, config = document["environment"], document["config"]
     lines = [
         f"{document['benchmark']}",
-        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
-        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        environment_line(env),
         f"{config['rounds']} interleaved rounds, each measurement sized to ~{config['budget_ms']:g} ms "
         f"(hits: up to {config['max_hit_calls_per_round']:,} calls over {config['hit_keys']} keys; misses: up to "
         f"{config['max_miss_calls_per_round']:,} new keys, "
@@ -256,9 +255,7 @@ def render(document: dict[str, Any]) -> str:
     lines += ["", "acceptance targets:"]
     for name, checks in document["targets"].items():
         for check, outcome in checks.items():
-            value = outcome["value"]
-            shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-            lines.append(f"  {'PASS' if outcome['ok'] else 'FAIL'}  {name}: {check} (measured {shown})")
+            lines.append(target_line(f"{name}: {check}", outcome["ok"], outcome["value"]))
     lines += [f"note: {n}" for n in document["notes"]]
     return "\n".join(lines)
 

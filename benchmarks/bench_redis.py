@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _util import Series, environment, render_table, to_json
+from _util import Series, environment, environment_line, render_table, target_line, to_json
 from cachelayers import Settings, TieredCache, multilevel_cached
 
 HIT_TARGET = 1.1  # acceptance: a Redis-tier hit at most 1.1x a raw GET ...
@@ -302,8 +302,7 @@ def render(document: dict[str, Any]) -> str:
     env, config = document["environment"], document["config"]
     lines = [
         document["benchmark"],
-        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
-        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        environment_line(env),
         f"{config['rounds']} interleaved rounds; {config['keys']} keys of {config['value_bytes']} bytes; "
         "ns per call (batch: per 100-key call); x floor = median over rounds of (contender / floor that round).",
         "",
@@ -325,9 +324,7 @@ def render(document: dict[str, Any]) -> str:
         lines += ["", "PROBLEMS (these figures are not comparable):", *problems]
     lines += ["", "acceptance targets (cachelayers):"]
     for check_name, outcome in document["targets"].items():
-        value = outcome["value"]
-        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-        lines.append(f"  {'PASS' if outcome['ok'] else 'FAIL'}  {check_name} (measured {shown})")
+        lines.append(target_line(check_name, outcome["ok"], outcome["value"]))
     lines += [f"note: {n}" for n in document["notes"]]
     return "\n".join(lines)
 
