@@ -272,3 +272,83 @@ async def test_a_cluster_stores_reads_tags_and_locks_across_its_nodes(redis_clus
     assert [await triple(x) for x in range(12)] == [3 * x for x in range(12)]
     assert sorted(computed[12:]) == [1, 4, 7, 10]
     await cache.aclose()
+
+
+# -- TLS: rediss:// against a real server with a throwaway CA -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, int, str]]:
+    """A redis-server that also listens with TLS, its certificate issued by a CA made for the test.
+
+    Yields the server (its plain port lets the test look behind the backend's back), the TLS port and the
+    path of the CA certificate.
+    """
+    import trustme
+
+    from tests.conftest import _require_redis
+    from tests.redis_server import free_port
+
+    _require_redis()
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    tls_port = free_port()
+    server = RedisServer(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert_file),
+                                     "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
+                                     "--tls-auth-clients", "no"]).start()
+    yield server, tls_port, str(ca_file)
+    server.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_rediss_stores_and_reads_over_a_verified_tls_connection(tls_redis: tuple[RedisServer, int, str]) -> None:
+    """``rediss://`` with the CA that issued the server's certificate: entries go to that server and come back."""
+    server, tls_port, ca_file = tls_redis
+    plain = redis.Redis(port=server.port)
+    plain.flushall()
+    url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={ca_file}&ssl_cert_reqs=required"
+    cache = TieredCache(Settings(tiers={"memory": "memory://", "redis": url}))
+    computed: list[int] = []
+
+    @multilevel_cached(cache=cache)
+    async def square(x: int) -> int:
+        computed.append(x)
+        return x * x
+
+    assert [await square(x) for x in range(5)] == [0, 1, 4, 9, 16]
+    assert len([k for k in plain.keys("*") if b"~tag:" not in k]) == 5  # the entries are on that server
+    assert cache.local is not None
+    cache.local.clear_now()
+    assert [await square(x) for x in range(5)] == [0, 1, 4, 9, 16]
+    assert computed == [0, 1, 2, 3, 4]
+    assert square.cache_info().hits_by_tier == {"redis": 5}
+    assert cache.tier_stats()["redis"]["errors"] == 0
+    await cache.aclose()
+    plain.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_rediss_verifies_the_server_by_default(tls_redis: tuple[RedisServer, int, str]) -> None:
+    """Without the issuing CA the server's certificate is not trusted: the tier fails (and is counted), nothing
+    is sent to the server, and the decorated call still returns its result."""
+    server, tls_port, _ = tls_redis
+    plain = redis.Redis(port=server.port)
+    plain.flushall()
+    cache = TieredCache(Settings(tiers={"memory": "memory://", "redis": f"rediss://localhost:{tls_port}/0"}))
+
+    @multilevel_cached(cache=cache)
+    async def double(x: int) -> int:
+        return 2 * x
+
+    assert await double(21) == 42
+    assert cache.tier_stats()["redis"]["errors"] >= 1
+    assert plain.dbsize() == 0
+    await cache.aclose()
+    plain.close()
