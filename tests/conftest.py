@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import cachelayers
-from tests.redis_server import RedisServer, redis_available
+from tests.redis_server import RedisServer, free_port, redis_available
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -73,6 +73,31 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, int, str]]:
+    """A redis-server that also listens with TLS, its certificate issued by a CA made for the test.
+
+    Yields the server (its plain port lets the test look behind the backend's back), the TLS port and the
+    path of the CA certificate.
+    """
+    import trustme
+
+    _require_redis()
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    tls_port = free_port()
+    server = RedisServer(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert_file),
+                                     "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
+                                     "--tls-auth-clients", "no"]).start()
+    yield server, tls_port, str(ca_file)
+    server.close()
 
 
 @pytest.fixture

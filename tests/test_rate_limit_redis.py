@@ -260,6 +260,34 @@ async def test_the_settings_redis_tier_is_the_default_storage(redis_url: str) ->
         await other.aclose()
 
 
+async def test_limits_are_shared_over_a_verified_tls_connection(tls_redis: tuple[RedisServer, int, str]) -> None:
+    """``rediss://`` storage with the issuing CA: two engines (think: processes) share one limit over TLS, and
+    without the CA the storage is refused rather than used unverified."""
+    import redis
+
+    server, tls_port, ca_file = tls_redis
+    plain = redis.Redis(port=server.port)
+    plain.flushall()
+    url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={ca_file}&ssl_cert_reqs=required"
+    one = RateLimiter(Settings(limits={"rpm": "2/second"}), storage=url)
+    two = RateLimiter(Settings(limits={"rpm": "2/second"}), storage=url)
+    unverified = RateLimiter(Settings(limits={"rpm": "2/second"}), storage=f"rediss://localhost:{tls_port}/0",
+                             fail_open=False)
+    try:
+        await one.acquire("rpm")
+        await two.acquire("rpm")
+        with pytest.raises(RateLimitExceeded):
+            await one.acquire("rpm", timeout=0)
+        assert any(b"rl:" in key for key in plain.keys("*"))  # the windows live on that server
+        with pytest.raises(BackendError):
+            await unverified.acquire("rpm", timeout=0)
+    finally:
+        await one.aclose()
+        await two.aclose()
+        await unverified.aclose()
+        plain.close()
+
+
 def test_storage_urls_map_to_limits_urls() -> None:
     assert limits_storage_url("redis://:pw@h:6380/2?timeout=2s&max_connections=5") == (
         "async+redis://:pw@h:6380/2", {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "max_connections": 5})

@@ -277,34 +277,6 @@ async def test_a_cluster_stores_reads_tags_and_locks_across_its_nodes(redis_clus
 # -- TLS: rediss:// against a real server with a throwaway CA -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, int, str]]:
-    """A redis-server that also listens with TLS, its certificate issued by a CA made for the test.
-
-    Yields the server (its plain port lets the test look behind the backend's back), the TLS port and the
-    path of the CA certificate.
-    """
-    import trustme
-
-    from tests.conftest import _require_redis
-    from tests.redis_server import free_port
-
-    _require_redis()
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    folder = tmp_path_factory.mktemp("tls")
-    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    ca.cert_pem.write_to_path(str(ca_file))
-    issued.cert_chain_pems[0].write_to_path(str(cert_file))
-    issued.private_key_pem.write_to_path(str(key_file))
-    tls_port = free_port()
-    server = RedisServer(extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert_file),
-                                     "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
-                                     "--tls-auth-clients", "no"]).start()
-    yield server, tls_port, str(ca_file)
-    server.close()
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_rediss_stores_and_reads_over_a_verified_tls_connection(tls_redis: tuple[RedisServer, int, str]) -> None:
