@@ -330,6 +330,10 @@ def _vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     return v / np.linalg.norm(v)
 
 
+_EMBED_BATCH: Final = 16  # items per embedding request at most
+_EMBED_WAIT: Final = 0.004  # seconds the first miss of a batch waits for company
+
+
 class EmbedStage(Stage):
     """Embeds the question (a hosted embedding model: fast and cheap, but every request needs it)."""
 
@@ -339,7 +343,7 @@ class EmbedStage(Stage):
         provider = SimulatedProvider("embedding API", latency_scale=latency_scale)
 
         # One provider request per batch: the misses of concurrent requests share it.
-        @batched(max_size=16, max_wait="4ms", name="cachelayers.demo.embed_batch")
+        @batched(max_size=_EMBED_BATCH, max_wait=_EMBED_WAIT, name="cachelayers.demo.embed_batch")
         async def embed_batch(texts: list[str], model: str) -> list[dict[str, Any]]:
             costs = [_tokens(text) * _PRICES[model][0] / 1e6 for text in texts]
             latency = 0.008 + 0.004 * _unit("embed", texts[0]) + 0.0003 * len(texts)
@@ -357,7 +361,7 @@ class EmbedStage(Stage):
     def details(self) -> dict[str, Any]:
         info = self.batcher.batch_info()
         return {"batches": info.batches, "items": info.items, "mean_batch_size": info.mean_size,
-                "fill_ratio": info.fill_ratio, "max_batch_size": 16}
+                "fill_ratio": info.fill_ratio, "max_batch_size": _EMBED_BATCH, "max_wait_s": _EMBED_WAIT}
 
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
         return (request.question, EMBED_MODEL)
@@ -761,9 +765,14 @@ def render_report(report: DemoReport, console: Any) -> None:
     for s in report.stages:
         d = s.details
         if "batches" in d:
-            layers.append(f"{s.name} batching: {d['items']:,} provider items in {d['batches']:,} batches "
-                          f"(mean size {d['mean_batch_size']:.2f} of {d['max_batch_size']}, "
-                          f"fill {100 * d['fill_ratio']:.0f}%)")
+            line = (f"{s.name} batching: {d['items']:,} provider items in {d['batches']:,} batches "
+                    f"(mean size {d['mean_batch_size']:.2f} of {d['max_batch_size']}, "
+                    f"fill {100 * d['fill_ratio']:.0f}%)")
+            if d["items"] and report.wall_seconds > 0:
+                rate = d["items"] / report.wall_seconds
+                line += (f"; misses came at {rate:,.0f}/s, {rate * d['max_wait_s']:.1f} per "
+                         f"{d['max_wait_s'] * 1e3:g} ms window: batches fill when misses come in bursts")
+            layers.append(line)
         if "admitted" in d:
             layers.append(f"{s.name} rate limit: {d['admitted']:,} admitted, {d['immediate']:,} at once, "
                           f"{d['waited']:,} waited for room")
