@@ -134,29 +134,24 @@ class MemoryBackend(Backend):
         old = data.get(key)
         if old is not None:
             self._remove(key, old)
-        if size > self.max_bytes:
-            return False
-        if expires_at is not None and expires_at <= self.clock():
+        max_bytes = self.max_bytes
+        if size > max_bytes or (expires_at is not None and expires_at <= self.clock()):
             return False
         data[key] = Slot(value, expires_at, size, tags, storage_key)
-        self.bytes_used += size
-        if tags:
-            index = self._tags
-            for tag in tags:
-                members = index.get(tag)
-                if members is None:
-                    index[tag] = {key}
-                else:
-                    members.add(key)
-        if storage_key is not None:
-            self._by_storage_key[storage_key] = key
-        while len(data) > self.max_entries or self.bytes_used > self.max_bytes:
-            victim, victim_slot = data.popitem(last=False)
-            self.evictions += 1
-            if victim_slot.tags or victim_slot.storage_key is not None:
-                self._forget(victim, victim_slot)
-            else:
-                self.bytes_used -= victim_slot.size
+        if tags or storage_key is not None:
+            self._index(key, tags, storage_key)
+        used = self.bytes_used + size
+        if len(data) > self.max_entries or used > max_bytes:
+            max_entries = self.max_entries
+            evicted = 0
+            while len(data) > max_entries or used > max_bytes:
+                victim, victim_slot = data.popitem(False)
+                used -= victim_slot.size
+                evicted += 1
+                if victim_slot.tags or victim_slot.storage_key is not None:
+                    self._unindex(victim, victim_slot)
+            self.evictions += evicted
+        self.bytes_used = used
         return True
 
     def remove(self, key: Hashable) -> bool:
@@ -198,10 +193,21 @@ class MemoryBackend(Backend):
 
     def _remove(self, key: Hashable, slot: Slot) -> None:
         del self._data[key]
-        self._forget(key, slot)
-
-    def _forget(self, key: Hashable, slot: Slot) -> None:
         self.bytes_used -= slot.size
+        self._unindex(key, slot)
+
+    def _index(self, key: Hashable, tags: tuple[str, ...], storage_key: str | None) -> None:
+        index = self._tags
+        for tag in tags:
+            members = index.get(tag)
+            if members is None:
+                index[tag] = {key}
+            else:
+                members.add(key)
+        if storage_key is not None:
+            self._by_storage_key[storage_key] = key
+
+    def _unindex(self, key: Hashable, slot: Slot) -> None:
         for tag in slot.tags:
             members = self._tags.get(tag)
             if members is not None:
