@@ -31,6 +31,7 @@ from cachelayers import (
     multilevel_cached,
     register_codec,
 )
+from cachelayers.backends.memory import VALUE
 from tests.conftest import FakeClock
 from tests.strategies import (
     aware_datetimes,
@@ -346,9 +347,9 @@ async def test_corrupt_entry_is_a_miss_deleted_and_counted(clock: FakeClock, dam
     assert await square(3) == 9
     assert await square(4) == 16
     [key3, key4] = [str(key) for key in l2.slots]
-    blob = l2.slots[key3].value
+    blob = l2.slots[key3][VALUE]
     damaged = {"bit-flip": flip_bit(blob, len(blob) - 1), "truncate": blob[:10],
-               "other-key": l2.slots[key4].value, "garbage": b"\xc1C" + b"\x00" * 60}[damage]
+               "other-key": l2.slots[key4][VALUE], "garbage": b"\xc1C" + b"\x00" * 60}[damage]
     await l2.set_many([StoreItem(key3, damaged, None)])
     assert cache.local is not None
     cache.local.clear_now()
@@ -357,7 +358,7 @@ async def test_corrupt_entry_is_a_miss_deleted_and_counted(clock: FakeClock, dam
     assert runs == [3, 4, 3]
     assert cache.tier_stats()["l2"]["corrupt"] == 1
     # The damaged entry was deleted, and the recomputed value stored in its place.
-    assert cache.codec.open(key3, l2.slots[key3].value).value == 9
+    assert cache.codec.open(key3, l2.slots[key3][VALUE]).value == 9
     assert await square(3) == 9
     assert runs == [3, 4, 3]
 
@@ -368,7 +369,7 @@ async def test_corrupt_entry_is_deleted_even_when_the_call_fails(clock: FakeCloc
     cache, l2 = two_tier_cache(clock)
     await cache.set("k", "value")
     [key] = [str(key) for key in l2.slots]
-    await l2.set_many([StoreItem(key, flip_bit(l2.slots[key].value, 5), None)])
+    await l2.set_many([StoreItem(key, flip_bit(l2.slots[key][VALUE], 5), None)])
     assert cache.local is not None
     cache.local.clear_now()
     assert await cache.get("k", "missing") == "missing"

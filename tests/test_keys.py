@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachelayers import MemoryBackend, Settings, TieredCache, UnkeyableArgumentError, multilevel_cached
+from cachelayers.backends.memory import STORAGE_KEY
 from cachelayers.keys import KeyBuilder, canonical_bytes, function_identity
 from tests.strategies import DEFAULT_Y, equivalent_calls, keyable_values
 
@@ -153,7 +154,7 @@ async def test_compiled_wrapper_keys_calls_like_key_builder(call: Any) -> None:
     builder = KeyBuilder(g)
     assert local_key == builder.local(args1, kwargs1) == builder.local(args2, kwargs2)
     expected = f"kt:{builder.namespace}:{builder.storage_digest(local_key)}"
-    assert slot.storage_key == expected
+    assert slot[STORAGE_KEY] == expected
     assert list(lower.slots) == [expected]
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cachelayers import BackendURL, ConfigError, MemoryBackend, StoreItem
 from cachelayers.backends import create_backend
-from cachelayers.backends.memory import MISSING
+from cachelayers.backends.memory import MISSING, STORAGE_KEY, TAGS
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.memory
@@ -124,9 +124,9 @@ def test_bounds_always_hold_and_contents_are_the_lru_model(ops: list[tuple[int, 
         assert list(tier.slots) == list(model)
         assert len(tier) <= tier.max_entries
         assert tier.bytes_used == sum(model.values()) <= tier.max_bytes
-    named = [key for key in model if tier.slots[key].storage_key is not None]
+    named = [key for key in model if tier.slots[key][STORAGE_KEY] is not None]
     assert tier.remove_storage_keys([f"sk{key}" for key in range(13)]) == len(named)
-    tagged_left = [key for key in model if key not in named and tier.slots[key].tags]
+    tagged_left = [key for key in model if key not in named and tier.slots[key][TAGS]]
     assert tier.remove_tags(["odd"]) == len(tagged_left)
     assert list(tier.slots) == [key for key in model if key not in named and key not in tagged_left]
 

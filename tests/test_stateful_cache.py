@@ -34,7 +34,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from cachelayers import Backend, MemoryBackend, Settings, TieredCache, multilevel_cached
 from cachelayers.backends import create_backend
-from cachelayers.backends.memory import Slot
+from cachelayers.backends.memory import EXPIRES_AT, SIZE, STORAGE_KEY, VALUE, Slot
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.engines import namespace_tag
@@ -139,7 +139,7 @@ class TierModel:
     may_hold: set[str] = field(default_factory=set)
     # Names a memory slot by its storage key. A memory-only engine stores no storage key in its slots (nothing
     # outside the process names them), so the machine derives it from the local key.
-    resolve: Callable[[Hashable, Slot], str] = lambda key, slot: slot.storage_key or str(key)
+    resolve: Callable[[Hashable, Slot], str] = lambda key, slot: slot[STORAGE_KEY] or str(key)
 
     def fits(self, entry: Entry) -> bool:
         if entry.body_size + SIZE_SLACK <= self.max_bytes:
@@ -150,7 +150,7 @@ class TierModel:
     def contents(self) -> list[tuple[str, int]]:
         """The backend's entries as ``(storage key, charged size)``, least recently used first."""
         assert isinstance(self.backend, MemoryBackend)
-        return [(self.resolve(key, slot), slot.size) for key, slot in self.backend.slots.items()]
+        return [(self.resolve(key, slot), slot[SIZE]) for key, slot in self.backend.slots.items()]
 
     def holds(self, key: str) -> bool:
         return key in self.order if self.exact else key in self.may_hold
@@ -246,8 +246,8 @@ class TieredCacheMachine(RuleBasedStateMachine):
 
     def memory_key(self, local_key: Hashable, slot: Slot) -> str:
         """The storage key of a memory slot: recorded in it, or derived from a function's local key."""
-        if slot.storage_key is not None:
-            return slot.storage_key
+        if slot[STORAGE_KEY] is not None:
+            return slot[STORAGE_KEY]
         for name, builder in self.fn_keys.items():
             if isinstance(local_key, tuple) and local_key[0] == builder.token:
                 return f"{self.prefix}{name}:{builder.storage_digest(local_key)}"
@@ -406,11 +406,11 @@ class TieredCacheMachine(RuleBasedStateMachine):
                 key = tier.resolve(local_key, slot)
                 entry = self.model[key]
                 # Absolute expiry: a back-filled copy keeps the original deadline, never a fresh TTL.
-                assert slot.expires_at == entry.expires_at
+                assert slot[EXPIRES_AT] == entry.expires_at
                 if index == 0:
-                    assert slot.value == entry.value
+                    assert slot[VALUE] == entry.value
                 else:
-                    envelope = self.codec.open(key, slot.value)
+                    envelope = self.codec.open(key, slot[VALUE])
                     assert envelope.value == entry.value
                     assert envelope.expires_at == entry.expires_at
                     assert set(envelope.tags) == entry.tags

@@ -18,6 +18,7 @@ from cachelayers import (
     multilevel_cached,
     stats,
 )
+from cachelayers.backends.memory import EXPIRES_AT, VALUE
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -156,16 +157,16 @@ async def test_writes_go_to_every_tier_and_back_fill_keeps_the_remaining_ttl(clo
     assert await answer("hi") == "HI"
     assert len(l1) == len(l2) == 1
     [slot] = l1.slots.values()
-    assert slot.expires_at == written_at + 60
+    assert slot[EXPIRES_AT] == written_at + 60
     [(storage_key, envelope)] = l2.slots.items()
-    assert cache.codec.open(str(storage_key), envelope.value).expires_at == written_at + 60
+    assert cache.codec.open(str(storage_key), envelope[VALUE]).expires_at == written_at + 60
 
     l1.clear_now()
     clock.advance(45)
     assert await answer("hi") == "HI"
     assert runs.calls == ["hi"]
     [slot] = l1.slots.values()
-    assert slot.expires_at == written_at + 60  # 15 s left, as in the lower tier
+    assert slot[EXPIRES_AT] == written_at + 60  # 15 s left, as in the lower tier
     assert answer.cache_info().hits_by_tier == {"l2": 1}
 
     clock.advance(15)
@@ -184,7 +185,7 @@ async def test_three_tiers_back_fill_every_tier_above_the_hit(clock: FakeClock) 
     assert await cache.get("k") == {"v": 1}
     assert len(tiers["l1"]) == len(tiers["l2"]) == 1
     [envelope] = tiers["l2"].slots.values()
-    assert cache.codec.open(cache.storage_key("k"), envelope.value).expires_at == clock() + 20
+    assert cache.codec.open(cache.storage_key("k"), envelope[VALUE]).expires_at == clock() + 20
     assert cache.tier_stats()["l3"]["hits"] == 1
 
 
@@ -483,8 +484,8 @@ async def test_configure_changes_apply_to_ttl() -> None:
     await f(1)
     assert cache.local is not None
     [slot] = cache.local.slots.values()
-    assert slot.expires_at is not None
-    assert slot.expires_at - cache.clock() == pytest.approx(60, abs=1)
+    assert slot[EXPIRES_AT] is not None
+    assert slot[EXPIRES_AT] - cache.clock() == pytest.approx(60, abs=1)
 
 
 async def test_explicit_cache_is_kept_across_configure(clock: FakeClock) -> None:

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from cachelayers import Backend, ConfigError, MemoryBackend, Settings, StoreItem, TieredCache, multilevel_cached
+from cachelayers.backends.memory import EXPIRES_AT
 from cachelayers.codec import Codec
 from tests.conftest import FakeClock
 from tests.tier_factories import backend_params, eventually, make_backend, skip_unless_supported
@@ -175,7 +176,7 @@ async def test_read_through_in_order_and_back_fill_keeps_the_remaining_ttl(
     assert f.cache_info().hits_by_tier == {"disk": 1}
     storage_key = f.cache._prefix + f.cache._keys.storage_digest(f.cache._keys.local((1,), {}))
     assert reader.local is not None
-    assert next(iter(reader.local.slots.values())).expires_at == started + 100
+    assert next(iter(reader.local.slots.values()))[EXPIRES_AT] == started + 100
     client = redis_client(request)
     assert 59_000 < client.pttl(storage_key) <= 60_000  # 60 s left, not a fresh 100
     client.close()

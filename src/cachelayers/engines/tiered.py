@@ -44,7 +44,7 @@ import numpy as np
 from cachelayers import settings as _settings_module
 from cachelayers.backends import Backend, StoreItem, create_backend
 from cachelayers.backends.base import ClearPrefixSupport, Clock, DeadlineSupport, LockSupport, PubSubSupport
-from cachelayers.backends.memory import MISSING, MemoryBackend, Slot
+from cachelayers.backends.memory import EXPIRES_AT, MISSING, VALUE, MemoryBackend, Slot
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.engines.background import BackgroundTasks, current_loop_token
@@ -969,13 +969,13 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         if _cl_slots is not None:
             _cl_slot = _cl_slots.get(_cl_key)
             if _cl_slot is not None:
-                _cl_expires_at = _cl_slot.expires_at
+                _cl_expires_at = _cl_slot[1]  # a memory Slot: (value, expires_at, ...)
                 if _cl_expires_at is None or _cl_expires_at > _cl_clock():
                     _cl_slots.move_to_end(_cl_key)
                     _cl_stats.hits += 1
                     if _cl_count_cost is not None:
-                        _cl_count_cost(_cl_slot.value)
-                    return _cl_slot.value
+                        _cl_count_cost(_cl_slot[0])
+                    return _cl_slot[0]
         return await _cl_miss(_cl_key, {args}, {kwargs})
 
     return wrapper, set_memory
@@ -1009,16 +1009,16 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
             slot = local.slots.get(local_key)
             if slot is not None:
                 now = cache.clock()
-                expires_at = slot.expires_at
+                expires_at = slot[EXPIRES_AT]
                 if expires_at is None or expires_at > now:
                     local.slots.move_to_end(local_key)
-                    self._served(slot.value, None)
-                    return cast(T, slot.value)
+                    self._served(slot[VALUE], None)
+                    return cast(T, slot[VALUE])
                 if expires_at + self._grace > now:
                     local.slots.move_to_end(local_key)
-                    self._served(slot.value, "stale")
+                    self._served(slot[VALUE], "stale")
                     self._refresh_soon(cache, local_key, args, kwargs)
-                    return cast(T, slot.value)
+                    return cast(T, slot[VALUE])
             cache.local_stats.misses += 1
         inflight = cache._inflight
         while True:
@@ -1421,9 +1421,9 @@ class BatchFunctionCache(FunctionCache[P, T]):
             slots, now = local.slots, cache.clock()
             for key in first:
                 slot = slots.get(key)
-                if slot is not None and (slot.expires_at is None or slot.expires_at > now):
+                if slot is not None and (slot[EXPIRES_AT] is None or slot[EXPIRES_AT] > now):
                     slots.move_to_end(key)
-                    values[key] = slot.value
+                    values[key] = slot[VALUE]
             cache.local_stats.misses += len(first) - len(values)
         stats.hits += len(values)
         if len(values) < len(first):
