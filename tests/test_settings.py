@@ -203,12 +203,13 @@ def optional_drivers() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     core = {re.split(r"[<>=!~\[ ;]", dep)[0].lower() for dep in project["dependencies"]}
+    modules = {"opentelemetry-api": "opentelemetry"}  # distributions whose module has another name
     drivers = set()
-    for extra in ("redis", "disk", "semantic", "limits"):
+    for extra in ("redis", "disk", "semantic", "limits", "prometheus", "opentelemetry"):
         for dep in extras.get(extra, []):
             name = re.split(r"[<>=!~\[ ;]", dep)[0].lower()
             if name not in core and not name.startswith("cachelayers"):
-                drivers.add(name.replace("-", "_"))
+                drivers.add(modules.get(name, name.replace("-", "_")))
     return drivers
 
 
@@ -216,7 +217,8 @@ def test_drivers_load_lazily() -> None:
     """Importing cachelayers imports no driver that only an extra installs, so the package works without any
     extra; validating a Redis URL does not import redis either."""
     drivers = optional_drivers()
-    assert {"redis", "usearch"} <= drivers  # the disk tier needs no driver: SQLite is in the standard library
+    # The disk tier needs no driver: SQLite is in the standard library.
+    assert {"redis", "usearch", "prometheus_client", "opentelemetry"} <= drivers
     code = (
         "import sys, cachelayers\n"
         f"loaded = sorted({sorted(drivers)!r} & sys.modules.keys())\n"

@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["CacheInfo", "FunctionStats", "LatencyRing", "StateLog", "TierStats", "register_stats_source",
-           "stats"]
+__all__ = ["CacheInfo", "FunctionStats", "LatencyRing", "StateLog", "TierStats", "live_sources",
+           "register_stats_source", "stats"]
 
 logger = logging.getLogger("cachelayers")
 
@@ -172,9 +172,14 @@ def register_stats_source(source: _StatsSource) -> None:
     _sources.add(source)
 
 
+def live_sources() -> list[Any]:
+    """The stats sources alive now: cached functions, engines, batchers, rate limiters."""
+    return list(_sources)
+
+
 def stats(sources: Iterable[_StatsSource] | None = None) -> dict[str, Any]:
     """Return the statistics of every live cached function and engine, keyed by their names."""
     merged: dict[str, Any] = {}
-    for source in list(_sources) if sources is None else sources:
+    for source in live_sources() if sources is None else sources:
         merged.update(source.stats_snapshot())
     return dict(sorted(merged.items()))
