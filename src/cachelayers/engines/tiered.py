@@ -924,7 +924,8 @@ class FunctionCache(Generic[P, T]):
         defaults, so ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` arrive as the same locals and the key is
         one tuple of them (the tuple `KeyBuilder.local` builds for such calls). Otherwise the wrapper takes
         ``*args, **kwargs`` and asks `KeyBuilder.local`. What the hit path reads lives in closure cells,
-        the fastest loads Python has; `_bind` updates them through ``set_memory``.
+        the fastest loads Python has (the memory tier's ``get`` and ``move_to_end`` among them, bound); `_bind`
+        updates them through ``set_memory``.
         """
         params = self._keys.parameters
         namespace: dict[str, Any] = {}
@@ -957,21 +958,26 @@ class FunctionCache(Generic[P, T]):
             key = "_cl_key = _cl_local_key_of(args, kwargs)"
         source = f"""
 def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost):
-    _cl_slots = None
+    _cl_get = None  # the memory tier's slots.get, bound: no attribute lookup per call
+    _cl_move = None  # and its move_to_end
     _cl_clock = None
 
     def set_memory(slots, clock):
-        nonlocal _cl_slots, _cl_clock
-        _cl_slots, _cl_clock = slots, clock
+        nonlocal _cl_get, _cl_move, _cl_clock
+        if slots is None:
+            _cl_get = _cl_move = None
+        else:
+            _cl_get, _cl_move = slots.get, slots.move_to_end
+        _cl_clock = clock
 
     async def wrapper({", ".join(signature)}):
         {key}
-        if _cl_slots is not None:
-            _cl_slot = _cl_slots.get(_cl_key)
+        if _cl_get is not None:
+            _cl_slot = _cl_get(_cl_key)
             if _cl_slot is not None:
                 _cl_expires_at = _cl_slot[1]  # a memory Slot: (value, expires_at, ...)
                 if _cl_expires_at is None or _cl_expires_at > _cl_clock():
-                    _cl_slots.move_to_end(_cl_key)
+                    _cl_move(_cl_key)
                     _cl_stats.hits += 1
                     if _cl_count_cost is not None:
                         _cl_count_cost(_cl_slot[0])
