@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -80,6 +81,7 @@ async def test_samples_name_every_figure_of_every_kind_from_the_catalogue(clock:
     assert not any(name == "cachelayers_function_cached_p50_seconds" for name, _ in values)
     assert names["cachelayers_function_hits"]
     assert not names["cachelayers_function_hit_rate"]
+    assert not names["cachelayers_function_time_saved_seconds"]  # an estimate from recent latencies: it can fall
     await made[3].aclose()
 
 
@@ -122,13 +124,19 @@ async def test_prometheus_scrape_reads_the_figures_at_scrape_time(clock: FakeClo
 
 
 async def test_register_prometheus_uses_the_live_sources(clock: FakeClock) -> None:
-    made = await sources(clock)
+    gc.collect()  # the function of this test's other parametrisation, whose name this one shares
+
+    @multilevel_cached(cache=TieredCache(Settings(), clock=clock), name="exported.live")
+    async def live(x: int) -> int:
+        return x
+
+    await live(1)
+    await live(1)
     registry = CollectorRegistry()
     register_prometheus(registry)
     text = generate_latest(registry).decode()
-    assert 'cachelayers_function_hits_total{function="exported.square"} 2.0' in text
-    assert made[0] in live_sources()
-    await made[3].aclose()
+    assert 'cachelayers_function_hits_total{function="exported.live"} 1.0' in text
+    assert live.cache in live_sources()
 
 
 async def test_opentelemetry_observes_counters_and_gauges(clock: FakeClock) -> None:
@@ -166,3 +174,40 @@ def test_a_missing_client_library_names_the_extra(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
     with pytest.raises(MissingDependencyError, match=rf"cachelayers\[{extra}\]"):
         setup()
+
+
+async def test_sources_sharing_a_name_get_distinct_labels(clock: FakeClock) -> None:
+    """Functions made by one factory share their name: each series still has labels of its own."""
+    cache = TieredCache(Settings(), clock=clock)
+
+    def make() -> Any:
+        @multilevel_cached(cache=cache, name="exported.twin")
+        async def twin(x: int) -> int:
+            return x
+
+        return twin
+
+    first, second = make(), make()
+    await first(1)
+    await first(2)
+    await second(3)
+    misses = [s for s in samples([first.cache, second.cache]) if s.name == "cachelayers_function_misses"]
+    assert sorted((s.labels["function"], s.value) for s in misses) == sorted(
+        [(f"exported.twin@{id(first.cache):x}", 2.0), (f"exported.twin@{id(second.cache):x}", 1.0)])
+
+
+async def test_a_source_that_fails_to_report_is_left_out(clock: FakeClock) -> None:
+    made = await sources(clock)
+
+    class Broken:
+        identity = "broken"
+
+        def stats_snapshot(self) -> dict[str, Any]:
+            raise RuntimeError("cannot read")
+
+    broken = made[0].__class__.__new__(made[0].__class__)  # a FunctionCache whose snapshot fails
+    broken.stats_snapshot = Broken().stats_snapshot
+    broken.identity = "broken"
+    found = samples([broken, made[0]])
+    assert {s.labels.get("function") for s in found} == {"exported.square"}
+    await made[3].aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import gc
 import inspect
 from datetime import timedelta
 from typing import Any
@@ -504,3 +506,100 @@ async def test_explicit_cache_is_kept_across_configure(clock: FakeClock) -> None
     assert f.cache.cache is cache
     assert runs.calls == [1]
 
+
+
+async def test_memory_tier_hits_never_go_down_when_functions_go_or_move(clock: FakeClock) -> None:
+    """The memory tier's ``hits`` count what its functions' hit paths counted: kept when a function is collected
+    or moves to another engine (settings changed), so the figure only grows."""
+    cache = TieredCache(Settings(), clock=clock)
+
+    def make() -> Any:
+        @multilevel_cached(cache=cache, name="tier_hits.f")
+        async def f(x: int) -> int:
+            return x
+
+        return f
+
+    f = make()
+    for _ in range(4):
+        await f(1)  # 1 miss, 3 hits
+    assert cache.tier_stats()["memory"]["hits"] == 3
+    del f
+    gc.collect()
+    assert cache.tier_stats()["memory"]["hits"] == 3
+    g = make()
+    await g(1)  # the entry f left: a hit of g's
+    assert cache.tier_stats()["memory"]["hits"] == 4
+
+    @multilevel_cached(name="tier_hits.moving")
+    async def moving(x: int) -> int:
+        return x
+
+    await moving(1)
+    await moving(1)
+    first = moving.cache.cache
+    assert first.tier_stats()["memory"]["hits"] == 1
+    configure(default_ttl="1h")  # a new default engine: `moving` stores there from its next call
+    await moving(1)
+    await moving(1)
+    second = moving.cache.cache
+    assert second is not first
+    assert first.tier_stats()["memory"]["hits"] == 1
+    assert second.tier_stats()["memory"]["hits"] == 1
+    assert moving.cache_info().hits == 2
+
+
+async def test_tags_are_plain_strings_never_split_letters(clock: FakeClock) -> None:
+    """A ``tags=`` function returning one string is an error (counted; the result is returned, not stored), not
+    a tag per letter; `StrEnum` tags work as their values."""
+    cache = TieredCache(Settings(), clock=clock)
+
+    class Tag(enum.StrEnum):
+        USERS = "users"
+
+    runs = Counter()
+
+    @multilevel_cached(cache=cache, tags=lambda x: "users")
+    async def split(x: int) -> int:
+        runs.calls.append(x)
+        return x
+
+    assert await split(1) == 1
+    assert await split(1) == 1
+    assert runs.calls == [1, 1]
+    assert split.cache_info().errors == 2
+
+    @multilevel_cached(cache=cache, tags=[Tag.USERS])
+    async def tagged(x: int) -> int:
+        runs.calls.append(x)
+        return x
+
+    await tagged(2)
+    await tagged(2)
+    assert runs.calls == [1, 1, 2]
+    await cache.invalidate_tags("users")
+    await tagged(2)
+    assert runs.calls == [1, 1, 2, 2]
+    with pytest.raises(TypeError, match="not one string"):
+        await cache.set("k", 1, tags="users")
+    assert await cache.set("k", 1, tags=[Tag.USERS]) is True
+    await cache.invalidate_tags("users")
+    assert await cache.get("k", "gone") == "gone"
+
+
+def test_stable_list_retries_a_collection_changed_during_iteration() -> None:
+    """A weak collection another thread changes while it is listed raises once: the list is taken again."""
+    from cachelayers.metrics import stable_list
+
+    class Flaky:
+        tries = 0
+
+        def __iter__(self) -> Any:
+            self.tries += 1
+            if self.tries == 1:
+                raise RuntimeError("Set changed size during iteration")
+            return iter([1, 2])
+
+    flaky = Flaky()
+    assert stable_list(flaky) == [1, 2]
+    assert flaky.tries == 2

@@ -336,9 +336,9 @@ class Codec:
             size = 9
         elif tp is bytes:
             size = _raw_size(len(value), 2)  # type: ignore[arg-type]
-        if size < 0:
+        if size < 0 or type(tags) is not tuple:
             return len(self.pack_body(value, tags))
-        sizes = self._tags_sizes
+        sizes = self._tags_sizes  # by tuples of plain strings, as the engine passes them
         tags_size = sizes.get(tags)
         if tags_size is None:
             tags_size = len(self.pack_body(None, tags)) - 2  # minus the outer array header and the None

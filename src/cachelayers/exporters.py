@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple
 
@@ -42,7 +43,7 @@ from cachelayers.engines.batcher import Batcher, BatchInfo
 from cachelayers.engines.limiter import LimiterInfo, RateLimiter
 from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction
 from cachelayers.engines.tiered import FunctionCache, TieredCache
-from cachelayers.metrics import CacheInfo, TierStats, live_sources
+from cachelayers.metrics import CacheInfo, StateLog, TierStats, live_sources
 
 __all__ = ["PrometheusCollector", "Sample", "catalogue", "instrument_opentelemetry", "register_prometheus",
            "samples"]
@@ -51,7 +52,8 @@ PREFIX: Final = "cachelayers"
 
 # Figures that only grow while a process runs: exported as counters.
 _COUNTERS: Final = frozenset({
-    "hits", "misses", "errors", "unstorable", "cost_saved", "time_saved", "hits_by_tier",  # functions
+    "hits", "misses", "errors", "unstorable", "cost_saved", "hits_by_tier",  # functions (time_saved is an estimate
+    # from recent latencies: it can go down)
     "writes", "timeouts", "skipped", "corrupt", "evictions",  # tiers
     "exact_hits", "semantic_hits", "uncached", "expirations", "embed_errors", "index_errors",  # semantic
     "verifier_rejections", "verifier_errors", "compactions",
@@ -122,20 +124,36 @@ def _numbers(kind: str, labels: dict[str, str], fields: dict[str, Any]) -> Itera
 
 
 def samples(sources: Iterable[Any] | None = None) -> list[Sample]:
-    """The figures of every live stats source (or of ``sources``) as flat samples."""
+    """The figures of every live stats source (or of ``sources``) as flat samples.
+
+    Sources that share a name (functions made by one factory, two batchers named alike) are told apart by
+    ``@<id>`` after the name, so no two series carry the same labels. A source whose figures cannot be read is
+    left out (and logged once), not allowed to fail the whole scrape.
+    """
+    described = [(source, _source(source)) for source in (live_sources() if sources is None else sources)]
+    names = Counter((d[0], d[2]) for _, d in described if d is not None)
     out: list[Sample] = []
-    for source in live_sources() if sources is None else sources:
-        described = _source(source)
-        if described is None:
+    for source, description in described:
+        if description is None:
             continue
-        kind, label, value = described
-        for figures in source.stats_snapshot().values():
+        kind, label, value = description
+        if names[kind, value] > 1:
+            value = f"{value}@{id(source):x}"
+        try:
+            snapshot = source.stats_snapshot()
+        except Exception as exc:
+            _log.failure(f"reading the statistics of {value}", exc)
+            continue
+        for figures in snapshot.values():
             if kind == "tier":
                 for tier, fields in figures.items():
                     out.extend(_numbers(kind, {label: value, "tier": tier}, fields))
             else:
                 out.extend(_numbers(kind, {label: value}, figures))
     return out
+
+
+_log = StateLog()
 
 
 _HELP: Final = {"function": "a @multilevel_cached function", "tier": "a tier of a cache engine",

@@ -11,10 +11,12 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["CacheInfo", "FunctionStats", "LatencyRing", "StateLog", "TierStats", "live_sources",
-           "register_stats_source", "stats"]
+           "register_stats_source", "stable_list", "stats"]
 
 logger = logging.getLogger("cachelayers")
 
@@ -117,6 +119,11 @@ class FunctionStats:
         self.computed_latency = LatencyRing()
         self.sample_tick = 0
 
+    @property
+    def memory_hits(self) -> int:
+        """Hits served by the memory tier: those not attributed to another source in ``hits_by_tier``."""
+        return self.hits - sum(self.hits_by_tier.values())
+
     def info(self) -> CacheInfo:
         """Return a snapshot."""
         total = self.hits + self.misses
@@ -172,9 +179,19 @@ def register_stats_source(source: _StatsSource) -> None:
     _sources.add(source)
 
 
+def stable_list(collection: Iterable[T]) -> list[T]:
+    """A list of a weak collection that another thread may change meanwhile (a scrape runs on the exporter's
+    thread while functions are decorated on others): iterating one raises when its size changes, so retry."""
+    while True:
+        try:
+            return list(collection)
+        except RuntimeError:  # "changed size during iteration"
+            continue
+
+
 def live_sources() -> list[Any]:
     """The stats sources alive now: cached functions, engines, batchers, rate limiters."""
-    return list(_sources)
+    return stable_list(_sources)
 
 
 def stats(sources: Iterable[_StatsSource] | None = None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import numpy as np
 from cachelayers.durations import parse_duration
 from cachelayers.errors import BatcherClosedError, BatchError, BatchQueueFullError, ConfigError
 from cachelayers.keys import canonical_bytes, function_identity
-from cachelayers.metrics import LatencyRing, register_stats_source
+from cachelayers.metrics import LatencyRing, register_stats_source, stable_list
 
 __all__ = ["BatchInfo", "Batcher", "QueueFullPolicy", "Rows"]
 
@@ -766,7 +766,7 @@ class Batcher(Generic[X, P, Y]):
 
     def info(self) -> BatchInfo:
         """Counters, sizes, fill ratio, waits and durations of this batcher."""
-        loops = list(self._loops.values())
+        loops = stable_list(self._loops.values())
         mean = self._items / self._batches if self._batches else 0.0
         return BatchInfo(
             calls=self._calls,

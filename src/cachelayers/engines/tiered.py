@@ -35,7 +35,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeVar, cast
+from typing import Any, Final, Generic, NamedTuple, ParamSpec, TypeAlias, TypeVar, cast
 
 import anyio
 import msgpack
@@ -51,7 +51,7 @@ from cachelayers.engines.background import BackgroundTasks, current_loop_token
 from cachelayers.engines.breaker import CircuitBreaker
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import FAST_TYPES, KeyBuilder
-from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, register_stats_source
+from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, register_stats_source, stable_list
 from cachelayers.settings import Settings, get_settings
 
 __all__ = ["BatchFunctionCache", "FunctionCache", "TieredCache", "default_cache", "namespace_tag"]
@@ -80,19 +80,26 @@ def namespace_tag(namespace: str) -> str:
 
 
 def user_tags(tags: Iterable[Any], origin: str) -> tuple[str, ...]:
-    """Check tags given by a user (``origin`` names where they came from) and return them as a tuple.
+    """Check tags given by a user (``origin`` names where they came from) and return them as a tuple of plain
+    strings (a `str` subclass such as a `StrEnum` member becomes its string value).
 
     Raises:
-        TypeError: A tag is not a string.
+        TypeError: ``tags`` is a single string (which would be split into one-letter tags), or a tag is not a
+            string.
         ValueError: A tag starts as namespace tags do (``"ns\\x1f"``), which would confuse the two.
     """
-    checked = tuple(tags)
-    for tag in checked:
+    if isinstance(tags, str | bytes):
+        raise TypeError(f"{origin}: tags must be an iterable of strings, not one string: {tags!r}")
+    checked: list[str] = []
+    for tag in tags:
         if not isinstance(tag, str):
             raise TypeError(f"{origin}: tags must be strings, got {tag!r}")
+        if type(tag) is not str:
+            tag = str.__str__(tag)
         if tag.startswith(_NAMESPACE_TAG):
             raise ValueError(f"{origin}: tag {tag!r} starts with {_NAMESPACE_TAG!r}, reserved for namespace tags")
-    return checked
+        checked.append(tag)
+    return tuple(checked)
 
 
 class _Stale:
@@ -209,6 +216,10 @@ class _Tier:
                 await backend.clear()
 
         await self.call(op, None)
+
+
+_Following: TypeAlias = "tuple[int, weakref.finalize[..., Any]]"
+"""How an engine follows a function's memory hits: the count when it came, and the finalizer that folds them."""
 
 
 class _Flight:
@@ -390,7 +401,9 @@ class TieredCache:
         self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
         pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
         self.listener = _Listener(self, pubsub) if pubsub is not None else None
-        self.functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
+        self.functions: weakref.WeakKeyDictionary[FunctionCache[Any, Any], _Following] = weakref.WeakKeyDictionary()
+        """The functions storing here, each with its memory hits when it came and the finalizer that adds the
+        hits it made here to `local_stats` when it goes (the hit path counts them on the function only)."""
         register_stats_source(self)
 
     # -- key/value API -----------------------------------------------------------------------------------
@@ -471,7 +484,7 @@ class TieredCache:
         out: dict[str, dict[str, Any]] = {}
         if self.local is not None:
             snap: dict[str, Any] = self.local_stats.snapshot()
-            snap["hits"] += sum(fn.memory_hits() for fn in list(self.functions))
+            snap["hits"] += sum(fn.stats.memory_hits - since for fn, (since, _) in stable_list(self.functions.items()))
             snap.update(entries=len(self.local), bytes=self.local.bytes_used, evictions=self.local.evictions)
             out[self.local_name] = snap
         for tier in self.tiers:
@@ -488,6 +501,19 @@ class TieredCache:
         return {f"tiers@{id(self):x}": self.tier_stats()}
 
     # -- machinery shared with cached functions -----------------------------------------------------------
+
+    def adopt(self, fn: FunctionCache[Any, Any]) -> None:
+        """Count ``fn``'s memory hits from now on in this engine's memory tier (see `functions`)."""
+        if fn not in self.functions:
+            stats = fn.stats
+            done = weakref.finalize(fn, _fold_memory_hits, weakref.ref(self), stats, stats.memory_hits)
+            self.functions[fn] = (stats.memory_hits, done)
+
+    def release(self, fn: FunctionCache[Any, Any]) -> None:
+        """``fn`` stores elsewhere now: keep the memory hits it made here, stop following it."""
+        entry = self.functions.pop(fn, None)
+        if entry is not None:
+            entry[1]()  # runs _fold_memory_hits now, and never again
 
     def tier_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
         """The names tags have in the tiers below memory: inside the key prefix."""
@@ -784,6 +810,13 @@ _default_generation = -1
 _functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
 
 
+def _fold_memory_hits(engine: weakref.ref[TieredCache], stats: FunctionStats, since: int) -> None:
+    """Add the memory hits a function made on an engine to the engine's own count (it left, or was collected)."""
+    cache = engine()
+    if cache is not None:
+        cache.local_stats.hits += stats.memory_hits - since
+
+
 def _on_settings_change() -> None:
     for fn in list(_functions):
         fn._unbind()
@@ -857,8 +890,6 @@ class FunctionCache(Generic[P, T]):
             self._static_tags: tuple[str, ...] = ()
         else:
             self._tags_fn = None
-            if isinstance(tags, str):
-                raise TypeError("tags must be an iterable of strings or a function returning one, not a string")
             try:
                 self._static_tags = user_tags(tags, "tags")
             except ValueError as exc:
@@ -886,13 +917,15 @@ class FunctionCache(Generic[P, T]):
     # -- binding to the engine of the settings in force -------------------------------------------------
 
     def _bind(self, cache: TieredCache) -> TieredCache:
+        if self._cache is not None and self._cache is not cache:
+            self._cache.release(self)
         self._cache = cache
         if self._set_memory is not None:
             self._set_memory(cache.local.slots if cache.local is not None else None, cache.clock)
         self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
         self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
         self._generation = _settings_module._generation
-        cache.functions.add(self)
+        cache.adopt(self)
         return cache
 
     def _unbind(self) -> None:
@@ -1279,7 +1312,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
 
     def memory_hits(self) -> int:
         """Hits served by the memory tier."""
-        return self.stats.hits - sum(self.stats.hits_by_tier.values())
+        return self.stats.memory_hits
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""
