@@ -126,13 +126,16 @@ async def test_retry_after_from_one_process_pauses_the_others(redis_url: str) ->
         async def complete(model: str) -> None:
             raise ProviderRateLimitError("2")
 
+        # The pause (Retry-After: 2 s) is set at some instant during this call: bracket it, so that a slow moment
+        # of the machine between the pause and the next line cannot pass for the probe starting early.
+        before = time.time()
         with pytest.raises(ProviderRateLimitError):
             await complete("gpt")
-        paused_until = time.time() + 2
+        after = time.time()
         probe.stdin.write("go\n")
         probe.stdin.flush()
         started = json.loads(await anyio.to_thread.run_sync(probe.stdout.readline))["started"]
-        assert paused_until - 0.05 <= started <= paused_until + 0.5
+        assert before + 2 - 0.05 <= started <= after + 2 + 0.5
     finally:
         probe.kill()
         probe.communicate()
