@@ -102,6 +102,17 @@ def user_tags(tags: Iterable[Any], origin: str) -> tuple[str, ...]:
     return tuple(checked)
 
 
+class _Unseen:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSEEN"
+
+
+_UNSEEN: Final[Any] = _Unseen()
+"""Passed by the compiled hit path to `FunctionCache._miss` when it did not look in memory."""
+
+
 class _Stale:
     """A value served past its expiry, within its grace period (``stale=``): serve it, refresh it."""
 
@@ -990,7 +1001,7 @@ class FunctionCache(Generic[P, T]):
             args, kwargs = "args", "kwargs"
             key = "_cl_key = _cl_local_key_of(args, kwargs)"
         source = f"""
-def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost):
+def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_unseen):
     _cl_get = None  # the memory tier's slots.get, bound: no attribute lookup per call
     _cl_move = None  # and its move_to_end
     _cl_clock = None
@@ -1015,14 +1026,15 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
                     if _cl_count_cost is not None:
                         _cl_count_cost(_cl_slot[0])
                     return _cl_slot[0]
-        return await _cl_miss(_cl_key, {args}, {kwargs})
+            return await _cl_miss(_cl_key, {args}, {kwargs}, _cl_slot)  # what memory holds: None or expired
+        return await _cl_miss(_cl_key, {args}, {kwargs}, _cl_unseen)
 
     return wrapper, set_memory
 """
         exec(compile(source, f"<cachelayers wrapper of {self.identity}>", "exec"), namespace)
         wrapper, self._set_memory = namespace["_cl_make"](
             self._keys.local, self._keys.token, FAST_TYPES, self.stats, self._miss,
-            self._count_cost if self._cost is not None else None)
+            self._count_cost if self._cost is not None else None, _UNSEEN)
         if self._cache is not None:
             self._bind(self._cache)
         functools.update_wrapper(wrapper, self._fn)
@@ -1037,15 +1049,20 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         cost = self._cost
         self.stats.cost_saved += cost(value) if callable(cost) else cost  # type: ignore[operator]
 
-    async def _miss(self, local_key: Hashable, args: Any, kwargs: Any) -> T:
+    async def _miss(self, local_key: Hashable, args: Any, kwargs: Any, slot: Any = _UNSEEN) -> T:
+        """Answer a call the compiled hit path could not.
+
+        ``slot`` is what the hit path found in memory (``None``, or an entry past its expiry), or `_UNSEEN` when
+        it did not look: it is unbound (first call, or the settings just changed, which unbinds it at once).
+        """
         cache = self._cache  # the `cache` property, inlined: every miss passes here
         if cache is None or self._generation != _settings_module._generation:
             cache = self._rebind()
         local = cache.local
         if local is not None:
-            # The compiled hit path may not be bound to this engine yet (first call, or settings just changed),
-            # and a stale entry within its grace period is still served: look at the memory tier here too.
-            slot = local.slots.get(local_key)
+            # A stale entry within its grace period is still served.
+            if slot is _UNSEEN:
+                slot = local.slots.get(local_key)
             if slot is not None:
                 now = cache.clock()
                 expires_at = slot[EXPIRES_AT]
