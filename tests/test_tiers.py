@@ -41,8 +41,13 @@ async def lower(kind: str, request: pytest.FixtureRequest, clock: FakeClock) -> 
 
 @pytest.fixture
 async def cache(lower: Backend, clock: FakeClock) -> AsyncIterator[TieredCache]:
-    """Memory in front of one real lower tier."""
-    engine = TieredCache(Settings(), backends={"memory": MemoryBackend(clock=clock), "lower": lower}, clock=clock)
+    """Memory in front of one real lower tier.
+
+    With a generous ``tier_timeout``: on a loaded machine a disk write or a Redis answer can take longer than the
+    default 250 ms, and these tests are about what the tiers store, not about timeouts (test_tier_faults.py).
+    """
+    engine = TieredCache(Settings(tier_timeout="5s"), backends={"memory": MemoryBackend(clock=clock), "lower": lower},
+                         clock=clock)
     yield engine
     await engine.background.aclose()
 
