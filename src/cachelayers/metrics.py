@@ -179,19 +179,25 @@ def register_stats_source(source: _StatsSource) -> None:
     _sources.add(source)
 
 
-def stable_list(collection: Iterable[T]) -> list[T]:
-    """A list of a weak collection that another thread may change meanwhile (a scrape runs on the exporter's
-    thread while functions are decorated on others): iterating one raises when its size changes, so retry."""
-    while True:
+def stable_list(items: Callable[[], Iterable[T]]) -> list[T]:
+    """A list of what ``items()`` yields, where ``items`` reads a weak collection that another thread may change
+    meanwhile (a scrape runs on the exporter's thread while functions are decorated on others). Listing one
+    raises when its size changes: ``items`` is called again (a generator cannot be restarted), a bounded
+    number of times."""
+    for _ in range(_STABLE_LIST_TRIES - 1):
         try:
-            return list(collection)
+            return list(items())
         except RuntimeError:  # "changed size during iteration"
             continue
+    return list(items())
+
+
+_STABLE_LIST_TRIES = 100
 
 
 def live_sources() -> list[Any]:
     """The stats sources alive now: cached functions, engines, batchers, rate limiters."""
-    return stable_list(_sources)
+    return stable_list(lambda: _sources)
 
 
 def stats(sources: Iterable[_StatsSource] | None = None) -> dict[str, Any]:

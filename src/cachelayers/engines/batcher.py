@@ -766,7 +766,7 @@ class Batcher(Generic[X, P, Y]):
 
     def info(self) -> BatchInfo:
         """Counters, sizes, fill ratio, waits and durations of this batcher."""
-        loops = stable_list(self._loops.values())
+        loops = stable_list(self._loops.values)
         mean = self._items / self._batches if self._batches else 0.0
         return BatchInfo(
             calls=self._calls,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 import time
 import typing
 import weakref
@@ -229,8 +230,10 @@ class _Tier:
         await self.call(op, None)
 
 
-_Following: TypeAlias = "tuple[int, weakref.finalize[..., Any]]"
-"""How an engine follows a function's memory hits: the count when it came, and the finalizer that folds them."""
+_Following: TypeAlias = "tuple[FunctionStats, int, weakref.finalize[..., Any]]"
+"""How an engine follows a function's memory hits: its statistics, its memory hits when it came, and the
+finalizer that folds them into the engine's count."""
+_FOLLOWING_LOCK: Final = threading.RLock()  # re-entrant: a collection can run a finalizer while it is held
 
 
 class _Flight:
@@ -412,9 +415,10 @@ class TieredCache:
         self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
         pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
         self.listener = _Listener(self, pubsub) if pubsub is not None else None
-        self.functions: weakref.WeakKeyDictionary[FunctionCache[Any, Any], _Following] = weakref.WeakKeyDictionary()
-        """The functions storing here, each with its memory hits when it came and the finalizer that adds the
-        hits it made here to `local_stats` when it goes (the hit path counts them on the function only)."""
+        self._following: dict[int, _Following] = {}
+        """The functions storing here, by ``id``: their statistics, their memory hits when they came, and the
+        finalizer that adds the hits made here to `local_stats` when they go (the hit path counts them on the
+        function only). Read and changed under `_FOLLOWING_LOCK`: a function can be collected on any thread."""
         register_stats_source(self)
 
     # -- key/value API -----------------------------------------------------------------------------------
@@ -494,8 +498,9 @@ class TieredCache:
         """Counters of every tier, by tier name."""
         out: dict[str, dict[str, Any]] = {}
         if self.local is not None:
-            snap: dict[str, Any] = self.local_stats.snapshot()
-            snap["hits"] += sum(fn.stats.memory_hits - since for fn, (since, _) in stable_list(self.functions.items()))
+            with _FOLLOWING_LOCK:  # the engine's count and its functions' hits at one instant: it never goes down
+                snap: dict[str, Any] = self.local_stats.snapshot()
+                snap["hits"] += sum(stats.memory_hits - since for stats, since, _ in self._following.values())
             snap.update(entries=len(self.local), bytes=self.local.bytes_used, evictions=self.local.evictions)
             out[self.local_name] = snap
         for tier in self.tiers:
@@ -514,17 +519,19 @@ class TieredCache:
     # -- machinery shared with cached functions -----------------------------------------------------------
 
     def adopt(self, fn: FunctionCache[Any, Any]) -> None:
-        """Count ``fn``'s memory hits from now on in this engine's memory tier (see `functions`)."""
-        if fn not in self.functions:
-            stats = fn.stats
-            done = weakref.finalize(fn, _fold_memory_hits, weakref.ref(self), stats, stats.memory_hits)
-            self.functions[fn] = (stats.memory_hits, done)
+        """Count ``fn``'s memory hits from now on in this engine's memory tier (see `_following`)."""
+        with _FOLLOWING_LOCK:
+            if id(fn) not in self._following:
+                stats = fn.stats
+                done = weakref.finalize(fn, _fold_memory_hits, weakref.ref(self), id(fn))
+                self._following[id(fn)] = (stats, stats.memory_hits, done)
 
     def release(self, fn: FunctionCache[Any, Any]) -> None:
         """``fn`` stores elsewhere now: keep the memory hits it made here, stop following it."""
-        entry = self.functions.pop(fn, None)
-        if entry is not None:
-            entry[1]()  # runs _fold_memory_hits now, and never again
+        with _FOLLOWING_LOCK:
+            entry = self._following.get(id(fn))
+            if entry is not None:
+                entry[2]()  # runs _fold_memory_hits now, and never again
 
     def tier_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
         """The names tags have in the tiers below memory: inside the key prefix."""
@@ -821,15 +828,18 @@ _default_generation = -1
 _functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
 
 
-def _fold_memory_hits(engine: weakref.ref[TieredCache], stats: FunctionStats, since: int) -> None:
+def _fold_memory_hits(engine: weakref.ref[TieredCache], key: int) -> None:
     """Add the memory hits a function made on an engine to the engine's own count (it left, or was collected)."""
-    cache = engine()
-    if cache is not None:
-        cache.local_stats.hits += stats.memory_hits - since
+    with _FOLLOWING_LOCK:
+        cache = engine()
+        if cache is not None:
+            entry = cache._following.pop(key, None)
+            if entry is not None:
+                cache.local_stats.hits += entry[0].memory_hits - entry[1]
 
 
 def _on_settings_change() -> None:
-    for fn in list(_functions):
+    for fn in stable_list(lambda: _functions):
         fn._unbind()
 
 
@@ -1058,6 +1068,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         cache = self._cache  # the `cache` property, inlined: every miss passes here
         if cache is None or self._generation != _settings_module._generation:
             cache = self._rebind()
+            slot = _UNSEEN  # what the hit path saw was another engine's memory
         local = cache.local
         if local is not None:
             # A stale entry within its grace period is still served.
