@@ -459,7 +459,7 @@ class CompleteStage(Stage):
 
     async def clear(self) -> None:
         """Remove this stage's entries from every tier and from the semantic layer."""
-        await self.function.cache_clear()
+        await super().clear()
         await self.semantic.cache_clear()
 
 

@@ -11,7 +11,7 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -179,6 +179,9 @@ def register_stats_source(source: _StatsSource) -> None:
     _sources.add(source)
 
 
+_STABLE_LIST_TRIES: Final = 100
+
+
 def stable_list(items: Callable[[], Iterable[T]]) -> list[T]:
     """A list of what ``items()`` yields, where ``items`` reads a weak collection that another thread may change
     meanwhile (a scrape runs on the exporter's thread while functions are decorated on others). Listing one
@@ -190,9 +193,6 @@ def stable_list(items: Callable[[], Iterable[T]]) -> list[T]:
         except RuntimeError:  # "changed size during iteration"
             continue
     return list(items())
-
-
-_STABLE_LIST_TRIES = 100
 
 
 def live_sources() -> list[Any]:

@@ -1332,15 +1332,11 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         """Hits, misses, hit rate, per-tier hits, latencies of cached and computed calls, cost saved."""
         info = self.stats.info()
         tiers = dict(info.hits_by_tier)
-        memory_hits = info.hits - sum(tiers.values())
+        memory_hits = self.stats.memory_hits
         if memory_hits:
             name = self._cache.local_name if self._cache is not None else "memory"
             tiers = {name: memory_hits, **tiers}
         return info._replace(hits_by_tier=tiers)
-
-    def memory_hits(self) -> int:
-        """Hits served by the memory tier."""
-        return self.stats.memory_hits
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""
