@@ -4,7 +4,8 @@ It prints one JSON object per line on stdout (``{"event": ...}``); the test read
 
 * ``hold``: cache one value in memory + Redis, say ``ready``, then report when the memory tier dropped it;
 * ``flight``: at ``start_at``, call a slow function under the distributed lock; report its result;
-* ``soak``: for ``seconds``, mixed reads, writes and invalidations over memory + Redis + disk; report counts.
+* ``soak``: from ``start_at`` for ``seconds``, mixed reads, writes and invalidations over memory + Redis + disk;
+  at ``settle_at`` (when every process has stopped invalidating) a last pass of reads; report counts.
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ async def soak(options: dict[str, Any]) -> None:
         await anyio.sleep(rng.random() * 0.002)
         return expected(k)
 
-    deadline = time.monotonic() + options["seconds"]
+    # Every process starts at `start_at` and stops at `start_at + seconds` (wall clock, shared by all), so that
+    # after `settle_at` nobody invalidates any more.
+    await cache.follow_invalidations()
+    await anyio.sleep(max(0.0, options["start_at"] - time.time()))
+    deadline = options["start_at"] + options["seconds"]
 
     async def client() -> None:
-        while time.monotonic() < deadline:
+        while time.time() < deadline:
             k = int(rng.paretovariate(1.2)) % 400
             roll = rng.random()
             if roll < 0.85:
@@ -108,6 +113,13 @@ async def soak(options: dict[str, Any]) -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(8):
             tg.start_soon(client)
+    # Settle: with every process done invalidating, read some keys once more, so that the disk the test checks
+    # afterwards holds entries (a last invalidate_all of the soak may have emptied it).
+    await anyio.sleep(max(0.0, options["settle_at"] - time.time()))
+    for k in range(20):
+        counts["calls"] += 1
+        if await value(k) != expected(k):
+            counts["wrong"] += 1
     tiers = cache.tier_stats()
     say(event="done", **counts, corrupt=sum(t.get("corrupt", 0) for t in tiers.values()),
         errors={name: t.get("errors", 0) + t.get("timeouts", 0) for name, t in tiers.items()},

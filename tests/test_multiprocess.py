@@ -114,8 +114,10 @@ async def test_four_processes_soak_without_a_wrong_or_corrupt_value(
         redis_url: str, tmp_path: Path, workers: list[Worker]) -> None:
     max_bytes = 300_000
     directory = tmp_path / "shared-disk"
+    start_at = time.time() + 3  # time for every interpreter to start and connect
     workers.extend(Worker("soak", redis=redis_url, disk=str(directory), max_bytes=max_bytes, worker=i,
-                          seconds=SOAK_SECONDS) for i in range(4))
+                          seconds=SOAK_SECONDS, start_at=start_at, settle_at=start_at + SOAK_SECONDS + 1)
+                   for i in range(4))
     reports = [await anyio.to_thread.run_sync(functools.partial(w.next_event, SOAK_SECONDS + 120))
                for w in workers]
     assert all(r["event"] == "done" for r in reports)
