@@ -47,6 +47,29 @@ def _clean_settings() -> Iterator[None]:
     cachelayers.reset_settings()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the trio runs of Redis tests: they cannot exist (redis-py's asyncio client has no trio support;
+    the tests that choose trio on purpose, to check the clear error the Redis tier gives, are kept). Not
+    collecting them, rather than collecting and skipping them, keeps every reported skip meaningful: with
+    ``CI=true`` no Redis test is skipped.
+
+    A Redis test is one marked ``redis`` (directly or through a Redis parameter) or with a Redis parameter in
+    its id (the stateful configurations).
+    """
+    kept: list[pytest.Item] = []
+    impossible: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        chosen = any("anyio_backend" in m.args[0] for m in item.iter_markers("parametrize"))
+        trio = callspec is not None and callspec.params.get("anyio_backend") == "trio" and not chosen
+        redis = item.get_closest_marker("redis") is not None or (
+            callspec is not None and any("redis" in part for part in callspec.id.split("-")))
+        (impossible if trio and redis else kept).append(item)
+    if impossible:
+        config.hook.pytest_deselected(items=impossible)
+        items[:] = kept
+
+
 def _require_redis() -> None:
     if not redis_available():
         if IN_CI:
