@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 
 from cachelayers import Backend, StoreItem, register_backend
-from cachelayers.backends import _registry
+from cachelayers.backends import unregister_backend
 from cachelayers.cli import main
 from cachelayers.demo import (
     CACHED,
@@ -335,7 +335,7 @@ def recording_tier(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[RecordingBa
     register_backend("clirecord", f"{__name__}:RecordingBackend")
     RecordingBackend.deleted_tags.clear()
     yield RecordingBackend
-    _registry.pop("clirecord", None)
+    unregister_backend("clirecord")
 
 
 def test_invalidate_reaches_every_lower_tier(

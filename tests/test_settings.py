@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,8 @@ from cachelayers import (
     register_backend,
     reset_settings,
 )
-from cachelayers import backends as backends_module
-from cachelayers.backends import create_backend
-from cachelayers.settings import DEFAULT_TIERS, on_change, settings_generation
+from cachelayers.backends import create_backend, unregister_backend
+from cachelayers.settings import DEFAULT_TIERS, PerSettings, tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "correct-horse-battery-staple-42"
@@ -122,8 +121,8 @@ def test_get_settings_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch
 def test_configure_forms_and_listeners() -> None:
     """``configure`` takes settings, a mapping or field changes, and tells listeners each time."""
     calls: list[int] = []
-    on_change(lambda: calls.append(settings_generation()))
-    before = settings_generation()
+    tracker.subscribe(lambda: calls.append(tracker.generation))
+    before = tracker.generation
     replaced = configure(Settings(key_prefix="a:"))
     assert get_settings() is replaced
     assert configure({"key_prefix": "b:"}).key_prefix == "b:"
@@ -131,9 +130,30 @@ def test_configure_forms_and_listeners() -> None:
     assert (changed.key_prefix, changed.default_ttl) == ("b:", 3600.0)
     assert configure(Settings(), strict=True).strict is True
     assert len(calls) == 4
-    assert settings_generation() == before + 4
+    assert tracker.generation == before + 4
     reset_settings()
     assert get_settings() == Settings()
+
+
+def test_per_settings_values_are_remade_after_a_change() -> None:
+    """A `PerSettings` value is built once per settings in force and again after `configure`."""
+    built: list[Settings] = []
+
+    def build(settings: Settings) -> int:
+        built.append(settings)
+        return len(built)
+
+    value = PerSettings(build)
+    assert value.current() is None
+    configure(Settings(key_prefix="p:"))
+    assert value.get() == 1
+    assert value.get() == 1
+    assert built == [get_settings()]
+    configure(key_prefix="q:")
+    assert value.get() == 2
+    assert built[-1].key_prefix == "q:"
+    assert value.current() == 2
+    reset_settings()
 
 
 def test_repr_hides_the_secret_and_shows_what_differs() -> None:
@@ -172,9 +192,17 @@ class NullBackend(Backend):
         return None
 
 
-def test_third_party_backends_register_by_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def scratch_schemes() -> Iterator[None]:
+    """Forget the schemes a test registers."""
+    yield
+    for scheme in ("null", "fancy"):
+        unregister_backend(scheme)
+
+
+@pytest.mark.usefixtures("scratch_schemes")
+def test_third_party_backends_register_by_scheme() -> None:
     """A registered scheme is validated and built like the built-in ones; its options are checked."""
-    monkeypatch.setattr(backends_module, "_registry", dict(backends_module._registry))
     register_backend("null", f"{__name__}:NullBackend")
     settings = Settings(tiers={"memory": "memory://", "void": "null://?flavour=plain"})
     backend = create_backend(settings.tier_urls["void"])
@@ -187,9 +215,9 @@ def test_third_party_backends_register_by_scheme(monkeypatch: pytest.MonkeyPatch
         Settings(tiers={"void": "null://"})
 
 
-def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("scratch_schemes")
+def test_missing_driver_names_the_extra() -> None:
     """A scheme whose driver is not installed fails at configuration, saying what to install."""
-    monkeypatch.setattr(backends_module, "_registry", dict(backends_module._registry))
     register_backend("fancy", f"{__name__}:NullBackend", driver="no_such_driver_module_x", extra="fancy")
     with pytest.raises(MissingDependencyError, match=r"pip install 'cachelayers\[fancy\]'") as info:
         Settings(tiers={"f": "fancy://host"})

@@ -14,15 +14,18 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar, final
 
 from cachelayers.backends import validate_backend_url
 from cachelayers.backends.usearch_index import parse_vector_index
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
+from cachelayers.validation import flag, positive_int
 
-__all__ = ["DEFAULT_TIERS", "ENV_PREFIX", "Settings", "configure", "get_settings", "on_change", "reset_settings",
-           "settings_generation"]
+__all__ = ["DEFAULT_TIERS", "ENV_PREFIX", "PerSettings", "Settings", "SettingsTracker", "configure", "get_settings",
+           "reset_settings", "tracker"]
+
+T = TypeVar("T")
 
 ENV_PREFIX: Final = "CACHELAYERS_"
 DEFAULT_TIERS: Final = (("memory", "memory://?max_entries=10000&max_bytes=64MiB"),)
@@ -31,8 +34,6 @@ _LIMIT = re.compile(
     r"(;\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*)*$",
     re.IGNORECASE,
 )
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 def _tiers(value: object) -> tuple[tuple[str, str], ...]:
@@ -71,22 +72,6 @@ def _tiers(value: object) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"tiers[{name!r}]", url, "expected a URL string")
         validate_backend_url(url, f"tiers[{name!r}]")
     return tuple(pairs)
-
-
-def _bool(value: object, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError(field, value, "expected true or false")
-
-
-def _positive_int(value: object, field: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(field, value, "expected a positive integer")
-    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
@@ -138,11 +123,11 @@ class Settings:
             raw = self.secret.encode() if isinstance(self.secret, str) else self.secret
             if not isinstance(raw, bytes) or not 16 <= len(raw) <= 64:
                 raise ConfigError("secret", "<redacted>", "must be 16 to 64 bytes long")
-        set_(self, "allow_pickle", _bool(self.allow_pickle, "allow_pickle"))
+        set_(self, "allow_pickle", flag(self.allow_pickle, "allow_pickle"))
         set_(self, "tier_timeout", parse_duration(self.tier_timeout, "tier_timeout"))
-        set_(self, "breaker_threshold", _positive_int(self.breaker_threshold, "breaker_threshold"))
+        set_(self, "breaker_threshold", positive_int(self.breaker_threshold, "breaker_threshold", text=True))
         set_(self, "breaker_cooldown", parse_duration(self.breaker_cooldown, "breaker_cooldown"))
-        set_(self, "strict", _bool(self.strict, "strict"))
+        set_(self, "strict", flag(self.strict, "strict"))
         if not isinstance(self.vector_index, str):
             raise ConfigError("vector_index", self.vector_index,
                               "expected 'memory://', 'usearch:///path' or 'redis://host:port/db'")
@@ -229,22 +214,66 @@ class Settings:
 
 _FIELDS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
 
+@final
+class SettingsTracker:
+    """How engines follow the settings in force: the one public way to notice that they changed.
+
+    ``tracker.generation`` is a number that changes whenever the settings in force do (compare it on a hot
+    path: it is a plain attribute); `subscribe` registers a listener called after each change.
+    """
+
+    __slots__ = ("_listeners", "generation")
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever the settings in force change (engines drop what they bound)."""
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        """Record a change of the settings in force and tell the listeners (called by this module)."""
+        self.generation += 1
+        for listener in list(self._listeners):
+            listener()
+
+
+tracker: Final = SettingsTracker()
+"""The tracker of the settings in force."""
+
+
+@final
+class PerSettings(Generic[T]):
+    """A value made from the settings in force on first use, and made again after they change.
+
+    Args:
+        build: Makes the value from the settings in force.
+    """
+
+    __slots__ = ("_build", "_generation", "_value")
+
+    def __init__(self, build: Callable[[Settings], T]) -> None:
+        self._build = build
+        self._value: T | None = None
+        self._generation = -1
+
+    def get(self) -> T:
+        """Return the value for the settings in force, building it if they changed since the last call."""
+        settings = get_settings()  # first, so that reading the environment moves the generation before we look
+        value = self._value
+        if value is None or self._generation != tracker.generation:
+            value = self._value = self._build(settings)
+            self._generation = tracker.generation
+        return value
+
+    def current(self) -> T | None:
+        """The value built last, if any, without building one."""
+        return self._value
+
+
 _lock = threading.Lock()
 _current: Settings | None = None
-_generation = 0
-_listeners: list[Callable[[], None]] = []
-
-
-def on_change(listener: Callable[[], None]) -> None:
-    """Call ``listener`` whenever the settings in force change (engines drop what they bound)."""
-    _listeners.append(listener)
-
-
-def _changed() -> None:
-    global _generation
-    _generation += 1
-    for listener in list(_listeners):
-        listener()
 
 
 def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes: Any) -> Settings:
@@ -254,7 +283,7 @@ def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes
     ``configure(default_ttl="1h")`` changes fields of the current settings. Functions already decorated
     pick up the new settings on their next call.
     """
-    global _current, _generation
+    global _current
     if settings is None:
         new = get_settings().with_(**changes)
     else:
@@ -263,19 +292,19 @@ def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes
             new = new.with_(**changes)
     with _lock:
         _current = new
-    _changed()
+    tracker.changed()
     return new
 
 
 def get_settings() -> Settings:
     """Return the settings in force, reading ``CACHELAYERS_*`` from the environment on first use."""
-    global _current, _generation
+    global _current
     current = _current
     if current is None:
         with _lock:
             if _current is None:
                 _current = Settings.from_env()
-                _generation += 1
+                tracker.generation += 1
             current = _current
     return current
 
@@ -285,9 +314,4 @@ def reset_settings() -> None:
     global _current
     with _lock:
         _current = None
-    _changed()
-
-
-def settings_generation() -> int:
-    """A number that changes whenever the settings in force change."""
-    return _generation
+    tracker.changed()

@@ -38,6 +38,7 @@ from cachelayers.backends.base import (
 )
 from cachelayers.durations import parse_duration
 from cachelayers.errors import BackendError, ConfigError
+from cachelayers.loops import running_asyncio_loop
 
 __all__ = ["RedisBackend"]
 
@@ -77,13 +78,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) held = 
 if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return held
 """
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _glob_escape(text: str) -> str:
@@ -375,7 +369,7 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
                         sock.close()
                     transport._sock = None
                 transport._closing = True  # so the stream writer does not warn about the closed loop either
-            elif loop.is_running() and loop is not _running_loop():
+            elif loop.is_running() and loop is not running_asyncio_loop():
                 loop.call_soon_threadsafe(transport.close)
             else:
                 transport.close()

@@ -18,22 +18,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
-__all__ = ["BackgroundTasks", "current_loop_token"]
+from cachelayers.loops import current_loop_token
+
+__all__ = ["BackgroundTasks"]
 
 logger = logging.getLogger("cachelayers")
-
-
-def current_loop_token() -> object:
-    """An object that identifies the running event loop: the asyncio loop itself, or the trio run's token.
-
-    It must be the same object for every call within one run (it is compared with ``is``).
-    """
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_trio_token()
 
 
 class BackgroundTasks:

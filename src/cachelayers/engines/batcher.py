@@ -45,6 +45,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.errors import BatcherClosedError, BatchError, BatchQueueFullError, ConfigError
 from cachelayers.keys import canonical_bytes, function_identity
 from cachelayers.metrics import LatencyRing, register_stats_source, stable_list
+from cachelayers.validation import optional_positive_int, positive_int
 
 __all__ = ["BatchInfo", "Batcher", "QueueFullPolicy", "Rows"]
 
@@ -274,14 +275,6 @@ def _default_key(item: object) -> Hashable | None:
     return (type(item), item)
 
 
-def _positive_int(value: object, field: str, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(field, value, "must be a positive integer" + (" or None" if optional else ""))
-    return value
-
-
 class Batcher(Generic[X, P, Y]):
     """Gathers single items into batches for one call of ``fn`` per batch.
 
@@ -333,7 +326,7 @@ class Batcher(Generic[X, P, Y]):
             raise TypeError(f"batched needs an async function, got {fn!r}")
         self.fn = fn
         self.name = name if name is not None else function_identity(fn)
-        self.max_size: int = _positive_int(max_size, "max_size")  # type: ignore[assignment]
+        self.max_size = positive_int(max_size, "max_size")
         self.max_wait = parse_duration(max_wait, "max_wait", allow_zero=True)
         if max_weight is not None:
             if isinstance(max_weight, bool) or not isinstance(max_weight, int | float) or not max_weight > 0 \
@@ -347,9 +340,9 @@ class Batcher(Generic[X, P, Y]):
             raise ConfigError("weight", weight, "must be a function of one item")
         self.max_weight = float(max_weight) if max_weight is not None else None
         self._weight = weight
-        self.max_concurrency = _positive_int(max_concurrency, "max_concurrency", optional=True)
+        self.max_concurrency = optional_positive_int(max_concurrency, "max_concurrency")
         self._slots = self.max_concurrency if self.max_concurrency is not None else sys.maxsize
-        self.max_queue = _positive_int(max_queue, "max_queue", optional=True)
+        self.max_queue = optional_positive_int(max_queue, "max_queue")
         if queue_full not in ("wait", "raise"):
             raise ConfigError("queue_full", queue_full, "must be 'wait' or 'raise'")
         self.queue_full: QueueFullPolicy = queue_full

@@ -57,7 +57,6 @@ from limits.aio.strategies import (
 )
 from limits.util import parse_many
 
-from cachelayers import settings as _settings_module
 from cachelayers.backends.limits_storage import (
     MemoryLimitStorage,
     RedisLimitExtras,
@@ -68,7 +67,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.errors import BackendError, CacheLayersError, ConfigError, RateLimitExceeded
 from cachelayers.keys import function_identity
 from cachelayers.metrics import StateLog, register_stats_source
-from cachelayers.settings import Settings, get_settings
+from cachelayers.settings import PerSettings, Settings, get_settings, tracker
 
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Adaptive", "Limit", "LimitedFunction", "LimiterInfo", "Permit",
            "RateLimiter", "default_limiter", "parse_limit", "rate_limit_retry_after"]
@@ -1205,8 +1204,7 @@ def _units(value: Any, limit: Limit, key: str, *, check: bool = True) -> int:
 # -- the default engine -----------------------------------------------------------------------------------
 
 
-_default: RateLimiter | None = None
-_default_generation = -1
+_default: Final = PerSettings(RateLimiter)
 _by_storage: dict[str, RateLimiter] = {}
 _by_storage_generation = -1
 
@@ -1217,21 +1215,16 @@ def default_limiter(storage: str | None = None) -> RateLimiter:
     It is remade when the settings change, so named limits and the storage follow `configure`. Functions
     decorated with the same storage share one engine, hence one FIFO queue per limits and key.
     """
-    global _default, _default_generation, _by_storage_generation
+    global _by_storage_generation
+    if storage is None:
+        return _default.get()
     settings = get_settings()
-    generation = _settings_module.settings_generation()
-    if storage is not None:
-        if _by_storage_generation != generation:
-            _by_storage.clear()
-            _by_storage_generation = generation
-        engine = _by_storage.get(storage)
-        if engine is None:
-            engine = _by_storage[storage] = RateLimiter(settings, storage=storage)
-        return engine
-    engine = _default
-    if engine is None or _default_generation != generation:
-        engine = _default = RateLimiter(settings)
-        _default_generation = generation
+    if _by_storage_generation != tracker.generation:
+        _by_storage.clear()
+        _by_storage_generation = tracker.generation
+    engine = _by_storage.get(storage)
+    if engine is None:
+        engine = _by_storage[storage] = RateLimiter(settings, storage=storage)
     return engine
 
 
@@ -1404,7 +1397,7 @@ class LimitedFunction(Generic[P, T]):
             for limit, entry in zip(limits, self._cost_plan, strict=True):
                 costs.extend([_units(entry, limit, "")] * len(limit.items))
             static = tuple(costs)
-        binding = self._binding = _Binding(engine, limits, strategy, static, _settings_module.settings_generation())
+        binding = self._binding = _Binding(engine, limits, strategy, static, tracker.generation)
         return binding
 
     @property
@@ -1414,7 +1407,7 @@ class LimitedFunction(Generic[P, T]):
 
     def _current(self) -> _Binding:
         binding = self._binding
-        if binding is None or binding.generation != _settings_module._generation:
+        if binding is None or binding.generation != tracker.generation:
             binding = self._bind()
         return binding
 
@@ -1475,7 +1468,7 @@ class LimitedFunction(Generic[P, T]):
     async def call(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Call the function under its limits (what the wrapper does)."""
         binding = self._binding
-        if binding is None or binding.generation != _settings_module._generation:
+        if binding is None or binding.generation != tracker.generation:
             binding = self._bind()
         if self._needs_arguments:
             arguments = self._arguments(args, kwargs)

@@ -18,6 +18,7 @@ import anyio
 
 from cachelayers.durations import parse_duration
 from cachelayers.errors import AllAttemptsFailedError, ConfigError
+from cachelayers.validation import optional_positive_int
 
 __all__ = ["Outcome", "gather_bounded", "with_fallbacks"]
 
@@ -89,8 +90,7 @@ async def gather_bounded(
     Raises:
         ConfigError: ``limit`` is not a positive integer or ``timeout`` is malformed.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError("limit", limit, "must be a positive integer or None")
+    optional_positive_int(limit, "limit")
     seconds = _seconds(timeout, "timeout")
     pending = list(jobs)
     outcomes: list[Outcome[T] | None] = [None] * len(pending)

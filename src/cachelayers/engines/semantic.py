@@ -68,6 +68,7 @@ from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
+from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered import TieredCache, default_cache
 from cachelayers.errors import (
     BackendError,
@@ -80,6 +81,7 @@ from cachelayers.errors import (
 from cachelayers.keys import KeyBuilder, canonical_bytes
 from cachelayers.metrics import LatencyRing, StateLog, register_stats_source
 from cachelayers.settings import Settings, get_settings
+from cachelayers.validation import similarity as check_similarity
 
 __all__ = ["Candidate", "Explanation", "Level", "Lookup", "SemanticCacheInfo", "SemanticFunction",
            "SemanticStore", "explain", "last_lookup", "open_store"]
@@ -778,22 +780,6 @@ class DiskStore(SemanticStore):
 # -- the engine of one function ------------------------------------------------------------------------------
 
 
-class _Flight:
-    __slots__ = ("done", "error", "event", "value")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.done = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-def _threshold(value: object, field: str = "threshold") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(field, value, "expected a similarity in [0, 1]")
-    return float(value)
-
-
 _functions: weakref.WeakSet[SemanticFunction[Any, Any]] = weakref.WeakSet()
 
 
@@ -864,7 +850,7 @@ class SemanticFunction(Generic[P, T]):
             if threshold is None:
                 raise ConfigError("threshold", None, f"{embedder_name(self._embedder)} has no calibrated default "
                                   "threshold: pass threshold= (measure one with `cachelayers calibrate`)")
-        self.threshold = _threshold(threshold)
+        self.threshold = check_similarity(threshold)
         self._keys = KeyBuilder(fn, namespace=namespace, version=version, ignore=ignore, name=name)
         self.identity = self._keys.identity
         params = list(inspect.signature(fn).parameters.values())
@@ -921,8 +907,8 @@ class SemanticFunction(Generic[P, T]):
         self.log = StateLog()
         self._store: SemanticStore | None = None
         self._store_url: str | None = None
-        self._opening: _Flight | None = None
-        self._inflight: dict[tuple[bytes, str], _Flight] = {}
+        self._opening: Flight | None = None
+        self._inflight: dict[tuple[bytes, str], Flight] = {}
         self.wrapper = self._build_wrapper()
         _functions.add(self)
         register_stats_source(self)
@@ -987,10 +973,10 @@ class SemanticFunction(Generic[P, T]):
         if store is not None and self._store_url == url and store.usable():
             return store
         while self._opening is not None:
-            await self._opening.event.wait()
+            await self._opening.wait()
             if self._store is not None and self._store_url == url and self._store.usable():
                 return self._store
-        flight = self._opening = _Flight()
+        flight = self._opening = Flight()
         try:
             if store is not None:
                 old, self._store = store, None
@@ -1014,7 +1000,7 @@ class SemanticFunction(Generic[P, T]):
             return new
         finally:
             self._opening = None
-            flight.event.set()
+            flight.finish()
 
     # -- embeddings ---------------------------------------------------------------------------------------
 
@@ -1116,7 +1102,7 @@ class SemanticFunction(Generic[P, T]):
         flight_key = (partition, text)
         flight = self._inflight.get(flight_key)
         while flight is not None:
-            await flight.event.wait()
+            await flight.wait()
             if flight.done and flight.error is None:
                 self.stats.exact_hits += 1
                 _record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
@@ -1131,7 +1117,7 @@ class SemanticFunction(Generic[P, T]):
                 self.stats.cached_latency.add(time.perf_counter() - started)
                 _record(Lookup(self.identity, "exact", 1.0, entry.text, text, partition.hex()))
                 return cast(T, value)
-        flight = self._inflight[flight_key] = _Flight()
+        flight = self._inflight[flight_key] = Flight()
         try:
             value = await self._lookup_or_compute(store, args, kwargs, text, partition, started)
         except BaseException as exc:
@@ -1144,7 +1130,7 @@ class SemanticFunction(Generic[P, T]):
         finally:
             if self._inflight.get(flight_key) is flight:
                 del self._inflight[flight_key]
-            flight.event.set()
+            flight.finish()
 
     async def _read(self, store: SemanticStore, entry: _Entry) -> Any:
         try:

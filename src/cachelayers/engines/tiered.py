@@ -42,18 +42,19 @@ import anyio
 import msgpack
 import numpy as np
 
-from cachelayers import settings as _settings_module
 from cachelayers.backends import Backend, StoreItem, create_backend
 from cachelayers.backends.base import ClearPrefixSupport, Clock, DeadlineSupport, LockSupport, PubSubSupport
 from cachelayers.backends.memory import EXPIRES_AT, MISSING, VALUE, MemoryBackend, Slot
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
-from cachelayers.engines.background import BackgroundTasks, current_loop_token
+from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.breaker import CircuitBreaker
+from cachelayers.engines.flight import Flight
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import FAST_TYPES, KeyBuilder
+from cachelayers.loops import current_loop_token
 from cachelayers.metrics import CacheInfo, FunctionStats, StateLog, TierStats, register_stats_source, stable_list
-from cachelayers.settings import Settings, get_settings
+from cachelayers.settings import PerSettings, Settings, get_settings, tracker
 
 __all__ = ["BatchFunctionCache", "FunctionCache", "TieredCache", "default_cache", "namespace_tag"]
 
@@ -236,27 +237,6 @@ finalizer that folds them into the engine's count."""
 _FOLLOWING_LOCK: Final = threading.RLock()  # re-entrant: a collection can run a finalizer while it is held
 
 
-class _Flight:
-    """One computation in progress that concurrent callers of the same key wait for."""
-
-    __slots__ = ("done", "error", "event", "value")
-
-    def __init__(self) -> None:
-        self.event: anyio.Event | None = None  # made when a second caller waits: most flights have none
-        self.done = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    async def wait(self) -> None:
-        if self.event is None:
-            self.event = anyio.Event()
-        await self.event.wait()
-
-    def finish(self) -> None:
-        if self.event is not None:
-            self.event.set()
-
-
 class _Listener:
     """Follows the invalidation channel of a `PubSubSupport` tier, one subscription per event loop.
 
@@ -402,7 +382,7 @@ class TieredCache:
         """Failures of any tier so far; a call notes it when it starts, to skip tiers that failed since."""
         self.tiers = [_Tier(name, backend, self.settings, self.log, monotonic, self) for name, backend in named]
         self.strict = self.settings.strict
-        self._inflight: dict[Hashable, _Flight] = {}
+        self._inflight: dict[Hashable, Flight] = {}
         prefix = self.settings.key_prefix
         self._tag_prefix = prefix + "~tag:"
         self.lock_prefix = prefix + "~lock:"
@@ -823,8 +803,7 @@ class TieredCache:
         await self._publish("k", list(storage_keys))
 
 
-_default: TieredCache | None = None
-_default_generation = -1
+_default: Final = PerSettings(TieredCache)
 _functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
 
 
@@ -843,19 +822,12 @@ def _on_settings_change() -> None:
         fn._unbind()
 
 
-_settings_module.on_change(_on_settings_change)
+tracker.subscribe(_on_settings_change)
 
 
 def default_cache() -> TieredCache:
     """The engine of the settings in force, made on first use and remade when the settings change."""
-    global _default, _default_generation
-    settings = get_settings()  # first, so that reading the environment bumps the generation before we look
-    generation = _settings_module.settings_generation()
-    cache = _default
-    if cache is None or _default_generation != generation:
-        cache = _default = TieredCache(settings)
-        _default_generation = generation
-    return cache
+    return _default.get()
 
 
 def _lease(lock: bool | float | str | timedelta | None) -> float | None:
@@ -945,7 +917,7 @@ class FunctionCache(Generic[P, T]):
             self._set_memory(cache.local.slots if cache.local is not None else None, cache.clock)
         self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
         self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
-        self._generation = _settings_module._generation
+        self._generation = tracker.generation
         cache.adopt(self)
         return cache
 
@@ -957,14 +929,14 @@ class FunctionCache(Generic[P, T]):
     def _rebind(self) -> TieredCache:
         """Follow the settings in force (a no-op for a function given an explicit cache)."""
         if self._explicit_cache is not None:
-            self._generation = _settings_module._generation
+            self._generation = tracker.generation
             return self._explicit_cache
         return self._bind(default_cache())
 
     @property
     def cache(self) -> TieredCache:
         """The engine this function stores in now."""
-        if self._cache is None or self._generation != _settings_module._generation:
+        if self._cache is None or self._generation != tracker.generation:
             return self._rebind()
         return self._cache
 
@@ -1066,7 +1038,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         it did not look: it is unbound (first call, or the settings just changed, which unbinds it at once).
         """
         cache = self._cache  # the `cache` property, inlined: every miss passes here
-        if cache is None or self._generation != _settings_module._generation:
+        if cache is None or self._generation != tracker.generation:
             cache = self._rebind()
             slot = _UNSEEN  # what the hit path saw was another engine's memory
         local = cache.local
@@ -1099,7 +1071,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
                 self._served(flight.value, "in-flight")
                 return cast(T, flight.value)
             # The computing caller was cancelled: one of the waiters takes over.
-        flight = inflight[local_key] = _Flight()
+        flight = inflight[local_key] = Flight()
         try:
             if cache.tiers or cache.listener is not None:
                 value = await self._load(cache, local_key, args, kwargs)
@@ -1270,11 +1242,11 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         inflight = cache._inflight
         if local_key in inflight:
             return
-        flight = inflight[local_key] = _Flight()
+        flight = inflight[local_key] = Flight()
         cache.background.start_soon(self._refresh, cache, local_key, args, kwargs, flight)
 
     async def _refresh(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
-                       flight: _Flight) -> None:
+                       flight: Flight) -> None:
         try:
             storage_key = self._prefix + self._keys.storage_digest(local_key)
             epoch, since = cache.epoch, cache.failures
@@ -1502,7 +1474,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
                     values: dict[Hashable, Any]) -> None:
         """Find the missing items in the lower tiers, compute the rest in one call, store them.
 
-        The items this call looks up are registered as in flight (one shared `_Flight` whose ``value`` is a
+        The items this call looks up are registered as in flight (one shared `Flight` whose ``value`` is a
         dict by key), so a concurrent call wanting one of them waits for it instead of computing it again.
         """
         stats = self.stats
@@ -1510,8 +1482,8 @@ class BatchFunctionCache(FunctionCache[P, T]):
         epoch, since = cache.epoch, cache.failures
         inflight = cache._inflight
         mine: list[Hashable] = []
-        theirs: dict[Hashable, _Flight] = {}
-        flight = _Flight()
+        theirs: dict[Hashable, Flight] = {}
+        flight = Flight()
         results: dict[Hashable, Any] = {}
         flight.value = results
         for key in first:

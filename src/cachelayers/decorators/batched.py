@@ -1,0 +1,139 @@
+"""`@batched`: micro-batching, as a decorator."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, final, overload
+
+from cachelayers.engines.batcher import Batcher, BatchInfo, QueueFullPolicy, Rows
+
+__all__ = ["BatchedFunction", "batched"]
+
+P = ParamSpec("P")
+X = TypeVar("X")
+Y = TypeVar("Y")
+
+
+@final
+class BatchedFunction(Generic[X, P, Y]):
+    """What `batched` returns: call it with *one* item (and the shared arguments) to get that item's result.
+
+    ``await embed_one(text)`` puts ``text`` in the next batch and returns its own result;
+    ``await embed_one.many(texts)`` submits several at once. The batch function itself is ``__wrapped__``.
+    """
+
+    __wrapped__: Callable[..., Awaitable[Any]]
+    __name__: str
+    __qualname__: str
+
+    def __init__(self, batcher: Batcher[X, P, Y]) -> None:
+        self.batcher = batcher
+        """The engine behind the function."""
+        functools.update_wrapper(self, batcher.fn, updated=())  # not the wrapped object's __dict__: ours is ours
+
+    def __call__(self, item: X, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Y]:
+        """Submit one item; the coroutine returns its result (see `Batcher.submit`)."""
+        return self.batcher.submit(item, *args, **kwargs)
+
+    def many(self, items: Iterable[X], /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, list[Y]]:
+        """Submit several items sharing the same arguments; the coroutine returns their results in order."""
+        return self.batcher.submit_many(items, *args, **kwargs)
+
+    def flush(self) -> None:
+        """Send every pending batch now, without waiting for ``max_wait``."""
+        self.batcher.flush()
+
+    async def aclose(self, *, flush: bool = True) -> None:
+        """Close: send (or, with ``flush=False``, reject) what is pending; later calls raise."""
+        await self.batcher.aclose(flush=flush)
+
+    def batch_info(self) -> BatchInfo:
+        """Batches, items, deduplicated and dropped items, fill ratio, waits and durations."""
+        return self.batcher.info()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.batcher.aclose()
+
+    def __repr__(self) -> str:
+        return f"<batched {self.batcher.name}>"
+
+
+@overload
+def batched(fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]], /) -> BatchedFunction[X, P, Y]: ...
+
+
+@overload
+def batched(
+    *,
+    max_size: int = 64,
+    max_wait: float | str | timedelta = 0.005,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrency: int | None = None,
+    max_queue: int | None = None,
+    queue_full: QueueFullPolicy = "wait",
+    key: Callable[[Any], Hashable] | None = None,
+    dedupe: bool = True,
+    name: str | None = None,
+) -> Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]], BatchedFunction[X, P, Y]]: ...
+
+
+def batched(
+    fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]] | None = None,
+    /,
+    *,
+    max_size: int = 64,
+    max_wait: float | str | timedelta = 0.005,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrency: int | None = None,
+    max_queue: int | None = None,
+    queue_full: QueueFullPolicy = "wait",
+    key: Callable[[Any], Hashable] | None = None,
+    dedupe: bool = True,
+    name: str | None = None,
+) -> BatchedFunction[X, P, Y] | Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]],
+                                         BatchedFunction[X, P, Y]]:
+    """Turn a batch function into a per-item function whose calls are gathered into batches.
+
+    Decorate ``async def fn(items: list[X], *shared) -> list[Y]`` (or an array with one row per item); callers
+    then await ``fn(item, *shared)`` and get their own result. A batch goes when it has ``max_size`` items (or
+    ``max_weight``), or ``max_wait`` after its first item; calls with different shared arguments never share a
+    batch; identical pending items are sent once. Usable bare (``@batched``) or with arguments, from asyncio or
+    trio, across repeated ``asyncio.run`` calls: nothing is bound to an event loop until the first call in it.
+
+    Args:
+        fn: The batch function, when used bare.
+        max_size: Most items in one batch.
+        max_wait: Longest a batch waits for more items after its first: seconds, ``"5ms"``, a timedelta.
+        max_weight: Most total weight in one batch (e.g. tokens); needs ``weight``.
+        weight: Weight of one item, e.g. ``lambda text: len(text) // 4``.
+        max_concurrency: Most batches in flight at once (per event loop); ``None`` for no bound.
+        max_queue: Most items waiting to be sent (per event loop); ``None`` for no bound.
+        queue_full: When the queue is full, ``"wait"`` for room or ``"raise"`` `BatchQueueFullError`.
+        key: Function of an item giving its identity for deduplication (default: the item, when hashable).
+        dedupe: ``False`` sends identical items separately.
+        name: Name used in errors and statistics instead of ``module.qualname``.
+
+    Returns:
+        A `BatchedFunction`: ``await f(item, *shared)`` for one result, ``await f.many(items, *shared)`` for
+        several, ``f.flush()``, ``await f.aclose()`` (or ``async with f:``), ``f.batch_info()``.
+
+    Raises:
+        ConfigError: A parameter is out of range or malformed (the error names it).
+        TypeError: ``fn`` is not an async function.
+    """
+
+    def decorate(f: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]) -> BatchedFunction[X, P, Y]:
+        return BatchedFunction(Batcher(f, max_size=max_size, max_wait=max_wait, max_weight=max_weight,
+                                       weight=weight, max_concurrency=max_concurrency, max_queue=max_queue,
+                                       queue_full=queue_full, key=key, dedupe=dedupe, name=name))
+
+    return decorate if fn is None else decorate(fn)

@@ -1,0 +1,149 @@
+"""`@multilevel_cached`: the exact cache over tiers, as a decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import timedelta
+from typing import Any, ParamSpec, Protocol, Self, TypeVar, cast, overload
+
+from cachelayers.engines.tiered import BatchFunctionCache, FunctionCache, TieredCache
+from cachelayers.metrics import CacheInfo
+
+__all__ = ["CachedFunction", "multilevel_cached"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+T_co = TypeVar("T_co")
+
+
+class CachedFunction(Protocol[P, T_co]):
+    """What `multilevel_cached` returns: the function, same signature, plus cache management.
+
+    At run time it is a plain ``async def`` function, so it binds as a method like the function it wraps.
+    """
+
+    __wrapped__: Callable[P, Awaitable[T_co]]
+    __name__: str
+    __qualname__: str
+    cache: FunctionCache[P, Any]
+    """The engine behind the function."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""
+        ...
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Remove the entry of these arguments from every tier (for a method, pass the instance first)."""
+        ...
+
+    async def invalidate_all(self) -> None:
+        """Remove every entry of the function's namespace from every tier."""
+        ...
+
+    async def cache_clear(self) -> None:
+        """Same as `invalidate_all`."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
+
+    @overload
+    def __get__(
+        self, instance: object, owner: type[Any] | None = None, /
+    ) -> Callable[..., Coroutine[Any, Any, T_co]]: ...
+
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any: ...
+
+
+@overload
+def multilevel_cached(fn: Callable[P, Awaitable[T]], /) -> CachedFunction[P, T]: ...
+
+
+@overload
+def multilevel_cached(
+    *,
+    ttl: float | str | timedelta | None = None,
+    tags: Callable[..., Iterable[str]] | Iterable[str] | None = None,
+    key: Callable[..., Any] | None = None,
+    namespace: str | None = None,
+    version: str | int = 0,
+    ignore: Iterable[str] = (),
+    name: str | None = None,
+    cost: float | Callable[[Any], float] | None = None,
+    cache: TieredCache | None = None,
+    stale: float | str | timedelta | None = None,
+    lock: bool | float | str | timedelta = False,
+    batch: bool | str = False,
+) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]: ...
+
+
+def multilevel_cached(
+    fn: Callable[P, Awaitable[T]] | None = None,
+    /,
+    *,
+    ttl: float | str | timedelta | None = None,
+    tags: Callable[..., Iterable[str]] | Iterable[str] | None = None,
+    key: Callable[..., Any] | None = None,
+    namespace: str | None = None,
+    version: str | int = 0,
+    ignore: Iterable[str] = (),
+    name: str | None = None,
+    cost: float | Callable[[Any], float] | None = None,
+    cache: TieredCache | None = None,
+    stale: float | str | timedelta | None = None,
+    lock: bool | float | str | timedelta = False,
+    batch: bool | str = False,
+) -> CachedFunction[P, T] | Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
+    """Cache an async function's results over the configured tiers (memory → Redis → disk).
+
+    Usable bare (``@multilevel_cached``) or with arguments. Equal calls — after normalising arguments
+    through the signature — share one entry; ``None`` is cached, exceptions are not. Concurrent calls with
+    the same arguments run the function once. A cache failure never fails the call.
+
+    Args:
+        fn: The function, when used bare.
+        ttl: Lifetime of entries (seconds, ``"90s"``, ``"1h"``, a timedelta); the settings' ``default_ttl``
+            when omitted. The expiry is absolute: a copy found in a lower tier keeps its remaining lifetime.
+        tags: Tags of each entry, or a function of the call's arguments (by name) returning them; invalidate
+            them with ``cachelayers.invalidate_tags``.
+        key: Function of the call's arguments (by name) whose result is keyed instead of the arguments.
+        namespace: Group of entries, invalidatable as a whole; defaults to the function's identity.
+        version: Bump it when the function's output changes meaning, to stop reading old entries.
+        ignore: Parameters left out of the key, e.g. ``("client",)`` or ``("self",)``.
+        name: Identity used in keys instead of ``module.qualname`` (keep keys when moving code).
+        cost: Cost of one computed call (e.g. dollars), or a function of the result; summed per hit as
+            ``cost_saved`` in ``cache_info()``.
+        cache: Engine to use instead of the one made from the settings in force.
+        stale: Grace period after expiry during which the old value is still served while exactly one
+            background refresh per key runs (stale-while-revalidate).
+        lock: Single-flight across processes: ``True`` (30s lease) or a lease such as ``"2m"``. Processes
+            missing the same key take a lock in the Redis tier; one computes, the others are woken when it
+            is done (or back off exponentially). A crashed holder's lock expires with its lease.
+        batch: Cache a list-to-list (or list-to-array) function per item: ``True`` when the items are the
+            first parameter, or the parameter's name. The function is called once with only the missing
+            items; results come back in input order (stacked into an array when the function is annotated
+            to return ``np.ndarray``). Not combined with ``stale`` or ``lock``.
+
+    Returns:
+        A `CachedFunction`: the wrapped function's signature, plus ``cache_info()``,
+        ``invalidate(*args, **kwargs)``, ``invalidate_all()`` and ``cache_clear()``.
+
+    Raises:
+        ConfigError: ``ttl`` is malformed or negative, ``namespace`` invalid, or ``ignore`` names an
+            unknown parameter.
+        TypeError: ``fn`` is not an async function. At call time, an argument that cannot be keyed raises
+            `UnkeyableArgumentError` (a ``TypeError``) naming it.
+    """
+
+    def decorate(f: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
+        options: dict[str, Any] = {"ttl": ttl, "tags": tags, "key": key, "namespace": namespace, "version": version,
+                                   "ignore": ignore, "name": name, "cost": cost, "cache": cache}
+        if batch is not False:
+            engine: FunctionCache[P, T] = BatchFunctionCache(f, batch=batch, stale=stale, lock=lock, **options)
+        else:
+            engine = FunctionCache(f, stale=stale, lock=lock, **options)
+        return cast(CachedFunction[P, T], engine.wrapper)
+
+    return decorate if fn is None else decorate(fn)
