@@ -146,12 +146,12 @@ async def test_compiled_wrapper_keys_calls_like_key_builder(call: Any) -> None:
     lower = MemoryBackend()
     cache = TieredCache(Settings(key_prefix="kt:"), backends={"memory": MemoryBackend(), "lower": lower})
     cached = multilevel_cached(cache=cache)(g)
+    builder = KeyBuilder(g)  # before the calls: the identity holds what g closes over (runs) as it was decorated
     assert await cached(*args1, **kwargs1) == "result"
     assert await cached(*args2, **kwargs2) == "result"
     assert runs == 1
     assert cache.local is not None
     [(local_key, slot)] = cache.local.slots.items()
-    builder = KeyBuilder(g)
     assert local_key == builder.local(args1, kwargs1) == builder.local(args2, kwargs2)
     expected = f"kt:{builder.namespace}:{builder.storage_digest(local_key)}"
     assert slot[STORAGE_KEY] == expected

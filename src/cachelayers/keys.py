@@ -19,20 +19,23 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import gc
 import hashlib
 import inspect
 import math
 import pathlib
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 import numpy as np
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
 
-__all__ = ["FAST_TYPES", "KeyBuilder", "canonical_bytes", "function_identity"]
+__all__ = ["FAST_TYPES", "KeyBuilder", "canonical_bytes", "claim_identity", "closure_fingerprint", "function_identity"]
 
 # Exact types whose values are equal only when their msgpack encodings are equal *and* that never compare
 # equal to a value of another type in this set. ``bool`` and ``float`` are left out on purpose: ``True == 1``
@@ -141,12 +144,122 @@ def canonical_bytes(value: object) -> bytes:
         raise TypeError(f"{exc.path} of type {_qualname(type(exc.value))} has no canonical encoding") from None
 
 
+def closure_fingerprint(fn: Callable[..., Any]) -> str | None:
+    """Return a stable digest of the values ``fn`` closed over, so that closures of one factory differ.
+
+    Functions and classes in a cell count by ``module.qualname``; any other value by its canonical encoding.
+
+    Returns:
+        ``""`` when ``fn`` closes over nothing, a hex digest when every cell can be keyed, ``None`` when some
+        cell holds a value that cannot (then closures of ``fn``'s code cannot be told apart).
+    """
+    target = inspect.unwrap(fn)
+    cells = getattr(target, "__closure__", None)
+    code = getattr(target, "__code__", None)
+    if not cells or code is None:
+        return ""
+    parts: list[Any] = []
+    for name, cell in zip(code.co_freevars, cells, strict=True):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell: a name assigned later in the enclosing function
+            parts.append([name])
+            continue
+        if inspect.isroutine(value) or inspect.isclass(value) or inspect.ismodule(value):
+            parts.append([name, f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value)}"])
+            continue
+        try:
+            parts.append([name, _canon(value, name)])
+        except _Unkeyable:
+            return None
+    return hashlib.blake2b(_pack(parts), digest_size=6, person=b"cachelayers-c1").hexdigest()
+
+
 def function_identity(fn: Callable[..., Any]) -> str:
-    """Return ``module.qualname`` of ``fn``: its identity in every key, stable across processes."""
+    """Return the identity of ``fn`` in every key, stable across processes.
+
+    It is ``module.qualname``, followed by ``#`` and the `closure_fingerprint` when ``fn`` closes over
+    values that can be keyed: two closures made by one factory with different values get different
+    identities.
+    """
     target = inspect.unwrap(fn)
     module = getattr(target, "__module__", None) or "<unknown>"
     qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
-    return f"{module}.{qualname}"
+    fingerprint = closure_fingerprint(target)
+    return f"{module}.{qualname}#{fingerprint}" if fingerprint else f"{module}.{qualname}"
+
+
+class _Claim(NamedTuple):
+    """A function that stores entries under a token, and what it computes with, as it was when it came."""
+
+    ref: weakref.ref[Any]
+    code: object
+    globals: int
+    fingerprint: str | None
+    defaults: bytes | None
+
+
+_claims: dict[str, list[_Claim]] = {}
+_claims_lock = threading.Lock()
+
+
+def _defaults_key(fn: Any) -> bytes | None:
+    try:
+        return canonical_bytes([getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None)])
+    except TypeError:
+        return None
+
+
+def _claim_of(target: Any) -> _Claim:
+    globals_ = getattr(target, "__globals__", None)
+    return _Claim(weakref.ref(target), getattr(target, "__code__", None), id(globals_) if globals_ is not None else 0,
+                  closure_fingerprint(target), _defaults_key(target))
+
+
+def _interchangeable(a: _Claim, b: _Claim) -> bool:
+    """Whether two functions always compute the same thing: one code and module, equal closures and defaults."""
+    return (a.code is not None and a.code is b.code and a.globals == b.globals
+            and a.fingerprint is not None and a.fingerprint == b.fingerprint
+            and a.defaults is not None and a.defaults == b.defaults)
+
+
+def _clashing(token: str, claim: _Claim) -> bool:
+    target = claim.ref()
+    for other in _claims.get(token, ()):
+        found = other.ref()
+        if found is not None and found is not target and not _interchangeable(other, claim):
+            return True
+    return False
+
+
+def claim_identity(token: str, fn: Callable[..., Any], *, field: str = "name") -> None:
+    """Record that ``fn`` stores entries under ``token``; refuse a second live function that would share them.
+
+    Two live functions share entries only when they always compute the same thing (same code, module,
+    defaults and closure values). Any other pair with one token — factory closures over values that cannot
+    be keyed, a function redefined under the same name, two lambdas — is refused: the user must tell them
+    apart with ``name=`` or ``namespace=``. Functions that were collected are forgotten.
+
+    Raises:
+        ConfigError: Another live function, not interchangeable with ``fn``, already uses ``token``.
+    """
+    target = inspect.unwrap(fn)
+    try:
+        claim = _claim_of(target)
+    except TypeError:  # an object without weak references: nothing to follow
+        return
+    with _claims_lock:
+        if _clashing(token, claim):
+            gc.collect()  # a dropped function kept alive by a reference cycle is not a clash
+            if _clashing(token, claim):
+                shown = token.split("\x00")[1] if "\x00" in token else token
+                raise ConfigError(field, shown, "another live function has this identity and may compute other "
+                                  "values (a factory closure over a value that cannot be keyed, a function redefined "
+                                  "under the same name, a lambda): pass name= or namespace= to tell them apart")
+        kept = [other for other in _claims.get(token, ()) if other.ref() is not None]
+        if all(other.ref() is not target for other in kept):
+            kept.append(claim)
+        _claims[token] = kept
 
 
 class KeyBuilder:
@@ -192,6 +305,9 @@ class KeyBuilder:
         self._signature = inspect.signature(fn)
         self._params = tuple(self._signature.parameters.values())
         names = {p.name for p in self._params}
+        if isinstance(ignore, str | bytes):
+            raise ConfigError("ignore", ignore, f"expected a collection of parameter names, e.g. ({ignore!r},), "
+                                                "not one string (it would be read letter by letter)")
         self._ignore = frozenset(ignore)
         unknown = self._ignore - names
         if unknown:

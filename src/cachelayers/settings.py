@@ -74,6 +74,19 @@ def _tiers(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _limit_items(text: str) -> dict[str, str]:
+    """Parse ``name=limit,name=limit``; an item without a name is an error, never dropped."""
+    items: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, spec = part.partition("=")
+        if not part:
+            continue
+        if not sep or not name.strip():
+            raise ConfigError("limits", part, "expected name=limit items, e.g. 'llm-rpm=3500/minute'")
+        items[name.strip()] = spec.strip()
+    return items
+
+
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     """Configuration of cachelayers: which tiers, how keys look, how failures are handled.
@@ -134,7 +147,7 @@ class Settings:
         parse_vector_index(self.vector_index)
         limits = self.limits
         if isinstance(limits, str):
-            limits = dict(part.split("=", 1) for part in limits.split(",") if "=" in part)
+            limits = _limit_items(limits)
         elif isinstance(limits, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in limits):
             limits = dict(limits)  # the stored form, given back by with_() and dataclasses.replace()
         if not isinstance(limits, Mapping):
