@@ -23,7 +23,7 @@ from cachelayers import (
     multilevel_cached,
     semantic_cached,
 )
-from cachelayers.backends.usearch_index import VectorIndex
+from cachelayers.backends.vectors import VectorIndex
 from cachelayers.engines.semantic import SemanticFunction
 from tests.conftest import FakeClock
 from tests.semantic_helpers import AngleEmbedder, CountingEmbedder

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 import numpy as np
 
-from cachelayers.backends.usearch_index import atomic_write
+from cachelayers.backends.vectors.index import atomic_write
 
 __all__ = ["EntryRow", "PartitionSnapshot", "PayloadFile", "read_snapshot", "write_snapshot"]
 

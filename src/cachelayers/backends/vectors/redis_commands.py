@@ -1,6 +1,6 @@
 """Redis storage of the shared semantic cache (plain Redis 7, no modules): entries, LRU sets and a change log.
 
-Storage only: the engine (`cachelayers.engines.semantic_shared`) keeps a usearch replica per process and
+Storage only: `cachelayers.backends.vectors.redis_store.RedisStore` keeps a usearch replica per process and
 decides what to store. Keys, all under ``<prefix>sem:{<tag>}:`` (one hash tag, so a cluster keeps them in
 one slot; the tag digests the function's namespace, the embedder and the scalar type, so vectors of two
 embedders never meet):
