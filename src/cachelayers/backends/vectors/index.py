@@ -1,22 +1,4 @@
-"""Vector storage for the semantic cache: one usearch HNSW index, used safely.
-
-`VectorIndex` only stores vectors under integer keys and finds the nearest ones; it knows nothing of
-payloads, partitions or expiry (the semantic engine does). What it takes care of:
-
-* **an explicit scalar type** (``f32`` by default): usearch picks ``bf16`` on some CPUs when none is given,
-  which moves similarities by up to ~0.01 — enough to flip answers at a threshold;
-* **one writer at a time**: concurrent ``add`` calls can leave a node stored but unreachable by search
-  (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1`` so usearch
-  does not parallelise them internally either;
-* **incremental inserts and removals**: usearch marks a removed node and reuses its slot for a later add,
-  so keys can be reused and memory does not grow with churn;
-* **compaction**: reused slots slowly degrade the graph (measured: top-1 recall on random vectors falls
-  from 1.0 to 0.99 after five rounds of replacing half the entries). `begin_compaction` snapshots the live
-  vectors; `Compaction.build` makes a fresh graph from them (in a worker thread: usearch releases the GIL,
-  so the event loop keeps serving); `commit_compaction` replays the writes made meanwhile and swaps it in;
-* **atomic persistence**: `save` writes a temporary file, flushes it to disk and renames it over the old
-  one, so a crash leaves either the old file or the new one, never a torn one.
-"""
+"""One usearch HNSW index of unit vectors under integer keys, used safely (see `VectorIndex`)."""
 
 from __future__ import annotations
 
@@ -122,6 +104,19 @@ class Compaction:
 
 class VectorIndex:
     """A usearch index of unit vectors under ``uint64`` keys, with cosine similarity.
+
+    It knows nothing of payloads, partitions or expiry (the semantic engine does). What it takes care of:
+
+    * **an explicit scalar type** (``f32`` by default): usearch picks ``bf16`` on some CPUs when none is
+      given, which moves similarities by up to ~0.01 — enough to flip answers at a threshold;
+    * **one writer at a time**: concurrent ``add`` calls can leave a node stored but unreachable by search
+      (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1``;
+    * **incremental inserts and removals**: usearch reuses a removed node's slot, so keys can be reused and
+      memory does not grow with churn;
+    * **compaction**: reused slots slowly degrade the graph; `begin_compaction` snapshots the live vectors,
+      `Compaction.build` makes a fresh graph (in a worker thread), `commit_compaction` replays the writes
+      made meanwhile and swaps it in;
+    * **atomic persistence**: `save` writes a temporary file, flushes it and renames it over the old one.
 
     Args:
         ndim: Dimension of the vectors.
