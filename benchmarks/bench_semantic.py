@@ -42,9 +42,11 @@ import numpy as np
 from usearch.index import Index
 
 from _util import Series, environment, render_table, to_json
-from cachelayers.backends.usearch_index import IndexOptions, VectorIndex
+from cachelayers.backends.vectors import IndexOptions, VectorIndex
 from cachelayers.codec import Codec
-from cachelayers.engines.semantic import SemanticFunction, SemanticStore, _Entry, _Stats
+from cachelayers.engines.semantic import Entry as _Entry
+from cachelayers.engines.semantic import SemanticFunction, SemanticStore
+from cachelayers.engines.semantic import SemanticStats as _Stats
 from cachelayers.metrics import StateLog
 
 LOOKUPS = ("usearch search", "store lookup", "decorated hit", "numpy brute force")

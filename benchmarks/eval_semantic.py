@@ -27,11 +27,12 @@ from typing import Any
 import anyio
 import numpy as np
 
-from cachelayers.backends.usearch_index import IndexOptions
+from cachelayers.backends.vectors import IndexOptions
 from cachelayers.calibrate import Calibration, load_pairs
 from cachelayers.codec import Codec
 from cachelayers.embedders import embed, embedder_name, resolve_embedder
-from cachelayers.engines.semantic import SemanticStore, _Stats
+from cachelayers.engines.semantic import SemanticStats as _Stats
+from cachelayers.engines.semantic import SemanticStore
 from cachelayers.metrics import StateLog
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

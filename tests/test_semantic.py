@@ -23,7 +23,7 @@ from cachelayers import (
     multilevel_cached,
     semantic_cached,
 )
-from cachelayers.backends.usearch_index import VectorIndex
+from cachelayers.backends.vectors import VectorIndex
 from cachelayers.engines.semantic import SemanticFunction
 from tests.conftest import FakeClock
 from tests.semantic_helpers import AngleEmbedder, CountingEmbedder
@@ -407,6 +407,28 @@ async def test_capacity_per_partition_evicts_least_recently_used_vector_and_payl
     assert info.last.level == "computed"
     assert ask.cache_info().evictions == 2
     assert await ask("z@0", "t2") == "z@0/t2"  # the other partition was untouched
+
+
+async def test_a_partition_of_capacity_one_keeps_serving_its_newest_entry() -> None:
+    emb = AngleEmbedder()
+
+    @semantic_cached(embed=emb, threshold=0.99, max_entries=1, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("a@0")
+    await ask("b@0")  # evicts a@0, the partition's only entry
+    with explain() as info:
+        assert await ask("b@0") == "b@0"
+    assert info.last is not None
+    assert info.last.level == "exact"
+    assert store_of(ask).find_exact(next(iter(store_of(ask).partitions)), "b@0") is not None
+
+
+def test_vector_index_schemes_are_in_the_one_registry() -> None:
+    from cachelayers.backends.registry import registered_schemes
+
+    assert registered_schemes("vector_index") == ["memory", "redis", "rediss", "usearch"]
 
 
 async def test_removed_keys_are_reused() -> None:

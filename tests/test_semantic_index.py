@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cachelayers.backends.usearch_index import IndexOptions, VectorIndex, atomic_write
+from cachelayers.backends.vectors import IndexOptions, VectorIndex, atomic_write
 from cachelayers.codec import Codec
 from cachelayers.embedders import HashingEmbedder
-from cachelayers.engines.semantic import SemanticStore, _Stats
+from cachelayers.engines.semantic import SemanticStats as _Stats
+from cachelayers.engines.semantic import SemanticStore
 from cachelayers.errors import ConfigError
 from cachelayers.metrics import StateLog
 from tests.semantic_helpers import near_duplicate_texts

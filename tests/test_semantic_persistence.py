@@ -13,7 +13,7 @@ import pytest
 
 import cachelayers
 from cachelayers import explain, semantic_cached
-from cachelayers.engines.semantic import DiskStore
+from cachelayers.backends.vectors.disk_store import DiskStore
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -72,8 +72,8 @@ async def test_a_restart_without_a_snapshot_rebuilds_the_graph_from_the_rows(tmp
     for q in QUESTIONS:
         await ask(q)
     store = ask.cache._store
-    assert isinstance(store, DiskStore)
-    store._file.close()  # no snapshot was ever written (save_every is 1000)
+    assert isinstance(store.persistence, DiskStore)
+    store.persistence._file.close()  # no snapshot was ever written (save_every is 1000)
     ask.cache._store = None
     assert ".usearch" not in suffixes(tmp_path)
     again = make(tmp_path)
@@ -141,7 +141,7 @@ CHILD = textwrap.dedent('''
     import anyio
     import cachelayers
     from cachelayers import semantic_cached
-    from cachelayers.backends import usearch_index
+    from cachelayers.backends.vectors import index as usearch_index
 
     directory, scenario = sys.argv[1], sys.argv[2]
     cachelayers.configure(vector_index=f"usearch://{directory}")
@@ -223,10 +223,10 @@ async def test_a_crash_at_any_step_never_leaves_an_entry_that_answers_wrongly(
             else:
                 assert got == {"q": q, "tenant": "t"}, f"{asked!r} answered with {got!r} ({lookup})"
             store = ask.cache._store
-            assert isinstance(store, DiskStore)
+            assert isinstance(store.persistence, DiskStore)
             for key, entry in store.entries.items():  # memory, graph and file agree
                 assert key in store.partitions[entry.partition].index
-                assert store._file.value(key, entry.seq) is not None
+                assert store.persistence._file.value(key, entry.seq) is not None
     assert store is not None
     await ask.aclose()
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import cachelayers
 from cachelayers import explain, semantic_cached
-from cachelayers.engines.semantic_shared import RedisStore
+from cachelayers.backends.vectors.redis_store import RedisStore
+from cachelayers.engines.semantic import SemanticStore
 from tests.conftest import FakeClock
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -47,9 +48,9 @@ def make(url: str, *, sync_interval: float = 0.1, threshold: float = 0.8, **opti
     return ask
 
 
-def replica(fn: Any) -> RedisStore:
-    store = fn.cache._store
-    assert isinstance(store, RedisStore)
+def replica(fn: Any) -> SemanticStore:
+    store: SemanticStore = fn.cache._store
+    assert isinstance(store.persistence, RedisStore)
     return store
 
 

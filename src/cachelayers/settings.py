@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar, final
 
 from cachelayers.backends import validate_backend_url
-from cachelayers.backends.usearch_index import parse_vector_index
+from cachelayers.backends.vectors.options import parse_vector_index
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
 from cachelayers.validation import flag, positive_int

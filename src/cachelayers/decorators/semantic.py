@@ -2,73 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, TypeVar, cast
+import functools
+import types
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, final
 
-from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, Verifier
-from cachelayers.engines.tiered import TieredCache
+from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, SemanticOptions
+from cachelayers.validation import check_options
 
 __all__ = ["SemanticCachedFunction", "semantic_cached"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-T_co = TypeVar("T_co")
 
 
-class SemanticCachedFunction(Protocol[P, T_co]):
+@final
+class SemanticCachedFunction(Generic[P, T]):
     """What `semantic_cached` returns: the function, same signature, plus cache management.
 
-    At run time it is a plain ``async def`` function. How a call was answered is told by
+    Calling it returns a coroutine of the function's result. How a call was answered is told by
     `cachelayers.explain` / `cachelayers.last_lookup`, never by the return value.
     """
 
-    __wrapped__: Callable[P, Awaitable[T_co]]
-    cache: SemanticFunction[P, Any]
-    """The engine behind the function."""
+    __wrapped__: Callable[P, Awaitable[T]]
+    __name__: str
+    __qualname__: str
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+    def __init__(self, engine: SemanticFunction[P, T]) -> None:
+        self.cache = engine
+        """The engine behind the function."""
+        functools.update_wrapper(self, engine.fn, updated=())  # not the wrapped object's __dict__: ours is ours
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        """Answer the call: exact, semantic, or computed and stored."""
+        return self.cache.call(args, kwargs)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Bind to ``instance`` when the decorated function is a method."""
+        return self if instance is None else types.MethodType(self, instance)
 
     def cache_info(self) -> SemanticCacheInfo:
         """Hits per level, misses, entries, evictions, errors, verifier outcomes, latencies."""
-        ...
+        return self.cache.cache_info()
 
     async def cache_clear(self) -> None:
         """Remove every entry of the function (every process's, when shared)."""
-        ...
+        await self.cache.cache_clear()
 
     async def invalidate_all(self) -> None:
         """Same as `cache_clear`."""
-        ...
+        await self.cache.cache_clear()
 
     async def save(self) -> None:
-        """Persist the index now (disk mode)."""
-        ...
+        """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
+        await self.cache.save()
 
     async def aclose(self) -> None:
-        """Save and close the store."""
-        ...
+        """Save and close the store (the next call opens it again)."""
+        await self.cache.aclose()
+
+    def __repr__(self) -> str:
+        return f"<semantic_cached {self.cache.identity}>"
 
 
-def semantic_cached(
-    *,
-    embed: Callable[[list[str]], Any] | None = None,
-    threshold: float | None = None,
-    text: str | Callable[..., str] | None = None,
-    partition: Callable[..., Any] | None = None,
-    ignore: Iterable[str] = (),
-    ttl: float | str | timedelta | None = None,
-    max_entries: int = 10_000,
-    verifier: Verifier | None = None,
-    max_candidates: int = 4,
-    namespace: str | None = None,
-    version: str | int = 0,
-    name: str | None = None,
-    cache: TieredCache | None = None,
-    cache_embeddings: bool = True,
-    vector_index: str | None = None,
-    clock: Callable[[], float] | None = None,
-) -> Callable[[Callable[P, Awaitable[T]]], SemanticCachedFunction[P, T]]:
+def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P, Awaitable[T]]],
+                                                                      SemanticCachedFunction[P, T]]:
     """Answer calls from a *similar* earlier call of the same partition.
 
     The semantic text (one argument) is embedded and looked up among earlier calls whose other arguments —
@@ -86,11 +84,12 @@ def semantic_cached(
             an answer; by default every argument except the text and ``ignore``. Required with a ``text``
             function. Include the tenant.
         ignore: Arguments left out of the default partition (clients, ``self``).
-        ttl: Lifetime of entries (seconds, ``"1h"``, a timedelta); a hit never extends it.
-        max_entries: Capacity of each partition (LRU eviction removes vector and payload).
+        ttl: Lifetime of entries (seconds, ``"1h"``, a timedelta); the settings' ``default_ttl`` when
+            omitted. A hit never extends it.
+        max_entries: Capacity of each partition, 10,000 by default (LRU eviction removes vector and payload).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
             is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
-        max_candidates: Candidates above the threshold offered to the verifier, best first.
+        max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
         namespace: Group of entries; the function's identity by default.
         version: Bump it to stop serving entries stored by older code.
         name: Identity used instead of ``module.qualname``.
@@ -107,16 +106,12 @@ def semantic_cached(
         ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
             ``ttl``, ``max_entries`` or ``vector_index``.
-        TypeError: The function is not async. At call time, a semantic text that is not a ``str``, or a
-            partition argument that cannot be keyed (`UnkeyableArgumentError`).
+        TypeError: An unknown option (at once); the function is not async. At call time, a semantic text
+            that is not a ``str``, or a partition argument that cannot be keyed (`UnkeyableArgumentError`).
     """
+    check_options(options, SemanticOptions, "semantic_cached")
 
     def decorate(f: Callable[P, Awaitable[T]]) -> SemanticCachedFunction[P, T]:
-        engine = SemanticFunction(f, embed=embed, threshold=threshold, text=text, partition=partition,
-                                  ignore=ignore, ttl=ttl, max_entries=max_entries, verifier=verifier,
-                                  max_candidates=max_candidates, namespace=namespace, version=version, name=name,
-                                  cache=cache, cache_embeddings=cache_embeddings, vector_index=vector_index,
-                                  clock=clock)
-        return cast(SemanticCachedFunction[P, T], engine.wrapper)
+        return SemanticCachedFunction(SemanticFunction(f, **options))
 
     return decorate

@@ -1,22 +1,4 @@
-"""Vector storage for the semantic cache: one usearch HNSW index, used safely.
-
-`VectorIndex` only stores vectors under integer keys and finds the nearest ones; it knows nothing of
-payloads, partitions or expiry (the semantic engine does). What it takes care of:
-
-* **an explicit scalar type** (``f32`` by default): usearch picks ``bf16`` on some CPUs when none is given,
-  which moves similarities by up to ~0.01 — enough to flip answers at a threshold;
-* **one writer at a time**: concurrent ``add`` calls can leave a node stored but unreachable by search
-  (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1`` so usearch
-  does not parallelise them internally either;
-* **incremental inserts and removals**: usearch marks a removed node and reuses its slot for a later add,
-  so keys can be reused and memory does not grow with churn;
-* **compaction**: reused slots slowly degrade the graph (measured: top-1 recall on random vectors falls
-  from 1.0 to 0.99 after five rounds of replacing half the entries). `begin_compaction` snapshots the live
-  vectors; `Compaction.build` makes a fresh graph from them (in a worker thread: usearch releases the GIL,
-  so the event loop keeps serving); `commit_compaction` replays the writes made meanwhile and swaps it in;
-* **atomic persistence**: `save` writes a temporary file, flushes it to disk and renames it over the old
-  one, so a crash leaves either the old file or the new one, never a torn one.
-"""
+"""One usearch HNSW index of unit vectors under integer keys, used safely (see `VectorIndex`)."""
 
 from __future__ import annotations
 
@@ -29,12 +11,9 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
-from cachelayers.backends.base import BackendURL
-from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError, MissingDependencyError
 
-__all__ = ["DTYPES", "Compaction", "IndexOptions", "Neighbours", "VectorIndex", "atomic_write", "int_option",
-           "parse_vector_index", "require_usearch"]
+__all__ = ["DTYPES", "Compaction", "Neighbours", "VectorIndex", "atomic_write", "require_usearch"]
 
 DTYPES: Final = ("f64", "f32", "f16", "bf16", "i8")
 """Scalar types a `VectorIndex` can store. ``f32`` keeps similarities exact to ~1e-7."""
@@ -57,68 +36,6 @@ def require_usearch() -> None:
         MissingDependencyError: It is not installed (the message names the ``semantic`` extra).
     """
     _usearch()
-
-
-class IndexOptions(NamedTuple):
-    """Graph options of every index of a semantic store (``None``: usearch's default)."""
-
-    dtype: str = "f32"
-    connectivity: int | None = None
-    expansion_add: int | None = None
-    expansion_search: int | None = None
-
-
-_INDEX_OPTIONS: Final = frozenset({"dtype", "connectivity", "expansion_add", "expansion_search"})
-_MODE_OPTIONS: Final = {"memory": frozenset(), "usearch": frozenset({"save_every"}),
-                        "redis": frozenset({"sync_interval", "stream_maxlen"}),
-                        "rediss": frozenset({"sync_interval", "stream_maxlen"})}
-
-
-def int_option(url: BackendURL, name: str) -> int | None:
-    """The positive integer option ``name`` of ``url``, or ``None`` when absent.
-
-    Raises:
-        ConfigError: The option is not a positive integer.
-    """
-    raw = url.options.get(name)
-    if raw is None:
-        return None
-    if not raw.isdigit() or int(raw) <= 0:
-        raise ConfigError(url.option_field(name), raw, "expected a positive integer")
-    return int(raw)
-
-
-def parse_vector_index(url: str, field: str = "vector_index") -> tuple[BackendURL, IndexOptions]:
-    """Parse and check a ``vector_index`` URL (``memory://``, ``usearch:///dir``, ``redis://host:port/db``).
-
-    Options: ``dtype``, ``connectivity``, ``expansion_add``, ``expansion_search``; ``save_every`` for
-    ``usearch://``; ``sync_interval`` and ``stream_maxlen`` for ``redis://``. Nothing is imported or opened.
-
-    Raises:
-        ConfigError: Unknown scheme or option, a bad option value, or ``usearch://`` without a path.
-    """
-    parsed = BackendURL.parse(url, field)
-    known = _MODE_OPTIONS.get(parsed.scheme)
-    if known is None:
-        raise ConfigError(field, url, "expected 'memory://', 'usearch:///path' or 'redis://host:port/db'")
-    unknown = sorted(set(parsed.options) - known - _INDEX_OPTIONS)
-    if unknown:
-        raise ConfigError(parsed.option_field(unknown[0]), url,
-                          f"unknown option (known: {', '.join(sorted(known | _INDEX_OPTIONS))})")
-    dtype = parsed.options.get("dtype", "f32")
-    if dtype not in DTYPES:
-        raise ConfigError(parsed.option_field("dtype"), dtype, f"expected one of {', '.join(DTYPES)}")
-    if parsed.scheme == "usearch" and (parsed.host or not parsed.path or parsed.path == "/"):
-        raise ConfigError(field, url, "expected usearch:///absolute/path/to/a/directory")
-    if parsed.scheme == "memory" and (parsed.host or parsed.path not in ("", "/")):
-        raise ConfigError(field, url, "memory:// takes no host or path")
-    int_option(parsed, "save_every")
-    int_option(parsed, "stream_maxlen")
-    if "sync_interval" in parsed.options:
-        parse_duration(parsed.options["sync_interval"], parsed.option_field("sync_interval"), allow_zero=True)
-    options = IndexOptions(dtype, int_option(parsed, "connectivity"), int_option(parsed, "expansion_add"),
-                           int_option(parsed, "expansion_search"))
-    return parsed, options
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
@@ -187,6 +104,19 @@ class Compaction:
 
 class VectorIndex:
     """A usearch index of unit vectors under ``uint64`` keys, with cosine similarity.
+
+    It knows nothing of payloads, partitions or expiry (the semantic engine does). What it takes care of:
+
+    * **an explicit scalar type** (``f32`` by default): usearch picks ``bf16`` on some CPUs when none is
+      given, which moves similarities by up to ~0.01 — enough to flip answers at a threshold;
+    * **one writer at a time**: concurrent ``add`` calls can leave a node stored but unreachable by search
+      (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1``;
+    * **incremental inserts and removals**: usearch reuses a removed node's slot, so keys can be reused and
+      memory does not grow with churn;
+    * **compaction**: reused slots slowly degrade the graph; `begin_compaction` snapshots the live vectors,
+      `Compaction.build` makes a fresh graph (in a worker thread), `commit_compaction` replays the writes
+      made meanwhile and swaps it in;
+    * **atomic persistence**: `save` writes a temporary file, flushes it and renames it over the old one.
 
     Args:
         ndim: Dimension of the vectors.
@@ -370,11 +300,6 @@ class VectorIndex:
             self._journal = None
             self.removed_since_build = sum(1 for _, vector in journal if vector is None)
             return True
-
-    def abandon_compaction(self) -> None:
-        """Stop journaling for a compaction that will not be committed."""
-        with self._lock:
-            self._journal = None
 
     def compact(self) -> None:
         """Rebuild the graph now, blocking (for tests, tools and small indexes)."""

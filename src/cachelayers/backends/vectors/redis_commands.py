@@ -1,25 +1,4 @@
-"""Redis storage of the shared semantic cache (plain Redis 7, no modules): entries, LRU sets and a change log.
-
-Storage only: the engine (`cachelayers.engines.semantic_shared`) keeps a usearch replica per process and
-decides what to store. Keys, all under ``<prefix>sem:{<tag>}:`` (one hash tag, so a cluster keeps them in
-one slot; the tag digests the function's namespace, the embedder and the scalar type, so vectors of two
-embedders never meet):
-
-``seq``
-    counter handing out entry ids (never reused, so an id names one entry forever);
-``e:<id>``
-    hash of one entry: ``p`` partition (hex), ``t`` text, ``v`` vector (float32 bytes), ``x`` expiry in ms
-    (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
-``p:<partition>``
-    sorted set of the partition's ids by last use (ms): the LRU order for the per-partition capacity;
-``all``
-    sorted set of every id by expiry (ms, ``+inf`` for never): what a new process loads;
-``log``
-    stream of changes, ``op`` = ``a`` (added), ``d`` (removed) or ``c`` (cleared), with ``id`` and ``p``;
-    trimmed to about ``stream_maxlen`` entries. Replicas read it to stay in sync.
-
-An insert, with the evictions it causes, is one Lua script: atomic, one round trip.
-"""
+"""Redis commands of the shared semantic store (plain Redis 7, no modules): entries, LRU sets, a change log."""
 
 from __future__ import annotations
 
@@ -104,6 +83,25 @@ def _str(value: Any) -> str:
 
 class RedisVectorStore:
     """Commands of the shared semantic store, on a redis-py asyncio client made on first use.
+
+    Keys, all under ``<prefix>sem:{<tag>}:`` (one hash tag, so a cluster keeps them in
+    one slot; the tag digests the function's namespace, the embedder and the scalar type, so vectors of two
+    embedders never meet):
+
+    ``seq``
+        counter handing out entry ids (never reused, so an id names one entry forever);
+    ``e:<id>``
+        hash of one entry: ``p`` partition (hex), ``t`` text, ``v`` vector (float32 bytes), ``x`` expiry in ms
+        (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
+    ``p:<partition>``
+        sorted set of the partition's ids by last use (ms): the LRU order for the per-partition capacity;
+    ``all``
+        sorted set of every id by expiry (ms, ``+inf`` for never): what a new process loads;
+    ``log``
+        stream of changes, ``op`` = ``a`` (added), ``d`` (removed) or ``c`` (cleared), with ``id`` and ``p``;
+        trimmed to about ``stream_maxlen`` entries. Replicas read it to stay in sync.
+
+    An insert, with the evictions it causes, is one Lua script: atomic, one round trip.
 
     Args:
         url: A ``redis://`` or ``rediss://`` URL.

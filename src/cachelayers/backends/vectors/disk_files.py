@@ -1,16 +1,9 @@
-"""Disk storage of the semantic cache: a SQLite file of entries and an atomic snapshot of the vector graphs.
+"""The files of the disk store: a SQLite file of entries (the truth) and atomic snapshots of the graphs.
 
-Storage only: the engine decides what to store and when. Two files per cached function:
-
-* ``<name>.sqlite`` — the **source of truth**: one row per entry with its partition, text, vector, sealed
-  payload, expiry and a sequence number that is never reused. SQLite (WAL journal) makes each write atomic.
-* ``<name>.usearch`` — a snapshot of every partition's usearch graph with the ``(key, seq)`` of each vector,
-  written with `atomic_write` (temporary file, flush, rename). It only saves rebuilding the graphs on start.
-
-The two are written at different moments, so a crash can leave them disagreeing. On load the engine trusts
-the SQLite rows: a vector in the snapshot whose ``(key, seq)`` has no row (removed, or its key reused by a
-newer entry) is dropped, and a row missing from the snapshot is added from its stored vector. No vector
-can therefore answer with another entry's payload.
+``<name>.sqlite`` holds one row per entry (partition, text, vector, sealed payload, expiry and a sequence
+number never reused); ``<name>.usearch`` a snapshot of every partition's graph with the ``(key, seq)`` of
+each vector. On load `cachelayers.backends.vectors.disk_store.DiskStore` trusts the rows: a vector whose
+``(key, seq)`` has no row is dropped, a row missing from the snapshot is added from its stored vector.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ from typing import Final, NamedTuple
 
 import numpy as np
 
-from cachelayers.backends.usearch_index import atomic_write
+from cachelayers.backends.vectors.index import atomic_write
 
 __all__ = ["EntryRow", "PartitionSnapshot", "PayloadFile", "read_snapshot", "write_snapshot"]
 

@@ -1,0 +1,259 @@
+"""The ``usearch:///dir`` scheme: entries in a SQLite file, the graphs in atomic snapshots beside it.
+
+The file of rows is the truth; the snapshot only saves rebuilding the graphs on start, and is reconciled
+with the rows when loaded (see `cachelayers.backends.vectors.disk_files`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from cachelayers.backends.base import BackendURL
+from cachelayers.backends.vectors.base import GONE, Appended, EntryRef, Loaded, Replica, StoredRow
+from cachelayers.backends.vectors.disk_files import (
+    EntryRow,
+    PartitionSnapshot,
+    PayloadFile,
+    read_snapshot,
+    write_snapshot,
+)
+from cachelayers.backends.vectors.index import VectorIndex
+from cachelayers.backends.vectors.options import IndexOptions, int_option
+from cachelayers.codec import Codec
+from cachelayers.errors import SerializationError
+from cachelayers.metrics import StateLog
+
+__all__ = ["DiskStore"]
+
+
+class DiskStore:
+    """A `VectorPersistence` in a directory: ``<name>.sqlite`` (the rows) and ``<name>.usearch`` (snapshots).
+
+    Args:
+        url: The ``usearch:///dir`` URL; its option ``save_every`` (writes between snapshots, 1000).
+        namespace: The function's namespace (names the files).
+        codec: Seals the values.
+        log: Failure log.
+        clock: Wall-clock time source for expiry.
+    """
+
+    shared = False
+
+    def __init__(self, url: BackendURL, namespace: str, *, codec: Codec, log: StateLog,
+                 clock: Callable[[], float]) -> None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", namespace)[-80:]
+        digest = hashlib.blake2b(namespace.encode(), digest_size=6).hexdigest()
+        self.directory = Path(url.path)
+        self.base = self.directory / f"{slug}-{digest}"
+        self.save_every = int_option(url, "save_every") or 1000
+        self.codec = codec
+        self.log = log
+        self.clock = clock
+        self.embedder = ""
+        self.options = IndexOptions()
+        self._replica: Replica | None = None
+        self._writes = 0
+        self._file: Any = None
+        self._saving: threading.Thread | None = None
+        self._save_lock = threading.Lock()
+
+    def _path(self, suffix: str) -> Path:
+        return self.base.parent / (self.base.name + suffix)
+
+    def _storage_key(self, key: int, seq: int) -> str:
+        return f"sem:{self.embedder}:{key}:{seq}"
+
+    def usable(self) -> bool:
+        """Always: files are not bound to an event loop."""
+        return True
+
+    async def sync(self) -> None:
+        """Nothing to do: one process writes the directory."""
+
+    async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
+        """Load the entries and graphs saved for this function into ``replica``."""
+        self._replica = replica
+        self.embedder = embedder
+        self.options = options
+        return await anyio.to_thread.run_sync(self._load, replica, ndim)
+
+    def _open_file(self) -> dict[str, str]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f".{self.base.name}.usearch.*.tmp"):
+            stale.unlink(missing_ok=True)  # a snapshot whose writer died before the rename
+        self._file = PayloadFile(self._path(".sqlite"))
+        meta: dict[str, str] = self._file.meta()
+        if meta and (meta.get("embedder") != self.embedder or meta.get("dtype") != self.options.dtype):
+            # Vectors of another embedder live in another space: never compare with them.
+            self.log.failure(f"semantic store {self.base.name}",
+                             f"stored entries were made by {meta.get('embedder')!r}/{meta.get('dtype')}; "
+                             f"now {self.embedder!r}/{self.options.dtype}: dropping them")
+            self._file.clear()
+            meta = {}
+        return meta
+
+    def _load(self, replica: Replica, ndim: int | None) -> Loaded:
+        meta = self._open_file()
+        stored_ndim = int(meta["ndim"]) if meta.get("ndim") else None
+        if ndim is None:
+            ndim = stored_ndim
+        elif stored_ndim is not None and stored_ndim != ndim:
+            self._file.clear()
+        last_seq = self._file.max_seq()
+        rows = self._live_rows()
+        if rows and ndim is None:
+            ndim = len(rows[0].vector) // 4
+        graphs = self._graphs(rows, ndim) if ndim is not None else {}
+        replica.adopt([StoredRow(r.key, r.seq, r.partition, r.text, r.expires_at,
+                                 np.frombuffer(r.vector, dtype=np.float32)) for r in rows], graphs)
+        self._file.set_meta(self._meta(ndim))
+        return Loaded(ndim, last_seq)
+
+    def _live_rows(self) -> list[EntryRow]:
+        """The rows not expired, one per partition and text (the newest: rows come in seq order)."""
+        now = self.clock()
+        rows = list(self._file.rows())
+        expired = [r.key for r in rows if r.expires_at is not None and r.expires_at <= now]
+        if expired:
+            self._file.delete(expired)
+        newest: dict[tuple[bytes, str], EntryRow] = {}
+        stale: list[int] = []
+        for row in rows:
+            if row.expires_at is not None and row.expires_at <= now:
+                continue
+            previous = newest.get((row.partition, row.text))
+            if previous is not None:  # two rows, same text: keep the newer
+                stale.append(previous.key)
+            newest[row.partition, row.text] = row
+        if stale:
+            self._file.delete(stale)
+        return sorted(newest.values(), key=lambda r: r.seq)
+
+    def _snapshot_graphs(self, wanted: set[tuple[int, int]], ndim: int) -> dict[bytes, VectorIndex]:
+        snapshot = read_snapshot(self._path(".usearch"))
+        graphs: dict[bytes, VectorIndex] = {}
+        if snapshot is None or snapshot[0].get("embedder") != self.embedder:
+            return graphs
+        for item in snapshot[1]:
+            try:
+                index = VectorIndex.from_bytes(item.graph, dtype=self.options.dtype)
+            except ValueError:
+                continue
+            if index.ndim != ndim:
+                continue
+            # A vector answers for the row with its key only if the row is the one it was saved for.
+            outdated = [int(k) for k, s in zip(item.keys.tolist(), item.seqs.tolist(), strict=True)
+                        if (int(k), int(s)) not in wanted]
+            index.remove_many(outdated)
+            present = set(index.keys().tolist())
+            listed = {int(k) for k in item.keys.tolist()}
+            index.remove_many(present - listed)  # a vector the snapshot does not vouch for
+            graphs[item.partition] = index
+        return graphs
+
+    def _graphs(self, rows: Sequence[EntryRow], ndim: int) -> dict[bytes, VectorIndex]:
+        """Every partition's graph: the snapshot's, reconciled with the rows, else built from them."""
+        graphs = self._snapshot_graphs({(r.key, r.seq) for r in rows}, ndim)
+        by_partition: dict[bytes, list[EntryRow]] = {}
+        for row in rows:
+            by_partition.setdefault(row.partition, []).append(row)
+        out: dict[bytes, VectorIndex] = {}
+        for partition, part_rows in by_partition.items():
+            index = graphs.get(partition)
+            if index is None:
+                o = self.options
+                index = VectorIndex(ndim, dtype=o.dtype, connectivity=o.connectivity,
+                                    expansion_add=o.expansion_add, expansion_search=o.expansion_search)
+            present = set(index.keys().tolist())
+            missing = [r for r in part_rows if r.key not in present]
+            if missing:
+                index.add_many([r.key for r in missing],
+                               np.stack([np.frombuffer(r.vector, dtype=np.float32) for r in missing]))
+            out[partition] = index
+        for partition in set(graphs) - set(by_partition):
+            graphs[partition].clear()
+        return out
+
+    def _meta(self, ndim: int | None) -> dict[str, str]:
+        return {"embedder": self.embedder, "dtype": self.options.dtype, "ndim": str(ndim or "")}
+
+    async def read(self, entry: EntryRef) -> Any:
+        """Read and check the payload of ``entry`` from the SQLite file; `GONE` when it is not there."""
+        blob = self._file.value(entry.key, entry.seq)
+        if blob is None:
+            return GONE
+        try:
+            return self.codec.open(self._storage_key(entry.key, entry.seq), blob).value
+        except SerializationError as exc:
+            self.log.failure(f"semantic store {self.base.name}", exc)
+            return GONE
+
+    async def append(self, entry: EntryRef, value: Any, vector: np.ndarray, evict: Sequence[EntryRef],
+                     capacity: int) -> Appended:
+        """Write the row of ``entry`` and delete the rows of ``evict``, in one transaction."""
+        blob = self.codec.seal(self._storage_key(entry.key, entry.seq), value, entry.expires_at)
+        ndim = self._replica.ndim if self._replica is not None else None
+        if ndim is not None and not self._file.meta().get("ndim"):
+            self._file.set_meta(self._meta(ndim))
+        row = EntryRow(entry.key, entry.seq, entry.partition, entry.text, entry.expires_at,
+                       np.ascontiguousarray(vector, dtype=np.float32).tobytes(), blob)
+        removed = [e.key for e in evict]
+        self._file.write(row, removed)
+        self._wrote(1 + len(evict))
+        return Appended(entry.key, removed)
+
+    async def remove(self, entries: Sequence[EntryRef]) -> None:
+        """Delete the rows of ``entries``."""
+        self._file.delete([e.key for e in entries])
+        self._wrote(len(entries))
+
+    def _wrote(self, count: int) -> None:
+        self._writes += count
+        if self._writes >= self.save_every and (self._saving is None or not self._saving.is_alive()):
+            self._writes = 0
+            payload = self._snapshot()
+            self._saving = threading.Thread(target=self._write_snapshot, args=payload,
+                                            name="cachelayers-snapshot", daemon=True)
+            self._saving.start()
+
+    def _snapshot(self) -> tuple[list[PartitionSnapshot], dict[str, str]]:
+        assert self._replica is not None
+        items = [PartitionSnapshot(g.partition, g.keys, g.seqs, g.graph.to_bytes()) for g in self._replica.graphs()]
+        return items, self._meta(self._replica.ndim)
+
+    def _write_snapshot(self, items: list[PartitionSnapshot], meta: dict[str, str]) -> None:
+        with self._save_lock:
+            try:
+                write_snapshot(self._path(".usearch"), items, meta)
+            except OSError as exc:
+                self.log.failure(f"semantic snapshot {self.base.name}", exc)
+
+    async def save(self) -> None:
+        """Write a snapshot of every graph now (atomically) and wait for it."""
+        if self._file is None:
+            return
+        if self._saving is not None:
+            await anyio.to_thread.run_sync(self._saving.join)
+        items, meta = self._snapshot()
+        await anyio.to_thread.run_sync(self._write_snapshot, items, meta)
+        self._writes = 0
+
+    async def clear(self) -> None:
+        """Delete every row and write an empty snapshot."""
+        if self._file is not None:
+            self._file.clear()
+            await self.save()
+
+    async def aclose(self) -> None:
+        """Close the file (the store saved a snapshot first)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,204 @@
+"""The ``redis://`` scheme: entries in Redis, shared by processes, each keeping a replica of the vectors.
+
+A lookup is a local search plus one Redis read of the payload on a hit. Replicas follow the Redis stream of
+changes (see `cachelayers.backends.vectors.redis_commands` and the semantic caching guide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from cachelayers.backends.base import BackendURL
+from cachelayers.backends.vectors.base import GONE, Appended, EntryRef, Loaded, Replica, StoredRow
+from cachelayers.backends.vectors.options import IndexOptions, int_option
+from cachelayers.backends.vectors.redis_commands import RedisVectorStore, StoredEntry
+from cachelayers.codec import Codec
+from cachelayers.durations import parse_duration
+from cachelayers.errors import SerializationError
+from cachelayers.metrics import StateLog
+from cachelayers.settings import get_settings
+
+__all__ = ["RedisStore"]
+
+_BATCH = 1000
+
+
+class RedisStore:
+    """A shared `VectorPersistence`: Redis holds the entries, each process a replica of their vectors.
+
+    * **opening**, a process notes the newest change, loads every live entry, then applies the changes
+      made since the note, so nothing is missed;
+    * **before each lookup** (`sync`) it pulls the changes it has not seen, at most every ``sync_interval``
+      seconds (0.1 by default): no background task, no polling while idle. Applying a change twice is
+      harmless; if the stream was trimmed past the last change it saw, it reloads everything.
+
+    Payloads are sealed with the codec and bound to the entry's partition and text, and a hit always reads
+    the payload from Redis: an entry removed or expired elsewhere is a miss, never a stale answer. Entry ids
+    come from a Redis counter and are never reused. Runs on asyncio (redis-py's asyncio client).
+
+    Args:
+        url: The ``redis://`` or ``rediss://`` URL; options ``sync_interval`` and ``stream_maxlen``.
+        namespace: The function's namespace (part of every key).
+        codec: Seals the values.
+        log: Failure log.
+        clock: Wall-clock time source for expiry.
+    """
+
+    shared = True
+
+    def __init__(self, url: BackendURL, namespace: str, *, codec: Codec, log: StateLog,
+                 clock: Callable[[], float]) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.codec = codec
+        self.log = log
+        self.clock = clock
+        raw_interval = url.options.get("sync_interval", "0.1")
+        self.sync_interval = parse_duration(raw_interval, url.option_field("sync_interval"), allow_zero=True)
+        self.stream_maxlen = int_option(url, "stream_maxlen") or 100_000
+        self.redis: RedisVectorStore | None = None
+        self._replica: Replica | None = None
+        self._last_event = "0-0"
+        self._seen = 0  # changes ever logged up to and including _last_event
+        self._synced_at = float("-inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._syncing = False
+
+    def usable(self) -> bool:
+        """Whether it can serve on the running event loop (its client is bound to one loop)."""
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    @staticmethod
+    def _base(namespace: str, embedder: str, dtype: str) -> str:
+        prefix = namespace.split(":", 1)[0] + ":" if ":" in namespace else ""
+        tag = hashlib.blake2b(f"{namespace}\x00{embedder}\x00{dtype}".encode(), digest_size=10).hexdigest()
+        return f"{prefix}sem:{{{tag}}}:"
+
+    @staticmethod
+    def _payload_key(partition: str, text: str) -> str:
+        return f"sem:{partition}:{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+
+    async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
+        """Connect and load the replica from Redis."""
+        self._replica = replica
+        self._loop = asyncio.get_running_loop()
+        self.redis = RedisVectorStore(self.url, self._base(self.namespace, embedder, options.dtype),
+                                      timeout=get_settings().tier_timeout * 4, stream_maxlen=self.stream_maxlen)
+        await self._reload()
+        return Loaded(None, 0)
+
+    async def _reload(self) -> None:
+        assert self.redis is not None
+        assert self._replica is not None
+        self._replica.forget_all()
+        self._last_event, self._seen = await self.redis.log_position()
+        ids = await self.redis.live_ids(self._now_ms())
+        self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
+        self._synced_at = self._monotonic()
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    @staticmethod
+    def _monotonic() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _adopt(self, stored: Sequence[StoredEntry]) -> None:
+        assert self._replica is not None
+        self._replica.adopt([StoredRow(item.id, item.id, bytes.fromhex(item.partition), item.text,
+                                       item.expires_at_ms / 1000 if item.expires_at_ms is not None else None,
+                                       np.frombuffer(item.vector, dtype=np.float32)) for item in stored])
+
+    async def sync(self) -> None:
+        """Apply the changes other processes made, at most every ``sync_interval`` seconds."""
+        if self.redis is None or self._syncing:
+            return
+        now = self._monotonic()
+        if now - self._synced_at < self.sync_interval:
+            return
+        self._syncing = True
+        try:
+            while True:
+                events, logged = await self.redis.events(self._last_event, _BATCH)
+                if len(events) < _BATCH and logged - self._seen > len(events):
+                    await self._reload()  # changes we never saw were trimmed from the log
+                    self._synced_at = now
+                    return
+                self._seen += len(events)
+                await self._apply(events)
+                if len(events) < _BATCH:
+                    break
+            self._synced_at = now
+        finally:
+            self._syncing = False
+
+    async def _apply(self, events: Sequence[Any]) -> None:
+        assert self.redis is not None
+        assert self._replica is not None
+        added: list[int] = []
+        for event in events:
+            self._last_event = event.event_id
+            if event.op == "a":
+                added.append(event.id)
+            elif event.op == "d":
+                self._replica.forget(event.id)
+                if event.id in added:
+                    added.remove(event.id)
+            elif event.op == "c":
+                added.clear()
+                self._replica.forget_all()
+        if added:
+            self._adopt([e for e in await self.redis.fetch(added) if e is not None])
+
+    async def read(self, entry: EntryRef) -> Any:
+        """Read the payload from Redis and check it; `GONE` when removed or expired elsewhere."""
+        assert self.redis is not None
+        partition = entry.partition.hex()
+        blob = await self.redis.payload(entry.key, partition, self._now_ms())
+        if blob is None:
+            return GONE
+        try:
+            return self.codec.open(self._payload_key(partition, entry.text), blob).value
+        except SerializationError as exc:
+            self.log.failure("shared semantic payload", exc)
+            return GONE
+
+    async def append(self, entry: EntryRef, value: Any, vector: np.ndarray, evict: Sequence[EntryRef],
+                     capacity: int) -> Appended:
+        """Store the entry in Redis, replacing ``evict`` (its text's) and evicting beyond ``capacity`` there."""
+        assert self.redis is not None
+        part_hex = entry.partition.hex()
+        payload = self.codec.seal(self._payload_key(part_hex, entry.text), value, entry.expires_at)
+        vec = np.ascontiguousarray(vector, dtype=np.float32)
+        id_, evicted = await self.redis.insert(
+            part_hex, entry.text, vec.tobytes(), payload,
+            None if entry.expires_at is None else int(entry.expires_at * 1000), self._now_ms(), capacity,
+            evict[0].key if evict else None)
+        return Appended(id_, evicted)
+
+    async def remove(self, entries: Sequence[EntryRef]) -> None:
+        """Remove entries from Redis (every replica drops them when it sees the change)."""
+        assert self.redis is not None
+        await self.redis.remove([(e.key, e.partition.hex()) for e in entries])
+
+    async def clear(self) -> None:
+        """Remove every entry in Redis (every process drops its replica when it sees the change)."""
+        if self.redis is not None:
+            await self.redis.clear()
+
+    async def save(self) -> None:
+        """Nothing to do: every write is in Redis already."""
+
+    async def aclose(self) -> None:
+        """Close the Redis connections."""
+        if self.redis is not None:
+            redis, self.redis = self.redis, None
+            await redis.aclose()

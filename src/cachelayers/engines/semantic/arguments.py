@@ -1,0 +1,104 @@
+"""How a call of a semantically cached function splits into its semantic text and its exact partition."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+from cachelayers.errors import ConfigError, UnkeyableArgumentError
+from cachelayers.keys import KeyBuilder, canonical_bytes
+
+__all__ = ["CallSplitter"]
+
+
+class CallSplitter:
+    """Splits the arguments of one function's calls into the semantic text and the partition digest.
+
+    The partition is every argument except the text and the ignored ones, or what the ``partition=``
+    function returns, always with the function's identity, namespace and version.
+
+    Args:
+        fn: The function.
+        options: The `SemanticOptions` given (``text``, ``partition``, ``ignore``, ``namespace``, ``version``,
+            ``name`` are read).
+
+    Raises:
+        ConfigError: ``text`` names no parameter or an ignored one; a ``text`` function without
+            ``partition``; ``partition`` is not callable.
+    """
+
+    def __init__(self, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+        self.keys = KeyBuilder(fn, namespace=options.get("namespace"), version=options.get("version", 0),
+                               ignore=options.get("ignore", ()), name=options.get("name"))
+        self.identity = self.keys.identity
+        text = options.get("text")
+        partition = options.get("partition")
+        names = list(inspect.signature(fn).parameters)
+        if text is None:
+            candidates = [n for n in names if n not in ("self", "cls")]
+            if not candidates:
+                raise ConfigError("text", None, f"{self.identity}() has no parameter to take the text from")
+            text = candidates[0]
+        if isinstance(text, str):
+            if text not in names:
+                raise ConfigError("text", text, f"{self.identity}() has no such parameter")
+            if text in self.keys.ignored:
+                raise ConfigError("ignore", text, "the text argument is never part of the partition anyway")
+            self._text_arg: str | None = text
+            self._text_fn: Callable[..., str] | None = None
+        elif callable(text):
+            if partition is None:
+                raise ConfigError("partition", None, "text= is a function, so say which arguments make the "
+                                  "partition with partition= (e.g. lambda model, messages, **_: (model, "
+                                  "messages[:-1]))")
+            self._text_arg = None
+            self._text_fn = text
+        else:
+            raise ConfigError("text", text, "expected an argument name or a function of the arguments")
+        if partition is not None and not callable(partition):
+            raise ConfigError("partition", partition, "expected a function of the arguments")
+        self._partition_fn: Callable[..., Any] | None = partition
+        self._partition_exclude = frozenset({self._text_arg} if self._text_arg else ()) | self.keys.ignored
+        self._token = self.keys.token.encode()
+
+    def split(self, arguments: dict[str, Any]) -> tuple[str, bytes]:
+        """The semantic text and the partition digest of a call's bound ``arguments``.
+
+        Raises:
+            TypeError: The text is not a ``str``.
+            UnkeyableArgumentError: A partition argument cannot be keyed.
+            Exception: What a ``text=`` or ``partition=`` function raised.
+        """
+        if self._text_fn is not None:
+            text = self._text_fn(**arguments)
+            where = "text= function"
+        else:
+            text = arguments[cast(str, self._text_arg)]
+            where = f"argument {self._text_arg!r}"
+        if not isinstance(text, str):
+            raise TypeError(f"semantic_cached {self.identity}(): the semantic text ({where}) must be a str, "
+                            f"got {type(text).__name__}")
+        if self._partition_fn is not None:
+            value: Any = ("partition=", self._partition_fn(**arguments))
+        else:
+            value = {k: v for k, v in arguments.items() if k not in self._partition_exclude}
+        try:
+            encoded = canonical_bytes(value)
+        except TypeError:
+            raise self._unkeyable(value) from None
+        h = hashlib.blake2b(digest_size=16, person=b"cachelayers-sp1")
+        h.update(self._token)
+        h.update(b"\x00")
+        h.update(encoded)
+        return text, h.digest()
+
+    def _unkeyable(self, value: Any) -> UnkeyableArgumentError:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                try:
+                    canonical_bytes(item)
+                except TypeError:
+                    return UnkeyableArgumentError(self.identity, name, item)
+        return UnkeyableArgumentError(self.identity, "partition=", value[1] if isinstance(value, tuple) else value)

@@ -1,0 +1,418 @@
+"""The engine of one semantically cached function: split a call, look it up, compute and store on a miss.
+
+A call is answered at one of four levels (``exact``, ``semantic``, ``computed``, ``uncached``), reported by
+`cachelayers.explain` and `cachelayers.last_lookup`; the semantic caching guide tells how.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Generic, ParamSpec, TypeVar, Unpack, cast
+
+import anyio
+import numpy as np
+
+from cachelayers.backends.vectors import GONE, parse_vector_index
+from cachelayers.codec import Codec
+from cachelayers.durations import parse_duration
+from cachelayers.embedders import HashingEmbedder, embed, embedder_name
+from cachelayers.engines.batcher import Batcher
+from cachelayers.engines.flight import Flight
+from cachelayers.engines.semantic.arguments import CallSplitter
+from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
+from cachelayers.engines.semantic.lookups import Candidate, Lookup, record
+from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_ENTRIES, SemanticOptions
+from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
+from cachelayers.engines.tiered import TieredCache, default_cache
+from cachelayers.errors import BackendError, BatchError, ConfigError, EmbeddingError, SerializationError
+from cachelayers.metrics import StateLog, register_stats_source
+from cachelayers.settings import Settings, get_settings
+from cachelayers.validation import check_options, positive_int
+from cachelayers.validation import similarity as check_similarity
+
+__all__ = ["SemanticFunction"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_NO_VECTOR: Final[Any] = object()
+
+_functions: weakref.WeakSet[SemanticFunction[Any, Any]] = weakref.WeakSet()
+
+
+class SemanticFunction(Generic[P, T]):
+    """The engine of one function decorated with `semantic_cached` (see the module docstring).
+
+    Args:
+        fn: The async function.
+        embed_batch_size: Most texts per embedder call (concurrent calls are batched).
+        embed_max_wait: Longest a text waits for others to share its embedder call.
+        **options: The options of `cachelayers.semantic_cached` (`SemanticOptions`), documented there.
+
+    Raises:
+        ConfigError: An option is out of range; ``text`` names no parameter; a ``text`` function without
+            ``partition``; no ``threshold`` and no calibrated default.
+        TypeError: ``fn`` is not an async function, or an option is unknown.
+    """
+
+    def __init__(self, fn: Callable[P, Awaitable[T]], *, embed_batch_size: int = 64,
+                 embed_max_wait: float | str = 0.0, **options: Unpack[SemanticOptions]) -> None:
+        check_options(options, SemanticOptions, "semantic_cached")
+        if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(inspect.unwrap(fn)):
+            raise TypeError(f"semantic_cached needs an async function, got {fn!r}")
+        self._fn = fn
+        embedder = options.get("embed")
+        self._embedder = embedder if embedder is not None else HashingEmbedder()
+        if not callable(self._embedder):
+            raise ConfigError("embed", embedder, "expected a callable list[str] -> (n, d) array")
+        threshold = options.get("threshold")
+        if threshold is None:
+            threshold = getattr(self._embedder, "default_threshold", None)
+            if threshold is None:
+                raise ConfigError("threshold", None, f"{embedder_name(self._embedder)} has no calibrated default "
+                                  "threshold: pass threshold= (measure one with `cachelayers calibrate`)")
+        self.threshold = check_similarity(threshold)
+        self._split = CallSplitter(fn, options)
+        self._keys = self._split.keys
+        self.identity = self._keys.identity
+        ttl = options.get("ttl")
+        self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
+        self.max_entries = positive_int(options.get("max_entries", DEFAULT_MAX_ENTRIES), "max_entries")
+        verifier = options.get("verifier")
+        if verifier is not None and not callable(verifier):
+            raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
+        self._verifier = verifier
+        self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
+        self._explicit_cache = options.get("cache")
+        self._cache_embeddings = bool(options.get("cache_embeddings", True))
+        vector_index = options.get("vector_index")
+        if vector_index is not None:
+            parse_vector_index(vector_index)
+        self._vector_index = vector_index
+        self._clock = options.get("clock")
+        self.embedder_name = embedder_name(self._embedder)
+        self._embed_prefix = "emb:" + hashlib.blake2b(self.embedder_name.encode(), digest_size=8).hexdigest() + ":"
+        self._ndim: int | None = getattr(self._embedder, "ndim", None)
+        self._batcher: Batcher[str, [], np.ndarray] = Batcher(
+            self._embed_batch, max_size=embed_batch_size, max_wait=embed_max_wait,
+            name=f"embed:{self.identity}")
+        self.stats = SemanticStats()
+        self.log = StateLog()
+        self._store: SemanticStore | None = None
+        self._store_url: str | None = None
+        self._opening: Flight | None = None
+        self._inflight: dict[tuple[bytes, str], Flight] = {}
+        _functions.add(self)
+        register_stats_source(self)
+
+    # -- arguments ----------------------------------------------------------------------------------------
+
+    @property
+    def fn(self) -> Callable[P, Awaitable[T]]:
+        """The decorated function."""
+        return self._fn
+
+    def _text_and_partition(self, arguments: dict[str, Any]) -> tuple[str, bytes]:
+        return self._split.split(arguments)
+
+    # -- stores -------------------------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force."""
+        return get_settings()
+
+    def _embed_cache(self) -> TieredCache | None:
+        if not self._cache_embeddings:
+            return None
+        return self._explicit_cache if self._explicit_cache is not None else default_cache()
+
+    async def store(self) -> SemanticStore:
+        """The store of the settings in force (opened, and loaded from disk or Redis, on first use).
+
+        Raises:
+            ConfigError: ``Settings.vector_index`` is invalid.
+            Exception: Opening failed (the caller treats it as an index failure).
+        """
+        settings = get_settings()
+        url = self._vector_index or settings.vector_index
+        store = self._store
+        if store is not None and self._store_url == url and store.usable():
+            return store
+        while self._opening is not None:
+            await self._opening.wait()
+            if self._store is not None and self._store_url == url and self._store.usable():
+                return self._store
+        flight = self._opening = Flight()
+        try:
+            if store is not None:
+                old, self._store = store, None
+                await old.aclose()
+            clock = self._clock or time.time
+            codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle)
+            new = open_store(url, namespace=f"{settings.key_prefix}{self._keys.namespace}",
+                             max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec)
+            try:
+                await new.open(self.embedder_name, self._ndim)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await new.aclose()
+                    except Exception as exc:  # the open failure is the one to report
+                        self.log.failure(f"closing the semantic store of {self.identity}", exc)
+                raise
+            if new.ndim is not None and self._ndim is None:
+                self._ndim = new.ndim
+            self._store, self._store_url = new, url
+            return new
+        finally:
+            self._opening = None
+            flight.finish()
+
+    # -- embeddings ---------------------------------------------------------------------------------------
+
+    async def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        return await embed(self._embedder, texts, self._ndim)
+
+    async def embed_text(self, text: str) -> np.ndarray:
+        """The unit vector of ``text``: from the embedding cache, or from the embedder (batched).
+
+        Raises:
+            EmbeddingError: The embedder failed or returned a malformed vector.
+        """
+        cache = self._embed_cache()
+        key = self._embed_prefix + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        if cache is not None:
+            try:
+                cached = await cache.get(key, _NO_VECTOR)
+            except Exception as exc:  # strict mode, or a bug in a tier: embedding is still possible
+                self.log.failure("embedding cache", exc)
+                cached = _NO_VECTOR
+            if (isinstance(cached, np.ndarray) and cached.dtype == np.float32 and cached.ndim == 1
+                    and (self._ndim is None or cached.shape[0] == self._ndim) and np.isfinite(cached).all()):
+                return cached
+        try:
+            vector = await self._batcher.submit(text)
+        except BatchError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, EmbeddingError):
+                raise cause from None
+            raise EmbeddingError(str(exc)) from exc
+        vector = np.array(vector, dtype=np.float32)  # a copy: the row must not pin the whole batch
+        if self._ndim is None:
+            self._ndim = int(vector.shape[0])
+        elif vector.shape != (self._ndim,):
+            raise EmbeddingError(f"{self.embedder_name} returned a vector of dimension {vector.shape[0]}; "
+                                 f"expected {self._ndim}")
+        if cache is not None:
+            try:
+                await cache.set(key, vector)
+            except Exception as exc:
+                self.log.failure("embedding cache", exc)
+        return vector
+
+    # -- calls --------------------------------------------------------------------------------------------
+
+    @property
+    def wrapper(self) -> Callable[..., Awaitable[T]]:
+        """The call path as a plain ``async def`` function (the decorator returns a `SemanticCachedFunction`)."""
+        call = self.call
+
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            return await call(args, kwargs)
+
+        functools.update_wrapper(wrapper, self._fn)
+        return wrapper
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.log.failure(what, exc)
+        if get_settings().strict:
+            raise exc
+
+    async def _uncached(self, args: tuple[Any, ...], kwargs: dict[str, Any], text: str | None, partition: bytes,
+                        reason: str) -> T:
+        self.stats.uncached += 1
+        record(Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, reason))
+        return await self._fn(*args, **kwargs)
+
+    async def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        """Answer one call: exact, semantic, or computed and stored (see the module docstring)."""
+        started = time.perf_counter()
+        try:
+            arguments = self._keys.arguments(args, kwargs)
+        except TypeError:
+            return await self._fn(*args, **kwargs)  # let the function report its own bad arguments
+        try:
+            text, partition = self._text_and_partition(arguments)
+        except TypeError:
+            raise
+        except Exception as exc:  # a failing partition= or text= function must not fail the call
+            self.stats.uncached += 1
+            self._failed(f"partition/text functions of {self.identity}", exc)
+            record(Lookup(self.identity, "uncached", None, None, None, "", 0, f"{type(exc).__name__}: {exc}"))
+            return await self._fn(*args, **kwargs)
+        if not text.strip():
+            return await self._uncached(args, kwargs, text, partition, "empty text")
+        try:
+            store = await self.store()
+            await store.sync()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self.stats.index_errors += 1
+            self._failed(f"semantic store of {self.identity}", exc)
+            return await self._uncached(args, kwargs, text, partition, f"store failed: {exc}")
+        flight_key = (partition, text)
+        flight = self._inflight.get(flight_key)
+        while flight is not None:
+            await flight.wait()
+            if flight.done and flight.error is None:
+                self.stats.exact_hits += 1
+                record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
+                return cast(T, flight.value)
+            flight = self._inflight.get(flight_key)
+        entry = store.find_exact(partition, text)
+        if entry is not None:
+            value = await self._read(store, entry)
+            if value is not GONE:
+                store.touch(entry)
+                self.stats.exact_hits += 1
+                self.stats.cached_latency.add(time.perf_counter() - started)
+                record(Lookup(self.identity, "exact", 1.0, entry.text, text, partition.hex()))
+                return cast(T, value)
+        flight = self._inflight[flight_key] = Flight()
+        try:
+            value = await self._lookup_or_compute(store, args, kwargs, text, partition, started)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.value = value
+            flight.done = True
+            return value
+        finally:
+            if self._inflight.get(flight_key) is flight:
+                del self._inflight[flight_key]
+            flight.finish()
+
+    async def _read(self, store: SemanticStore, entry: Entry) -> Any:
+        try:
+            value = await store.read_value(entry)
+        except Exception as exc:
+            self.stats.index_errors += 1
+            self._failed(f"semantic store of {self.identity}", exc)
+            return GONE
+        if value is GONE:
+            await self._forget(store, [entry])
+        return value
+
+    async def _forget(self, store: SemanticStore, entries: Sequence[Entry]) -> None:
+        try:
+            await store.remove(entries)
+        except Exception as exc:
+            self.stats.index_errors += 1
+            self._failed(f"semantic store of {self.identity}", exc)
+
+    async def _lookup_or_compute(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                 text: str, partition: bytes, started: float) -> T:
+        try:
+            vector = await self.embed_text(text)
+        except EmbeddingError as exc:
+            self.stats.embed_errors += 1
+            self._failed(f"embedder {self.embedder_name}", exc)
+            return await self._uncached(args, kwargs, text, partition, f"embedding failed: {exc}")
+        try:
+            if store.ndim is None:
+                store.ndim = int(vector.shape[0])
+            candidates = store.find_similar(partition, vector, self.max_candidates)
+        except Exception as exc:
+            self.stats.index_errors += 1
+            self._failed(f"semantic index of {self.identity}", exc)
+            return await self._uncached(args, kwargs, text, partition, f"index failed: {exc}")
+        best = candidates[0][1] if candidates else None
+        rejected = 0
+        for entry, similarity in candidates:
+            if similarity < self.threshold:
+                break
+            value = await self._read(store, entry)
+            if value is GONE:
+                continue
+            if self._verifier is not None and not await self._verify(text, entry, value, similarity):
+                rejected += 1
+                continue
+            store.touch(entry)
+            self.stats.semantic_hits += 1
+            self.stats.cached_latency.add(time.perf_counter() - started)
+            record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected))
+            return cast(T, value)
+        self.stats.misses += 1
+        began = time.perf_counter()
+        result = await self._fn(*args, **kwargs)
+        self.stats.computed_latency.add(time.perf_counter() - began)
+        ttl = self._ttl if self._ttl is not None else get_settings().default_ttl
+        expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
+        try:
+            await store.insert(partition, text, vector, result, expires_at)
+        except (SerializationError, BackendError, OSError, RuntimeError, ValueError) as exc:
+            self.stats.index_errors += 1
+            self._failed(f"semantic store of {self.identity}", exc)
+        record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
+        return result
+
+    async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:
+        assert self._verifier is not None
+        try:
+            accepted = await self._verifier(text, Candidate(entry.text, value, similarity))
+        except Exception as exc:  # a broken verifier rejects: serving unverified answers is the worse failure
+            self.stats.verifier_errors += 1
+            self.log.failure(f"verifier of {self.identity}", exc)
+            return False
+        if not accepted:
+            self.stats.verifier_rejections += 1
+        return bool(accepted)
+
+    # -- management ---------------------------------------------------------------------------------------
+
+    async def cache_clear(self) -> None:
+        """Remove every entry of this function (vectors and payloads, in every process when shared)."""
+        store = await self.store()
+        await store.clear()
+
+    async def save(self) -> None:
+        """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
+        if self._store is not None:
+            await self._store.save()
+
+    async def aclose(self) -> None:
+        """Save and close the store (the next call opens it again)."""
+        store, self._store = self._store, None
+        if store is not None:
+            await store.aclose()
+
+    def cache_info(self) -> SemanticCacheInfo:
+        """Hits per level, misses, entries, evictions, errors, verifier outcomes and latencies."""
+        s = self.stats
+        answered = s.exact_hits + s.semantic_hits + s.misses + s.uncached
+        store = self._store
+        return SemanticCacheInfo(
+            exact_hits=s.exact_hits, semantic_hits=s.semantic_hits, misses=s.misses, uncached=s.uncached,
+            hit_rate=(s.exact_hits + s.semantic_hits) / answered if answered else 0.0,
+            entries=len(store) if store is not None else 0,
+            partitions=len(store.partitions) if store is not None else 0,
+            evictions=s.evictions, expirations=s.expirations, embed_errors=s.embed_errors,
+            index_errors=s.index_errors, verifier_rejections=s.verifier_rejections,
+            verifier_errors=s.verifier_errors, unstorable=s.unstorable, compactions=s.compactions,
+            cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50))
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Entry for `cachelayers.stats()`."""
+        return {f"semantic:{self.identity}": self.cache_info()._asdict()}
+
+    def __repr__(self) -> str:
+        return f"<SemanticFunction of {self.identity}>"
+

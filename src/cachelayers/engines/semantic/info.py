@@ -1,0 +1,59 @@
+"""What ``cache_info()`` of a semantically cached function tells, and the counters behind it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from cachelayers.metrics import LatencyRing
+
+__all__ = ["SemanticCacheInfo", "SemanticStats"]
+
+
+class SemanticCacheInfo(NamedTuple):
+    """What ``cache_info()`` of a semantically cached function tells.
+
+    Latencies are in seconds, ``None`` until measured.
+    """
+
+    exact_hits: int
+    semantic_hits: int
+    misses: int
+    uncached: int
+    hit_rate: float
+    entries: int
+    partitions: int
+    evictions: int
+    expirations: int
+    embed_errors: int
+    index_errors: int
+    verifier_rejections: int
+    verifier_errors: int
+    unstorable: int
+    compactions: int
+    cached_p50: float | None
+    computed_p50: float | None
+
+
+class SemanticStats:
+    """The counters of one semantically cached function, bumped by its engine and its store."""
+
+    __slots__ = ("cached_latency", "compactions", "computed_latency", "embed_errors", "evictions", "exact_hits",
+                 "expirations", "index_errors", "misses", "semantic_hits", "uncached", "unstorable",
+                 "verifier_errors", "verifier_rejections")
+
+    def __init__(self) -> None:
+        self.exact_hits = 0
+        self.semantic_hits = 0
+        self.misses = 0
+        self.uncached = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.embed_errors = 0
+        self.index_errors = 0
+        self.verifier_rejections = 0
+        self.verifier_errors = 0
+        self.unstorable = 0
+        self.compactions = 0
+        self.cached_latency = LatencyRing()
+        self.computed_latency = LatencyRing()
+

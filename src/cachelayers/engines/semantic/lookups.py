@@ -1,0 +1,123 @@
+"""How each call of a semantically cached function was answered: `Lookup`, `explain` and `last_lookup`."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+__all__ = ["Candidate", "Explanation", "Level", "Lookup", "Verifier", "explain", "last_lookup", "record"]
+
+Level = Literal["exact", "semantic", "computed", "uncached"]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """How one call of a semantically cached function was answered.
+
+    Attributes:
+        function: The function's identity.
+        level: ``"exact"``, ``"semantic"``, ``"computed"`` or ``"uncached"``.
+        similarity: Cosine similarity of the entry that answered (1.0 for ``exact``); for ``computed``, of the
+            best candidate that fell short (``None`` when the partition was empty).
+        matched_text: The semantic text of the entry that answered (``None`` unless exact or semantic).
+        text: The call's own semantic text.
+        partition: Hex digest of the call's partition.
+        rejected: Candidates above the threshold that the verifier rejected.
+        reason: Why the call was ``uncached``, or ``None``.
+    """
+
+    function: str
+    level: Level
+    similarity: float | None
+    matched_text: str | None
+    text: str | None
+    partition: str
+    rejected: int = 0
+    reason: str | None = None
+
+
+class Explanation:
+    """The `Lookup` of every semantically cached call made inside an `explain` block, in order."""
+
+    __slots__ = ("_lookups",)
+
+    def __init__(self) -> None:
+        self._lookups: list[Lookup] = []
+
+    def __iter__(self) -> Iterator[Lookup]:
+        return iter(self._lookups)
+
+    def __len__(self) -> int:
+        return len(self._lookups)
+
+    def __getitem__(self, index: int) -> Lookup:
+        return self._lookups[index]
+
+    @property
+    def last(self) -> Lookup | None:
+        """The most recent lookup, or ``None``."""
+        return self._lookups[-1] if self._lookups else None
+
+    def levels(self) -> dict[str, int]:
+        """How many calls were answered at each level."""
+        counts: dict[str, int] = {}
+        for lookup in self._lookups:
+            counts[lookup.level] = counts.get(lookup.level, 0) + 1
+        return counts
+
+    def __repr__(self) -> str:
+        return f"Explanation({self._lookups!r})"
+
+
+_explanation: contextvars.ContextVar[Explanation | None] = contextvars.ContextVar("cachelayers_explain",
+                                                                                 default=None)
+_last: contextvars.ContextVar[Lookup | None] = contextvars.ContextVar("cachelayers_last_lookup", default=None)
+
+
+@contextmanager
+def explain() -> Iterator[Explanation]:
+    """Collect how each semantically cached call in the block was answered.
+
+    Calls made in tasks started inside the block are collected too (the collector travels with the
+    context). The return values of the calls are untouched.
+
+    Example::
+
+        with cachelayers.explain() as info:
+            answer = await ask("How do I reset my password?")
+        print(info.last.level, info.last.similarity, info.last.matched_text)
+    """
+    collector = Explanation()
+    token = _explanation.set(collector)
+    try:
+        yield collector
+    finally:
+        _explanation.reset(token)
+
+
+def last_lookup() -> Lookup | None:
+    """How the last semantically cached call awaited in this task (or its context) was answered."""
+    return _last.get()
+
+
+def record(lookup: Lookup) -> None:
+    """Make ``lookup`` the last one of this context, and add it to the enclosing `explain` block if any."""
+    _last.set(lookup)
+    collector = _explanation.get()
+    if collector is not None:
+        collector._lookups.append(lookup)
+
+
+class Candidate(NamedTuple):
+    """A cached entry offered to a verifier: its semantic text, its value and its similarity to the call."""
+
+    text: str
+    value: Any
+    similarity: float
+
+
+Verifier = Callable[[str, Candidate], Awaitable[bool]]
+"""An async ``(text, Candidate) -> bool`` that must accept a candidate before it is served."""

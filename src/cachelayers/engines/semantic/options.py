@@ -1,0 +1,42 @@
+"""The options of `semantic_cached`, declared once for the decorator and the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, Final, TypedDict
+
+from cachelayers.engines.semantic.lookups import Verifier
+from cachelayers.engines.tiered import TieredCache
+
+__all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "SemanticOptions"]
+
+DEFAULT_MAX_ENTRIES: Final = 10_000
+"""Entries per partition before the least recently used is evicted."""
+
+DEFAULT_MAX_CANDIDATES: Final = 4
+"""Candidates above the threshold offered to the verifier."""
+
+
+class SemanticOptions(TypedDict, total=False):
+    """The keyword options of `cachelayers.semantic_cached` (and of `SemanticFunction`), all optional.
+
+    They are documented once, in `cachelayers.semantic_cached`'s docstring.
+    """
+
+    embed: Callable[[list[str]], Any] | None
+    threshold: float | None
+    text: str | Callable[..., str] | None
+    partition: Callable[..., Any] | None
+    ignore: Iterable[str]
+    ttl: float | str | timedelta | None
+    max_entries: int
+    verifier: Verifier | None
+    max_candidates: int
+    namespace: str | None
+    version: str | int
+    name: str | None
+    cache: TieredCache | None
+    cache_embeddings: bool
+    vector_index: str | None
+    clock: Callable[[], float] | None
