@@ -102,13 +102,16 @@ def connect(path: Path, pragmas: Pragmas) -> sqlite3.Connection:
     return db
 
 
-def create(path: Path, pragmas: Pragmas) -> tuple[int, int]:
-    """Make sure a database with the schema exists at ``path``; return the identity of that file.
+def create(path: Path, pragmas: Pragmas) -> tuple[sqlite3.Connection, tuple[int, int]]:
+    """Make sure a database with the schema exists at ``path``; return a connection to it and its identity.
 
     Raises:
         sqlite3.Error: The file is not a usable database.
-        BackendError: The file has another schema version.
+        BackendError: The file has another schema version, or was deleted again at once.
     """
+    ready = _open_existing(path, pragmas)
+    if ready is not None:
+        return ready
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path.with_name(path.name + ".lock")):
         if not path.exists():
@@ -117,29 +120,66 @@ def create(path: Path, pragmas: Pragmas) -> tuple[int, int]:
                     os.unlink(path.with_name(path.name + suffix))
         db = sqlite3.connect(path, timeout=pragmas.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            pragmas.apply(db)
-            # Only take effect on a new database (before the first table), which is when it matters; the page
-            # size must come first.
-            db.execute(f"PRAGMA page_size = {pragmas.page_size}")
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                (version,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            _initialize(db, pragmas)
+            _check_version(db, path)
             found = identity(path)
-        finally:
+            if found is None:  # deleted again while we created it: the next operation tries again
+                raise BackendError(f"{path} was deleted while it was being created")
+        except BaseException:
             db.close()
-    if version != SCHEMA_VERSION:
-        raise BackendError(f"{path} has schema {version}, this version reads {SCHEMA_VERSION}")
-    if found is None:  # deleted again while we created it: the next operation tries again
-        raise BackendError(f"{path} was deleted while it was being created")
-    return found
+            raise
+    return db, found
+
+
+def _open_existing(path: Path, pragmas: Pragmas) -> tuple[sqlite3.Connection, tuple[int, int]] | None:
+    """The usual case, without the lock or a write: the file exists and has its tables. ``None`` otherwise."""
+    before = identity(path)
+    if before is None:
+        return None
+    try:
+        db = connect(path, pragmas)
+    except sqlite3.OperationalError:  # deleted meanwhile
+        return None
+    try:
+        if identity(path) == before and _check_version(db, path):
+            return db, before
+    except BaseException:
+        db.close()
+        raise
+    db.close()
+    return None
+
+
+def _check_version(db: sqlite3.Connection, path: Path) -> bool:
+    """Whether the schema is there (``False`` for a new file); `BackendError` if it is another version's."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return False
+        raise
+    if row is None:
+        return False
+    if row[0] != SCHEMA_VERSION:
+        raise BackendError(f"{path} has schema {row[0]}, this version reads {SCHEMA_VERSION}")
+    return True
+
+
+def _initialize(db: sqlite3.Connection, pragmas: Pragmas) -> None:
+    # The page size and auto_vacuum only take effect on a new database (before the first table), which is when
+    # they matter; the page size must come first.
+    db.execute(f"PRAGMA page_size = {pragmas.page_size}")
+    db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    db.execute("PRAGMA journal_mode = WAL")
+    pragmas.apply(db)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            db.execute(statement)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 if sys.platform != "win32":

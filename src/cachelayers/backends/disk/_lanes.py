@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import Any, Final, cast
 
 import anyio
 
@@ -25,26 +25,25 @@ from cachelayers.loops import current_loop_token
 
 __all__ = ["Job", "Lane", "submit_and_wait"]
 
-T = TypeVar("T")
-
 IDLE_SECONDS: Final = 2.0
 
 
-class Job(Generic[T]):
-    """One unit of work for a lane: ``fn`` runs on the lane's connection; its outcome is kept for the caller.
+class Job:
+    """One unit of work for a lane, and its outcome for the caller.
 
-    ``size`` counts against the lane's byte budget per batch. A job without ``done`` is fire-and-forget.
+    ``work`` is whatever the lane's ``run_batch`` knows how to do (a function of the connection, or a request
+    it merges with its neighbours). ``size`` counts against the lane's byte budget per batch. A job without
+    ``done`` is fire-and-forget.
     """
 
-    __slots__ = ("done", "error", "fn", "result", "size", "token")
+    __slots__ = ("done", "error", "result", "size", "token", "work")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], T], size: int = 0, *, token: object = None,
-                 done: anyio.Event | None = None) -> None:
-        self.fn = fn
+    def __init__(self, work: Any, size: int = 0, *, token: object = None, done: anyio.Event | None = None) -> None:
+        self.work = work
         self.size = size
         self.token = token
         self.done = done
-        self.result: T | None = None
+        self.result: Any = None
         self.error: BaseException | None = None
 
 
@@ -56,7 +55,7 @@ class Lane:
         generation: Which opening of the database file ``db`` belongs to (see `DiskBackend`).
     """
 
-    def __init__(self, name: str, run_batch: Callable[[Lane, list[Job[Any]]], None], *, max_jobs: int,
+    def __init__(self, name: str, run_batch: Callable[[Lane, list[Job]], None], *, max_jobs: int,
                  max_size: int) -> None:
         self.name = name
         self.db: sqlite3.Connection | None = None
@@ -64,12 +63,12 @@ class Lane:
         self._run_batch = run_batch
         self._max_jobs = max_jobs
         self._max_size = max_size
-        self._jobs: deque[Job[Any]] = deque()
+        self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def submit(self, job: Job[Any]) -> None:
+    def submit(self, job: Job) -> None:
         """Queue ``job``; start the thread if it is not running."""
         with self._cond:
             self._jobs.append(job)
@@ -125,7 +124,7 @@ class Lane:
                         job.error = exc
             _wake(batch)
 
-    def _take(self) -> list[Job[Any]]:
+    def _take(self) -> list[Job]:
         first = self._jobs.popleft()
         batch, size = [first], first.size
         while self._jobs and len(batch) < self._max_jobs and size + self._jobs[0].size <= self._max_size:
@@ -138,7 +137,7 @@ class Lane:
 _INHERITED: Final[list[sqlite3.Connection | None]] = []
 
 
-def _wake(batch: list[Job[Any]]) -> None:
+def _wake(batch: list[Job]) -> None:
     """Set the events of the batch's waiters: one callback per event loop."""
     loops: dict[int, tuple[object, list[anyio.Event]]] = {}
     for job in batch:
@@ -156,15 +155,15 @@ def _wake(batch: list[Job[Any]]) -> None:
                 cast(Any, token).run_sync_soon(wake)
 
 
-async def submit_and_wait(lane: Lane, fn: Callable[[sqlite3.Connection], T], size: int = 0) -> T:
-    """Run ``fn`` in ``lane`` and return its result (or raise its error).
+async def submit_and_wait(lane: Lane, work: Any, size: int = 0) -> Any:
+    """Run ``work`` in ``lane`` and return its result (or raise its error).
 
     Cancelled while waiting, the caller returns at once; the job still runs (its outcome is dropped).
     """
-    job: Job[T] = Job(fn, size, token=current_loop_token(), done=anyio.Event())
+    done = anyio.Event()
+    job = Job(work, size, token=current_loop_token(), done=done)
     lane.submit(job)
-    assert job.done is not None
-    await job.done.wait()
+    await done.wait()
     if job.error is not None:
         raise job.error
-    return cast(T, job.result)
+    return job.result

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import anyio.to_thread
 
@@ -36,7 +36,8 @@ ENTRY_OVERHEAD: Final = 64  # bytes charged per entry beyond key, tags and envel
 MAX_BATCH_JOBS: Final = 4096  # jobs per transaction (writes) or per snapshot (reads)
 SMALL_PAGES_UP_TO: Final = 64 * 1024**2  # a new database for a bound up to this gets 1 KiB pages
 CHECKPOINT_WAIT: Final = 0.5  # seconds a forced checkpoint waits for other processes' readers and writers
-_CHUNK: Final = 500  # keys per statement, well below SQLite's limit on bound parameters
+_CHUNK: Final = 500  # keys per statement, well below SQLite's limit on bound parameters (999 before 3.32)
+_ROWS: Final = 150  # rows per multi-row INSERT (5 parameters each)
 _PREFIX_END: Final = "\U0010ffff"
 
 
@@ -51,6 +52,27 @@ def _charged(item: StoreItem) -> int:
 
 def _marks(count: int) -> str:
     return ",".join("?" * count)
+
+
+class _Lookup:
+    """A ``get_many`` for the reader lane, looked up together with the others queued next to it."""
+
+    __slots__ = ("expired", "keys", "now")
+
+    def __init__(self, keys: Sequence[str], now: float) -> None:
+        self.keys = keys
+        self.now = now
+        self.expired: list[str] = []
+
+
+class _Store:
+    """A ``set_many`` for the writer lane, with each entry's charged size, written together with its neighbours."""
+
+    __slots__ = ("now", "rows")
+
+    def __init__(self, rows: list[tuple[StoreItem, int]], now: float) -> None:
+        self.rows = rows
+        self.now = now
 
 
 class _WriteBatch:
@@ -108,9 +130,6 @@ class DiskBackend(Backend, ClearPrefixSupport):
         self._file_id: tuple[int, int] | None = None
         self._generation = 0
         self._local = threading.local()
-        self._batch: _WriteBatch | None = None  # the running write transaction's (writer thread only)
-        self._hits: list[str] = []  # keys read in the running read batch (reader thread only)
-        self._expired: list[tuple[str, float]] = []
         self._reader = Lane("reader", self._read_batch, max_jobs=MAX_BATCH_JOBS, max_size=1 << 62)
         # A transaction's payload is kept well under the log's limit, so one batch cannot blow it.
         self._writer = Lane("writer", self._write_batch, max_jobs=MAX_BATCH_JOBS,
@@ -141,7 +160,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
     def _connection(self, lane: Lane) -> sqlite3.Connection:
         """``lane``'s connection to the file the path names now (opened again if the file was replaced)."""
         if self._file_id is None or _file.identity(self.path) != self._file_id:
-            self._open_file()
+            self._open_file(lane)
         if lane.db is None or lane.generation != self._generation:
             generation = self._generation
             lane.close_db()
@@ -150,12 +169,16 @@ class DiskBackend(Backend, ClearPrefixSupport):
         self._local.db = lane.db
         return lane.db
 
-    def _open_file(self) -> None:
+    def _open_file(self, lane: Lane) -> None:
+        """Open (creating if need be) the file at the path, for ``lane`` now and the other lane next time."""
         with self._open_lock:
             if self._file_id is not None and _file.identity(self.path) == self._file_id:
                 return  # the other lane just did it
-            had, self._file_id = self._file_id, _file.create(self.path, self._pragmas)
+            db, found = _file.create(self.path, self._pragmas)
+            had, self._file_id = self._file_id, found
             self._generation += 1
+            lane.close_db()
+            lane.db, lane.generation = db, self._generation
             if had is not None:
                 self.reopened += 1
                 logger.warning("disk tier %s: the database file was deleted or replaced while open; opened the "
@@ -171,7 +194,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
     # -- the lanes ----------------------------------------------------------------------------------------
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run one job on the current lane's connection; SQLite errors become `BackendError` naming the file."""
+        """Run ``fn`` on the current lane's connection; SQLite errors become `BackendError` naming the file."""
         try:
             return fn(self._local.db)
         except sqlite3.Error as exc:
@@ -184,19 +207,28 @@ class DiskBackend(Backend, ClearPrefixSupport):
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read ``fn(connection)`` in the reader lane."""
-        return await submit_and_wait(self._reader, fn)
+        result: T = await submit_and_wait(self._reader, fn)
+        return result
 
-    def _read_batch(self, lane: Lane, jobs: list[Job[Any]]) -> None:
-        """Answer every queued read from one snapshot, then queue the LRU marks of what was found."""
+    def _read_batch(self, lane: Lane, jobs: list[Job]) -> None:
+        """Answer every queued read from one snapshot, then queue the LRU marks of what was found.
+
+        The lookups of all queued ``get_many`` calls are merged into one ``SELECT`` per 500 keys: in this
+        thread every statement gives up the GIL, and getting it back from a busy event loop is what costs.
+        """
+        lookups = [job for job in jobs if isinstance(job.work, _Lookup)]
         try:
             db = self._connection(lane)
             db.execute("BEGIN")
             try:
+                if lookups:
+                    self._run(partial(self._look_up, lookups))
                 for job in jobs:
-                    try:
-                        job.result = self._run(job.fn)
-                    except Exception as exc:
-                        job.error = exc
+                    if not isinstance(job.work, _Lookup):
+                        try:
+                            job.result = self._run(job.work)
+                        except Exception as exc:
+                            job.error = exc
             finally:
                 db.execute("COMMIT")
         except Exception as exc:
@@ -204,61 +236,99 @@ class DiskBackend(Backend, ClearPrefixSupport):
             for job in jobs:
                 job.error = job.error or error
             lane.close_db()
-        hits, expired, self._hits, self._expired = self._hits, self._expired, [], []
+            return
+        hits = [key for job in lookups for key in job.result]
+        expired = [(key, job.work.now) for job in lookups for key in job.work.expired]
         if hits or expired:  # queued before the readers wake, so their next write sees these marks
             self._writer.submit(Job(partial(self._mark_used, hits, expired)))
 
-    def _write_batch(self, lane: Lane, jobs: list[Job[Any]]) -> None:
-        """Run every queued write in one transaction (each in a savepoint), evict once, commit, tidy the file."""
-        batch = _WriteBatch(0)
+    def _look_up(self, jobs: list[Job], db: sqlite3.Connection) -> None:
+        rows: dict[str, tuple[bytes, float | None]] = {}
+        keys = list(dict.fromkeys(key for job in jobs for key in job.work.keys))
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start:start + _CHUNK]
+            for key, blob, expires_at in db.execute(
+                    f"SELECT key, blob, expires_at FROM entries WHERE key IN ({_marks(len(chunk))})", chunk):
+                rows[key] = (blob, expires_at)
+        for job in jobs:
+            lookup: _Lookup = job.work
+            found: dict[str, bytes] = {}
+            for key in lookup.keys:
+                row = rows.get(key)
+                if row is None:
+                    continue
+                if row[1] is not None and row[1] <= lookup.now:
+                    lookup.expired.append(key)
+                else:
+                    found[key] = row[0]
+            job.result = found
+
+    def _write_batch(self, lane: Lane, jobs: list[Job]) -> None:
+        """Run every queued write in one transaction, evict once, commit, then tidy the file.
+
+        If a job fails on its own (anything but an SQLite error, which every job would share), the others must
+        not pay for it: the batch is rolled back and each job runs again in its own transaction.
+        """
         try:
             db = self._connection(lane)
-            self._checkpoint(db)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("UPDATE meta SET value = value + ? WHERE name = 'tick'", (len(jobs),))
-                (tick,) = db.execute("SELECT value FROM meta WHERE name = 'tick'").fetchone()
-                batch.tick = int(tick) - len(jobs)
-                self._batch = batch
-                for job in jobs:
-                    batch.tick += 1
-                    db.execute("SAVEPOINT job")
-                    try:
-                        job.result = self._run(job.fn)
-                    except Exception as exc:
-                        job.error = exc
-                        db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                if batch.now is not None:
-                    self._evict(db, batch)
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except Exception as exc:
-            error = self._error(exc)
-            for job in jobs:  # nothing was committed
-                job.error = job.error or error
-            lane.close_db()
+            with contextlib.suppress(sqlite3.Error):  # busy: the transaction goes first, the next batch tries again
+                self._checkpoint(db)
+            evicted = self._run(partial(self._transaction, jobs))
+        except sqlite3.Error as exc:
+            self._fail(lane, jobs, exc)
             return
-        finally:
-            self._batch = None
-        self.evictions += batch.evicted
+        except BackendError as exc:
+            self._fail(lane, jobs, exc)
+            return
+        except Exception:
+            evicted = 0
+            for job in jobs:
+                try:
+                    evicted += self._run(partial(self._transaction, [job]))
+                except Exception as exc:
+                    job.error = self._error(exc) if isinstance(exc, sqlite3.Error) else exc
+        self.evictions += evicted
         try:
             self._vacuum(db)
             self._checkpoint(db)
         except sqlite3.Error:  # busy: the next batch tries again
             pass
 
-    async def _write(self, fn: Callable[[sqlite3.Connection, _WriteBatch], None], size: int = 0) -> None:
-        """Queue ``fn(connection, batch)`` for the writer lane and wait until its transaction committed."""
-        def job(db: sqlite3.Connection) -> None:
-            batch = self._batch
-            assert batch is not None
-            fn(db, batch)
+    def _fail(self, lane: Lane, jobs: list[Job], exc: Exception) -> None:
+        error = self._error(exc)
+        for job in jobs:  # nothing was committed
+            job.error = error
+        lane.close_db()
 
-        await submit_and_wait(self._writer, job, size)
+    def _transaction(self, jobs: list[Job], db: sqlite3.Connection) -> int:
+        """The writes of ``jobs`` in order, one LRU tick each, consecutive stores merged; return evictions."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE meta SET value = value + ? WHERE name = 'tick'", (len(jobs),))
+            (tick,) = db.execute("SELECT value FROM meta WHERE name = 'tick'").fetchone()
+            batch = _WriteBatch(int(tick) - len(jobs))
+            stores: list[tuple[_Store, int]] = []
+            for job in jobs:
+                batch.tick += 1
+                if isinstance(job.work, _Store):
+                    stores.append((job.work, batch.tick))
+                    continue
+                self._store(db, stores, batch)
+                stores = []
+                job.work(db, batch)
+            self._store(db, stores, batch)
+            if batch.now is not None:
+                self._evict(db, batch)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return batch.evicted
+
+    async def _write(self, work: Callable[[sqlite3.Connection, _WriteBatch], None] | _Store, size: int = 0) -> None:
+        """Queue ``work`` for the writer lane and wait until its transaction committed."""
+        await submit_and_wait(self._writer, work, size)
 
     # -- the storage contract -----------------------------------------------------------------------------
 
@@ -266,58 +336,67 @@ class DiskBackend(Backend, ClearPrefixSupport):
         """Return the live entries under ``keys`` and mark them used; expired ones are deleted."""
         if not keys:
             return []
-        now = self.clock()
-        unique = list(dict.fromkeys(keys))
-
-        def op(db: sqlite3.Connection) -> dict[str, bytes]:
-            found: dict[str, bytes] = {}
-            for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start:start + _CHUNK]
-                for key, blob, expires_at in db.execute(
-                        f"SELECT key, blob, expires_at FROM entries WHERE key IN ({_marks(len(chunk))})", chunk):
-                    if expires_at is not None and expires_at <= now:
-                        self._expired.append((key, now))
-                    else:
-                        found[key] = bytes(blob)
-            self._hits.extend(found)
-            return found
-
-        found = await submit_and_wait(self._reader, op)
+        found: dict[str, bytes] = await submit_and_wait(self._reader, _Lookup(keys, self.clock()))
         return [found.get(key) for key in keys]
 
-    def _mark_used(self, hits: list[str], expired: list[tuple[str, float]], db: sqlite3.Connection) -> None:
-        assert self._batch is not None
+    def _mark_used(self, hits: list[str], expired: list[tuple[str, float]], db: sqlite3.Connection,
+                   batch: _WriteBatch) -> None:
         unique = list(dict.fromkeys(hits))
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start:start + _CHUNK]
-            db.execute(f"UPDATE entries SET used = ? WHERE key IN ({_marks(len(chunk))})", [self._batch.tick, *chunk])
-        for key, now in expired:  # unless it was written again since
-            db.execute("DELETE FROM entries WHERE key = ? AND expires_at <= ?", (key, now))
+            db.execute(f"UPDATE entries SET used = ? WHERE key IN ({_marks(len(chunk))})", [batch.tick, *chunk])
+        if expired:  # unless written again since: expired at the earliest of the reads
+            keys = list(dict.fromkeys(key for key, _ in expired))
+            now = min(now for _, now in expired)
+            for start in range(0, len(keys), _CHUNK):
+                chunk = keys[start:start + _CHUNK]
+                db.execute(f"DELETE FROM entries WHERE key IN ({_marks(len(chunk))}) AND expires_at <= ?",
+                           [*chunk, now])
 
     async def set_many(self, items: Sequence[StoreItem]) -> None:
         """Store the entries with their tags; once the transaction's writes are in, evict until both bounds hold."""
         if not items:
             return
-        now = self.clock()
-        rows = [(item, _charged(item)) for item in items]
+        store = _Store([(item, _charged(item)) for item in items], self.clock())
+        await self._write(store, sum(len(item.blob) for item in items))
 
-        def op(db: sqlite3.Connection, batch: _WriteBatch) -> None:
-            for item, size in rows:
-                if (item.expires_at is not None and item.expires_at <= now) or size > self.max_bytes:
-                    db.execute("DELETE FROM entries WHERE key = ?", (item.key,))
-                    continue
-                db.execute(
-                    "INSERT INTO entries (key, blob, expires_at, size, used) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET blob = excluded.blob, expires_at = excluded.expires_at, "
-                    "size = excluded.size, used = excluded.used",
-                    (item.key, item.blob, item.expires_at, size, batch.tick))
-                db.execute("DELETE FROM tags WHERE key = ?", (item.key,))
-                if item.tags:
-                    db.executemany("INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
-                                   [(tag, item.key) for tag in item.tags])
-            batch.now = now
+    def _store(self, db: sqlite3.Connection, stores: list[tuple[_Store, int]], batch: _WriteBatch) -> None:
+        """Write consecutive ``set_many`` calls together: a few multi-row statements instead of a few per entry.
 
-        await self._write(op, sum(len(item.blob) for item in items))
+        Per key the last write wins (as if they ran one by one): an expired entry or one larger than the bound
+        deletes the key.
+        """
+        if not stores:
+            return
+        last: dict[str, tuple[StoreItem, int, int] | None] = {}
+        for store, tick in stores:
+            for item, size in store.rows:
+                expired = item.expires_at is not None and item.expires_at <= store.now
+                last.pop(item.key, None)  # keep the order of the last writes
+                last[item.key] = None if expired or size > self.max_bytes else (item, size, tick)
+            batch.now = store.now
+        dropped = [key for key, row in last.items() if row is None]
+        rows = [row for row in last.values() if row is not None]
+        for start in range(0, len(dropped), _CHUNK):
+            chunk = dropped[start:start + _CHUNK]
+            db.execute(f"DELETE FROM entries WHERE key IN ({_marks(len(chunk))})", chunk)
+        for start in range(0, len(rows), _ROWS):
+            chunk_rows = rows[start:start + _ROWS]
+            db.execute("INSERT INTO entries (key, blob, expires_at, size, used) VALUES "
+                       + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk_rows))
+                       + " ON CONFLICT (key) DO UPDATE SET blob = excluded.blob, expires_at = excluded.expires_at, "
+                       "size = excluded.size, used = excluded.used",
+                       [value for item, size, tick in chunk_rows
+                        for value in (item.key, item.blob, item.expires_at, size, tick)])
+        keys = [item.key for item, _, _ in rows]
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start:start + _CHUNK]
+            db.execute(f"DELETE FROM tags WHERE key IN ({_marks(len(chunk))})", chunk)
+        tags = [(tag, item.key) for item, _, _ in rows for tag in dict.fromkeys(item.tags)]
+        for start in range(0, len(tags), _ROWS):
+            chunk_tags = tags[start:start + _ROWS]
+            db.execute("INSERT OR IGNORE INTO tags (tag, key) VALUES " + ",".join(["(?, ?)"] * len(chunk_tags)),
+                       [value for pair in chunk_tags for value in pair])
 
     def _evict(self, db: sqlite3.Connection, batch: _WriteBatch) -> None:
         # Expired entries go first (a few on every write, so they never pile up), then least recently used.
