@@ -20,7 +20,6 @@ reliable on network filesystems).
 
 from __future__ import annotations
 
-from cachelayers.backends.disk._file import FILENAME, SCHEMA_VERSION
 from cachelayers.backends.disk.backend import (
     DEFAULT_BUSY_TIMEOUT,
     DEFAULT_MAX_BYTES,
@@ -28,6 +27,7 @@ from cachelayers.backends.disk.backend import (
     ENTRY_OVERHEAD,
     DiskBackend,
 )
+from cachelayers.backends.disk.database import FILENAME, SCHEMA_VERSION
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "ENTRY_OVERHEAD", "FILENAME",
            "SCHEMA_VERSION", "DiskBackend"]

@@ -18,8 +18,8 @@ from typing import Final, TypeVar
 import anyio.to_thread
 
 from cachelayers.backends.base import Backend, BackendURL, ClearPrefixSupport, Clock, StoreItem
-from cachelayers.backends.disk import _file
-from cachelayers.backends.disk._lanes import Job, Lane, submit_and_wait
+from cachelayers.backends.disk import database
+from cachelayers.backends.disk.lanes import Job, Lane, submit_and_wait
 from cachelayers.durations import parse_duration, parse_size
 from cachelayers.errors import BackendError, ConfigError
 
@@ -123,7 +123,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
         # Small bounds get small pages: SQLite's slack per page (and per page a write touches) then stays small
         # next to the bound, so the file and its log fit in twice the bound.
         page_size = 1024 if self.max_bytes <= SMALL_PAGES_UP_TO else 4096
-        self._pragmas = _file.Pragmas(self.busy_timeout, wal_limit, page_size)
+        self._pragmas = database.Pragmas(self.busy_timeout, wal_limit, page_size)
         self._wal_path = self.path.with_name(self.path.name + "-wal")
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._open_lock = threading.Lock()
@@ -155,16 +155,16 @@ class DiskBackend(Backend, ClearPrefixSupport):
     @property
     def path(self) -> Path:
         """The database file."""
-        return self.directory / _file.FILENAME
+        return self.directory / database.FILENAME
 
     def _connection(self, lane: Lane) -> sqlite3.Connection:
         """``lane``'s connection to the file the path names now (opened again if the file was replaced)."""
-        if self._file_id is None or _file.identity(self.path) != self._file_id:
+        if self._file_id is None or database.identity(self.path) != self._file_id:
             self._open_file(lane)
         if lane.db is None or lane.generation != self._generation:
             generation = self._generation
             lane.close_db()
-            lane.db = _file.connect(self.path, self._pragmas)
+            lane.db = database.connect(self.path, self._pragmas)
             lane.generation = generation
         self._local.db = lane.db
         return lane.db
@@ -172,9 +172,9 @@ class DiskBackend(Backend, ClearPrefixSupport):
     def _open_file(self, lane: Lane) -> None:
         """Open (creating if need be) the file at the path, for ``lane`` now and the other lane next time."""
         with self._open_lock:
-            if self._file_id is not None and _file.identity(self.path) == self._file_id:
+            if self._file_id is not None and database.identity(self.path) == self._file_id:
                 return  # the other lane just did it
-            db, found = _file.create(self.path, self._pragmas)
+            db, found = database.create(self.path, self._pragmas)
             had, self._file_id = self._file_id, found
             self._generation += 1
             lane.close_db()
@@ -440,7 +440,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
         """
         if self._wal_size() <= self._pragmas.wal_limit:
             return
-        with _file.locked(self._lock_path):
+        with database.locked(self._lock_path):
             if self._wal_size() > self._pragmas.wal_limit:  # unless another process just did it
                 self._truncate_wal(db)
 
