@@ -1,19 +1,6 @@
-"""Encoding of cached values, and the integrity envelope every stored entry travels in.
+"""The `Codec` (values and integrity envelopes) and the registry of `register_codec`.
 
-Values are encoded with msgpack. Beyond msgpack's own types the codec keeps tuples, sets, big integers,
-datetimes, dates, times, timedeltas, decimals, UUIDs and numpy arrays and scalars (dtype and shape kept), and
-any type registered with `register_codec` (dataclasses and pydantic models need only the class). Pickle is
-used only when explicitly enabled, and an entry written with pickle is never read by a codec without it.
-
-An entry stored outside the process is an *envelope*::
-
-    magic "\\xc1C" | format (1 byte) | flags (1 byte) | expires_at (float64, NaN = never) | mac (20 bytes) | body
-
-where ``body`` is the msgpack of ``[tags, value]`` and ``mac`` is a BLAKE2b over the storage key, the header
-and the body — keyed by the secret when one is configured (an HMAC-grade signature), plain otherwise (a
-checksum). Binding the key into the mac means that an entry copied under another key is detected as well
-as one that was truncated or overwritten. ``0xc1`` is the one byte msgpack never emits, so no bare msgpack
-value is mistaken for an envelope.
+See the package docstring (`cachelayers.codec`) for the formats.
 """
 
 from __future__ import annotations
@@ -27,12 +14,13 @@ import math
 import pickle
 import struct
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack
 import numpy as np
 
+from cachelayers.codec.classes import ClassSpec, class_table
 from cachelayers.errors import ConfigError, IntegrityError, SerializationError
 
 __all__ = ["FORMAT_VERSION", "Codec", "Envelope", "register_codec"]
@@ -49,7 +37,7 @@ _NEVER: Final = float("nan")
 
 # Extension codes of stored values. Never renumber: stored entries must stay readable.
 (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA,
- _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE) = range(1, 15)
+ _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE, _EXT_CLASS) = range(1, 16)
 
 
 _TAGS_SIZES_MEMO: Final = 1024  # encoded sizes of tag tuples `Codec.body_size` remembers before starting over
@@ -148,15 +136,28 @@ class Envelope(NamedTuple):
 class Codec:
     """Encodes values and seals them in integrity envelopes bound to their storage key.
 
+    Values of the classes in ``types`` (see `allowed_types`) are stored by name and decoded only by a codec
+    that allows them too; registered classes (`register_codec`) are allowed for every codec. A value the codec
+    cannot encode raises `SerializationError` (the engine returns it uncached and counts it as
+    ``unstorable``).
+
     Args:
         secret: When set, envelopes are signed with it and only signed envelopes are accepted.
         allow_pickle: Encode values msgpack cannot with pickle, and accept such entries. Off by default:
             unpickling data from a shared store runs code chosen by whoever could write to it.
+        types: Dataclasses, pydantic v2 models, ``NamedTuple`` classes and enums to store without
+            registration, usually ``allowed_types(fn)``.
+
+    Raises:
+        ConfigError: The secret is not 16 to 64 bytes long, or ``types`` holds a class of another kind or
+            two classes of one ``module.qualname``.
     """
 
-    __slots__ = ("_allow_pickle", "_flags", "_mac_base", "_mac_key", "_packer_default", "_tags_sizes")
+    __slots__ = ("_allow_pickle", "_class_by_name", "_class_by_type", "_flags", "_mac_base", "_mac_key",
+                 "_packer_default", "_tags_sizes")
 
-    def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False) -> None:
+    def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False,
+                 types: Iterable[type] = ()) -> None:
         if isinstance(secret, str):
             secret = secret.encode()
         if secret is not None and not 16 <= len(secret) <= 64:
@@ -168,6 +169,47 @@ class Codec:
         self._flags = _FLAG_SIGNED if secret else 0
         self._packer_default = self._default
         self._tags_sizes: dict[tuple[str, ...], int] = {}
+        self._set_types(types)
+
+    def _set_types(self, types: Iterable[type]) -> None:
+        by_name = class_table(types)
+        self._class_by_name: dict[str, ClassSpec] = by_name
+        self._class_by_type: dict[type, ClassSpec] = {spec.cls: spec for spec in by_name.values()}
+
+    @property
+    def types(self) -> frozenset[type]:
+        """The classes this codec stores by name without registration."""
+        return frozenset(self._class_by_type)
+
+    def with_types(self, types: Iterable[type]) -> Codec:
+        """Return a codec like this one that also stores and reads ``types``.
+
+        Cheap enough for one per decorated function: the secret, the keyed hash state and the size memo are
+        shared, only the table of classes is new. Entries sealed by either codec open in the other when they
+        hold no class the other does not allow.
+
+        Args:
+            types: Classes to allow on top of this codec's own, usually ``allowed_types(fn)``.
+
+        Returns:
+            The new codec (this one when ``types`` adds nothing).
+
+        Raises:
+            ConfigError: A class is not a dataclass, pydantic model, ``NamedTuple`` or enum, or two classes
+                share one ``module.qualname``.
+        """
+        wanted = self._class_by_type.keys() | set(types)
+        if wanted == self._class_by_type.keys():
+            return self
+        other = Codec.__new__(Codec)
+        other._mac_key = self._mac_key
+        other._mac_base = self._mac_base
+        other._allow_pickle = self._allow_pickle
+        other._flags = self._flags
+        other._tags_sizes = self._tags_sizes
+        other._packer_default = other._default  # bound to the new codec, hence to its table
+        other._set_types(wanted)
+        return other
 
     # -- values ------------------------------------------------------------------------------------------
 
@@ -182,6 +224,9 @@ class Codec:
         registered = _by_type.get(tp)
         if registered is not None:
             return msgpack.ExtType(_EXT_REGISTERED, self._pack([registered.name, registered.encode(obj)]))
+        allowed = self._class_by_type.get(tp)
+        if allowed is not None:
+            return msgpack.ExtType(_EXT_CLASS, self._pack([allowed.name, allowed.encode(obj)]))
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
             data = np.ascontiguousarray(obj)
             return msgpack.ExtType(_EXT_NDARRAY, self._pack([data.dtype.str, list(obj.shape), data.tobytes()]))
@@ -201,8 +246,8 @@ class Codec:
             return msgpack.ExtType(_EXT_UUID, obj.bytes)
         if self._allow_pickle:
             return msgpack.ExtType(_EXT_PICKLE, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        raise TypeError(f"cannot encode {tp.__module__}.{tp.__qualname__}: register it with "
-                        f"cachelayers.register_codec() or enable pickle")
+        raise TypeError(f"cannot encode {tp.__module__}.{tp.__qualname__}: name the class in the function's "
+                        f"return annotation, register it with cachelayers.register_codec() or enable pickle")
 
     def _pack(self, obj: Any) -> bytes:
         # A Packer per call: msgpack.packb is a Python wrapper around the same thing that costs as much again
@@ -231,6 +276,13 @@ class Codec:
             if registered is None:
                 raise SerializationError(f"no codec registered under {name!r}")
             return registered.decode(payload)
+        if code == _EXT_CLASS:
+            name, state = self._unpack(data)
+            allowed = self._class_by_name.get(name)
+            if allowed is None:  # never imported nor looked up anywhere else: a miss
+                raise SerializationError(f"entry holds a {name!r}, a class this codec does not allow "
+                                         f"(not named by the function's return annotation)")
+            return allowed.decode(state)
         if code == _EXT_DATETIME:
             return dt.datetime.fromisoformat(data.decode())
         if code == _EXT_DATE:
