@@ -85,6 +85,10 @@ def register_codec(
     Dataclasses and pydantic models need only the class; any other type needs ``encode`` (to something the
     codec can store) and ``decode`` (back). Usable as a class decorator.
 
+    Dataclasses, pydantic models, ``NamedTuple`` classes and enums that a function's return annotation names
+    need no registration (see `allowed_types`); register one to store it for every function, or to give it a
+    stored name that survives moving the class.
+
     Args:
         cls: The type to register.
         name: Stable name stored with each value; defaults to ``module.qualname``. Keep it when moving the
@@ -309,8 +313,15 @@ class Codec:
     def encode_value(self, value: object) -> bytes:
         """Encode a bare value (no envelope).
 
+        Args:
+            value: Any value of a type the codec stores (see the package docstring).
+
+        Returns:
+            The msgpack bytes.
+
         Raises:
-            SerializationError: The value has a type the codec cannot store.
+            SerializationError: The value holds an instance of a class neither allowed for this codec,
+                registered nor pickled (the engine counts such a result as ``unstorable``).
         """
         try:
             return self._pack(value)
@@ -320,8 +331,15 @@ class Codec:
     def decode_value(self, data: bytes) -> Any:
         """Decode what `encode_value` made.
 
+        Args:
+            data: Bytes made by `encode_value`.
+
+        Returns:
+            The value, classes included.
+
         Raises:
-            SerializationError: The data is not a value this codec wrote.
+            SerializationError: The data is not a value this codec can read: malformed, or naming a class this
+                codec does not allow (never imported), or whose stored fields no longer match the class.
         """
         try:
             return self._unpack(data)
@@ -343,8 +361,15 @@ class Codec:
     def pack_body(self, value: object, tags: Sequence[str] = ()) -> bytes:
         """Encode ``value`` and its tags into an envelope body (see `seal_body`).
 
+        Args:
+            value: The value to store.
+            tags: Its tags.
+
+        Returns:
+            The body.
+
         Raises:
-            SerializationError: The value cannot be encoded.
+            SerializationError: The value cannot be encoded (see `encode_value`).
         """
         try:
             return self._pack([list(tags), value])
@@ -402,8 +427,17 @@ class Codec:
     def seal(self, key: str, value: object, expires_at: float | None, tags: Sequence[str] = ()) -> bytes:
         """Encode ``value`` into an envelope bound to ``key``.
 
+        Args:
+            key: The storage key the envelope is bound to.
+            value: The value to store.
+            expires_at: Absolute expiry (clock seconds), ``None`` for never.
+            tags: Its tags.
+
+        Returns:
+            The envelope.
+
         Raises:
-            SerializationError: The value cannot be encoded.
+            SerializationError: The value cannot be encoded (see `encode_value`).
         """
         return self.seal_body(key, self.pack_body(value, tags), expires_at)
 
@@ -415,10 +449,18 @@ class Codec:
     def open(self, key: str, blob: bytes) -> Envelope:
         """Check and decode an envelope stored under ``key``.
 
+        Args:
+            key: The storage key the envelope was read under.
+            blob: The stored bytes.
+
+        Returns:
+            The value, its expiry and its tags.
+
         Raises:
             IntegrityError: The envelope is truncated, of another format, signed differently than this
                 codec expects, bound to another key, or its body does not match its mac.
-            SerializationError: The body passed its check but holds a value this codec cannot decode.
+            SerializationError: The body passed its check but holds a value this codec cannot decode (for
+                example a class it does not allow).
         """
         if len(blob) < _PREFIX_SIZE:
             raise IntegrityError("entry is truncated")
