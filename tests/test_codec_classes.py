@@ -234,6 +234,17 @@ def test_allowed_types_walk_the_return_annotation(fn: Any, expected: set[type]) 
     assert allowed_types(fn) == expected
 
 
+def test_forward_references_inside_generics_are_resolved() -> None:
+    """``list["Segment"]`` (a generic holding a string, as written without the __future__ import) is resolved in
+    the function's module."""
+
+    def returns_forward() -> Any:
+        raise NotImplementedError
+
+    returns_forward.__annotations__["return"] = list["Segment"]
+    assert allowed_types(returns_forward) == {Segment, Point, Color}
+
+
 def test_types_in_takes_an_evaluated_annotation() -> None:
     """`types_in` walks an annotation object directly: Optional, nested generics, NamedTuple fields."""
     assert types_in(Optional[dict[str, list[Pair]]]) == {Pair, Point}  # noqa: UP045
@@ -428,11 +439,17 @@ def test_a_class_in_a_module_never_imported_is_not_imported(tmp_path: Path, monk
     assert not mark.exists()
 
 
+def msgpack_containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+
+
+msgpack_values = st.recursive(st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5) | st.floats(),
+                              msgpack_containers, max_leaves=10)
+
+
 @settings(max_examples=200)
 @given(st.sampled_from([f"{Reply.__module__}.{cls.__qualname__}" for cls in (Reply, Point, Pair, Color)]),
-       st.recursive(st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5) | st.floats(),
-                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=5), c, max_size=4),
-                    max_leaves=10))
+       msgpack_values)
 def test_malformed_states_of_allowed_classes_are_serialization_errors(name: str, state: Any) -> None:
     """Whatever state stored bytes give an allowed class, decoding yields that class or a SerializationError —
     never another exception."""

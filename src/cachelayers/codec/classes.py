@@ -178,14 +178,18 @@ def class_table(classes: Iterable[object]) -> dict[str, ClassSpec]:
 
 
 def _resolve(annotation: object, globalns: dict[str, Any] | None) -> object:
-    """Evaluate a string annotation in ``globalns`` (``None`` when it cannot be); others unchanged."""
-    if not isinstance(annotation, str | typing.ForwardRef):
+    """Evaluate an annotation's strings and forward references (``list["Model"]`` too) in ``globalns``.
+
+    A string that cannot be evaluated (a ``TYPE_CHECKING`` import, a local class) names nothing we can use:
+    ``None``. Any other annotation that cannot be is returned as it is, to walk what it does name.
+    """
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
         return annotation
     holder = types.SimpleNamespace(__annotations__={"a": annotation})
     try:
         return typing.get_type_hints(holder, globalns=globalns or {}, include_extras=True)["a"]
-    except Exception:  # an unknown name (a TYPE_CHECKING import, a local class): it names nothing we can use
-        return None
+    except Exception:
+        return None if isinstance(annotation, str | typing.ForwardRef) else annotation
 
 
 def _class_annotations(cls: type) -> Iterator[object]:
