@@ -1,19 +1,6 @@
-"""Encoding of cached values, and the integrity envelope every stored entry travels in.
+"""The `Codec` (values and integrity envelopes) and the registry of `register_codec`.
 
-Values are encoded with msgpack. Beyond msgpack's own types the codec keeps tuples, sets, big integers,
-datetimes, dates, times, timedeltas, decimals, UUIDs and numpy arrays and scalars (dtype and shape kept), and
-any type registered with `register_codec` (dataclasses and pydantic models need only the class). Pickle is
-used only when explicitly enabled, and an entry written with pickle is never read by a codec without it.
-
-An entry stored outside the process is an *envelope*::
-
-    magic "\\xc1C" | format (1 byte) | flags (1 byte) | expires_at (float64, NaN = never) | mac (20 bytes) | body
-
-where ``body`` is the msgpack of ``[tags, value]`` and ``mac`` is a BLAKE2b over the storage key, the header
-and the body — keyed by the secret when one is configured (an HMAC-grade signature), plain otherwise (a
-checksum). Binding the key into the mac means that an entry copied under another key is detected as well
-as one that was truncated or overwritten. ``0xc1`` is the one byte msgpack never emits, so no bare msgpack
-value is mistaken for an envelope.
+See the package docstring (`cachelayers.codec`) for the formats.
 """
 
 from __future__ import annotations
@@ -27,12 +14,13 @@ import math
 import pickle
 import struct
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack
 import numpy as np
 
+from cachelayers.codec.classes import ClassSpec, class_table
 from cachelayers.errors import ConfigError, IntegrityError, SerializationError
 
 __all__ = ["FORMAT_VERSION", "Codec", "Envelope", "register_codec"]
@@ -49,9 +37,10 @@ _NEVER: Final = float("nan")
 
 # Extension codes of stored values. Never renumber: stored entries must stay readable.
 (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA,
- _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE) = range(1, 15)
+ _EXT_DECIMAL, _EXT_UUID, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_REGISTERED, _EXT_PICKLE, _EXT_CLASS) = range(1, 16)
 
 
+_NESTED_BUF_SIZE: Final = 4096  # initial buffer of the Packer of an extension's payload (see _pack_nested)
 _TAGS_SIZES_MEMO: Final = 1024  # encoded sizes of tag tuples `Codec.body_size` remembers before starting over
 
 
@@ -96,6 +85,10 @@ def register_codec(
 
     Dataclasses and pydantic models need only the class; any other type needs ``encode`` (to something the
     codec can store) and ``decode`` (back). Usable as a class decorator.
+
+    Dataclasses, pydantic models, ``NamedTuple`` classes and enums that a function's return annotation names
+    need no registration (see `allowed_types`); register one to store it for every function, or to give it a
+    stored name that survives moving the class.
 
     Args:
         cls: The type to register.
@@ -148,15 +141,28 @@ class Envelope(NamedTuple):
 class Codec:
     """Encodes values and seals them in integrity envelopes bound to their storage key.
 
+    Values of the classes in ``types`` (see `allowed_types`) are stored by name and decoded only by a codec
+    that allows them too; registered classes (`register_codec`) are allowed for every codec. A value the codec
+    cannot encode raises `SerializationError` (the engine returns it uncached and counts it as
+    ``unstorable``).
+
     Args:
         secret: When set, envelopes are signed with it and only signed envelopes are accepted.
         allow_pickle: Encode values msgpack cannot with pickle, and accept such entries. Off by default:
             unpickling data from a shared store runs code chosen by whoever could write to it.
+        types: Dataclasses, pydantic v2 models, ``NamedTuple`` classes and enums to store without
+            registration, usually ``allowed_types(fn)``.
+
+    Raises:
+        ConfigError: The secret is not 16 to 64 bytes long, or ``types`` holds a class of another kind or
+            two classes of one ``module.qualname``.
     """
 
-    __slots__ = ("_allow_pickle", "_flags", "_mac_base", "_mac_key", "_packer_default", "_tags_sizes")
+    __slots__ = ("_allow_pickle", "_class_by_name", "_class_by_type", "_flags", "_mac_base", "_mac_key",
+                 "_packer_default", "_tags_sizes")
 
-    def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False) -> None:
+    def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False,
+                 types: Iterable[type] = ()) -> None:
         if isinstance(secret, str):
             secret = secret.encode()
         if secret is not None and not 16 <= len(secret) <= 64:
@@ -168,25 +174,69 @@ class Codec:
         self._flags = _FLAG_SIGNED if secret else 0
         self._packer_default = self._default
         self._tags_sizes: dict[tuple[str, ...], int] = {}
+        self._set_types(types)
+
+    def _set_types(self, types: Iterable[type]) -> None:
+        by_name = class_table(types)
+        self._class_by_name: dict[str, ClassSpec] = by_name
+        self._class_by_type: dict[type, ClassSpec] = {spec.cls: spec for spec in by_name.values()}
+
+    @property
+    def types(self) -> frozenset[type]:
+        """The classes this codec stores by name without registration."""
+        return frozenset(self._class_by_type)
+
+    def with_types(self, types: Iterable[type]) -> Codec:
+        """Return a codec like this one that also stores and reads ``types``.
+
+        Cheap enough for one per decorated function: the secret, the keyed hash state and the size memo are
+        shared, only the table of classes is new. Entries sealed by either codec open in the other when they
+        hold no class the other does not allow.
+
+        Args:
+            types: Classes to allow on top of this codec's own, usually ``allowed_types(fn)``.
+
+        Returns:
+            The new codec (this one when ``types`` adds nothing).
+
+        Raises:
+            ConfigError: A class is not a dataclass, pydantic model, ``NamedTuple`` or enum, or two classes
+                share one ``module.qualname``.
+        """
+        wanted = self._class_by_type.keys() | set(types)
+        if wanted == self._class_by_type.keys():
+            return self
+        other = Codec.__new__(Codec)
+        other._mac_key = self._mac_key
+        other._mac_base = self._mac_base
+        other._allow_pickle = self._allow_pickle
+        other._flags = self._flags
+        other._tags_sizes = self._tags_sizes
+        other._packer_default = other._default  # bound to the new codec, hence to its table
+        other._set_types(wanted)
+        return other
 
     # -- values ------------------------------------------------------------------------------------------
 
     def _default(self, obj: Any) -> Any:
         tp = type(obj)
         if tp is tuple:
-            return msgpack.ExtType(_EXT_TUPLE, self._pack(list(obj)))
+            return msgpack.ExtType(_EXT_TUPLE, self._pack_nested(list(obj)))
         if tp is set or tp is frozenset:
-            return msgpack.ExtType(_EXT_SET if tp is set else _EXT_FROZENSET, self._pack(list(obj)))
+            return msgpack.ExtType(_EXT_SET if tp is set else _EXT_FROZENSET, self._pack_nested(list(obj)))
         if tp is int:  # only reached for integers outside 64 bits
             return msgpack.ExtType(_EXT_BIGINT, str(obj).encode())
         registered = _by_type.get(tp)
         if registered is not None:
-            return msgpack.ExtType(_EXT_REGISTERED, self._pack([registered.name, registered.encode(obj)]))
+            return msgpack.ExtType(_EXT_REGISTERED, self._pack_nested([registered.name, registered.encode(obj)]))
+        allowed = self._class_by_type.get(tp)
+        if allowed is not None:
+            return msgpack.ExtType(_EXT_CLASS, self._pack_nested([allowed.name, allowed.encode(obj)]))
         if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
             data = np.ascontiguousarray(obj)
-            return msgpack.ExtType(_EXT_NDARRAY, self._pack([data.dtype.str, list(obj.shape), data.tobytes()]))
+            return msgpack.ExtType(_EXT_NDARRAY, self._pack_nested([data.dtype.str, list(obj.shape), data.tobytes()]))
         if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
-            return msgpack.ExtType(_EXT_NPSCALAR, self._pack([obj.dtype.str, obj.tobytes()]))
+            return msgpack.ExtType(_EXT_NPSCALAR, self._pack_nested([obj.dtype.str, obj.tobytes()]))
         if tp is dt.datetime:
             return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
         if tp is dt.date:
@@ -194,20 +244,29 @@ class Codec:
         if tp is dt.time:
             return msgpack.ExtType(_EXT_TIME, obj.isoformat().encode())
         if tp is dt.timedelta:
-            return msgpack.ExtType(_EXT_TIMEDELTA, self._pack([obj.days, obj.seconds, obj.microseconds]))
+            return msgpack.ExtType(_EXT_TIMEDELTA, self._pack_nested([obj.days, obj.seconds, obj.microseconds]))
         if tp is decimal.Decimal:
             return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
         if tp is uuid.UUID:
             return msgpack.ExtType(_EXT_UUID, obj.bytes)
         if self._allow_pickle:
             return msgpack.ExtType(_EXT_PICKLE, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        raise TypeError(f"cannot encode {tp.__module__}.{tp.__qualname__}: register it with "
-                        f"cachelayers.register_codec() or enable pickle")
+        raise TypeError(f"cannot encode {tp.__module__}.{tp.__qualname__}: name the class in the function's "
+                        f"return annotation, register it with cachelayers.register_codec() or enable pickle")
 
     def _pack(self, obj: Any) -> bytes:
         # A Packer per call: msgpack.packb is a Python wrapper around the same thing that costs as much again
         # (keyword parsing), and one shared Packer would break when `_default` packs nested values with it.
         packer = msgpack.Packer(default=self._packer_default, use_bin_type=True, strict_types=True, datetime=False)
+        return packer.pack(obj)  # type: ignore[no-any-return]
+
+    def _pack_nested(self, obj: Any) -> bytes:
+        # The payload of an extension, packed while the outer Packer lives. A Packer's default 256 KiB buffer,
+        # allocated and freed once per nested value, made glibc give the heap top back and take it again each
+        # time (a model with a dozen nested models spent 10x longer in malloc than in packing); a small buffer
+        # grows by doubling when the payload is large.
+        packer = msgpack.Packer(default=self._packer_default, use_bin_type=True, strict_types=True, datetime=False,
+                                buf_size=_NESTED_BUF_SIZE)
         return packer.pack(obj)  # type: ignore[no-any-return]
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
@@ -231,6 +290,13 @@ class Codec:
             if registered is None:
                 raise SerializationError(f"no codec registered under {name!r}")
             return registered.decode(payload)
+        if code == _EXT_CLASS:
+            name, state = self._unpack(data)
+            allowed = self._class_by_name.get(name)
+            if allowed is None:  # never imported nor looked up anywhere else: a miss
+                raise SerializationError(f"entry holds a {name!r}, a class this codec does not allow "
+                                         f"(not named by the function's return annotation)")
+            return allowed.decode(state)
         if code == _EXT_DATETIME:
             return dt.datetime.fromisoformat(data.decode())
         if code == _EXT_DATE:
@@ -257,8 +323,15 @@ class Codec:
     def encode_value(self, value: object) -> bytes:
         """Encode a bare value (no envelope).
 
+        Args:
+            value: Any value of a type the codec stores (see the package docstring).
+
+        Returns:
+            The msgpack bytes.
+
         Raises:
-            SerializationError: The value has a type the codec cannot store.
+            SerializationError: The value holds an instance of a class neither allowed for this codec,
+                registered nor pickled (the engine counts such a result as ``unstorable``).
         """
         try:
             return self._pack(value)
@@ -268,8 +341,15 @@ class Codec:
     def decode_value(self, data: bytes) -> Any:
         """Decode what `encode_value` made.
 
+        Args:
+            data: Bytes made by `encode_value`.
+
+        Returns:
+            The value, classes included.
+
         Raises:
-            SerializationError: The data is not a value this codec wrote.
+            SerializationError: The data is not a value this codec can read: malformed, or naming a class this
+                codec does not allow (never imported), or whose stored fields no longer match the class.
         """
         try:
             return self._unpack(data)
@@ -291,8 +371,15 @@ class Codec:
     def pack_body(self, value: object, tags: Sequence[str] = ()) -> bytes:
         """Encode ``value`` and its tags into an envelope body (see `seal_body`).
 
+        Args:
+            value: The value to store.
+            tags: Its tags.
+
+        Returns:
+            The body.
+
         Raises:
-            SerializationError: The value cannot be encoded.
+            SerializationError: The value cannot be encoded (see `encode_value`).
         """
         try:
             return self._pack([list(tags), value])
@@ -350,8 +437,17 @@ class Codec:
     def seal(self, key: str, value: object, expires_at: float | None, tags: Sequence[str] = ()) -> bytes:
         """Encode ``value`` into an envelope bound to ``key``.
 
+        Args:
+            key: The storage key the envelope is bound to.
+            value: The value to store.
+            expires_at: Absolute expiry (clock seconds), ``None`` for never.
+            tags: Its tags.
+
+        Returns:
+            The envelope.
+
         Raises:
-            SerializationError: The value cannot be encoded.
+            SerializationError: The value cannot be encoded (see `encode_value`).
         """
         return self.seal_body(key, self.pack_body(value, tags), expires_at)
 
@@ -363,10 +459,18 @@ class Codec:
     def open(self, key: str, blob: bytes) -> Envelope:
         """Check and decode an envelope stored under ``key``.
 
+        Args:
+            key: The storage key the envelope was read under.
+            blob: The stored bytes.
+
+        Returns:
+            The value, its expiry and its tags.
+
         Raises:
             IntegrityError: The envelope is truncated, of another format, signed differently than this
                 codec expects, bound to another key, or its body does not match its mac.
-            SerializationError: The body passed its check but holds a value this codec cannot decode.
+            SerializationError: The body passed its check but holds a value this codec cannot decode (for
+                example a class it does not allow).
         """
         if len(blob) < _PREFIX_SIZE:
             raise IntegrityError("entry is truncated")
