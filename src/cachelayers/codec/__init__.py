@@ -36,12 +36,7 @@ from cachelayers.codec.core import (
     Codec,
     Envelope,
     register_codec,
-)
-from cachelayers.codec.core import (
-    _by_name as _by_name,  # the registry, for tests
-)
-from cachelayers.codec.core import (
-    _by_type as _by_type,
+    unregister_codec,
 )
 
-__all__ = ["FORMAT_VERSION", "Codec", "Envelope", "allowed_types", "register_codec", "types_in"]
+__all__ = ["FORMAT_VERSION", "Codec", "Envelope", "allowed_types", "register_codec", "types_in", "unregister_codec"]

@@ -130,6 +130,16 @@ def register_codec(
     return cls
 
 
+def unregister_codec(cls: type) -> None:
+    """Forget the codec registered for ``cls`` (no error when there is none).
+
+    Entries stored with it are then refused when read (`SerializationError`), never decoded as another type.
+    """
+    entry = _by_type.pop(cls, None)
+    if entry is not None and _by_name.get(entry.name) is entry:
+        del _by_name[entry.name]
+
+
 class Envelope(NamedTuple):
     """A decoded entry: the value, its absolute expiry (``None`` = never) and its tags."""
 
