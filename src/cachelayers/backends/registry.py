@@ -113,3 +113,6 @@ register_backend("memory", "cachelayers.backends.memory:MemoryBackend")
 for _scheme in ("redis", "rediss", "redis+cluster", "unix"):
     register_backend(_scheme, "cachelayers.backends.redis:RedisBackend", driver="redis", extra="redis")
 register_backend("disk", "cachelayers.backends.disk:DiskBackend", driver="sqlite3", extra="disk")
+register_backend("memory", "cachelayers.backends.limits_storage:memory_limits_url", kind="limits")
+for _scheme in ("redis", "rediss", "redis+cluster", "redis+sentinel", "unix"):  # the driver is checked on creation
+    register_backend(_scheme, "cachelayers.backends.limits_storage:redis_limits_url", kind="limits")
