@@ -6,14 +6,14 @@ import functools
 import inspect
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack
 
 import anyio
 
 from cachelayers.backends.limits_storage import limits_storage_url
 from cachelayers.durations import parse_duration
-from cachelayers.engines.limiter.adaptive import Adaptive, as_adaptive
+from cachelayers.engines.limiter.adaptive import as_adaptive
+from cachelayers.engines.limiter.arguments import ArgFunction, positional_names
 from cachelayers.engines.limiter.limiter import RateLimiter, default_limiter
 from cachelayers.engines.limiter.limits import (
     LIMIT_NAME,
@@ -24,37 +24,18 @@ from cachelayers.engines.limiter.limits import (
     parse_limit,
     strategy_name,
 )
+from cachelayers.engines.limiter.options import LimitOptions
 from cachelayers.engines.limiter.queue import SWEEP_AT, Queue
 from cachelayers.engines.limiter.retry_after import NOT_RATE_LIMITED, rate_limit_retry_after
 from cachelayers.errors import ConfigError, RateLimitExceeded
 from cachelayers.keys import function_identity
 from cachelayers.settings import tracker
+from cachelayers.validation import check_options
 
 __all__ = ["LimitedFunction"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class _ArgFunction:
-    """A user function of the call's arguments, called with the arguments it names (all, with ``**kw``)."""
-
-    __slots__ = ("fn", "names")
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.names: frozenset[str] | None = None
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):
-            return
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            self.names = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-    def __call__(self, arguments: Mapping[str, Any]) -> Any:
-        if self.names is None:
-            return self.fn(**arguments)
-        return self.fn(**{k: v for k, v in arguments.items() if k in self.names})
 
 
 class _Binding:
@@ -73,90 +54,78 @@ class _Binding:
 
 
 class LimitedFunction(Generic[P, T]):
-    """The engine of one function decorated with `rate_limited`; its ``wrapper`` is what users call.
+    """The engine of one function decorated with `rate_limited` (the `RateLimitedFunction` calls `call`).
 
-    The wrapper is a plain ``async def`` (it binds as a method). Per call it computes the key and the
-    costs, waits for admission, calls the function, and settles: on a rate-limit error it pauses the key
+    Per call it computes the key and the costs (from the positional arguments when the call passes exactly
+    the function's parameters, else by binding its signature), waits for admission, calls the function, and
+    settles: on a rate-limit error it pauses the key
     (every process), lowers the rate in adaptive mode and retries if asked; on success it raises the rate
     back in adaptive mode and charges the actual cost if ``actual=`` says it.
+
+    Args:
+        fn: The async function.
+        limits: Limit names or inline limits.
+        options: The `LimitOptions`, as documented in `rate_limited`.
 
     Raises:
         ConfigError: A limit string, ``cost`` mapping, ``timeout``, ``strategy``, ``storage``, retry or
             adaptive setting is invalid (the message names it).
-        TypeError: ``fn`` is not an async function.
+        TypeError: ``fn`` is not an async function, or an option is unknown.
     """
 
-    def __init__(
-        self,
-        fn: Callable[P, Awaitable[T]],
-        limits: Sequence[str | Limit],
-        *,
-        cost: int | Callable[..., int | float] | Mapping[str, int | Callable[..., int | float]] | None = None,
-        key: Callable[..., Any] | None = None,
-        timeout: float | str | timedelta | None = None,
-        strategy: str | None = None,
-        storage: str | None = None,
-        limiter: RateLimiter | None = None,
-        retries: int = 0,
-        backoff: float | str | timedelta = 1.0,
-        max_backoff: float | str | timedelta = 60.0,
-        adaptive: Adaptive | bool = False,
-        rate_limit_error: Callable[[BaseException], bool | float | None] | None = None,
-        actual: Callable[[T], int | float] | Mapping[str, Callable[[T], int | float]] | None = None,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, fn: Callable[P, Awaitable[T]], limits: Sequence[str | Limit],
+                 **options: Unpack[LimitOptions]) -> None:
+        check_options(options, LimitOptions, "rate_limited")
         if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(inspect.unwrap(fn)):
             raise TypeError(f"rate_limited needs an async function, got {fn!r}")
-        self._fn = fn
-        self.identity = name or function_identity(fn)
-        if not limits:
-            raise ConfigError("rate_limited.limits", (), "give at least one limit, e.g. "
-                                                         "@rate_limited('llm-rpm') or @rate_limited('3500/minute')")
-        self._specs: list[str | Limit] = []
-        for i, spec in enumerate(limits):
-            field = f"rate_limited.limits[{i}]"
-            if isinstance(spec, Limit):
-                self._specs.append(spec)
-            elif not isinstance(spec, str) or not spec.strip():
-                raise ConfigError(field, spec, "expected a limit name from the settings or a limit like "
-                                               "'3500/minute'")
-            elif looks_like_spec(spec):
-                inline = parse_limit(spec, field)
-                self._specs.append(Limit(f"{self.identity}#{inline.spec}", inline.spec, inline.items))
-            elif LIMIT_NAME.match(spec.strip()):
-                self._specs.append(spec.strip())
-            else:
-                raise ConfigError(field, spec, "neither a limit name (letters, digits, '-', '_', '.') nor a limit "
-                                               "like '3500/minute'")
+        self.fn = fn
+        """The decorated function."""
+        self.identity = options.get("name") or function_identity(fn)
+        self._specs = _specs(limits, self.identity)
         self._names = [s.name if isinstance(s, Limit) else s for s in self._specs]
-        self._cost_plan = self._plan(cost, "cost", 1)
+        self._signature = inspect.signature(fn)
+        self._params = positional_names(self._signature)
+        self._cost_plan = self._plan(options.get("cost"), "cost", 1)
+        actual = options.get("actual")
         self._actual_plan = self._plan(actual, "actual", None) if actual is not None else None
         if self._actual_plan is not None and not all(a is None or callable(a) for a in self._actual_plan):
             raise ConfigError("actual", actual, "expected a function of the result, or a mapping of them")
         self._actual_fns = (None if self._actual_plan is None
                             else [None if a is None else a for a in self._actual_plan])
-        self._key = _ArgFunction(key) if key is not None else None
+        key = options.get("key")
+        self._key = ArgFunction(key, self._params) if key is not None else None
         if key is not None and not callable(key):
             raise ConfigError("key", key, "expected a function of the call's arguments")
+        timeout = options.get("timeout")
         self._timeout = None if timeout is None else parse_duration(timeout, "timeout", allow_zero=True)
+        strategy = options.get("strategy")
         self._strategy = None if strategy is None else strategy_name(strategy, "strategy")
-        if storage is not None:
-            limits_storage_url(storage, "storage")
-        self._storage = storage
-        self._limiter = limiter
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigError("retries", retries, "expected a number of retries >= 0")
-        self._retries = retries
-        self._backoff = parse_duration(backoff, "backoff")
-        self._max_backoff = parse_duration(max_backoff, "max_backoff")
-        self._adaptive = as_adaptive(adaptive)
-        if rate_limit_error is not None and not callable(rate_limit_error):
-            raise ConfigError("rate_limit_error", rate_limit_error, "expected a function of the exception")
-        self._predicate = rate_limit_error
-        self._signature = inspect.signature(fn)
+        self._storage = options.get("storage")
+        if self._storage is not None:
+            limits_storage_url(self._storage, "storage")
+        self._limiter = options.get("limiter")
+        self._retries = options.get("retries", 0)
+        if isinstance(self._retries, bool) or not isinstance(self._retries, int) or self._retries < 0:
+            raise ConfigError("retries", self._retries, "expected a number of retries >= 0")
+        self._backoff = parse_duration(options.get("backoff", 1.0), "backoff")
+        self._max_backoff = parse_duration(options.get("max_backoff", 60.0), "max_backoff")
+        self._adaptive = as_adaptive(options.get("adaptive", False))
+        self._predicate = options.get("rate_limit_error")
+        if self._predicate is not None and not callable(self._predicate):
+            raise ConfigError("rate_limit_error", self._predicate, "expected a function of the exception")
         self._needs_arguments = self._key is not None or any(callable(c) for c in self._cost_plan)
         self._binding: _Binding | None = None
-        if all(isinstance(s, Limit) for s in self._specs):  # all known: a fixed cost above one is a config error
+        self._check_fixed_costs()
+        # The fast path (see `call`): a call passing exactly the positional parameters needs no binding.
+        fast = all(f.positional is not None for f in (self._key, *self._cost_plan) if isinstance(f, ArgFunction))
+        self._arity = len(self._params) if fast and self._params is not None else -1
+        self._key_of: Callable[..., Any] = _no_key
+        if self._key is not None and self._key.positional is not None:
+            self._key_of = self._key.positional
+
+    def _check_fixed_costs(self) -> None:
+        """With inline limits only, a fixed cost larger than its limit is a configuration error now."""
+        if all(isinstance(s, Limit) for s in self._specs):
             for spec, entry in zip(self._specs, self._cost_plan, strict=True):
                 assert isinstance(spec, Limit)
                 if not callable(entry):
@@ -164,7 +133,6 @@ class LimitedFunction(Generic[P, T]):
                         cost_units(entry, spec, "")
                     except (RateLimitExceeded, TypeError, ValueError) as exc:
                         raise ConfigError("cost", entry, str(exc)) from None
-        self.wrapper = self._build_wrapper()
 
     def _plan(self, value: Any, field: str, default: Any) -> list[Any]:
         if isinstance(value, Mapping):
@@ -188,7 +156,7 @@ class LimitedFunction(Generic[P, T]):
                     isinstance(entry, bool) or not isinstance(entry, int | float) or entry < 0):
                 raise ConfigError(field, entry, "expected a number of units >= 0 or a function of the call's "
                                                 "arguments")
-        return [(_ArgFunction(e) if callable(e) and field == "cost" else e) for e in plan]
+        return [(ArgFunction(e, self._params) if callable(e) and field == "cost" else e) for e in plan]
 
     # -- binding ----------------------------------------------------------------------------------------
 
@@ -232,12 +200,24 @@ class LimitedFunction(Generic[P, T]):
                 del binding.queues[key]
                 binding.engine._forget(queue)
 
-    def _costs(self, binding: _Binding, arguments: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    def _key_and_costs(self, binding: _Binding, args: tuple[Any, ...],
+                       kwargs: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
+        """The call's key and costs, from its positional arguments when it passes exactly the parameters."""
+        arguments = None
+        if kwargs or len(args) != self._arity:
+            arguments = self._arguments(args, kwargs)
+            key = "" if self._key is None else str(self._key(arguments))
+        else:
+            key = "" if self._key is None else str(self._key_of(*args))
+        if binding.static is not None:
+            return key, binding.static
         costs: list[int] = []
         for limit, entry in zip(binding.limits, self._cost_plan, strict=True):
-            value = entry(arguments) if callable(entry) else entry
+            value = entry
+            if isinstance(entry, ArgFunction):
+                value = entry(arguments) if arguments is not None else _positional(entry)(*args)
             costs.extend([cost_units(value, limit, key)] * len(limit.items))
-        return tuple(costs)
+        return key, tuple(costs)
 
     def _arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         bound = self._signature.bind(*args, **kwargs)
@@ -271,24 +251,27 @@ class LimitedFunction(Generic[P, T]):
     # -- calls --------------------------------------------------------------------------------------------
 
     async def call(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Call the function under its limits (what the wrapper does)."""
+        """Call the function under its limits (what the decorator's wrapper does)."""
         binding = self._binding
         if binding is None or binding.generation != tracker.generation:
             binding = self._bind()
-        if self._needs_arguments:
-            arguments = self._arguments(args, kwargs)
-            key = "" if self._key is None else str(self._key(arguments))
-            costs = self._costs(binding, arguments, key)
-        else:
+        costs = binding.static
+        if not self._needs_arguments:
             key = ""
-            costs = binding.static  # type: ignore[assignment]
+        elif costs is not None and not kwargs and len(args) == self._arity:
+            key = self._key_of(*args)  # the usual case: key= only, the parameters passed by position
+            if type(key) is not str:
+                key = str(key)
+        else:
+            key, costs = self._key_and_costs(binding, args, kwargs)
+        assert costs is not None
         queue = binding.queues.get(key) or self._queue(binding, key)
         engine = binding.engine
         attempt = 0
         while True:
             since = await engine._acquire(queue, costs, self._timeout)
             try:
-                result = await self._fn(*args, **kwargs)
+                result = await self.fn(*args, **kwargs)
             except Exception as exc:
                 retry_after = rate_limit_retry_after(exc, self._predicate)
                 if retry_after == NOT_RATE_LIMITED:
@@ -312,16 +295,54 @@ class LimitedFunction(Generic[P, T]):
                     await engine._correct(queue, costs, actual, since)
             return result
 
-    def _build_wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
+    @functools.cached_property
+    def wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
+        """A plain ``async def`` calling `call`, for using the engine without the decorator."""
         call = self.call
 
         async def wrapper(*args: Any, **kwargs: Any) -> T:
             return await call(*args, **kwargs)
 
-        functools.update_wrapper(wrapper, self._fn)
+        functools.update_wrapper(wrapper, self.fn)
         wrapper.rate_limit = self  # type: ignore[attr-defined]
         return wrapper
 
     def __repr__(self) -> str:
         return f"<LimitedFunction of {self.identity} under {', '.join(map(str, self._names))}>"
 
+
+def _no_key(*args: Any) -> str:
+    return ""
+
+
+def _positional(entry: ArgFunction) -> Callable[..., Any]:
+    assert entry.positional is not None  # the fast path is taken only when every function has one
+    return entry.positional
+
+
+def _specs(limits: Sequence[str | Limit], identity: str) -> list[str | Limit]:
+    """Check the decorator's limits: names stay names, inline limits become this function's `Limit`.
+
+    Raises:
+        ConfigError: No limits, or one that is neither a name nor a valid inline limit.
+    """
+    if not limits:
+        raise ConfigError("rate_limited.limits", (), "give at least one limit, e.g. "
+                                                     "@rate_limited('llm-rpm') or @rate_limited('3500/minute')")
+    specs: list[str | Limit] = []
+    for i, spec in enumerate(limits):
+        field = f"rate_limited.limits[{i}]"
+        if isinstance(spec, Limit):
+            specs.append(spec)
+        elif not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(field, spec, "expected a limit name from the settings or a limit like "
+                                           "'3500/minute'")
+        elif looks_like_spec(spec):
+            inline = parse_limit(spec, field)
+            specs.append(Limit(f"{identity}#{inline.spec}", inline.spec, inline.items))
+        elif LIMIT_NAME.match(spec.strip()):
+            specs.append(spec.strip())
+        else:
+            raise ConfigError(field, spec, "neither a limit name (letters, digits, '-', '_', '.') nor a limit "
+                                           "like '3500/minute'")
+    return specs
