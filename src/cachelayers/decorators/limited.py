@@ -54,6 +54,10 @@ class RateLimitedFunction(Generic[P, T]):
             return self
         return types.MethodType(self, instance)
 
+    def __reduce__(self) -> str:
+        """Pickle by reference, as the plain function it replaces: ``module.qualname``."""
+        return self.__qualname__
+
     def __repr__(self) -> str:
         return f"<rate_limited {self.rate_limit.identity}>"
 
@@ -71,31 +75,38 @@ def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> Callable[[Cal
         limits: Limit names from the settings, or inline limits (``"3500/minute"``, ``"10 per 2 seconds"``,
             ``"10/second;500/minute"``). An inline limit belongs to this function; a named one is shared by
             every function using the name.
-        cost: Units a call takes: a number, or a function of the call's arguments (by name, like ``key``;
-            it is given only the arguments it names unless it takes ``**kwargs``). With one limit it weighs
-            that limit; with several, the first counts calls (cost 1) and ``cost`` weighs the others, as in
-            ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens)``. A mapping gives each limit its cost by
-            name (unnamed limits cost 1).
-        key: Function of the call's arguments returning what limits are counted per (a tenant, a model).
-        timeout: Longest wait for admission (seconds, ``"500ms"``); ``None`` waits as long as needed, ``0``
-            never waits. A call that cannot be admitted in time raises `RateLimitExceeded` — as soon as that is
-            known (e.g. the window resets after the deadline), at the latest at the deadline.
-        strategy: ``"moving-window"`` (default, exact), ``"sliding-window-counter"`` or ``"fixed-window"``.
-        storage: Storage URL (``"memory://"``, ``"redis://host:6379/0"``), overriding the settings' choice
-            (the first Redis tier, else memory).
-        limiter: Engine to wait in, instead of the one of the settings in force.
-        retries: Retries after a rate-limit error from the function, each waiting for the Retry-After pause
+        **options: The `LimitOptions`, below.
+
+    Keyword Args:
+        cost (int | Callable | Mapping | None): Units a call takes: a number, or a function of the call's arguments
+            (by name, like ``key``; it is given only the arguments it names unless it takes ``**kwargs``). With one
+            limit it weighs that limit; with several, the first counts calls (cost 1) and ``cost`` weighs the
+            others, as in ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens)``. A mapping gives each limit its
+            cost by name (unnamed limits cost 1).
+        key (Callable | None): Function of the call's arguments returning what limits are counted per (a tenant, a
+            model).
+        timeout (float | str | timedelta | None): Longest wait for admission (seconds, ``"500ms"``); ``None`` waits
+            as long as needed, ``0`` never waits. A call that cannot be admitted in time raises `RateLimitExceeded`
+            — as soon as that is known (e.g. the window resets after the deadline), at the latest at the deadline.
+        strategy (str | None): ``"moving-window"`` (default, exact), ``"sliding-window-counter"`` or
+            ``"fixed-window"``.
+        storage (str | None): Storage URL (``"memory://"``, ``"redis://host:6379/0"``), overriding the settings'
+            choice (the first Redis tier, else memory).
+        limiter (RateLimiter | None): Engine to wait in, instead of the one of the settings in force.
+        retries (int): Retries after a rate-limit error from the function, each waiting for the Retry-After pause
             and an exponential back-off with jitter.
-        backoff: First back-off (doubling per retry); also the pause when the error gives no Retry-After.
-        max_backoff: Longest back-off.
-        adaptive: Lower the effective limits on rate-limit errors and raise them back after sustained
-            success (AIMD): ``True`` or an `Adaptive` with its parameters.
-        rate_limit_error: ``exc -> bool | float | None`` deciding what is a rate-limit error (a number is its
-            Retry-After in seconds; ``None`` leaves it to the default: HTTP 429 on the exception or its
-            ``response``, or a class named like ``RateLimitError``).
-        actual: Function of the result returning the units really used (e.g. tokens from the response), or
-            a mapping of them by limit; the difference to ``cost`` is charged (or returned) after the call.
-        name: Identity of the function in inline limits' keys, instead of ``module.qualname``.
+        backoff (float | str | timedelta): First back-off (doubling per retry); also the pause when the error gives
+            no Retry-After.
+        max_backoff (float | str | timedelta): Longest back-off.
+        adaptive (Adaptive | bool): Lower the effective limits on rate-limit errors and raise them back after
+            sustained success (AIMD): ``True`` or an `Adaptive` with its parameters.
+        rate_limit_error (Callable | None): ``exc -> bool | float | None`` deciding what is a rate-limit error (a
+            number is its Retry-After in seconds; ``None`` leaves it to the default: HTTP 429 on the exception or
+            its ``response``, or a class named like ``RateLimitError``).
+        actual (Callable | Mapping | None): Function of the result returning the units really used (e.g. tokens from
+            the response), or a mapping of them by limit; the difference to ``cost`` is charged (or returned) after
+            the call.
+        name (str | None): Identity of the function in inline limits' keys, instead of ``module.qualname``.
 
     Returns:
         A decorator making a `RateLimitedFunction`.

@@ -141,6 +141,11 @@ class Admission:
                             now = self._clock()
                         if now < queue.paused_until:  # another process has paused this key
                             refused = -2
+                        elif (window := queue.single) is not None and not window.debt and 0 < costs[0] <= window.amount:
+                            # One window, nothing owed (the usual case): hit it here, a coroutine fewer per call.
+                            self.stats.storage_calls += 1
+                            if not await queue.strategy.hit(window, cost=costs[0]):
+                                refused = await self._refused(queue.strategy, window, costs[0], now)
                         else:
                             refused = await self._attempt(queue, costs, now)
                     except BaseException:
@@ -169,7 +174,6 @@ class Admission:
         """Hit every window; ``-1`` when all admitted, else the index of the one that refused (nothing kept)."""
         strategy = queue.strategy
         hit = strategy.hit
-        assert hit is not None
         windows = queue.windows
         stats = self.stats
         if len(windows) == 1:
@@ -181,10 +185,7 @@ class Admission:
             if cost > 0:
                 stats.storage_calls += 1
                 if not await hit(window if cost <= window.amount else window.widened(cost), cost=cost):
-                    stats.refusals += 1
-                    if strategy.consumes_on_refusal:
-                        await self._give_back(strategy, window, cost, now)
-                    return 0
+                    return await self._refused(strategy, window, cost, now)
                 if debt:
                     window.debt -= cost - costs[0]
             return -1
@@ -213,6 +214,13 @@ class Admission:
             if cost > base:
                 window.debt -= cost - base
         return -1
+
+    async def _refused(self, strategy: Strategy, window: Window, cost: int, now: float) -> int:
+        """Count ``window``'s refusal of ``cost`` (returning it if the strategy counted it anyway); return 0."""
+        self.stats.refusals += 1
+        if strategy.consumes_on_refusal:
+            await self._give_back(strategy, window, cost, now)
+        return 0
 
     async def _give_back(self, strategy: Strategy, window: Window, units: int, since: float) -> None:
         """Return ``units`` taken from ``window`` at or after ``since`` (see the class docstring)."""
@@ -396,7 +404,6 @@ class Admission:
         """Charge the units used beyond the estimate (or carry them to the next call), return the excess."""
         strategy = queue.strategy
         hit = strategy.hit
-        assert hit is not None
         for window, guess, used in zip(queue.windows, estimated, actual, strict=True):
             if used is None:
                 continue

@@ -124,12 +124,16 @@ class Strategy:
         self.consumes_on_refusal = name == "fixed-window"  # limits' fixed window counts refused hits too
         self.stats_calls = 2 if name == "fixed-window" else 1  # its window stats read count and expiry
         self.limiter: Any = None
-        self.hit: Callable[..., Awaitable[bool]] | None = None
+        self.hit: Callable[..., Awaitable[bool]] = _unbound
 
     def bind(self, storage: Storage) -> None:
         """Make limits' strategy over ``storage``."""
         self.limiter = _CLASSES[self.name](storage)
         self.hit = self.limiter.hit
+
+
+async def _unbound(*args: Any, **kwargs: Any) -> bool:
+    raise RuntimeError("the strategy is not bound to a storage yet")
 
 
 def cost_plan(limits: Sequence[Limit], cost: Any, field: str, default: Any = 1) -> list[Any]:

@@ -61,12 +61,13 @@ class Window:
 class Queue:
     """The callers waiting under one combination of windows (limits and key) in this process."""
 
-    __slots__ = ("blocked_until", "held", "key", "label", "next_sync", "order", "paused_until", "strategy",
-                 "waiters", "windows")
+    __slots__ = ("blocked_until", "held", "key", "label", "next_sync", "order", "paused_until", "single",
+                 "strategy", "waiters", "windows")
 
     def __init__(self, windows: tuple[Window, ...], strategy: Strategy, key: str, label: str,
                  next_sync: float) -> None:
         self.windows = windows
+        self.single = windows[0] if len(windows) == 1 else None  # the only window (the usual case)
         self.strategy = strategy
         self.key = key
         self.label = label
