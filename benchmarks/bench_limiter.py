@@ -15,6 +15,11 @@ Contenders, all in this process and run:
 on the memory storage, and on Redis when a ``redis-server`` can be started (or ``--redis URL`` is given).
 The target: cachelayers acquire at most limits' hit() + 1 us.
 
+**Public path: @rate_limited vs limits.hit, 1,000 keys** (acceptance of issue 10): ``await f(key)`` through the
+decorator (an ``async def`` with ``key=``, memory storage) against limits' own ``await hit(item, key)`` on
+limits' ``MemoryStorage``, cycling over 1,000 keys, for the moving and the fixed window, in many short
+interleaved rounds. The target: at most +1 us (the median of the per-round differences).
+
 **Contention**: ``--tasks`` tasks call as fast as they are admitted under one ``--limit`` for ``--seconds``;
 storage calls per admission, counted by the engine (the window's own calls, and with the reads of the
 pause flags shared by processes). The peer is what limits offers without a waiting engine: retry ``hit()``
@@ -48,7 +53,7 @@ from typing import Any
 from aiolimiter import AsyncLimiter
 from limits import parse
 from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from _util import Series, environment, render_table, to_json
 from cachelayers import RateLimiter, Settings, rate_limited
@@ -221,6 +226,91 @@ def worker(raw: str) -> None:
     print(json.dumps(asyncio.run(main())))
 
 
+# -- public path: @rate_limited vs limits.hit, 1,000 keys ------------------------------------------------------
+
+PUBLIC_KEYS = 1_000
+PUBLIC_TARGET_US = 1.0  # acceptance of issue 10: the decorator at most limits' hit() + 1 us
+PUBLIC_FLOORS: dict[str, Any] = {"moving-window": MovingWindowRateLimiter, "fixed-window": FixedWindowRateLimiter}
+
+
+async def public_path(strategy: str, rounds: int, budget_ms: float) -> tuple[list[float], list[float]]:
+    """ns per call, per interleaved round: ``(limits hit(), @rate_limited)``, cycling over 1,000 keys.
+
+    The floor is limits' own async strategy on limits' ``MemoryStorage``: ``await hit(item, key)``. Ours is
+    the public decorator on an ``async def`` with ``key=`` and memory storage: ``await call(key)``.
+    """
+    from limits.aio.storage import MemoryStorage
+
+    hit = PUBLIC_FLOORS[strategy](MemoryStorage()).hit
+    item = parse(HUGE)
+    keys = [f"tenant-{i}" for i in range(PUBLIC_KEYS)]
+
+    @rate_limited(HUGE, key=lambda tenant: tenant, storage="memory://", strategy=strategy)
+    async def call(tenant: str) -> None:
+        return None
+
+    async def floor(n: int) -> float:
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                for key in keys:
+                    await hit(item, key)
+            return (time.perf_counter_ns() - start) / (n * len(keys))
+        finally:
+            gc.enable()
+
+    async def ours(n: int) -> float:
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                for key in keys:
+                    await call(key)
+            return (time.perf_counter_ns() - start) / (n * len(keys))
+        finally:
+            gc.enable()
+
+    await floor(1)
+    await ours(1)  # binds the engine, makes the 1,000 queues
+    passes = max(1, int(budget_ms * 1e6 / (await floor(1) * len(keys))))  # a short round: fine interleaving
+    samples: tuple[list[float], list[float]] = ([], [])
+    rng = random.Random(2)
+    for _ in range(rounds):
+        order = [0, 1]
+        rng.shuffle(order)
+        for side in order:
+            samples[side].append(await (floor, ours)[side](passes))
+    return samples
+
+
+async def public_path_section(rounds: int, budget_ms: float) -> tuple[dict[str, Any], list[str]]:
+    """Run and print the public-path comparison for both strategies; return the samples and missed targets."""
+    rows, lines, result, problems = [], [], {}, []
+    for strategy in PUBLIC_FLOORS:
+        base, mine = await public_path(strategy, rounds, budget_ms)  # many short rounds: noise cancels better
+        diffs = [m - b for m, b in zip(mine, base, strict=True)]
+        result[strategy] = {"limits hit()": base, "@rate_limited": mine}
+        for name, series in (("limits hit()", base), ("@rate_limited", mine)):
+            rows.append([f"{strategy}: {name}", f"{min(series) / 1000:.2f}", f"{statistics.median(series) / 1000:.2f}",
+                         ""])
+        median_diff = statistics.median(diffs) / 1000
+        rows[-1][3] = f"{median_diff:+.2f} (best {(min(mine) - min(base)) / 1000:+.2f})"
+        ok = median_diff <= PUBLIC_TARGET_US
+        lines.append(f"  {'PASS' if ok else 'FAIL'}  {strategy}: @rate_limited - limits hit() = {median_diff:+.2f} us "
+                     f"(median of per-round differences; target <= +{PUBLIC_TARGET_US:g} us)")
+        if not ok:
+            problems.append(f"public path, {strategy}: +{median_diff:.2f} us over limits' hit() "
+                            f"(target {PUBLIC_TARGET_US:g})")
+    print(f"\nPublic path: @rate_limited vs limits.hit, 1,000 keys (us per call; memory storage; {rounds} "
+          f"interleaved rounds)")
+    print(render_table(["contender", "best", "median", "- limits (us)"], rows))
+    print("\n".join(lines))
+    return result, problems
+
+
 class _Redis:
     """A throwaway redis-server on a free port, when the binary is installed."""
 
@@ -252,7 +342,9 @@ class _Redis:
 
 async def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"environment": environment(PACKAGES), "uncontended": {}, "contention": {}}
-    problems: list[str] = []
+    result["public_path"], problems = await public_path_section(args.rounds * 8, args.budget_ms / 8)
+    if args.public_path_only:
+        return 1 if problems and args.check else 0
     server = _Redis() if args.redis is None else None
     redis_url = args.redis or (server.url if server else None)
     try:
@@ -325,6 +417,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each contention run (default 3)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--public-path-only", action="store_true", help="run only the public-path comparison")
     return parser.parse_args(argv)
 
 

@@ -865,3 +865,36 @@ async def test_under_a_cache_only_misses_wait_and_are_charged() -> None:
     assert await remaining(lim, "tiny") == 0
     assert await complete("c") == "C"  # a miss waits for the window
     assert anyio.current_time() - t0 == pytest.approx(1 + MARGIN, abs=1e-9)
+
+
+async def test_key_and_cost_functions_get_the_same_arguments_however_the_call_passes_them() -> None:
+    """A call passing exactly the parameters by position skips binding the signature; the functions of the
+    arguments see the same values as when the call passes them by name or relies on a default."""
+    seen: list[tuple[Any, ...]] = []
+
+    def key(tenant: str, **rest: Any) -> str:
+        seen.append(("key", tenant, rest))
+        return tenant
+
+    def cost(units: int, scale: int = 2) -> int:
+        seen.append(("cost", units, scale))
+        return units * scale
+
+    @rate_limited("1000/second", "100000/second", key=key, cost=cost, storage="memory://")
+    async def call(tenant: str, units: int, scale: int = 3) -> int:
+        return units * scale
+
+    assert await call("a", 1, 3) == 3  # by position, every parameter
+    assert await call("a", 1) == 3  # the default applied
+    assert await call(tenant="a", units=1, scale=3) == 3  # by name
+    assert seen == [("key", "a", {"units": 1, "scale": 3}), ("cost", 1, 3)] * 3
+
+    class Client:
+        name = "c"
+
+        @rate_limited("1000/second", key=lambda self: self.name, cost=lambda self, n: n, storage="memory://")
+        async def ask(self, n: int) -> int:
+            return n
+
+    assert await Client().ask(2) == 2
+    assert Client.ask.rate_limit.limiter.info().admitted >= 1

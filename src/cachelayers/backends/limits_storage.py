@@ -8,7 +8,8 @@ lets limits' strategies do the window arithmetic. This module supplies three thi
   injectable clock (for virtual-time tests) and a compact moving window (one entry per acquisition, not
   one per unit, so token limits in the millions stay cheap);
 * `limits_storage_url`, which maps cachelayers backend URLs (``redis://``, ``rediss://``,
-  ``redis+cluster://``, ``unix://``, ``memory://``) to limits' ``async+…`` URLs, and `create_limits_storage`;
+  ``redis+cluster://``, ``unix://``, ``memory://``, registered in `cachelayers.backends.registry` with kind
+  ``"limits"``) to limits' ``async+…`` URLs, and `create_limits_storage`;
 * `RedisLimitExtras`: returning units to a Redis moving window (refunds) and a pause flag shared by every
   process (Retry-After), through the Redis client of limits' own storage.
 
@@ -26,11 +27,12 @@ from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport,
 from limits.storage.base import TimestampedSlidingWindow
 
 from cachelayers.backends.base import BackendURL
+from cachelayers.backends.registry import load, registered_schemes
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
 
 __all__ = ["LIMITS_KEY_SUFFIX", "MemoryLimitStorage", "RedisLimitExtras", "create_limits_storage",
-           "limits_storage_url", "supports_refund"]
+           "limits_storage_url", "memory_limits_url", "redis_limits_url", "supports_refund"]
 
 LIMITS_KEY_SUFFIX: Final = "rl"
 """Appended to the settings' ``key_prefix`` to make the prefix of every rate-limit key in Redis."""
@@ -287,9 +289,10 @@ def supports_refund(storage: object) -> bool:
 def limits_storage_url(url: str, field: str = "storage") -> tuple[str, dict[str, Any]]:
     """Map a cachelayers storage URL to limits' async URL and the client options it implies.
 
-    ``redis://h:p/0`` → ``async+redis://h:p/0``; ``rediss://``, ``redis+cluster://``, ``redis+sentinel://``
-    and ``unix:///path?db=N`` likewise; ``memory://`` stays; ``async+…`` URLs pass through unchanged. The
-    Redis tier's options ``timeout`` and ``connect_timeout`` become the client's socket timeouts; TLS and
+    The scheme is looked up in `cachelayers.backends.registry` (kind ``"limits"``): ``redis://h:p/0`` →
+    ``async+redis://h:p/0``; ``rediss://``, ``redis+cluster://``, ``redis+sentinel://`` and
+    ``unix:///path?db=N`` likewise; ``memory://`` stays; limits' own ``async+…`` URLs pass through unchanged.
+    The Redis tier's options ``timeout`` and ``connect_timeout`` become the client's socket timeouts; TLS and
     pool options are passed on; the others only concern the cache tier.
 
     Raises:
@@ -300,11 +303,30 @@ def limits_storage_url(url: str, field: str = "storage") -> tuple[str, dict[str,
     scheme = url.split("://", 1)[0].lower()
     if scheme.startswith("async+"):
         return url, {}
-    if scheme == "memory":
-        return "memory://", {}
-    if scheme not in _REDIS_SCHEMES:
+    known = registered_schemes("limits")
+    if scheme not in known:
+        redis = [s for s in _REDIS_SCHEMES if s in known]
+        others = [s for s in known if s != "memory" and s not in _REDIS_SCHEMES]
+        more = f" or {', '.join(f'{s}://' for s in others)}" if others else ""
         raise ConfigError(field, url, f"rate limits can be stored in memory:// or Redis "
-                                      f"({', '.join(f'{s}://' for s in _REDIS_SCHEMES)}), not {scheme}://")
+                                      f"({', '.join(f'{s}://' for s in redis)}){more}, not {scheme}://")
+    lookup = BackendURL(url=url, scheme=scheme, host=None, port=None, path="", username=None, password=None,
+                        field=field)  # the mapper parses the URL itself: only the scheme matters here
+    mapper: Callable[[str, str], tuple[str, dict[str, Any]]] = load(lookup, "limits")
+    return mapper(url, field)
+
+
+def memory_limits_url(url: str, field: str) -> tuple[str, dict[str, Any]]:
+    """What ``memory://`` maps to: ``("memory://", {})`` (see `limits_storage_url`)."""
+    return "memory://", {}
+
+
+def redis_limits_url(url: str, field: str) -> tuple[str, dict[str, Any]]:
+    """Map a Redis URL to limits' ``async+…`` URL and its client options (see `limits_storage_url`).
+
+    Raises:
+        ConfigError: The URL is malformed or an option's value is invalid.
+    """
     parsed = BackendURL.parse(url, field)
     options: dict[str, Any] = {}
     query: list[str] = []
@@ -321,7 +343,7 @@ def limits_storage_url(url: str, field: str = "storage") -> tuple[str, dict[str,
     options.setdefault("socket_timeout", 5.0)
     options.setdefault("socket_connect_timeout", options["socket_timeout"])
     rest = url.split("://", 1)[1].split("?", 1)[0]
-    mapped = f"{_REDIS_SCHEMES[scheme]}://{rest}" + (f"?{'&'.join(query)}" if query else "")
+    mapped = f"{_REDIS_SCHEMES[parsed.scheme]}://{rest}" + (f"?{'&'.join(query)}" if query else "")
     return mapped, options
 
 

@@ -118,3 +118,6 @@ register_backend("usearch", "cachelayers.backends.vectors.disk_store:DiskStore",
 for _scheme in ("redis", "rediss"):
     register_backend(_scheme, "cachelayers.backends.vectors.redis_store:RedisStore", driver="redis", extra="redis",
                      kind="vector_index")
+register_backend("memory", "cachelayers.backends.limits_storage:memory_limits_url", kind="limits")
+for _scheme in ("redis", "rediss", "redis+cluster", "redis+sentinel", "unix"):  # the driver is checked on creation
+    register_backend(_scheme, "cachelayers.backends.limits_storage:redis_limits_url", kind="limits")

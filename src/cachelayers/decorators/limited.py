@@ -2,58 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, Self, TypeVar, cast, overload
+import functools
+import inspect
+import types
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, final, overload
 
-from cachelayers.engines.limiter import Adaptive, LimitedFunction, RateLimiter
+from cachelayers.engines.limiter import LimitedFunction, LimitOptions
+from cachelayers.validation import check_options
 
 __all__ = ["RateLimitedFunction", "rate_limited"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-T_co = TypeVar("T_co")
 
 
-class RateLimitedFunction(Protocol[P, T_co]):
+@final
+class RateLimitedFunction(Generic[P, T]):
     """What `rate_limited` returns: the function, same signature, waiting for its limits before each call.
 
-    At run time it is a plain ``async def`` function, so it binds as a method like the function it wraps.
+    Calling it returns a coroutine, as the function does; it binds as a method like the function it wraps. The
+    function itself is ``__wrapped__``.
     """
 
-    __wrapped__: Callable[P, Awaitable[T_co]]
-    rate_limit: LimitedFunction[P, Any]
-    """The engine behind the function (``.limiter`` is the `RateLimiter` it waits in)."""
+    __wrapped__: Callable[P, Awaitable[T]]
+    __name__: str
+    __qualname__: str
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+    def __init__(self, engine: LimitedFunction[P, T]) -> None:
+        self.rate_limit = engine
+        """The engine behind the function (``.limiter`` is the `RateLimiter` it waits in)."""
+        self._call = engine.call
+        functools.update_wrapper(self, engine.fn, updated=())  # not the wrapped object's __dict__: ours is ours
+        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+: iscoroutinefunction(self) is True
+        if mark is not None:
+            mark(self)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        """Call the function once its limits admit the call (see `LimitedFunction.call`)."""
+        return self._call(*args, **kwargs)
 
     @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
+    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> RateLimitedFunction[P, T]: ...
 
     @overload
-    def __get__(
-        self, instance: object, owner: type[Any] | None = None, /
-    ) -> Callable[..., Coroutine[Any, Any, T_co]]: ...
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., Coroutine[Any, Any, T]]: ...
 
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any: ...
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any:
+        """Bind as a method: ``obj.method(...)`` calls the function with ``obj`` first."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    def __reduce__(self) -> str:
+        """Pickle by reference, as the plain function it replaces: ``module.qualname``."""
+        return self.__qualname__
+
+    def __repr__(self) -> str:
+        return f"<rate_limited {self.rate_limit.identity}>"
 
 
-def rate_limited(
-    *limits: str,
-    cost: int | Callable[..., int | float] | Mapping[str, int | Callable[..., int | float]] | None = None,
-    key: Callable[..., Any] | None = None,
-    timeout: float | str | timedelta | None = None,
-    strategy: str | None = None,
-    storage: str | None = None,
-    limiter: RateLimiter | None = None,
-    retries: int = 0,
-    backoff: float | str | timedelta = 1.0,
-    max_backoff: float | str | timedelta = 60.0,
-    adaptive: Adaptive | bool = False,
-    rate_limit_error: Callable[[BaseException], bool | float | None] | None = None,
-    actual: Callable[[Any], int | float] | Mapping[str, Callable[[Any], int | float]] | None = None,
-    name: str | None = None,
-) -> Callable[[Callable[P, Awaitable[T]]], RateLimitedFunction[P, T]]:
+def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> Callable[[Callable[P, Awaitable[T]]],
+                                                                             RateLimitedFunction[P, T]]:
     """Wait, fairly, until named limits admit each call of an async function.
 
     ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens, key=lambda model, **_: model, timeout=30)``
@@ -65,31 +75,38 @@ def rate_limited(
         limits: Limit names from the settings, or inline limits (``"3500/minute"``, ``"10 per 2 seconds"``,
             ``"10/second;500/minute"``). An inline limit belongs to this function; a named one is shared by
             every function using the name.
-        cost: Units a call takes: a number, or a function of the call's arguments (by name, like ``key``;
-            it is given only the arguments it names unless it takes ``**kwargs``). With one limit it weighs
-            that limit; with several, the first counts calls (cost 1) and ``cost`` weighs the others, as in
-            ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens)``. A mapping gives each limit its cost by
-            name (unnamed limits cost 1).
-        key: Function of the call's arguments returning what limits are counted per (a tenant, a model).
-        timeout: Longest wait for admission (seconds, ``"500ms"``); ``None`` waits as long as needed, ``0``
-            never waits. A call that cannot be admitted in time raises `RateLimitExceeded` — as soon as that is
-            known (e.g. the window resets after the deadline), at the latest at the deadline.
-        strategy: ``"moving-window"`` (default, exact), ``"sliding-window-counter"`` or ``"fixed-window"``.
-        storage: Storage URL (``"memory://"``, ``"redis://host:6379/0"``), overriding the settings' choice
-            (the first Redis tier, else memory).
-        limiter: Engine to wait in, instead of the one of the settings in force.
-        retries: Retries after a rate-limit error from the function, each waiting for the Retry-After pause
+        **options: The `LimitOptions`, below.
+
+    Keyword Args:
+        cost (int | Callable | Mapping | None): Units a call takes: a number, or a function of the call's arguments
+            (by name, like ``key``; it is given only the arguments it names unless it takes ``**kwargs``). With one
+            limit it weighs that limit; with several, the first counts calls (cost 1) and ``cost`` weighs the
+            others, as in ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens)``. A mapping gives each limit its
+            cost by name (unnamed limits cost 1).
+        key (Callable | None): Function of the call's arguments returning what limits are counted per (a tenant, a
+            model).
+        timeout (float | str | timedelta | None): Longest wait for admission (seconds, ``"500ms"``); ``None`` waits
+            as long as needed, ``0`` never waits. A call that cannot be admitted in time raises `RateLimitExceeded`
+            — as soon as that is known (e.g. the window resets after the deadline), at the latest at the deadline.
+        strategy (str | None): ``"moving-window"`` (default, exact), ``"sliding-window-counter"`` or
+            ``"fixed-window"``.
+        storage (str | None): Storage URL (``"memory://"``, ``"redis://host:6379/0"``), overriding the settings'
+            choice (the first Redis tier, else memory).
+        limiter (RateLimiter | None): Engine to wait in, instead of the one of the settings in force.
+        retries (int): Retries after a rate-limit error from the function, each waiting for the Retry-After pause
             and an exponential back-off with jitter.
-        backoff: First back-off (doubling per retry); also the pause when the error gives no Retry-After.
-        max_backoff: Longest back-off.
-        adaptive: Lower the effective limits on rate-limit errors and raise them back after sustained
-            success (AIMD): ``True`` or an `Adaptive` with its parameters.
-        rate_limit_error: ``exc -> bool | float | None`` deciding what is a rate-limit error (a number is its
-            Retry-After in seconds; ``None`` leaves it to the default: HTTP 429 on the exception or its
-            ``response``, or a class named like ``RateLimitError``).
-        actual: Function of the result returning the units really used (e.g. tokens from the response), or
-            a mapping of them by limit; the difference to ``cost`` is charged (or returned) after the call.
-        name: Identity of the function in inline limits' keys, instead of ``module.qualname``.
+        backoff (float | str | timedelta): First back-off (doubling per retry); also the pause when the error gives
+            no Retry-After.
+        max_backoff (float | str | timedelta): Longest back-off.
+        adaptive (Adaptive | bool): Lower the effective limits on rate-limit errors and raise them back after
+            sustained success (AIMD): ``True`` or an `Adaptive` with its parameters.
+        rate_limit_error (Callable | None): ``exc -> bool | float | None`` deciding what is a rate-limit error (a
+            number is its Retry-After in seconds; ``None`` leaves it to the default: HTTP 429 on the exception or
+            its ``response``, or a class named like ``RateLimitError``).
+        actual (Callable | Mapping | None): Function of the result returning the units really used (e.g. tokens from
+            the response), or a mapping of them by limit; the difference to ``cost`` is charged (or returned) after
+            the call.
+        name (str | None): Identity of the function in inline limits' keys, instead of ``module.qualname``.
 
     Returns:
         A decorator making a `RateLimitedFunction`.
@@ -105,12 +122,9 @@ def rate_limited(
     if limits and callable(limits[0]):
         raise TypeError("rate_limited needs its limits: use @rate_limited('3500/minute') or "
                         "@rate_limited('llm-rpm'), not bare @rate_limited")
+    check_options(options, LimitOptions, "rate_limited")
 
     def decorate(f: Callable[P, Awaitable[T]]) -> RateLimitedFunction[P, T]:
-        engine = LimitedFunction(f, limits, cost=cost, key=key, timeout=timeout, strategy=strategy,
-                                 storage=storage, limiter=limiter, retries=retries, backoff=backoff,
-                                 max_backoff=max_backoff, adaptive=adaptive, rate_limit_error=rate_limit_error,
-                                 actual=actual, name=name)
-        return cast(RateLimitedFunction[P, T], engine.wrapper)
+        return RateLimitedFunction(LimitedFunction(f, limits, **options))
 
     return decorate
