@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import math
 import random
 import statistics
 import sys
@@ -48,7 +47,22 @@ from typing import Any
 
 from aiodataloader import DataLoader
 
-from _util import Series, environment, environment_line, render_table, to_json
+from _util import (
+    Series,
+    add_common_arguments,
+    emit,
+    environment,
+    exit_status,
+    gc_paused,
+    interleaved,
+    make_parser,
+    missed,
+    percentile,
+    render_table,
+    report_head,
+    shuffled,
+    target_lines,
+)
 from cachelayers import batched
 
 PEER_PACKAGES = ("cachelayers", "anyio", "aiodataloader")
@@ -58,14 +72,6 @@ OVERHEAD_TARGET_US = 20.0  # ... and at most 20 us added per item
 
 Item = tuple[int, float]  # (id, arrival time from time.perf_counter())
 Provider = Callable[[list[Item]], Coroutine[Any, Any, list[int]]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100, nearest rank) of ``values`` (NaN when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 # -- overhead ----------------------------------------------------------------------------------------------
@@ -143,15 +149,11 @@ async def measure_overhead(contender: OverheadContender, items: list[int], repea
     CPU time of the process rather than wall time: on a shared machine, time spent descheduled is not the
     contender's cost (everything here runs on the event loop's one thread, without I/O).
     """
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         start = time.process_time()
         for _ in range(repeat):
             result = await contender.run(items)
         elapsed = time.process_time() - start
-    finally:
-        gc.enable()
     if result != items:
         raise AssertionError(f"{contender.name} returned wrong results")
     return elapsed / (repeat * len(items)) * 1e6
@@ -281,10 +283,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await measure_overhead(c, items, 1)
     rate = args.load * args.max_size / args.max_wait
     load = load_contenders(args.max_size, args.max_wait, args.load, args.light_load)
-    for _ in range(args.rounds):
-        for c in rng.sample(overhead, len(overhead)):
+    for order in interleaved(overhead, args.rounds, rng):
+        for c in order:
             c.per_item.samples.append(await measure_overhead(c, items, args.repeat))
-        for lc in rng.sample(load, len(load)):
+        for lc in shuffled(load, rng):
             lc.runs.append(await run_load(lc, rate * lc.load_factor, args.duration, args.latency))
 
     floor, plain = overhead[0], overhead[-1]
@@ -334,10 +336,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(document: dict[str, Any]) -> str:
     """The human-readable report: environment, both tables, the targets."""
-    env, config = document["environment"], document["config"]
-    lines = [
-        document["benchmark"],
-        environment_line(env),
+    config = document["config"]
+    lines = report_head(
+        document,
         f"{config['rounds']} interleaved rounds; best and median round shown.",
         "",
         f"Overhead: {config['items']:,} items x {config['repeat']} per round, batches of {config['max_size']}, "
@@ -345,7 +346,7 @@ def render(document: dict[str, Any]) -> str:
         "ratio;",
         "x plain: the same against the gather of plain calls (the callers' own tasks); added: contender - direct, "
         "per item (median round).",
-    ]
+    )
     rows = [[name, f"{r['best_us']:.2f}", f"{r['median_us']:.2f}", f"{r['ratio_to_direct']:.0f}",
              f"{r['ratio_to_plain_gather']:.2f}", f"{r['added_median_us']:.2f}"]
             for name, r in document["overhead"].items()]
@@ -370,15 +371,12 @@ def render(document: dict[str, Any]) -> str:
                                "p99 ms", "latency p50 ms", "p99 ms", "loop lag p99 ms"], rows))
     lines += ["loop lag: how late the load driver's 1 ms sleeps woke (the machine's and the loop's stalls, which every "
               "wait above includes)."]
-    lines += ["", "acceptance targets (cachelayers; pass/fail on the median round):"]
-    for check, outcome in document["targets"].items():
-        lines.append(f"  {'PASS' if outcome['ok'] else 'FAIL'}  {check} "
-                     f"(best {outcome['best']:.3g}, median {outcome['median']:.3g})")
+    lines += target_lines("acceptance targets (cachelayers; pass/fail on the median round):", document["targets"])
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser = make_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--items", type=int, default=4096, help="items per overhead pass (default 4096)")
     parser.add_argument("--repeat", type=int, default=5, help="overhead passes per round (default 5)")
@@ -390,15 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="load of the timer-driven row, as a multiple of max_size / max_wait (default 0.25)")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds of load per contender (default 2)")
     parser.add_argument("--latency", type=float, default=0.002, help="provider latency per call (default 0.002)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the contender order (default 1)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--check", action="store_true", help="exit 1 when an acceptance target is missed")
+    add_common_arguments(parser, seed=True)
     args = parser.parse_args(argv)
     document = asyncio.run(run(args))
-    print(to_json(document) if args.json else render(document))
-    if args.check and not all(t["ok"] for t in document["targets"].values()):
-        return 1
-    return 0
+    emit(document, args.json, render)
+    return exit_status(args.check, missed(document["targets"]))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,9 @@ import contextlib
 import gc
 import json
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,7 +52,17 @@ from limits import parse
 from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
-from _util import Series, environment, render_table, to_json
+from _util import (
+    RedisServer,
+    Series,
+    environment,
+    floor_row,
+    interleaved,
+    make_parser,
+    render_table,
+    time_async,
+    to_json,
+)
 from cachelayers import RateLimiter, Settings, rate_limited
 from cachelayers.backends.limits_storage import create_limits_storage
 
@@ -73,19 +80,6 @@ class Contender:
     op: Op
     floor: bool = False
     series: Series = field(default_factory=Series)
-
-
-async def _time(op: Op, n: int) -> float:
-    """Nanoseconds per ``await op()``, over ``n`` calls, GC off."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for _ in range(n):
-            await op()
-        return (time.perf_counter_ns() - start) / n
-    finally:
-        gc.enable()
 
 
 async def uncontended(storage: Storage, rounds: int, budget_ms: float, with_aiolimiter: bool) -> list[Contender]:
@@ -119,25 +113,18 @@ async def uncontended(storage: Storage, rounds: int, budget_ms: float, with_aiol
         contenders.append(Contender("aiolimiter acquire()", aiolimiter))
     sizes: dict[str, int] = {}
     for c in contenders:  # calibrate: about budget_ms per measurement
-        per = await _time(c.op, 20)
+        per = await time_async(c.op, 20)
         sizes[c.name] = max(20, int(budget_ms * 1e6 / max(per, 1.0)))
     rng = random.Random(1)
-    for _ in range(rounds):
-        order = contenders[:]
-        rng.shuffle(order)
+    for order in interleaved(contenders, rounds, rng):
         for c in order:
-            c.series.samples.append(await _time(c.op, sizes[c.name]))
+            c.series.samples.append(await time_async(c.op, sizes[c.name]))
     return contenders
 
 
 def uncontended_rows(contenders: list[Contender]) -> list[list[str]]:
     floor = next(c for c in contenders if c.floor)
-    rows = []
-    for c in contenders:
-        diffs = [mine - base for mine, base in zip(c.series.samples, floor.series.samples, strict=True)]
-        rows.append([c.name, f"{c.series.best / 1000:.2f}", f"{c.series.median / 1000:.2f}",
-                     f"{c.series.median_ratio(floor.series):.2f}", f"{statistics.median(diffs) / 1000:+.2f}"])
-    return rows
+    return [floor_row(c.name, c.series, floor.series) for c in contenders]
 
 
 async def contention(storage_url: str | Storage, limit: str, tasks: int, seconds: float) -> dict[str, float]:
@@ -311,41 +298,12 @@ async def public_path_section(rounds: int, budget_ms: float) -> tuple[dict[str, 
     return result, problems
 
 
-class _Redis:
-    """A throwaway redis-server on a free port, when the binary is installed."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url: str | None = None
-        if shutil.which("redis-server") is None:
-            return
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.dir = tempfile.mkdtemp(prefix="bench-limiter-")
-        self.process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no", "--dir", self.dir], stdout=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    self.url = f"redis://127.0.0.1:{port}/0"
-                    return
-            except OSError:
-                time.sleep(0.02)
-
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 async def main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"environment": environment(PACKAGES), "uncontended": {}, "contention": {}}
     result["public_path"], problems = await public_path_section(args.rounds * 8, args.budget_ms / 8)
     if args.public_path_only:
         return 1 if problems and args.check else 0
-    server = _Redis() if args.redis is None else None
+    server = RedisServer("bench-limiter-").start() if args.redis is None and RedisServer.installed() else None
     redis_url = args.redis or (server.url if server else None)
     try:
         stores: list[tuple[str, Storage]] = [("memory", create_limits_storage("memory://"))]
@@ -398,7 +356,7 @@ async def main(args: argparse.Namespace) -> int:
         print(render_table(["contender", "admitted", "window calls", "with pause reads"], rows))
     finally:
         if server is not None:
-            server.close()
+            server.stop()
     if problems:
         print("\nTargets missed:\n  " + "\n  ".join(problems))
     if args.json:
@@ -407,7 +365,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = make_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
     parser.add_argument("--budget-ms", type=float, default=40.0, help="time per measurement (default 40 ms)")
     parser.add_argument("--redis", default=None, help="Redis URL (default: start a redis-server if installed)")

@@ -33,7 +33,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _util import Series, environment, environment_line, measure_calls, render_table, target_line, to_json
+from _util import (
+    Series,
+    add_common_arguments,
+    emit,
+    environment,
+    exit_status,
+    interleaved,
+    make_parser,
+    measure_calls,
+    missed,
+    problem_lines,
+    ratio_cells,
+    render_table,
+    report_head,
+    scenario,
+    shuffled,
+    target_lines,
+)
 from cachelayers import multilevel_cached
 
 CAPACITY = 10_000  # the embedded default's max_entries; peers with a bound get the same one
@@ -178,14 +195,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fill = await measure_calls(c.fn, list(range(next_miss, next_miss + (CAPACITY if args.fill else 100))), 1)
         c.miss_calls = min(args.miss_calls, max(100, int(budget_ns / fill)))
     next_miss += CAPACITY
-    for _ in range(args.rounds):
-        for c in rng.sample(contenders, len(contenders)):
+    for order in interleaved(contenders, args.rounds, rng):
+        for c in order:
             await warm(c, hit_keys)  # misses of other rounds must not have evicted them
             before = c.computed[0]
             c.hit.samples.append(await measure_calls(c.fn, hit_keys, c.hit_repeat))
             if c.computed[0] != before:
                 c.problems.append(f"computed {c.computed[0] - before} times during hits")
-        for c in rng.sample(contenders, len(contenders)):
+        for c in shuffled(contenders, rng):
             miss_keys = list(range(next_miss, next_miss + c.miss_calls))
             before = c.computed[0]
             c.miss.samples.append(await measure_calls(c.fn, miss_keys, 1))
@@ -197,9 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for c in contenders:
         results[c.name] = {
-            kind: {"best_ns": s.best, "median_ns": s.median, "ratio_to_floor": s.median_ratio(getattr(floor, kind)),
-                   "samples_ns": s.samples}
-            for kind, s in (("hit", c.hit), ("miss", c.miss))
+            kind: scenario(s, getattr(floor, kind)) for kind, s in (("hit", c.hit), ("miss", c.miss))
         } | {"hit_calls_per_round": c.hit_repeat * len(hit_keys), "miss_calls_per_round": c.miss_calls,
              "problems": sorted(set(c.problems))}
     ours = [c for c in contenders if c.ours]
@@ -231,31 +246,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(document: dict[str, Any]) -> str:
     """The human-readable report: environment, the table, the targets."""
-    env, config = document["environment"], document["config"]
-    lines = [
-        f"{document['benchmark']}",
-        environment_line(env),
+    config = document["config"]
+    lines = report_head(
+        document,
         f"{config['rounds']} interleaved rounds, each measurement sized to ~{config['budget_ms']:g} ms "
         f"(hits: up to {config['max_hit_calls_per_round']:,} calls over {config['hit_keys']} keys; misses: up to "
         f"{config['max_miss_calls_per_round']:,} new keys, "
         + (f"caches full at {config['capacity']:,} entries)." if config["filled"] else "caches not filled first)."),
         "ns per call: best and median round; x floor: median over rounds of (contender / floor of that round).",
         "",
-    ]
-    rows = []
-    for name, r in document["results"].items():
-        hit, miss = r["hit"], r["miss"]
-        rows.append([name, f"{hit['best_ns']:,.0f}", f"{hit['median_ns']:,.0f}", f"{hit['ratio_to_floor']:.2f}",
-                     f"{miss['best_ns']:,.0f}", f"{miss['median_ns']:,.0f}", f"{miss['ratio_to_floor']:.2f}"])
+    )
+    rows = [[name, *ratio_cells(r["hit"]), *ratio_cells(r["miss"])] for name, r in document["results"].items()]
     lines.append(render_table(["contender", "hit best", "hit median", "x floor", "miss best", "miss median",
                                "x floor"], rows))
-    problems = [f"  {name}: {p}" for name, r in document["results"].items() for p in r["problems"]]
-    if problems:
-        lines += ["", "PROBLEMS (these figures are not comparable):", *problems]
-    lines += ["", "acceptance targets:"]
-    for name, checks in document["targets"].items():
-        for check, outcome in checks.items():
-            lines.append(target_line(f"{name}: {check}", outcome["ok"], outcome["value"]))
+    lines += problem_lines(document["results"])
+    lines += target_lines("acceptance targets:", {f"{name}: {check}": outcome
+                                                  for name, checks in document["targets"].items()
+                                                  for check, outcome in checks.items()})
     lines += [f"note: {n}" for n in document["notes"]]
     return "\n".join(lines)
 
@@ -287,20 +294,18 @@ def profile(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser = make_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--budget-ms", type=float, default=40.0,
                         help="target duration of one measurement, in ms (default 40)")
     parser.add_argument("--keys", type=int, default=100, help="distinct keys of the hit loop (default 100)")
     parser.add_argument("--hit-calls", type=int, default=20_000, help="hit calls per round (default 20,000)")
     parser.add_argument("--miss-calls", type=int, default=5_000, help="miss calls per round (default 5,000)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the contender order (default 1)")
     parser.add_argument("--result", choices=("int", "dict"), default="int",
                         help="what f returns: an int (default) or a small dict, for every contender")
     parser.add_argument("--no-fill", dest="fill", action="store_false",
                         help="do not fill the caches to their bound first (quick smoke runs; misses then never evict)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--check", action="store_true", help="exit 1 when an acceptance target is missed")
+    add_common_arguments(parser, seed=True)
     parser.add_argument("--profile", action="store_true", help="also profile cachelayers' hit and miss paths")
     parser.add_argument("--profile-top", type=int, default=15, help="entries shown per profile (default 15)")
     args = parser.parse_args(argv)
@@ -308,12 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.rounds, args.keys, args.hit_calls, args.miss_calls, args.budget_ms) <= 0:
         parser.error("--rounds, --keys, --hit-calls, --miss-calls and --budget-ms must be positive")
     document = asyncio.run(run(args))
-    print(to_json(document) if args.json else render(document))
+    emit(document, args.json, render)
     if args.profile:
         print(profile(args), file=sys.stderr if args.json else sys.stdout)
-    failed = any(not o["ok"] for checks in document["targets"].values() for o in checks.values())
-    broken = any(r["problems"] for r in document["results"].values())
-    return 1 if args.check and (failed or broken) else 0
+    return exit_status(args.check, any(missed(checks) for checks in document["targets"].values()),
+                       any(r["problems"] for r in document["results"].values()))
 
 
 if __name__ == "__main__":

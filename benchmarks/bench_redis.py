@@ -20,20 +20,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from _util import Series, environment, environment_line, render_table, target_line, to_json
+from _util import (
+    RedisServer,
+    Series,
+    add_common_arguments,
+    emit,
+    environment,
+    exit_status,
+    interleaved,
+    make_parser,
+    missed,
+    problem_lines,
+    ratio_cells,
+    render_table,
+    report_head,
+    scenario,
+    target_lines,
+    time_async,
+)
 from cachelayers import Settings, TieredCache, multilevel_cached
 
 HIT_TARGET = 1.1  # acceptance: a Redis-tier hit at most 1.1x a raw GET ...
@@ -46,47 +56,6 @@ VALUE_SIZE = 200
 
 def value_of(x: int) -> str:
     return f"{x:08d}" + "v" * (VALUE_SIZE - 8)
-
-
-# -- a redis-server of our own --------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """``redis-server`` on a free loopback port, without persistence, for the length of the benchmark."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisServer:
-        if shutil.which("redis-server") is None:
-            raise SystemExit("redis-server is not installed (scripts/ensure-redis installs it)")
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise SystemExit(f"redis-server did not start on port {self.port}")
-
-    def __exit__(self, *_: object) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # -- contenders -----------------------------------------------------------------------------------------------
@@ -192,19 +161,6 @@ FACTORIES = (make_raw, make_cachelayers, make_cashews, make_aiocache)
 # -- measuring ------------------------------------------------------------------------------------------------
 
 
-async def timed(action: Callable[[], Awaitable[Any]], repeat: int) -> float:
-    """ns per repetition of ``action``, GC off while timing."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for _ in range(repeat):
-            await action()
-        return (time.perf_counter_ns() - start) / repeat
-    finally:
-        gc.enable()
-
-
 async def check(contender: Contender, keys: list[int]) -> None:
     """Warm every key and check the answers (raw redis-py answers bytes)."""
     for x in keys:
@@ -233,8 +189,8 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     for c in contenders:
         await check(c, keys)
         await check(c, keys)
-    for _ in range(args.rounds):
-        for c in rng.sample(contenders, len(contenders)):
+    for ordering in interleaved(contenders, args.rounds, rng):
+        for c in ordering:
             before = c.computed[0]
             if c.one is not None:
                 one = c.one
@@ -244,19 +200,19 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     for x in order:
                         await one(x)
 
-                c.hit.samples.append(await timed(sequential, args.repeat) / len(keys))
+                c.hit.samples.append(await time_async(sequential, args.repeat) / len(keys))
 
                 async def together(one: Callable[[int], Awaitable[Any]] = one) -> None:
                     await asyncio.gather(*(one(x) for x in keys))
 
-                c.concurrent.samples.append(await timed(together, args.repeat) / len(keys))
+                c.concurrent.samples.append(await time_async(together, args.repeat) / len(keys))
             if c.batch is not None:
                 batch = c.batch
 
                 async def whole(batch: Callable[[list[int]], Awaitable[Any]] = batch) -> None:
                     await batch(keys)
 
-                c.batched.samples.append(await timed(whole, args.repeat * 3))
+                c.batched.samples.append(await time_async(whole, args.repeat * 3))
             if c.computed[0] != before:
                 c.problems.append(f"computed {c.computed[0] - before} times during hits")
     for c in contenders:
@@ -270,9 +226,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         for kind in ("hit", "batched", "concurrent"):
             series: Series = getattr(c, kind)
             if series.samples:
-                entry[kind] = {"best_ns": series.best, "median_ns": series.median,
-                               "ratio_to_floor": series.median_ratio(getattr(floor, kind)),
-                               "samples_ns": series.samples}
+                entry[kind] = scenario(series, getattr(floor, kind))
         results[c.name] = entry
     ours = next(c for c in contenders if c.ours)
     peers = [c for c in contenders if not c.ours and not c.floor and c.hit.samples]
@@ -299,52 +253,40 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def render(document: dict[str, Any]) -> str:
-    env, config = document["environment"], document["config"]
-    lines = [
-        document["benchmark"],
-        environment_line(env),
+    config = document["config"]
+    lines = report_head(
+        document,
         f"{config['rounds']} interleaved rounds; {config['keys']} keys of {config['value_bytes']} bytes; "
         "ns per call (batch: per 100-key call); x floor = median over rounds of (contender / floor that round).",
         "",
-    ]
+    )
     rows = []
     for name, r in document["results"].items():
         row = [name]
         for kind in ("hit", "batched", "concurrent"):
-            if kind in r:
-                row += [f"{r[kind]['best_ns']:,.0f}", f"{r[kind]['median_ns']:,.0f}",
-                        f"{r[kind]['ratio_to_floor']:.2f}"]
-            else:
-                row += ["-", "-", "-"]
+            row += ratio_cells(r[kind]) if kind in r else ["-", "-", "-"]
         rows.append(row)
     lines.append(render_table(["contender", "hit best", "hit median", "x floor", "batch best", "batch median",
                                "x floor", "100 concurrent best", "median", "x floor"], rows))
-    problems = [f"  {name}: {p}" for name, r in document["results"].items() for p in r["problems"]]
-    if problems:
-        lines += ["", "PROBLEMS (these figures are not comparable):", *problems]
-    lines += ["", "acceptance targets (cachelayers):"]
-    for check_name, outcome in document["targets"].items():
-        lines.append(target_line(check_name, outcome["ok"], outcome["value"]))
+    lines += problem_lines(document["results"])
+    lines += target_lines("acceptance targets (cachelayers):", document["targets"])
     lines += [f"note: {n}" for n in document["notes"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser = make_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--repeat", type=int, default=3, help="passes over the keys per measurement (default 3)")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the contender order (default 1)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--check", action="store_true", help="exit 1 when an acceptance target is missed")
+    add_common_arguments(parser, seed=True)
     args = parser.parse_args(argv)
     if min(args.rounds, args.repeat) <= 0:
         parser.error("--rounds and --repeat must be positive")
     with RedisServer() as server:
         document = asyncio.run(run(args, server.url))
-    print(to_json(document) if args.json else render(document))
-    failed = any(not o["ok"] for o in document["targets"].values())
-    broken = any(r["problems"] for r in document["results"].values())
-    return 1 if args.check and (failed or broken) else 0
+    emit(document, args.json, render)
+    return exit_status(args.check, missed(document["targets"]),
+                       any(r["problems"] for r in document["results"].values()))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,9 @@ search + 50 µs and store insert <= usearch add + 50 µs at every size.
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -41,7 +39,17 @@ import anyio
 import numpy as np
 from usearch.index import Index
 
-from _util import Series, environment, render_table, to_json
+from _util import (
+    Series,
+    environment,
+    floor_row,
+    make_parser,
+    render_table,
+    shuffled,
+    time_async_indexed,
+    time_sync,
+    to_json,
+)
 from cachelayers.backends.vectors import IndexOptions, VectorIndex
 from cachelayers.codec import Codec
 from cachelayers.engines.semantic import Entry as _Entry
@@ -69,19 +77,6 @@ def near(vectors: np.ndarray, seed: int, noise: float = 0.02) -> np.ndarray:
     rows = vectors + noise * rng.standard_normal(vectors.shape).astype(np.float32)
     out: np.ndarray = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
     return out
-
-
-def timed(fn: Callable[[int], object], count: int) -> float:
-    """Nanoseconds per call of ``fn(i)`` for i in range(count), GC off."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for i in range(count):
-            fn(i)
-        return (time.perf_counter_ns() - start) / count
-    finally:
-        gc.enable()
 
 
 class Setup:
@@ -148,20 +143,12 @@ class Setup:
 
 def insert_raw(raw: Index, fresh: np.ndarray, start_key: int) -> float:
     """ns per raw usearch add of each row of ``fresh`` under keys from ``start_key``."""
-    return timed(lambda i: raw.add(start_key + i, fresh[i], threads=1), len(fresh))
+    return time_sync(lambda i: raw.add(start_key + i, fresh[i], threads=1), len(fresh))
 
 
 async def insert_store(store: SemanticStore, partition: bytes, texts: list[str], fresh: np.ndarray) -> float:
     """ns per `SemanticStore.insert` of each row of ``fresh``."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for i in range(len(fresh)):
-            await store.insert(partition, texts[i], fresh[i], i, None)
-        return (time.perf_counter_ns() - start) / len(fresh)
-    finally:
-        gc.enable()
+    return await time_async_indexed(lambda i: store.insert(partition, texts[i], fresh[i], i, None), len(fresh))
 
 
 def append_row(matrix: np.ndarray, base_row: int, fresh: np.ndarray, i: int) -> None:
@@ -189,15 +176,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     fn = setup.fn
 
     async def decorated_batch() -> float:
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter_ns()
-            for text in texts:
-                await fn(text)
-            return (time.perf_counter_ns() - start) / len(texts)
-        finally:
-            gc.enable()
+        return await time_async_indexed(lambda i: fn(texts[i]), len(texts))
 
     lookups: dict[str, Series] = {name: Series() for name in LOOKUPS}
     inserts: dict[str, Series] = {name: Series() for name in INSERTS}
@@ -210,28 +189,25 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     numpy_count = max(20, count // (10 if n >= 50_000 else 2))
     for round_ in range(args.rounds):
-        order = list(LOOKUPS)
-        rng.shuffle(order)
-        for name in order:
+        for name in shuffled(LOOKUPS, rng):
             if name == "usearch search":
-                lookups[name].samples.append(timed(lookup_raw, count))
+                lookups[name].samples.append(time_sync(lookup_raw, count))
             elif name == "store lookup":
-                lookups[name].samples.append(timed(lookup_store, count))
+                lookups[name].samples.append(time_sync(lookup_store, count))
             elif name == "numpy brute force":
-                lookups[name].samples.append(timed(lookup_numpy, numpy_count))
+                lookups[name].samples.append(time_sync(lookup_numpy, numpy_count))
             else:
                 lookups[name].samples.append(anyio.run(decorated_batch))
         fresh = setup.fresh[round_ * args.inserts:(round_ + 1) * args.inserts]
-        order = list(INSERTS)
-        rng.shuffle(order)
-        for name in order:
+        for name in shuffled(INSERTS, rng):
             if name == "usearch add":
                 inserts[name].samples.append(insert_raw(raw, fresh, 10**9 + round_ * args.inserts))
             elif name == "store insert":
                 texts_in = [f"new {round_} {i}" for i in range(len(fresh))]
                 inserts[name].samples.append(anyio.run(insert_store, store, part, texts_in, fresh))
             else:
-                inserts[name].samples.append(timed(partial(append_row, setup.matrix, setup.rows, fresh), len(fresh)))
+                append = partial(append_row, setup.matrix, setup.rows, fresh)
+                inserts[name].samples.append(time_sync(append, len(fresh)))
                 setup.rows += len(fresh)
     return {"n": n, "build_seconds": setup.build_seconds, "lookups": lookups, "inserts": inserts,
             "recall": recall, "decorated_computed": setup.computed}
@@ -254,7 +230,7 @@ def us(ns: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--clusters", type=int, default=2000)
@@ -291,14 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             floor = result["lookups"]["usearch search"]
             for name in LOOKUPS:
-                series = result["lookups"][name]
-                rows.append([f"lookup: {name}", us(series.best), us(series.median),
-                             f"{series.median_ratio(floor):.2f}x", f"{(series.median - floor.median) / 1000:+.1f}"])
+                rows.append(floor_row(f"lookup: {name}", result["lookups"][name], floor, digits=1, ratio_suffix="x",
+                                      paired=False))
             floor = result["inserts"]["usearch add"]
             for name in INSERTS:
-                series = result["inserts"][name]
-                rows.append([f"insert: {name}", us(series.best), us(series.median),
-                             f"{series.median_ratio(floor):.2f}x", f"{(series.median - floor.median) / 1000:+.1f}"])
+                rows.append(floor_row(f"insert: {name}", result["inserts"][name], floor, digits=1, ratio_suffix="x",
+                                      paired=False))
             print(render_table(["contender", "best µs", "median µs", "x floor", "Δ µs vs floor"], rows))
             if result["decorated_computed"]:
                 print(f"problem: {result['decorated_computed']} decorated lookups computed instead of hitting")

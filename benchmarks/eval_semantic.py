@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from _util import make_parser, render_table, to_json
 from cachelayers.backends.vectors import IndexOptions
 from cachelayers.calibrate import Calibration, load_pairs
 from cachelayers.codec import Codec
@@ -107,7 +108,7 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--embedders", nargs="+", default=["default", "minilm"])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--target-precision", type=float, default=0.9)
@@ -120,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reports = [anyio.run(evaluate, spec, args) for spec in args.embedders]
     if args.json:
-        print(json.dumps([{"embedder": r["embedder"], "chosen": r["chosen"]._asdict() if r["chosen"] else None,
-                           "curve": [p._asdict() for p in r["calibration"].points], "replay": r["replay"]}
-                          for r in reports], indent=2))
+        print(to_json([{"embedder": r["embedder"], "chosen": r["chosen"]._asdict() if r["chosen"] else None,
+                        "curve": [p._asdict() for p in r["calibration"].points], "replay": r["replay"]}
+                       for r in reports], digits=None))
         return 0
     for r in reports:
         cal: Calibration = r["calibration"]
@@ -136,11 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"calibrated threshold for precision >= {args.target_precision:g}: {chosen.threshold:.2f} "
                   f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f})")
         print(f"\n(a) GPTCache replay: {len(r['replay'])} thresholds, 1000 origins cached, 1000 paraphrases asked")
-        print(f"{'threshold':>9}  {'true hit':>8}  {'false hit':>9}  {'miss':>6}")
-        for row in r["replay"]:
-            mark = "  <- calibrated" if chosen is not None and abs(row["threshold"] - chosen.threshold) < 1e-9 else ""
-            print(f"{row['threshold']:>9.2f}  {row['true_hit']:>8.1%}  {row['false_hit']:>9.1%}  {row['miss']:>6.1%}"
-                  f"{mark}")
+        rows = [[f"{row['threshold']:.2f}", f"{row['true_hit']:.1%}", f"{row['false_hit']:.1%}", f"{row['miss']:.1%}",
+                 "<- calibrated" if chosen is not None and abs(row["threshold"] - chosen.threshold) < 1e-9 else ""]
+                for row in r["replay"]]
+        print(render_table(["threshold", "true hit", "false hit", "miss", ""], rows))
     return 0
 
 

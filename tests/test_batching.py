@@ -187,6 +187,14 @@ def test_a_sync_function_is_a_type_error() -> None:
         batched(sync)  # type: ignore[arg-type]
 
 
+def test_a_misspelt_option_is_a_type_error_at_decoration() -> None:
+    """The options are declared once (BatchOptions): the decorator and the engine refuse any other keyword."""
+    with pytest.raises(TypeError, match="max_sise"):
+        batched(max_sise=4)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="maxsize"):
+        Batcher(_items, maxsize=4)  # type: ignore[call-arg]
+
+
 def test_max_wait_accepts_strings_and_zero() -> None:
     assert Batcher(_items, max_wait="5ms").max_wait == pytest.approx(0.005)
     assert Batcher(_items, max_wait=0).max_wait == 0.0

@@ -139,7 +139,7 @@ def test_demo_reports_batching_rate_limiting_and_semantic_levels(capsys: pytest.
 
 def test_constant_cost_stage_saves_hits_times_cost(capsys: pytest.CaptureFixture[str]) -> None:
     """The vector search costs the same per query: spent = computed x price, saved = avoided x price."""
-    from cachelayers.demo import _SEARCH_PRICE
+    from cachelayers.demo.pipeline import _SEARCH_PRICE
 
     report = demo_json(capsys)
     (search,) = [s for s in report["stages"] if s["name"] == "search"]

@@ -87,7 +87,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-@command("demo", "replay a simulated AI pipeline through @multilevel_cached and report savings", _demo_arguments)
+@command("demo", "replay a simulated AI pipeline through all four decorators and report savings", _demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

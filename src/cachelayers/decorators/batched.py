@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, final, overload
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, Unpack, final, overload
 
-from cachelayers.engines.batcher import Batcher, BatchInfo, QueueFullPolicy, Rows
+from cachelayers.engines.batcher import Batcher, BatchInfo, BatchOptions, Rows
+from cachelayers.validation import check_options
 
 __all__ = ["BatchedFunction", "batched"]
 
@@ -71,34 +71,14 @@ def batched(fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]], /) -> Bat
 
 @overload
 def batched(
-    *,
-    max_size: int = 64,
-    max_wait: float | str | timedelta = 0.005,
-    max_weight: float | None = None,
-    weight: Callable[[Any], float] | None = None,
-    max_concurrency: int | None = None,
-    max_queue: int | None = None,
-    queue_full: QueueFullPolicy = "wait",
-    key: Callable[[Any], Hashable] | None = None,
-    dedupe: bool = True,
-    name: str | None = None,
+    **options: Unpack[BatchOptions],
 ) -> Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]], BatchedFunction[X, P, Y]]: ...
 
 
 def batched(
     fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]] | None = None,
     /,
-    *,
-    max_size: int = 64,
-    max_wait: float | str | timedelta = 0.005,
-    max_weight: float | None = None,
-    weight: Callable[[Any], float] | None = None,
-    max_concurrency: int | None = None,
-    max_queue: int | None = None,
-    queue_full: QueueFullPolicy = "wait",
-    key: Callable[[Any], Hashable] | None = None,
-    dedupe: bool = True,
-    name: str | None = None,
+    **options: Unpack[BatchOptions],
 ) -> BatchedFunction[X, P, Y] | Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]],
                                          BatchedFunction[X, P, Y]]:
     """Turn a batch function into a per-item function whose calls are gathered into batches.
@@ -111,16 +91,26 @@ def batched(
 
     Args:
         fn: The batch function, when used bare.
-        max_size: Most items in one batch.
-        max_wait: Longest a batch waits for more items after its first: seconds, ``"5ms"``, a timedelta.
-        max_weight: Most total weight in one batch (e.g. tokens); needs ``weight``.
-        weight: Weight of one item, e.g. ``lambda text: len(text) // 4``.
-        max_concurrency: Most batches in flight at once (per event loop); ``None`` for no bound.
-        max_queue: Most items waiting to be sent (per event loop); ``None`` for no bound.
-        queue_full: When the queue is full, ``"wait"`` for room or ``"raise"`` `BatchQueueFullError`.
-        key: Function of an item giving its identity for deduplication (default: the item, when hashable).
-        dedupe: ``False`` sends identical items separately.
-        name: Name used in errors and statistics instead of ``module.qualname``.
+
+    Keyword Args:
+        max_size (int): Most items in one batch (default 64); a batch that reaches it goes at once.
+        max_wait (float | str | timedelta): Longest a batch waits for more items after its first: seconds,
+            ``"5ms"``, a timedelta (default 5 ms). Zero sends what arrived in the same scheduling round.
+        max_weight (float | None): Most total weight in one batch (e.g. tokens); needs ``weight``. An item
+            heavier than this goes in a batch of its own.
+        weight (Callable[[X], float] | None): Weight of one item, e.g. ``lambda text: len(text) // 4``.
+        max_concurrency (int | None): Most batches in flight at once (per event loop); ``None`` (the default)
+            for no bound. A batch that is due while all slots are taken keeps accepting items until a slot
+            frees.
+        max_queue (int | None): Most items waiting to be sent (per event loop); ``None`` (the default) for no
+            bound.
+        queue_full (QueueFullPolicy): When the queue is full, ``"wait"`` for room (the default) or ``"raise"``
+            `BatchQueueFullError`.
+        key (Callable[[X], Hashable] | None): Function of an item giving the key under which identical pending
+            (or in-flight) items are sent once; ``None`` for an item that must not be merged. By default the
+            item itself when it is hashable (with its type, so ``1`` and ``1.0`` differ).
+        dedupe (bool): ``False`` sends every item, even identical ones.
+        name (str | None): Name used in errors and statistics instead of the function's ``module.qualname``.
 
     Returns:
         A `BatchedFunction`: ``await f(item, *shared)`` for one result, ``await f.many(items, *shared)`` for
@@ -128,12 +118,11 @@ def batched(
 
     Raises:
         ConfigError: A parameter is out of range or malformed (the error names it).
-        TypeError: ``fn`` is not an async function.
+        TypeError: ``fn`` is not an async function, or an option is not one of these.
     """
+    check_options(options, BatchOptions, "batched")
 
     def decorate(f: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]) -> BatchedFunction[X, P, Y]:
-        return BatchedFunction(Batcher(f, max_size=max_size, max_wait=max_wait, max_weight=max_weight,
-                                       weight=weight, max_concurrency=max_concurrency, max_queue=max_queue,
-                                       queue_full=queue_full, key=key, dedupe=dedupe, name=name))
+        return BatchedFunction(Batcher(f, **options))
 
     return decorate if fn is None else decorate(fn)

@@ -19,260 +19,47 @@ Rules kept here, each tested:
   in-flight count, queue) is made on first use in that loop and forgotten with it, so one batcher serves
   repeated ``asyncio.run`` calls, several threads' loops, and trio.
 
-The batch's task is spawned natively (``loop.create_task`` on asyncio, a system task on trio) because it must
-outlive the caller that started the batch: any caller may be cancelled, and the batch must still go for the
-others. Everything it does inside uses anyio.
+The batch's task is spawned natively (see `adapters`); everything it does inside uses anyio.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import inspect
 import sys
 import weakref
 from asyncio import get_running_loop as _get_running_loop
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
-from typing import Any, Concatenate, Final, Generic, Literal, NamedTuple, ParamSpec, Protocol, Self, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, Unpack
 
 import anyio
 import numpy as np
 
 from cachelayers.durations import parse_duration
+from cachelayers.engines.batcher.adapters import loop_adapters, trio_token
+from cachelayers.engines.batcher.options import BatchOptions, QueueFullPolicy, default_key
+from cachelayers.engines.batcher.records import (
+    CLOSED,
+    DONE,
+    NO_VALUE,
+    OPEN,
+    SENT,
+    Batch,
+    BatchInfo,
+    Entry,
+    LoopState,
+    Rows,
+)
 from cachelayers.errors import BatcherClosedError, BatchError, BatchQueueFullError, ConfigError
 from cachelayers.keys import canonical_bytes, function_identity
 from cachelayers.metrics import LatencyRing, register_stats_source, stable_list
-from cachelayers.validation import optional_positive_int, positive_int
+from cachelayers.validation import check_options, optional_positive_int, positive_int
 
-__all__ = ["BatchInfo", "Batcher", "QueueFullPolicy", "Rows"]
+__all__ = ["Batcher"]
 
 X = TypeVar("X")
 Y = TypeVar("Y")
-Y_co = TypeVar("Y_co", covariant=True)
 P = ParamSpec("P")
-
-QueueFullPolicy = Literal["wait", "raise"]
-
-# Stages of a batch. A batch accepts items while OPEN; CLOSED means full (or flushed) but not sent yet.
-_OPEN: Final = 0
-_CLOSED: Final = 1
-_SENT: Final = 2
-_DONE: Final = 3
-
-_NO_VALUE: Final[Any] = object()
-
-
-class Rows(Protocol[Y_co]):
-    """What a batch function returns: a sequence with one result per item (a list, or an array's rows)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int, /) -> Y_co: ...
-
-
-class BatchInfo(NamedTuple):
-    """What `Batcher.info()` tells about one batcher.
-
-    Attributes:
-        calls: Items submitted by callers (a caller of ``many()`` counts once per item).
-        deduplicated: Calls answered by an identical item already pending or in flight.
-        dropped: Items taken out of their batch because every caller of them was cancelled before it was sent.
-        rejected: Calls refused because the queue was full (policy ``"raise"``) or the batcher was closed.
-        batches: Batches sent to the function.
-        items: Items sent to the function.
-        failed_batches: Batches that raised, returned the wrong number of results, or were cancelled.
-        mean_size: ``items / batches``.
-        fill_ratio: ``mean_size / max_size``.
-        wait_p50: Median time from a batch's first item to the batch being sent, in seconds.
-        wait_p99: 99th percentile of the same.
-        batch_p50: Median duration of one call of the batch function, in seconds.
-        batch_p99: 99th percentile of the same.
-        pending: Items waiting to be sent now, over every event loop.
-        in_flight: Batches running now, over every event loop.
-    """
-
-    calls: int
-    deduplicated: int
-    dropped: int
-    rejected: int
-    batches: int
-    items: int
-    failed_batches: int
-    mean_size: float
-    fill_ratio: float
-    wait_p50: float | None
-    wait_p99: float | None
-    batch_p50: float | None
-    batch_p99: float | None
-    pending: int
-    in_flight: int
-
-
-class _Entry:
-    """One distinct item of a batch, the callers waiting for it, and its outcome once the batch is done."""
-
-    __slots__ = ("batch", "callers", "dkey", "error", "item", "traceback", "value", "weight")
-
-    def __init__(self, item: Any, dkey: Hashable | None, weight: float, batch: _Batch) -> None:
-        self.item = item
-        self.dkey = dkey
-        self.weight = weight
-        self.batch = batch
-        self.callers = 1
-        self.value: Any = _NO_VALUE
-        self.error: BaseException | None = None
-        self.traceback: TracebackType | None = None
-
-    def outcome(self) -> Any:
-        error = self.error
-        if error is not None:
-            # Several callers may raise the same object: reset its traceback each time, as a Future does, so
-            # tracebacks do not pile up across tasks.
-            raise error.with_traceback(self.traceback)
-        return self.value
-
-
-class _Event(Protocol):
-    """The loop's own event (``asyncio.Event`` or ``trio.Event``): what anyio's Event wraps, minus the wrapper.
-
-    Every caller waits on one, so the hot path skips anyio's indirection (a backend lookup per event created
-    and a coroutine frame per wait); anyio's cancel scopes work on native waits all the same.
-    """
-
-    def set(self) -> None: ...
-
-    def is_set(self) -> bool: ...
-
-    def wait(self) -> Awaitable[Any]: ...
-
-
-class _AsyncioEvent:
-    """An asyncio event whose ``wait()`` is the waiter's own future, awaited directly.
-
-    ``asyncio.Event.wait`` wraps that future in a coroutine and keeps its waiters in a deque each removes
-    itself from; on the per-item hot path that is a third of the batcher's own cost. A cancelled waiter's future
-    is cancelled with it and skipped by `set`: no ``InvalidStateError``, and no exception is ever stored in one.
-    """
-
-    __slots__ = ("_set", "_waiters")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        if not self._set:
-            self._set = True
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    def wait(self) -> Awaitable[None]:
-        waiter: asyncio.Future[None] = _get_running_loop().create_future()
-        if self._set:
-            waiter.set_result(None)  # awaiting a done future returns at once, as Event.wait does when set
-        else:
-            self._waiters.append(waiter)
-        return waiter
-
-
-class _Batch:
-    """Items gathered for one call of the batch function, with the same shared arguments."""
-
-    __slots__ = ("args", "deadline", "done", "due", "entries", "go", "group", "has_slot", "kwargs", "size",
-                 "stage", "wake", "weight")
-
-    def __init__(self, group: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float,
-                 event: Callable[[], _Event]) -> None:
-        self.group = group
-        self.args = args
-        self.kwargs = kwargs
-        self.deadline = deadline
-        self.entries: list[_Entry] = []
-        self.size = 0  # live entries: those dropped by cancellation are not counted
-        self.weight = 0.0
-        self.stage = _OPEN
-        self.wake = event()  # full, flushed, emptied or closed: stop waiting for the timer
-        self.done = event()  # every live entry has its outcome
-        self.due = False  # full, flushed or timed out: holds a concurrency slot or waits in line for one
-        self.go: _Event | None = None  # set when a slot is handed over (or the batch was emptied or rejected)
-        self.has_slot = False
-
-
-class _Loop:
-    """The batcher's state in one event loop."""
-
-    __slots__ = ("__weakref__", "batches", "clock", "event", "idle", "in_flight", "index", "native", "open",
-                 "queued", "space", "spawn", "waiting")
-
-    def __init__(self, native: object, clock: Callable[[], float],
-                 spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None], event: Callable[[], _Event]) -> None:
-        self.native = weakref.ref(native)
-        self.clock = clock
-        self.spawn = spawn
-        self.event = event
-        self.open: dict[Hashable, _Batch] = {}  # per group of shared arguments: the batch accepting items
-        self.index: dict[Hashable, _Entry] = {}  # dedupe key -> entry not answered yet (pending or in flight)
-        self.batches: set[_Batch] = set()  # every batch whose task has not ended
-        self.waiting: deque[_Batch] = deque()  # due batches waiting for a concurrency slot, oldest first
-        self.queued = 0  # live items not sent yet
-        self.in_flight = 0
-        self.space: _Event | None = None  # set when queued items leave the queue
-        self.idle: _Event | None = None  # set when the last batch ends
-
-
-def _trio_token() -> object:
-    """The running trio run's token (the running loop was not asyncio)."""
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            return trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-    raise RuntimeError("a Batcher must be used from a running asyncio or trio event loop")
-
-
-def _make_loop(native: object, library: str) -> _Loop:
-    # Nothing here may hold the native loop strongly: the state is the value of a WeakKeyDictionary keyed by
-    # it, and would keep a finished loop alive forever. Both functions run only inside the loop anyway.
-    if library == "asyncio":
-        tasks: set[asyncio.Task[None]] = set()
-
-        def spawn_asyncio(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-            task = asyncio.get_running_loop().create_task(run())
-            tasks.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(tasks.discard)
-
-        def asyncio_time() -> float:
-            return asyncio.get_running_loop().time()
-
-        return _Loop(native, asyncio_time, spawn_asyncio, _AsyncioEvent)
-
-    import trio
-
-    def spawn_trio(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        # With a copy of the caller's context, as asyncio's create_task gives (system tasks get none by default).
-        trio.lowlevel.spawn_system_task(run, context=contextvars.copy_context())
-
-    return _Loop(native, trio.current_time, spawn_trio, trio.Event)
-
-
-def _default_key(item: object) -> Hashable | None:
-    """The item itself when hashable, tagged with its type unless a str (so ``1``, ``1.0`` and ``True`` differ)."""
-    if type(item) is str:
-        return item
-    try:
-        hash(item)
-    except TypeError:
-        return None
-    return (type(item), item)
 
 
 class Batcher(Generic[X, P, Y]):
@@ -284,43 +71,26 @@ class Batcher(Generic[X, P, Y]):
 
     Args:
         fn: The batch function, ``async def fn(items: list[X], *shared) -> list[Y]``.
-        max_size: Most items in one batch; a batch that reaches it goes at once.
-        max_wait: Longest a batch waits for more items after its first (seconds, ``"5ms"``, a timedelta).
-            Zero sends what arrived in the same scheduling round.
-        max_weight: Most total weight in one batch (e.g. tokens); needs ``weight``. An item heavier than this
-            goes in a batch of its own.
-        weight: Weight of one item, e.g. ``lambda text: len(text) // 4``.
-        max_concurrency: Most batches in flight per event loop (``None``: no bound). A batch that is due
-            while all slots are taken keeps accepting items until a slot frees.
-        max_queue: Most items waiting to be sent per event loop (``None``: no bound).
-        queue_full: What a call does when the queue is full: ``"wait"`` for room, or ``"raise"``
-            `BatchQueueFullError`.
-        key: Function of an item giving the key under which identical pending (or in-flight) items are sent
-            once; ``None`` for an item that must not be merged. By default the item itself when it is hashable
-            (with its type, so ``1`` and ``1.0`` differ).
-        dedupe: Set to ``False`` to send every item, even identical ones.
-        name: Name used in errors and statistics instead of the function's ``module.qualname``.
+        **options: The options of `cachelayers.batched` (`BatchOptions`), documented there.
 
     Raises:
         ConfigError: A parameter is out of range or malformed (the error names it).
         TypeError: ``fn`` is not an async function.
     """
 
-    def __init__(
-        self,
-        fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]],
-        *,
-        max_size: int = 64,
-        max_wait: float | str | timedelta = 0.005,
-        max_weight: float | None = None,
-        weight: Callable[[X], float] | None = None,
-        max_concurrency: int | None = None,
-        max_queue: int | None = None,
-        queue_full: QueueFullPolicy = "wait",
-        key: Callable[[X], Hashable] | None = None,
-        dedupe: bool = True,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]],
+                 **options: Unpack[BatchOptions]) -> None:
+        check_options(options, BatchOptions, "Batcher")
+        max_size = options.get("max_size", 64)
+        max_wait = options.get("max_wait", 0.005)
+        max_weight = options.get("max_weight")
+        weight = options.get("weight")
+        max_concurrency = options.get("max_concurrency")
+        max_queue = options.get("max_queue")
+        queue_full = options.get("queue_full", "wait")
+        key = options.get("key")
+        dedupe = options.get("dedupe", True)
+        name = options.get("name")
         if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn))
                 or (callable(fn) and inspect.iscoroutinefunction(type(fn).__call__))):
             raise TypeError(f"batched needs an async function, got {fn!r}")
@@ -351,10 +121,10 @@ class Batcher(Generic[X, P, Y]):
         if not isinstance(dedupe, bool):
             raise ConfigError("dedupe", dedupe, "must be True or False")
         self._key: Callable[[Any], Hashable | None] | None = (key if key is not None
-                                                               else _default_key if dedupe else None)
+                                                               else default_key if dedupe else None)
         self._closed = False
-        self._loops: weakref.WeakKeyDictionary[object, _Loop] = weakref.WeakKeyDictionary()
-        self._last: _Loop | None = None
+        self._loops: weakref.WeakKeyDictionary[object, LoopState] = weakref.WeakKeyDictionary()
+        self._last: LoopState | None = None
         # counters
         self._calls = 0
         self._deduplicated = 0
@@ -369,18 +139,18 @@ class Batcher(Generic[X, P, Y]):
 
     # -- per-loop state ------------------------------------------------------------------------------------
 
-    def _loop(self) -> _Loop:
+    def _loop(self) -> LoopState:
         library = "asyncio"
         try:
             native: object = _get_running_loop()
         except RuntimeError:
-            native, library = _trio_token(), "trio"
+            native, library = trio_token(), "trio"
         state = self._last
         if state is not None and state.native() is native:
             return state
         state = self._loops.get(native)
         if state is None:
-            state = self._loops[native] = _make_loop(native, library)
+            state = self._loops[native] = LoopState(native, *loop_adapters(library))
         self._last = state
         return state
 
@@ -436,7 +206,7 @@ class Batcher(Generic[X, P, Y]):
         """
         loop = self._loop()
         group = self._group(args, kwargs)
-        entries: list[_Entry] = []
+        entries: list[Entry] = []
         claimed = 0  # entries[:claimed] no longer count this call as a caller
         try:
             for item in items:
@@ -472,8 +242,8 @@ class Batcher(Generic[X, P, Y]):
                                 f"encoding, since they decide which calls share a batch: {exc}") from None
         return group
 
-    def _enqueue(self, loop: _Loop, item: Any, group: Hashable, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> _Entry | None:
+    def _enqueue(self, loop: LoopState, item: Any, group: Hashable, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Entry | None:
         """Put ``item`` in a batch (or join an identical one); ``None`` when the queue is full."""
         if self._closed:
             self._rejected += 1
@@ -507,7 +277,7 @@ class Batcher(Generic[X, P, Y]):
             batch = None
         if batch is None:
             batch = self._open(loop, group, args, kwargs)
-        entry = _Entry(item, dkey, weight, batch)
+        entry = Entry(item, dkey, weight, batch)
         batch.entries.append(entry)
         batch.size += 1
         batch.weight += weight
@@ -518,8 +288,8 @@ class Batcher(Generic[X, P, Y]):
             self._close(loop, batch)
         return entry
 
-    async def _enqueue_when_room(self, loop: _Loop, item: Any, group: Hashable, args: tuple[Any, ...],
-                                 kwargs: dict[str, Any]) -> _Entry:
+    async def _enqueue_when_room(self, loop: LoopState, item: Any, group: Hashable, args: tuple[Any, ...],
+                                 kwargs: dict[str, Any]) -> Entry:
         """The queue is full: wait for room or raise, as the policy says."""
         if self.queue_full == "raise":
             self._rejected += 1
@@ -534,8 +304,8 @@ class Batcher(Generic[X, P, Y]):
             if entry is not None:
                 return entry
 
-    def _open(self, loop: _Loop, group: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Batch:
-        batch = _Batch(group, args, kwargs, loop.clock() + self.max_wait, loop.event)
+    def _open(self, loop: LoopState, group: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
+        batch = Batch(group, args, kwargs, loop.clock() + self.max_wait, loop.event)
 
         async def run() -> None:
             await self._run(loop, batch)
@@ -545,22 +315,22 @@ class Batcher(Generic[X, P, Y]):
         loop.batches.add(batch)
         return batch
 
-    def _close(self, loop: _Loop, batch: _Batch) -> None:
+    def _close(self, loop: LoopState, batch: Batch) -> None:
         """Stop ``batch`` accepting items and let it go without waiting for its timer."""
         if loop.open.get(batch.group) is batch:
             del loop.open[batch.group]
-        if batch.stage == _OPEN:
-            batch.stage = _CLOSED
+        if batch.stage == OPEN:
+            batch.stage = CLOSED
         self._due(loop, batch)
         batch.wake.set()
 
-    def _due(self, loop: _Loop, batch: _Batch) -> None:
+    def _due(self, loop: LoopState, batch: Batch) -> None:
         """``batch`` may go: give it a free slot, or queue it for one.
 
         Called the moment it is due (full, flushed, or its timer fired), not when its task next runs, so slots go
         to batches in the order they became due whatever order the scheduler runs tasks in.
         """
-        if batch.due or not batch.size or batch.stage >= _SENT:
+        if batch.due or not batch.size or batch.stage >= SENT:
             return
         batch.due = True
         if loop.in_flight < self._slots and not loop.waiting:
@@ -570,17 +340,17 @@ class Batcher(Generic[X, P, Y]):
             batch.go = loop.event()
             loop.waiting.append(batch)
 
-    def _space_freed(self, loop: _Loop) -> None:
+    def _space_freed(self, loop: LoopState) -> None:
         space = loop.space
         if space is not None:
             loop.space = None
             space.set()
 
-    def _abandon(self, loop: _Loop, entry: _Entry) -> None:
+    def _abandon(self, loop: LoopState, entry: Entry) -> None:
         """A caller of ``entry`` stopped waiting; drop the item if it was the last and the batch is unsent."""
         entry.callers -= 1
         batch = entry.batch
-        if entry.callers or batch.stage >= _SENT:
+        if entry.callers or batch.stage >= SENT:
             return
         batch.size -= 1
         batch.weight -= entry.weight
@@ -598,23 +368,23 @@ class Batcher(Generic[X, P, Y]):
 
     # -- sending -------------------------------------------------------------------------------------------
 
-    async def _run(self, loop: _Loop, batch: _Batch) -> None:
+    async def _run(self, loop: LoopState, batch: Batch) -> None:
         """The task of one batch: wait for its timer or for it to fill, wait for a slot, send it, end."""
         try:
             if not batch.due:
                 with anyio.CancelScope(deadline=batch.deadline):  # the batch's one timer
                     await batch.wake.wait()
                 self._due(loop, batch)
-            if batch.size == 0 or batch.stage == _DONE:
+            if batch.size == 0 or batch.stage == DONE:
                 return
             if not batch.has_slot:
                 assert batch.go is not None
                 await batch.go.wait()
-                if batch.size == 0 or batch.stage == _DONE:
+                if batch.size == 0 or batch.stage == DONE:
                     return
             await self._send(loop, batch)
         finally:
-            if batch.stage < _DONE:
+            if batch.stage < DONE:
                 if batch.size == 0:  # every caller was cancelled before it was sent: nobody to answer
                     self._finish(loop, batch, None)
                 else:  # cancelled before or while sending (the event loop is shutting down): nobody may wait on
@@ -626,10 +396,10 @@ class Batcher(Generic[X, P, Y]):
             if not loop.batches and loop.idle is not None:
                 loop.idle.set()
 
-    async def _send(self, loop: _Loop, batch: _Batch) -> None:
+    async def _send(self, loop: LoopState, batch: Batch) -> None:
         if loop.open.get(batch.group) is batch:
             del loop.open[batch.group]
-        batch.stage = _SENT
+        batch.stage = SENT
         live = [e for e in batch.entries if e.callers]
         batch.entries = live
         loop.queued -= len(live)
@@ -669,31 +439,31 @@ class Batcher(Generic[X, P, Y]):
                 entry.value = value
         self._finish(loop, batch, None)
 
-    def _finish(self, loop: _Loop, batch: _Batch, error: BatchError | BatcherClosedError | None) -> None:
+    def _finish(self, loop: LoopState, batch: Batch, error: BatchError | BatcherClosedError | None) -> None:
         """Give every live entry of ``batch`` its outcome (``error`` when not None) and wake its callers."""
         if error is not None and isinstance(error, BatchError):
             self._failed += 1
         for entry in batch.entries:
-            if error is not None and entry.value is _NO_VALUE and entry.error is None:
+            if error is not None and entry.value is NO_VALUE and entry.error is None:
                 entry.error = error
                 entry.traceback = None
             if entry.dkey is not None and loop.index.get(entry.dkey) is entry:
                 del loop.index[entry.dkey]
-        if batch.stage < _SENT:
+        if batch.stage < SENT:
             loop.queued -= batch.size
             batch.size = 0
             self._space_freed(loop)
             if loop.open.get(batch.group) is batch:
                 del loop.open[batch.group]
-        batch.stage = _DONE
+        batch.stage = DONE
         batch.done.set()
 
-    def _release(self, loop: _Loop) -> None:
+    def _release(self, loop: LoopState) -> None:
         """Hand a finished batch's slot to the oldest due batch, or free it."""
         waiting = loop.waiting
         while waiting:
             batch = waiting.popleft()
-            if batch.size and batch.go is not None and batch.stage < _SENT:
+            if batch.size and batch.go is not None and batch.stage < SENT:
                 batch.has_slot = True
                 batch.go.set()
                 return
@@ -720,13 +490,13 @@ class Batcher(Generic[X, P, Y]):
         try:
             native: object = _get_running_loop()
         except RuntimeError:
-            native = _trio_token()
+            native = trio_token()
         loop = self._loops.get(native)
         if loop is None:
             return
         self._space_freed(loop)  # callers waiting for room wake and find the batcher closed
         for batch in list(loop.batches):
-            if batch.stage >= _SENT:
+            if batch.stage >= SENT:
                 continue
             if flush:
                 self._close(loop, batch)

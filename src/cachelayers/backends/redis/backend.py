@@ -1,0 +1,258 @@
+"""`RedisBackend`: the Redis tier, on redis-py's asyncio client.
+
+Entries are plain Redis strings under their storage keys with a native TTL (``PX``) taken from the entry's
+absolute expiry; a tag is a Redis set of the keys carrying it, named by the tag itself (the engine names tags
+inside the key prefix), so invalidating a tag pops its members and unlinks them without ``KEYS`` or ``SCAN``.
+Writes of a batch go in one pipeline (a ``MULTI`` transaction on a single server, so an entry and its tag
+memberships appear together). One connection pool per backend instance and event loop: the pool is made on
+first use in a loop and closed by `RedisBackend.aclose`; a pool left behind by a loop that has ended is
+dropped with its sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+from cachelayers.backends.base import (
+    Backend,
+    BackendURL,
+    ClearPrefixSupport,
+    Clock,
+    DeadlineSupport,
+    LockSupport,
+    PubSubSupport,
+    StoreItem,
+)
+from cachelayers.backends.redis import locks
+from cachelayers.backends.redis.autopipeline import LoopState, abandon, read_many
+from cachelayers.backends.redis.options import OPTIONS, client_kwargs, close_client, make_client, validate_redis_url
+from cachelayers.backends.redis.pubsub import subscription
+from cachelayers.errors import BackendError
+
+__all__ = ["RedisBackend"]
+
+_CHUNK: Final = 1000  # keys per UNLINK / members per SPOP, to keep single commands short
+
+# Adds an entry to a tag's set and keeps the set alive as long as its longest-lived member: a new set takes
+# the entry's TTL, an existing one is only ever extended, and an entry that never expires makes it persistent.
+# It touches one key, so it is valid on a cluster too.
+_TAG_SCRIPT: Final = """
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SADD', KEYS[1], ARGV[1])
+local ms = tonumber(ARGV[2])
+if ms < 0 then
+  redis.call('PERSIST', KEYS[1])
+elseif existed == 0 then
+  redis.call('PEXPIRE', KEYS[1], ms)
+else
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl >= 0 and ttl < ms then redis.call('PEXPIRE', KEYS[1], ms) end
+end
+return 1
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, LockSupport):
+    """Redis tier (asyncio only).
+
+    URLs::
+
+        redis://[[user]:password@]host[:port][/db][?options]
+        rediss://...                      (TLS)
+        redis+cluster://host[:port][?options]   (any node of the cluster; db 0 only)
+        unix:///path/to/redis.sock[?db=0&options]
+
+    Options: ``timeout`` (socket timeout, default 5s), ``connect_timeout`` (default: ``timeout``),
+    ``max_connections`` (pool size per event loop), ``health_check_interval``, ``client_name``; with TLS
+    (``rediss://``, or ``redis+cluster://…?ssl=true``) also ``ssl_cert_reqs`` (none/optional/required),
+    ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``; ``db`` for ``unix://``. An unknown option or a bad
+    value raises `ConfigError` naming it when the settings are made.
+
+    Besides the storage contract it offers `PubSubSupport` (cross-process invalidation) and `LockSupport`
+    (leased locks for single-flight across processes).
+    """
+
+    schemes = ("redis", "rediss", "redis+cluster", "unix")
+    options = OPTIONS
+
+    def __init__(self, url: BackendURL | str, *, clock: Clock = time.time) -> None:
+        parsed = BackendURL.parse(url) if isinstance(url, str) else url
+        super().__init__(parsed, clock=clock)
+        self.validate_url(parsed)
+        self.cluster = parsed.scheme == "redis+cluster"
+        self._kwargs = client_kwargs(parsed)
+        self._state: LoopState | None = None
+
+    @classmethod
+    def validate_url(cls, url: BackendURL) -> None:
+        """Check the address, database number and options without importing anything or connecting."""
+        super().validate_url(url)
+        validate_redis_url(url)
+
+    # -- one client per event loop --------------------------------------------------------------------------
+
+    def _loop_state(self) -> LoopState:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise BackendError("the Redis tier runs on asyncio only (redis-py's asyncio client); "
+                               "it is skipped under other event loops") from None
+        state = self._state
+        if state is not None and state.loop is loop:
+            return state
+        if state is not None:
+            self._state = None
+            abandon(state)
+        state = self._state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster))
+        return state
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is not None:
+            self._state = None
+            with contextlib.suppress(Exception):
+                abandon(state)
+
+    async def aclose(self) -> None:
+        """Close the connection pool of the current event loop (and forget any other)."""
+        state, self._state = self._state, None
+        if state is None:
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if state.loop is not current:
+            abandon(state)
+            return
+        for conn in state.readers:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        await close_client(state.client)
+
+    # -- the storage contract -------------------------------------------------------------------------------
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return the entries under ``keys``; reads of one event-loop tick share one ``MGET``."""
+        return await self.get_many_within(keys, self._kwargs["socket_timeout"])
+
+    async def get_many_within(self, keys: Sequence[str], seconds: float) -> list[bytes | None]:
+        """Like `get_many`, raising `TimeoutError` after ``seconds`` (auto-pipelined: see `read_many`)."""
+        if not keys:
+            return []
+        return await read_many(self._loop_state(), keys, seconds, cluster=self.cluster)
+
+    async def set_many(self, items: Sequence[StoreItem]) -> None:
+        """Store the entries with ``PX`` from their expiry and record them under their tags, in one round trip."""
+        if not items:
+            return
+        client = self._loop_state().client
+        now = self.clock()
+        if len(items) == 1 and not items[0].tags:
+            item = items[0]
+            ms = self._ttl_ms(item, now)
+            if ms is None:
+                await client.execute_command("SET", item.key, item.blob)
+            elif ms > 0:
+                await client.execute_command("SET", item.key, item.blob, "PX", ms)
+            else:
+                await client.execute_command("UNLINK", item.key)
+            return
+        pipe = client.pipeline(transaction=not self.cluster)
+        for item in items:
+            ms = self._ttl_ms(item, now)
+            if ms is not None and ms <= 0:
+                pipe.unlink(item.key)  # already expired: drop an older copy rather than store a dead one
+                continue
+            if ms is None:
+                pipe.set(item.key, item.blob)
+            else:
+                pipe.set(item.key, item.blob, px=ms)
+            for tag in item.tags:
+                pipe.eval(_TAG_SCRIPT, 1, tag, item.key, -1 if ms is None else ms)
+        await pipe.execute()
+
+    @staticmethod
+    def _ttl_ms(item: StoreItem, now: float) -> int | None:
+        if item.expires_at is None:
+            return None
+        return math.ceil((item.expires_at - now) * 1000)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Unlink the keys."""
+        client = self._loop_state().client
+        for start in range(0, len(keys), _CHUNK):
+            await client.unlink(*keys[start:start + _CHUNK])
+
+    async def delete_tags(self, tags: Sequence[str]) -> None:
+        """Pop the members of each tag's set and unlink them.
+
+        ``SPOP`` takes members atomically, so an entry tagged while this runs is either removed now or stays
+        in the set for the next invalidation; none is left untracked.
+        """
+        client = self._loop_state().client
+        pending = list(dict.fromkeys(tags))
+        while pending:
+            pipe = client.pipeline(transaction=False)
+            for tag in pending:
+                pipe.spop(tag, _CHUNK)
+            popped: list[list[bytes]] = await pipe.execute()
+            members = [m for batch in popped for m in batch or ()]
+            for start in range(0, len(members), _CHUNK):
+                await client.unlink(*members[start:start + _CHUNK])
+            pending = [tag for tag, batch in zip(pending, popped, strict=True) if batch and len(batch) == _CHUNK]
+
+    async def clear_prefix(self, prefix: str) -> None:
+        """Unlink every key that starts with ``prefix`` (found with ``SCAN``: this is the one operation that scans)."""
+        client = self._loop_state().client
+        found: list[bytes] = []
+        async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=_CHUNK):
+            found.append(key)
+            if len(found) >= _CHUNK:
+                await client.unlink(*found)
+                found = []
+        if found:
+            await client.unlink(*found)
+
+    async def clear(self) -> None:
+        """Remove every key of the database this URL selects (the engine uses `clear_prefix` instead)."""
+        await self.clear_prefix("")
+
+    # -- PubSubSupport -----------------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """``PUBLISH`` the message."""
+        await self._loop_state().client.publish(channel, message)
+
+    def subscribe(self, channel: str) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Subscribe on a connection of its own that never reconnects silently (a lost connection raises)."""
+        return self._subscription(channel)
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        self._loop_state()  # asyncio only
+        async with subscription(self._kwargs, channel) as messages:
+            yield messages
+
+    # -- LockSupport -------------------------------------------------------------------------------------------
+
+    async def acquire_lock(self, name: str, token: str, lease: float) -> bool:
+        """``SET name token NX PX lease``."""
+        return await locks.acquire_lock(self._loop_state().client, name, token, lease)
+
+    async def extend_lock(self, name: str, token: str, lease: float) -> bool:
+        """Reset the lease if we still hold the lock."""
+        return await locks.extend_lock(self._loop_state().client, name, token, lease)
+
+    async def release_lock(self, name: str, token: str, notify: tuple[str, bytes] | None = None) -> bool:
+        """Delete the lock if we hold it and publish ``notify``, atomically."""
+        return await locks.release_lock(self._loop_state().client, name, token, notify)
