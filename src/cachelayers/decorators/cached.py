@@ -34,21 +34,27 @@ class CachedFunction(Generic[P, T]):
     __wrapped__: Callable[P, Awaitable[T]]
     __name__: str
     __qualname__: str
-    # What `inspect.iscoroutinefunction` reads of a "function-like" object (Python 3.11 has no other way to
-    # mark a callable object as a coroutine function): those of the compiled hit path.
-    __code__: types.CodeType
-    __defaults__: tuple[Any, ...] | None
-    __kwdefaults__: dict[str, Any] | None
 
     def __init__(self, fn: Callable[P, Awaitable[T]], engine: FunctionCache[P, T]) -> None:
-        hit_path = cast(types.FunctionType, engine.wrapper)
         self.__call__ = engine.wrapper
         self.cache = engine
         """The engine behind the function."""
         functools.update_wrapper(self, fn, updated=())  # not the wrapped object's __dict__: ours is ours
-        self.__code__ = hit_path.__code__
-        self.__defaults__ = hit_path.__defaults__
-        self.__kwdefaults__ = hit_path.__kwdefaults__
+
+    # What `inspect.iscoroutinefunction` reads of a function-like object (Python 3.11 has no other way to mark
+    # a callable object as a coroutine function): those of the compiled hit path, an ``async def``.
+
+    @property
+    def __code__(self) -> types.CodeType:
+        return cast(types.FunctionType, self.__call__).__code__
+
+    @property
+    def __defaults__(self) -> tuple[Any, ...] | None:
+        return cast(types.FunctionType, self.__call__).__defaults__
+
+    @property
+    def __kwdefaults__(self) -> dict[str, Any] | None:
+        return cast(types.FunctionType, self.__call__).__kwdefaults__
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
