@@ -114,6 +114,7 @@ class TieredCache:
         self.tiers = [Tier(name, backend, self.settings, self.log, monotonic, self) for name, backend in named]
         self.strict = self.settings.strict
         self.inflight: dict[Hashable, Flight] = {}
+        """The computations running in this process, by local key: a call missing a key waits for its flight."""
         prefix = self.settings.key_prefix
         self._tag_prefix = prefix + "~tag:"
         self.lock_prefix = prefix + "~lock:"

@@ -77,6 +77,7 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
     """
     namespace: dict[str, Any] = {}
     signature, args, kwargs, key = _parameter_source(keys, namespace)
+    count = "_cl_count_cost(_cl_value)" if count_cost is not None else "pass"
     source = f"""
 def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_nothing):
     _cl_peek = _cl_nothing
@@ -90,8 +91,7 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
         _cl_value = _cl_peek(_cl_key)
         if _cl_value is not _cl_missing:
             _cl_stats.hits += 1
-            if _cl_count_cost is not None:
-                _cl_count_cost(_cl_value)
+            {count}
             return _cl_value
         return await _cl_miss(_cl_key, {args}, {kwargs})
 
