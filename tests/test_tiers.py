@@ -513,10 +513,10 @@ class TestAcrossCaches:
                     tg.start_soon(call, f)
         assert results == [1] * 40
         # One cache's refresh holds the lock and computes; the other's found it taken and gave up.
-        await eventually(lambda: computed == 2 and any(not c._inflight for c in caches), 5)
+        await eventually(lambda: computed == 2 and any(not c.inflight for c in caches), 5)
         release.set()
         await eventually(lambda: sum(f.cache.refreshes for f in fns) == 1 and
-                         all(not c._inflight for c in caches), 5)
+                         all(not c.inflight for c in caches), 5)
         assert computed == 2
         for c in caches:
             await c.aclose()

@@ -10,18 +10,29 @@ from __future__ import annotations
 import abc
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, Final, NamedTuple
 
 from cachelayers.errors import ConfigError
 
-__all__ = ["Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LockSupport", "PubSubSupport",
-           "StoreItem"]
+__all__ = ["MISSING", "Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LocalTier",
+           "LockSupport", "PubSubSupport", "StoreItem"]
 
 Clock = Callable[[], float]
 """A source of wall-clock time in seconds since the epoch (``time.time`` or a fake for tests)."""
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final[Any] = _Missing()
+"""What a `LocalTier` lookup returns on a miss (``None`` is a cacheable value)."""
 
 
 class StoreItem(NamedTuple):
@@ -199,3 +210,72 @@ class LockSupport(abc.ABC):
 
         Returns whether we still held it.
         """
+
+
+class LocalTier(abc.ABC):
+    """Optional ability: serve as the in-process first tier, holding live objects under local keys.
+
+    The engine reads it on every call, so the read is `peek`, a plain function that the engine keeps in a
+    closure cell; it knows nothing else of how entries are kept. Entries have an absolute expiry (``clock()``
+    time), tags, and optionally the storage key the other tiers name them by.
+    """
+
+    peek: Callable[[Hashable], Any]
+    """``peek(key)``: the value under ``key`` if it has not expired (marking it recently used), else `MISSING`.
+    An expired entry is left in place, for `peek_stale`."""
+
+    bytes_used: int
+    """Bytes charged by the entries held."""
+    evictions: int
+    """Entries evicted to keep the bounds so far."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """The number of entries held."""
+
+    @abc.abstractmethod
+    def lookup(self, key: Hashable) -> Any:
+        """Like `peek`, but an expired entry found is removed."""
+
+    @abc.abstractmethod
+    def peek_stale(self, key: Hashable, grace: float) -> Any:
+        """The value under ``key`` if it expired less than ``grace`` seconds ago (marking it recently used),
+        else `MISSING`."""
+
+    @abc.abstractmethod
+    def store(self, key: Hashable, value: Any, size: int, expires_at: float | None,
+              tags: tuple[str, ...] = (), storage_key: str | None = None) -> bool:
+        """Store ``value`` under ``key``, charging ``size`` bytes; return ``False`` when it cannot be held.
+
+        Args:
+            key: The local key.
+            value: What `peek` returns.
+            size: Bytes to charge against the tier's bound (the value's encoded size).
+            expires_at: Absolute expiry (``clock()`` time), or ``None``.
+            tags: Tags `remove_tags` finds the entry by.
+            storage_key: The name other tiers give the entry, for `remove_storage_keys`.
+        """
+
+    @abc.abstractmethod
+    def remove(self, key: Hashable) -> bool:
+        """Remove ``key``; return whether it was there."""
+
+    @abc.abstractmethod
+    def remove_storage_keys(self, storage_keys: Sequence[str]) -> int:
+        """Remove the entries stored under these storage keys; return how many were removed."""
+
+    @abc.abstractmethod
+    def remove_tags(self, tags: Sequence[str]) -> int:
+        """Remove every entry carrying any of ``tags``; return how many were removed."""
+
+    @abc.abstractmethod
+    def remove_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Remove every entry whose key satisfies ``predicate`` (a scan); return how many were removed."""
+
+    @abc.abstractmethod
+    def clear_now(self) -> None:
+        """Remove everything, synchronously."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release what the tier holds."""

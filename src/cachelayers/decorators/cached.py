@@ -2,59 +2,95 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from datetime import timedelta
-from typing import Any, ParamSpec, Protocol, Self, TypeVar, cast, overload
+import functools
+import types
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, ParamSpec, Self, TypeVar, Unpack, cast, final, overload
 
-from cachelayers.engines.tiered import BatchFunctionCache, FunctionCache, TieredCache
+from cachelayers.engines.tiered import BatchFunctionCache, CacheOptions, FunctionCache
 from cachelayers.metrics import CacheInfo
+from cachelayers.validation import check_options
 
 __all__ = ["CachedFunction", "multilevel_cached"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-T_co = TypeVar("T_co")
 
 
-class CachedFunction(Protocol[P, T_co]):
+@final
+class CachedFunction(Generic[P, T]):
     """What `multilevel_cached` returns: the function, same signature, plus cache management.
 
-    At run time it is a plain ``async def`` function, so it binds as a method like the function it wraps.
+    Calling it calls the engine's compiled hit path directly: ``__call__`` is a slot of each instance, holding
+    `FunctionCache.wrapper`, so a hit costs no frame of this class. It binds as a method like the function it
+    wraps, and `inspect.iscoroutinefunction` is true of it.
     """
 
-    __wrapped__: Callable[P, Awaitable[T_co]]
+    # "__call__" as a slot: calling an instance looks it up on the class, finds the slot's descriptor and
+    # calls what the instance holds there, with no Python frame in between.
+    __slots__ = ("__call__", "__dict__", "__weakref__")
+
+    __call__: Callable[P, Coroutine[Any, Any, T]]
+    __wrapped__: Callable[P, Awaitable[T]]
     __name__: str
     __qualname__: str
-    cache: FunctionCache[P, Any]
-    """The engine behind the function."""
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+    def __init__(self, fn: Callable[P, Awaitable[T]], engine: FunctionCache[P, T]) -> None:
+        self.__call__ = engine.wrapper
+        self.cache = engine
+        """The engine behind the function."""
+        functools.update_wrapper(self, fn, updated=())  # not the wrapped object's __dict__: ours is ours
 
-    def cache_info(self) -> CacheInfo:
-        """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""
-        ...
+    # What `inspect.iscoroutinefunction` reads of a function-like object (Python 3.11 has no other way to mark
+    # a callable object as a coroutine function): those of the compiled hit path, an ``async def``.
 
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Remove the entry of these arguments from every tier (for a method, pass the instance first)."""
-        ...
+    @property
+    def __code__(self) -> types.CodeType:
+        return cast(types.FunctionType, self.__call__).__code__
 
-    async def invalidate_all(self) -> None:
-        """Remove every entry of the function's namespace from every tier."""
-        ...
+    @property
+    def __defaults__(self) -> tuple[Any, ...] | None:
+        return cast(types.FunctionType, self.__call__).__defaults__
 
-    async def cache_clear(self) -> None:
-        """Same as `invalidate_all`."""
-        ...
+    @property
+    def __kwdefaults__(self) -> dict[str, Any] | None:
+        return cast(types.FunctionType, self.__call__).__kwdefaults__
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
 
     @overload
-    def __get__(
-        self, instance: object, owner: type[Any] | None = None, /
-    ) -> Callable[..., Coroutine[Any, Any, T_co]]: ...
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., Coroutine[Any, Any, T]]:
+        ...
 
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any: ...
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any:
+        """As a method: bound to ``instance``, like a function."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""
+        return self.cache.cache_info()
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]:
+        """Remove the entry of these arguments from every tier (for a method, pass the instance first)."""
+        return self.cache.invalidate(*args, **kwargs)
+
+    def invalidate_all(self) -> Coroutine[Any, Any, None]:
+        """Remove every entry of the function's namespace from every tier."""
+        return self.cache.invalidate_all()
+
+    def cache_clear(self) -> Coroutine[Any, Any, None]:
+        """Same as `invalidate_all`."""
+        return self.cache.invalidate_all()
+
+    def __reduce__(self) -> str:
+        """Pickled by reference, as a function is: by its module and qualified name."""
+        return self.__qualname__
+
+    def __repr__(self) -> str:
+        return f"<cached function {self.cache.identity}>"
 
 
 @overload
@@ -62,39 +98,12 @@ def multilevel_cached(fn: Callable[P, Awaitable[T]], /) -> CachedFunction[P, T]:
 
 
 @overload
-def multilevel_cached(
-    *,
-    ttl: float | str | timedelta | None = None,
-    tags: Callable[..., Iterable[str]] | Iterable[str] | None = None,
-    key: Callable[..., Any] | None = None,
-    namespace: str | None = None,
-    version: str | int = 0,
-    ignore: Iterable[str] = (),
-    name: str | None = None,
-    cost: float | Callable[[Any], float] | None = None,
-    cache: TieredCache | None = None,
-    stale: float | str | timedelta | None = None,
-    lock: bool | float | str | timedelta = False,
-    batch: bool | str = False,
-) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]: ...
+def multilevel_cached(**options: Unpack[CacheOptions]) -> Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
+    ...
 
 
 def multilevel_cached(
-    fn: Callable[P, Awaitable[T]] | None = None,
-    /,
-    *,
-    ttl: float | str | timedelta | None = None,
-    tags: Callable[..., Iterable[str]] | Iterable[str] | None = None,
-    key: Callable[..., Any] | None = None,
-    namespace: str | None = None,
-    version: str | int = 0,
-    ignore: Iterable[str] = (),
-    name: str | None = None,
-    cost: float | Callable[[Any], float] | None = None,
-    cache: TieredCache | None = None,
-    stale: float | str | timedelta | None = None,
-    lock: bool | float | str | timedelta = False,
-    batch: bool | str = False,
+    fn: Callable[P, Awaitable[T]] | None = None, /, **options: Unpack[CacheOptions]
 ) -> CachedFunction[P, T] | Callable[[Callable[P, Awaitable[T]]], CachedFunction[P, T]]:
     """Cache an async function's results over the configured tiers (memory → Redis → disk).
 
@@ -133,17 +142,17 @@ def multilevel_cached(
     Raises:
         ConfigError: ``ttl`` is malformed or negative, ``namespace`` invalid, or ``ignore`` names an
             unknown parameter.
-        TypeError: ``fn`` is not an async function. At call time, an argument that cannot be keyed raises
-            `UnkeyableArgumentError` (a ``TypeError``) naming it.
+        TypeError: ``fn`` is not an async function, or an option is unknown. At call time, an argument that
+            cannot be keyed raises `UnkeyableArgumentError` (a ``TypeError``) naming it.
     """
+    check_options(options, CacheOptions, "multilevel_cached")
 
     def decorate(f: Callable[P, Awaitable[T]]) -> CachedFunction[P, T]:
-        options: dict[str, Any] = {"ttl": ttl, "tags": tags, "key": key, "namespace": namespace, "version": version,
-                                   "ignore": ignore, "name": name, "cost": cost, "cache": cache}
-        if batch is not False:
-            engine: FunctionCache[P, T] = BatchFunctionCache(f, batch=batch, stale=stale, lock=lock, **options)
+        engine: FunctionCache[P, T]
+        if options.get("batch", False) is not False:
+            engine = BatchFunctionCache(f, **options)
         else:
-            engine = FunctionCache(f, stale=stale, lock=lock, **options)
-        return cast(CachedFunction[P, T], engine.wrapper)
+            engine = FunctionCache(f, **options)
+        return CachedFunction(f, engine)
 
     return decorate if fn is None else decorate(fn)

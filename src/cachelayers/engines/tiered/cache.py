@@ -1,0 +1,555 @@
+"""`TieredCache`: the tiers of one configuration, with a key/value API and the read/write path cached functions share.
+
+Rules kept here, each tested: an entry's expiry is absolute and travels with it (back-filling keeps the
+remaining lifetime); a tier that fails is a miss on read and skipped on write; an entry that fails its
+integrity check is a miss, deleted and counted; invalidation removes from every tier and, through the
+invalidation channel, from other processes' memory tiers. Tags live under ``<prefix>~tag:<tag>`` in the shared
+tiers, locks under ``<prefix>~lock:<key>``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeAlias, cast
+
+import anyio
+import msgpack
+
+from cachelayers.backends import Backend, StoreItem, create_backend
+from cachelayers.backends.base import MISSING, Clock, LockSupport, PubSubSupport
+from cachelayers.backends.memory import MemoryBackend
+from cachelayers.codec import Codec
+from cachelayers.durations import parse_duration
+from cachelayers.engines.background import BackgroundTasks
+from cachelayers.engines.flight import Flight
+from cachelayers.engines.tiered.channel import Listener
+from cachelayers.engines.tiered.tags import NAMESPACE_TAG, namespace_tag, user_tags
+from cachelayers.engines.tiered.tier import Tier
+from cachelayers.errors import SerializationError
+from cachelayers.loops import current_loop_token
+from cachelayers.metrics import FunctionStats, StateLog, TierStats, register_stats_source
+from cachelayers.settings import PerSettings, Settings, get_settings
+
+__all__ = ["Follower", "Stale", "TieredCache", "default_cache"]
+
+_RECENT_INVALIDATIONS: Final = 1024
+
+
+class Stale:
+    """A value served past its expiry, within its grace period (``stale=``): serve it, refresh it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class Follower(Protocol):
+    """A cached function as the engine follows it: its statistics (see `TieredCache.adopt`)."""
+
+    @property
+    def stats(self) -> FunctionStats:
+        """The function's counters."""
+        ...
+
+
+_Following: TypeAlias = "tuple[FunctionStats, int, weakref.finalize[..., Any]]"
+"""How an engine follows a function's memory hits: its statistics, its memory hits when it came, and the
+finalizer that folds them into the engine's count."""
+_FOLLOWING_LOCK: Final = threading.RLock()  # re-entrant: a collection can run a finalizer while it is held
+
+
+class TieredCache:
+    """The tiers of one configuration, with a key/value API and the machinery cached functions share.
+
+    Args:
+        settings: Configuration; the settings in force when omitted.
+        backends: Backends to use instead of those the settings name (test doubles, custom stores), fastest
+            first, as a list or a ``name -> backend`` mapping. A `MemoryBackend` in first place is used as
+            the in-process object tier.
+        clock: Wall-clock time source for expiry (``time.time``); tests pass a fake clock.
+        monotonic: Monotonic time source for breakers; defaults to ``clock`` when a fake clock is given.
+
+    Background work (stale-while-revalidate refreshes, the invalidation listener) runs in a task group the
+    engine owns per event loop; `aclose` stops it and closes the backends.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        backends: Sequence[Backend] | Mapping[str, Backend] | None = None,
+        clock: Clock = time.time,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else get_settings()
+        self.clock = clock
+        self.codec = Codec(secret=self.settings.secret, allow_pickle=self.settings.allow_pickle)
+        self.log = StateLog()
+        if backends is None:
+            named: list[tuple[str, Backend]] = [
+                (name, create_backend(url, clock=clock, field=f"tiers[{name!r}]")) for name, url in self.settings.tiers
+            ]
+        elif isinstance(backends, Mapping):
+            named = list(backends.items())
+        else:
+            named = [(getattr(b, "name", None) or f"{type(b).__name__.lower()}{i}", b) for i, b in enumerate(backends)]
+        if monotonic is None:
+            monotonic = time.monotonic if clock is time.time else clock
+        self.local: MemoryBackend | None = None
+        """The in-process memory tier, if the first tier is one; the engine uses it only as a `LocalTier`."""
+        self.local_name = ""
+        self.local_stats = TierStats("memory")
+        if named and isinstance(named[0][1], MemoryBackend):
+            self.local_name, local = named.pop(0)
+            self.local = cast(MemoryBackend, local)
+            self.local_stats = TierStats(self.local_name)
+        self.failures = 0
+        """Failures of any tier so far; a call notes it when it starts, to skip tiers that failed since."""
+        self.tiers = [Tier(name, backend, self.settings, self.log, monotonic, self) for name, backend in named]
+        self.strict = self.settings.strict
+        self.inflight: dict[Hashable, Flight] = {}
+        """The computations running in this process, by local key: a call missing a key waits for its flight."""
+        prefix = self.settings.key_prefix
+        self._tag_prefix = prefix + "~tag:"
+        self.lock_prefix = prefix + "~lock:"
+        self.channel = prefix + "~events"
+        self.sender = os.urandom(8)
+        self.epoch = 0
+        """Bumped by every invalidation this process makes or hears of; see `invalidated_since`."""
+        self._recent: deque[tuple[int, str, list[str]]] = deque(maxlen=_RECENT_INVALIDATIONS)
+        self.background = BackgroundTasks(f"TieredCache@{id(self):x}")
+        self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
+        pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
+        self.listener = Listener(self, pubsub) if pubsub is not None else None
+        self._following: dict[int, _Following] = {}
+        """The functions storing here, by ``id``: their statistics, their memory hits when they came, and the
+        finalizer that adds the hits made here to `local_stats` when they go (the hit path counts them on the
+        function only). Read and changed under `_FOLLOWING_LOCK`: a function can be collected on any thread."""
+        register_stats_source(self)
+
+    # -- key/value API -----------------------------------------------------------------------------------
+
+    def storage_key(self, key: str) -> str:
+        """The key under which the key/value API stores ``key`` in every tier."""
+        return f"{self.settings.key_prefix}kv:{key}"
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """Return the value under ``key`` from the first tier that has it, back-filling the tiers above."""
+        sk = self.storage_key(key)
+        if self.local is not None:
+            value = self.local.lookup(sk)
+            if value is not MISSING:
+                self.local_stats.hits += 1
+                return value
+            self.local_stats.misses += 1
+        await self.follow_invalidations()
+        value = await self.read_lower(sk, sk, epoch=self.epoch)
+        return default if value is MISSING else value
+
+    async def set(self, key: str, value: Any, *, ttl: float | str | None = None, tags: Iterable[str] = ()) -> bool:
+        """Store ``value`` under ``key`` in every tier; return whether it could be encoded.
+
+        Raises:
+            ConfigError: ``ttl`` is malformed or negative.
+            TypeError: A tag is not a string.
+            ValueError: A tag starts as namespace tags do (``"ns\\x1f"``).
+        """
+        seconds = parse_duration(ttl, "ttl") if ttl is not None else self.settings.default_ttl
+        expires_at = self.clock() + seconds if seconds is not None else None
+        checked = user_tags(tags, "TieredCache.set")
+        sk = self.storage_key(key)
+        await self.follow_invalidations()
+        return await self.write(sk, sk, value, expires_at, checked)
+
+    async def delete(self, *keys: str) -> None:
+        """Remove keys from every tier (and from other processes' memory tiers)."""
+        sks = [self.storage_key(k) for k in keys]
+        await self.remove(sks, sks)
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        """Remove every entry carrying any of ``tags`` from every tier (and other processes' memory tiers)."""
+        self.invalidated("t", list(tags))
+        qualified = self.tier_tags(tags)
+        async with anyio.create_task_group() as tg:
+            for tier in self.tiers:
+                tg.start_soon(tier.delete_tags, qualified)
+        await self._publish("t", list(tags))
+
+    async def invalidate_namespace(self, namespace: str) -> None:
+        """Remove every entry of ``namespace`` (by default, of one function) from every tier."""
+        await self.invalidate_tags(namespace_tag(namespace))
+
+    async def clear(self) -> None:
+        """Remove everything under this configuration's key prefix from every tier."""
+        self.invalidated("c", [])
+        async with anyio.create_task_group() as tg:
+            for tier in self.tiers:
+                tg.start_soon(tier.clear, self.settings.key_prefix)
+        await self._publish("c", [])
+
+    async def aclose(self) -> None:
+        """Stop background work, then close the backends' connections and files."""
+        await self.background.aclose()
+        if self.listener is not None:
+            self.listener.stop()
+        for tier in self.tiers:
+            try:
+                await tier.backend.aclose()
+            except Exception as exc:
+                self.log.failure(f"closing tier {tier.name!r}", exc)
+        if self.local is not None:
+            await self.local.aclose()
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """Counters of every tier, by tier name."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.local is not None:
+            with _FOLLOWING_LOCK:  # the engine's count and its functions' hits at one instant: it never goes down
+                snap: dict[str, Any] = self.local_stats.snapshot()
+                snap["hits"] += sum(stats.memory_hits - since for stats, since, _ in self._following.values())
+            snap.update(entries=len(self.local), bytes=self.local.bytes_used, evictions=self.local.evictions)
+            out[self.local_name] = snap
+        for tier in self.tiers:
+            tier_snap: dict[str, Any] = tier.stats.snapshot()
+            tier_snap["breaker"] = tier.breaker.state
+            evictions = getattr(tier.backend, "evictions", None)
+            if isinstance(evictions, int):
+                tier_snap["evictions"] = evictions
+            out[tier.name] = tier_snap
+        return out
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Entry for `cachelayers.stats()`."""
+        return {f"tiers@{id(self):x}": self.tier_stats()}
+
+    # -- machinery shared with cached functions -----------------------------------------------------------
+
+    def adopt(self, fn: Follower) -> None:
+        """Count ``fn``'s memory hits from now on in this engine's memory tier (see `_following`)."""
+        with _FOLLOWING_LOCK:
+            if id(fn) not in self._following:
+                stats = fn.stats
+                done = weakref.finalize(fn, _fold_memory_hits, weakref.ref(self), id(fn))
+                self._following[id(fn)] = (stats, stats.memory_hits, done)
+
+    def release(self, fn: Follower) -> None:
+        """``fn`` stores elsewhere now: keep the memory hits it made here, stop following it."""
+        with _FOLLOWING_LOCK:
+            entry = self._following.get(id(fn))
+            if entry is not None:
+                entry[2]()  # runs _fold_memory_hits now, and never again
+
+    def tier_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
+        """The names tags have in the tiers below memory: inside the key prefix."""
+        prefix = self._tag_prefix
+        return tuple(prefix + tag for tag in tags)
+
+    async def follow_invalidations(self) -> None:
+        """Make sure this process hears other processes' invalidations before its memory tier takes entries."""
+        listener = self.listener
+        if listener is not None and self.local is not None and listener.loop is not current_loop_token():
+            await listener.start()
+
+    def invalidated(self, kind: str, items: list[str]) -> None:
+        """Record an invalidation (ours or another process's) and apply it to the memory tier.
+
+        Args:
+            kind: ``"k"`` for storage keys, ``"t"`` for tags, ``"c"`` for everything.
+            items: The storage keys or tags.
+        """
+        self.epoch += 1
+        self._recent.append((self.epoch, kind, items))
+        local = self.local
+        if local is not None:
+            if kind == "k":
+                local.remove_storage_keys(items)
+            elif kind == "t":
+                local.remove_tags(items)
+                # Namespace tags are not indexed in memory (see `store_local`): a function's local keys are
+                # ``(token, args)`` whose token starts with the namespace and a NUL (see `KeyBuilder`).
+                tokens = tuple(tag[len(NAMESPACE_TAG):] + "\x00" for tag in items if tag.startswith(NAMESPACE_TAG))
+                if tokens:
+                    local.remove_where(lambda key: type(key) is tuple and key[0].startswith(tokens))
+            else:
+                local.clear_now()
+
+    def invalidated_since(self, epoch: int, storage_key: str, tags: Iterable[str]) -> bool:
+        """Whether an invalidation since ``epoch`` covers this entry (then a value read or computed across it
+        is returned but not stored: it may be what was just invalidated)."""
+        if epoch == self.epoch:
+            return False
+        recent = self._recent
+        if not recent or recent[0][0] > epoch + 1:
+            return True  # the record no longer reaches back that far
+        tags = tuple(tags)
+        for serial, kind, items in reversed(recent):
+            if serial <= epoch:
+                break
+            if kind == "c" or (kind == "k" and storage_key in items) or (kind == "t" and any(t in items for t in tags)):
+                return True
+        return False
+
+    async def _publish(self, kind: str, items: list[str]) -> None:
+        listener = self.listener
+        if listener is None:
+            return
+        payload = msgpack.packb([self.sender, kind, items], use_bin_type=True)
+        backend = listener.backend
+
+        async def op() -> None:
+            await backend.publish(self.channel, payload)
+
+        await listener.tier.call(op, None)
+
+    def store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
+                     tags: tuple[str, ...], storage_key: str | None) -> None:
+        """Put an entry in the memory tier (there is one).
+
+        A function's entry carries its namespace tag first; the memory tier does not index it, since a
+        namespace's entries there are found by their local keys (see `invalidated`): one index update less
+        per entry stored and evicted.
+        """
+        local = self.local
+        assert local is not None
+        if tags and tags[0].startswith(NAMESPACE_TAG):
+            tags = tags[1:]
+        listener = self.listener
+        if listener is not None and not listener.subscribed:
+            listener.unsynced.add(local_key)
+        local.store(local_key, value, size, expires_at, tags, storage_key)
+
+    async def read_lower(self, local_key: Hashable, storage_key: str, fstats: FunctionStats | None = None, *,
+                         grace: float = 0.0, epoch: int | None = None) -> Any:
+        """Look ``storage_key`` up in the tiers below memory, back-filling the tiers above a hit.
+
+        Returns the value, `MISSING`, or a `Stale` wrapper for an entry past its expiry but within ``grace``
+        (not back-filled into memory). With ``epoch``, nothing is back-filled when an invalidation covering the
+        entry went by since.
+        """
+        keys = (storage_key,)
+        for index, tier in enumerate(self.tiers):
+            blobs = await tier.get_many(keys)
+            blob = None if blobs is None else blobs[0]
+            if blob is None:
+                tier.stats.misses += 1
+                continue
+            try:
+                envelope = self.codec.open(storage_key, blob)
+            except SerializationError as exc:
+                await self._corrupt(tier, [storage_key], exc)
+                continue
+            expires_at = envelope.expires_at
+            stale = False
+            if expires_at is not None and expires_at <= self.clock():
+                if expires_at + grace <= self.clock():
+                    tier.stats.misses += 1
+                    continue
+                stale = True
+            tier.stats.hits += 1
+            if fstats is not None:
+                fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + 1
+            if epoch is not None and self.invalidated_since(epoch, storage_key, envelope.tags):
+                return Stale(envelope.value) if stale else envelope.value
+            if self.local is not None and not stale:
+                self.store_local(local_key, envelope.value, len(blob), expires_at, envelope.tags, storage_key)
+            if index:
+                item = StoreItem(storage_key, blob, None if expires_at is None else expires_at + grace,
+                                 self.tier_tags(envelope.tags))
+                async with anyio.create_task_group() as tg:
+                    for upper in self.tiers[:index]:
+                        tg.start_soon(upper.set, [item])
+            return Stale(envelope.value) if stale else envelope.value
+        return MISSING
+
+    async def read_lower_many(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str],
+                              fstats: FunctionStats | None = None, *, epoch: int | None = None) -> dict[int, Any]:
+        """Batch form of `read_lower`: one multi-get per tier. Returns ``{index: value}`` of the hits."""
+        found: dict[int, Any] = {}
+        pending = list(range(len(storage_keys)))
+        open_ = self.codec.open
+        local = self.local
+        for index, tier in enumerate(self.tiers):
+            if not pending:
+                break
+            blobs = await tier.get_many([storage_keys[i] for i in pending])
+            if blobs is None:
+                continue
+            still: list[int] = []
+            corrupt: list[str] = []
+            backfill: list[StoreItem] = []
+            now = self.clock()
+            first_error: SerializationError | None = None
+            # An invalidation during the read makes each entry's fate depend on what it covered.
+            check = epoch is not None and epoch != self.epoch
+            hits = 0
+            for i, blob in zip(pending, blobs, strict=True):
+                if blob is None:
+                    still.append(i)
+                    continue
+                sk = storage_keys[i]
+                try:
+                    envelope = open_(sk, blob)
+                except SerializationError as exc:
+                    first_error = first_error or exc
+                    corrupt.append(sk)
+                    still.append(i)
+                    continue
+                expires_at = envelope.expires_at
+                if expires_at is not None and expires_at <= now:
+                    still.append(i)
+                    continue
+                hits += 1
+                found[i] = envelope.value
+                if check and self.invalidated_since(cast(int, epoch), sk, envelope.tags):
+                    continue
+                if local is not None:
+                    self.store_local(local_keys[i], envelope.value, len(blob), expires_at, envelope.tags, sk)
+                if index:
+                    backfill.append(StoreItem(sk, blob, expires_at, self.tier_tags(envelope.tags)))
+            stats = tier.stats
+            stats.hits += hits
+            stats.misses += len(still) - len(corrupt)
+            if fstats is not None and hits:
+                fstats.hits_by_tier[tier.name] = fstats.hits_by_tier.get(tier.name, 0) + hits
+            if corrupt:
+                assert first_error is not None
+                await self._corrupt(tier, corrupt, first_error)
+            if backfill:
+                async with anyio.create_task_group() as tg:
+                    for upper in self.tiers[:index]:
+                        tg.start_soon(upper.set, backfill)
+            pending = still
+        return found
+
+    async def _corrupt(self, tier: Tier, storage_keys: list[str], exc: SerializationError) -> None:
+        """Entries that failed their integrity check: count, log once, delete (and raise in strict mode)."""
+        tier.stats.corrupt += len(storage_keys)
+        self.log.failure(f"integrity of tier {tier.name!r}", exc)
+        await tier.delete(storage_keys)
+        if self.strict:
+            raise exc
+
+    def store_in_memory(self, local_key: Hashable, storage_key: str | None, value: Any, expires_at: float | None,
+                        tags: tuple[str, ...], fstats: FunctionStats | None = None) -> bytes | None:
+        """Encode ``value`` (its size is what the memory tier charges) and store it there, if there is one.
+
+        Returns the encoded body for the tiers below, or ``None`` when the value cannot be encoded (counted,
+        logged once, nothing stored).
+        """
+        try:
+            body = self.codec.pack_body(value, tags)
+        except SerializationError as exc:
+            self._unencodable(value, exc, fstats)
+            return None
+        if self.local is not None:
+            self.store_local(local_key, value, len(body), expires_at, tags, storage_key)
+            self.local_stats.writes += 1
+        return body
+
+    def remember(self, local_key: Hashable, value: Any, expires_at: float | None, tags: tuple[str, ...],
+                 fstats: FunctionStats | None = None) -> bool:
+        """Store ``value`` in the memory tier of an engine that has no other tier (and so no listener).
+
+        Nothing below needs the encoding, so a scalar, string or bytes value is not encoded at all: the codec
+        computes the size it would have. Returns ``False`` when the value cannot be encoded (counted, logged
+        once, nothing stored).
+        """
+        try:
+            size = self.codec.body_size(value, tags)
+        except SerializationError as exc:
+            self._unencodable(value, exc, fstats)
+            return False
+        local = self.local
+        if local is None:
+            return False
+        if tags and tags[0].startswith(NAMESPACE_TAG):  # as `store_local` does (this is the hot path)
+            tags = tags[1:]
+        local.store(local_key, value, size, expires_at, tags, None)
+        self.local_stats.writes += 1
+        return True
+
+    def _unencodable(self, value: Any, exc: SerializationError, fstats: FunctionStats | None) -> None:
+        if fstats is not None:
+            fstats.unstorable += 1
+        self.log.failure(f"encoding values of type {type(value).__qualname__}", exc)
+        if self.strict:
+            raise exc
+
+    async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
+                    tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
+                    since: int | None = None) -> bool:
+        """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored).
+
+        Args:
+            grace: Seconds past ``expires_at`` that the tiers below memory keep the entry (``stale=``).
+            since: A value of `failures` taken when the call started: tiers that failed since are skipped.
+        """
+        body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+        if body is None:
+            return False
+        if self.tiers:
+            keep = None if expires_at is None else expires_at + grace
+            item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), keep,
+                             self.tier_tags(tags))
+            targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+            if len(targets) == 1:
+                await targets[0].set([item])
+            elif targets:
+                async with anyio.create_task_group() as tg:
+                    for tier in targets:
+                        tg.start_soon(tier.set, [item])
+        return True
+
+    async def write_many(self, entries: Sequence[tuple[Hashable, str, Any, float | None, tuple[str, ...]]],
+                         fstats: FunctionStats | None = None, *, since: int | None = None) -> None:
+        """Batch form of `write`: ``entries`` are ``(local_key, storage_key, value, expires_at, tags)``; one
+        multi-set per tier. Values that cannot be encoded are skipped and counted."""
+        items: list[StoreItem] = []
+        for local_key, storage_key, value, expires_at, tags in entries:
+            body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+            if body is None:
+                continue
+            items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,
+                                   self.tier_tags(tags)))
+        targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+        if items and targets:
+            async with anyio.create_task_group() as tg:
+                for tier in targets:
+                    tg.start_soon(tier.set, items)
+
+    async def remove(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str]) -> None:
+        """Remove entries from every tier and from other processes' memory tiers."""
+        if self.local is not None:
+            for key in local_keys:
+                self.local.remove(key)
+        self.invalidated("k", list(storage_keys))
+        async with anyio.create_task_group() as tg:
+            for tier in self.tiers:
+                tg.start_soon(tier.delete, storage_keys)
+        await self._publish("k", list(storage_keys))
+
+
+_default: Final = PerSettings(TieredCache)
+
+
+def _fold_memory_hits(engine: weakref.ref[TieredCache], key: int) -> None:
+    """Add the memory hits a function made on an engine to the engine's own count (it left, or was collected)."""
+    with _FOLLOWING_LOCK:
+        cache = engine()
+        if cache is not None:
+            entry = cache._following.pop(key, None)
+            if entry is not None:
+                cache.local_stats.hits += entry[0].memory_hits - entry[1]
+
+
+
+def default_cache() -> TieredCache:
+    """The engine of the settings in force, made on first use and remade when the settings change."""
+    return _default.get()
+

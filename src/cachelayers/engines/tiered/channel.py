@@ -1,0 +1,137 @@
+"""The invalidation channel: one pub/sub subscription per event loop that keeps memory tiers in step.
+
+Messages are msgpack ``[sender, kind, items]`` on ``<prefix>~events``, with kind ``"k"`` (storage keys),
+``"t"`` (tags), ``"c"`` (clear) or ``"l"`` (a lock was released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Final, Protocol, cast
+
+import anyio
+import msgpack
+
+from cachelayers.backends.base import LocalTier, PubSubSupport
+from cachelayers.engines.background import BackgroundTasks
+from cachelayers.engines.tiered.tier import Tier
+from cachelayers.loops import current_loop_token
+from cachelayers.metrics import StateLog
+
+__all__ = ["Listener", "ListenerHost"]
+
+LISTEN_MAX_BACKOFF: Final = 5.0
+
+
+class ListenerHost(Protocol):
+    """What a `Listener` needs of the engine it serves (a `TieredCache`)."""
+
+    background: BackgroundTasks
+    channel: str
+    log: StateLog
+    sender: bytes
+
+    @property
+    def local(self) -> LocalTier | None:
+        """The memory tier, if there is one."""
+
+    def invalidated(self, kind: str, items: list[str]) -> None:
+        """Apply an invalidation to the memory tier."""
+
+
+class Listener:
+    """Follows the invalidation channel of a `PubSubSupport` tier, one subscription per event loop.
+
+    It drops from this process's memory tier what other processes invalidated, and wakes callers waiting for
+    a distributed lock. Entries stored in memory before the subscription was active are dropped when it
+    becomes active; after a lost subscription the whole memory tier is, since messages may have been missed.
+    """
+
+    __slots__ = ("backend", "cache", "loop", "lost", "ready", "subscribed", "tier", "unsynced", "waiters")
+
+    def __init__(self, cache: ListenerHost, tier: Tier) -> None:
+        self.cache = cache
+        self.tier = tier
+        self.backend = cast(PubSubSupport, tier.backend)
+        self.loop: object | None = None
+        self.subscribed = False
+        self.lost = False
+        self.ready: anyio.Event | None = None
+        self.unsynced: set[Hashable] = set()
+        self.waiters: dict[str, anyio.Event] = {}
+
+    async def start(self) -> None:
+        """Start listening in the current event loop, waiting (up to the tier timeout) until subscribed."""
+        token = current_loop_token()
+        if self.loop is token:
+            return
+        self.loop = token
+        self.subscribed = False
+        self.lost = False
+        self.waiters = {}
+        ready = self.ready = anyio.Event()
+        self.cache.background.start_soon(self._run, token)
+        with anyio.move_on_after(self.tier.timeout):
+            await ready.wait()
+
+    def stop(self) -> None:
+        """Forget the subscription (the engine is closing)."""
+        self.loop = None
+        self.subscribed = False
+
+    def waiter(self, lock_name: str) -> anyio.Event:
+        """An event set when a release of ``lock_name`` is announced."""
+        event = self.waiters.get(lock_name)
+        if event is None or event.is_set():
+            event = self.waiters[lock_name] = anyio.Event()
+        return event
+
+    async def _run(self, token: object) -> None:
+        what = f"invalidation listener on tier {self.tier.name!r}"
+        backoff = 0.05
+        while self.loop is token:
+            try:
+                async with self.backend.subscribe(self.cache.channel) as messages:
+                    self._on_subscribed()
+                    self.cache.log.recovered(what)
+                    backoff = 0.05
+                    async for message in messages:
+                        self._on_message(message)
+            except Exception as exc:
+                self.cache.log.failure(what, exc)
+                if self.ready is not None:
+                    self.ready.set()  # whoever waits in start() goes on without: entries stay unsynced
+            if self.subscribed:
+                self.subscribed = False
+                self.lost = True
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, LISTEN_MAX_BACKOFF)
+
+    def _on_subscribed(self) -> None:
+        cache = self.cache
+        if self.lost:
+            cache.invalidated("c", [])  # messages may have been missed while disconnected
+        elif cache.local is not None:
+            for key in self.unsynced:
+                cache.local.remove(key)
+        self.unsynced.clear()
+        self.lost = False
+        self.subscribed = True
+        if self.ready is not None:
+            self.ready.set()
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            sender, kind, items = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            self.cache.log.failure("decoding invalidation messages", exc)
+            return
+        if sender == self.cache.sender:
+            return
+        if kind == "l":
+            event = self.waiters.pop(items, None)
+            if event is not None:
+                event.set()
+        elif kind in ("k", "t", "c"):
+            self.cache.invalidated(kind, items)
+

@@ -1,0 +1,379 @@
+"""`FunctionCache`: the engine of one function decorated with `multilevel_cached`.
+
+It binds the function to the engine of the settings in force (or the one given), answers hits through the
+compiled hit path, runs the function once per key on a miss (single-flight in the process, and across
+processes with ``lock=``), serves stale entries while one background refresh runs (``stale=``), and stores the
+result in every tier.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack
+
+from cachelayers.backends.base import MISSING
+from cachelayers.durations import parse_duration
+from cachelayers.engines.flight import Flight
+from cachelayers.engines.tiered.cache import Stale, TieredCache, default_cache
+from cachelayers.engines.tiered.hitpath import compile_hit_path
+from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
+from cachelayers.engines.tiered.options import CacheOptions, lease
+from cachelayers.engines.tiered.tags import namespace_tag, user_tags
+from cachelayers.errors import BackendError, ConfigError, SerializationError
+from cachelayers.keys import KeyBuilder
+from cachelayers.loops import current_loop_token
+from cachelayers.metrics import CacheInfo, FunctionStats, register_stats_source, stable_list
+from cachelayers.settings import tracker
+from cachelayers.validation import check_options
+
+__all__ = ["FunctionCache"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class FunctionCache(Generic[P, T]):
+    """The engine of one function decorated with `multilevel_cached`.
+
+    `wrapper` is the compiled hit path (see `compile_hit_path`): an ``async def`` with the function's
+    parameters that answers a memory hit inline and calls back here for everything else. The decorator's
+    `CachedFunction` calls it.
+
+    Args:
+        fn: The async function.
+        **options: The options of `multilevel_cached`, documented there, but ``batch`` (a batch function is
+            cached by `BatchFunctionCache`).
+
+    Raises:
+        TypeError: ``fn`` is not an async function, an option is unknown, or ``cost`` is not a non-negative
+            number or a function.
+        ConfigError: An option is malformed.
+    """
+
+    def __init__(self, fn: Callable[P, Awaitable[T]], /, **options: Unpack[CacheOptions]) -> None:
+        check_options(options, CacheOptions, "multilevel_cached")
+        if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(inspect.unwrap(fn)):
+            raise TypeError(f"multilevel_cached needs an async function, got {fn!r}")
+        batch = options.get("batch", False)
+        if batch is not False:
+            raise ConfigError("batch", batch, "a batch function is cached by BatchFunctionCache")
+        self._fn = fn
+        namespace = options.get("namespace")
+        self._keys = KeyBuilder(fn, namespace=namespace, version=options.get("version", 0), key=options.get("key"),
+                                ignore=options.get("ignore", ()), name=options.get("name"))
+        self.identity = self._keys.identity
+        ttl = options.get("ttl")
+        self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
+        tags = options.get("tags")
+        if tags is None or callable(tags):
+            self._tags_fn: Callable[..., Iterable[str]] | None = tags
+            self._static_tags: tuple[str, ...] = ()
+        else:
+            self._tags_fn = None
+            try:
+                self._static_tags = user_tags(tags, "tags")
+            except ValueError as exc:
+                raise ConfigError("tags", tags, str(exc)) from None
+        cost = options.get("cost")
+        if cost is not None and not callable(cost) and (not isinstance(cost, int | float) or cost < 0):
+            raise TypeError(f"cost must be a non-negative number or a function of the result, got {cost!r}")
+        self._cost = cost
+        self._lease = lease(options.get("lock"))
+        stale = options.get("stale")
+        self._grace = parse_duration(stale, "stale") if stale is not None else 0.0
+        self.refreshes = 0
+        """Background refreshes of stale entries completed (``stale=``)."""
+        cache = options.get("cache")
+        self._explicit_cache = cache
+        self._cache: TieredCache | None = cache
+        self._generation = -1
+        self._set_peek: Callable[[Callable[[Hashable], Any] | None], None] | None = None
+        self._prefix = ""
+        self._expiry_default: float | None = None
+        self.stats = FunctionStats()
+        self._namespace_tags = (namespace_tag(self._keys.namespace),)
+        self._fixed_tags = self._namespace_tags + self._static_tags
+        self.wrapper = self._build_wrapper()
+        """The function that answers calls: the compiled hit path (``await engine.wrapper(*args)``)."""
+        _functions.add(self)
+        register_stats_source(self)
+
+    # -- binding to the engine of the settings in force -------------------------------------------------
+
+    def _bind(self, cache: TieredCache) -> TieredCache:
+        if self._cache is not None and self._cache is not cache:
+            self._cache.release(self)
+        self._cache = cache
+        if self._set_peek is not None:
+            self._set_peek(cache.local.peek if cache.local is not None else None)
+        self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
+        self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
+        self._generation = tracker.generation
+        cache.adopt(self)
+        return cache
+
+    def _unbind(self) -> None:
+        """Forget the engine (the settings changed): the next call misses the hit path and rebinds."""
+        if self._explicit_cache is None and self._set_peek is not None:
+            self._set_peek(None)
+
+    def _rebind(self) -> TieredCache:
+        """Follow the settings in force (a no-op for a function given an explicit cache)."""
+        if self._explicit_cache is not None:
+            self._generation = tracker.generation
+            return self._explicit_cache
+        return self._bind(default_cache())
+
+    @property
+    def cache(self) -> TieredCache:
+        """The engine this function stores in now."""
+        if self._cache is None or self._generation != tracker.generation:
+            return self._rebind()
+        return self._cache
+
+    # -- calls --------------------------------------------------------------------------------------------
+
+    def _build_wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
+        """Compile the hit path (`compile_hit_path`) and bind it to the engine, if one was given."""
+        wrapper, self._set_peek = compile_hit_path(self._keys, self.stats, self._miss,
+                                                   self._count_cost if self._cost is not None else None)
+        if self._cache is not None:
+            self._bind(self._cache)
+        return wrapper
+
+    def _count_cost(self, value: Any) -> None:
+        cost = self._cost
+        self.stats.cost_saved += cost(value) if callable(cost) else cost  # type: ignore[operator]
+
+    async def _miss(self, local_key: Hashable, args: Any, kwargs: Any) -> T:
+        """Answer a call the compiled hit path could not: memory had no fresh entry, or it is not bound (first
+        call, or the settings just changed, which unbinds it at once): then this looks in memory again."""
+        cache = self._cache  # the `cache` property, inlined: every miss passes here
+        looked = True
+        if cache is None or self._generation != tracker.generation:
+            cache = self._rebind()
+            looked = False  # what the hit path saw was another engine's memory, or none
+        local = cache.local
+        if local is not None:
+            if not looked:
+                value = local.peek(local_key)
+                if value is not MISSING:
+                    self._served(value, None)
+                    return value  # type: ignore[no-any-return]
+            if self._grace:  # a stale entry within its grace period is still served
+                value = local.peek_stale(local_key, self._grace)
+                if value is not MISSING:
+                    self._served(value, "stale")
+                    self._refresh_soon(cache, local_key, args, kwargs)
+                    return value  # type: ignore[no-any-return]
+            cache.local_stats.misses += 1
+        inflight = cache.inflight
+        while True:
+            flight = inflight.get(local_key)
+            if flight is None:
+                break
+            await flight.wait()
+            if flight.done:
+                if flight.error is not None:
+                    raise flight.error
+                self._served(flight.value, "in-flight")
+                return flight.value  # type: ignore[no-any-return]
+            # The computing caller was cancelled: one of the waiters takes over.
+        flight = inflight[local_key] = Flight()
+        try:
+            if cache.tiers or cache.listener is not None:
+                value = await self._load(cache, local_key, args, kwargs)
+            else:  # memory only: compute right here (one coroutine less on the miss path)
+                epoch = cache.epoch
+                started = time.perf_counter()
+                value = await self._fn(*args, **kwargs)
+                plan = self._storable(cache, local_key, None, args, kwargs, epoch, time.perf_counter() - started)
+                if plan is not None:
+                    cache.remember(local_key, value, plan[1], plan[0], self.stats)
+            stale = type(value) is Stale
+            if stale:
+                value = value.value
+        except Exception as exc:
+            flight.error = exc
+            flight.done = True
+            raise
+        else:
+            flight.value = value
+            flight.done = True
+        finally:
+            if inflight.get(local_key) is flight:
+                del inflight[local_key]
+            flight.finish()
+        if stale:
+            self._refresh_soon(cache, local_key, args, kwargs)
+        result: T = value  # not typing.cast: a function call on every miss
+        return result
+
+    def _served(self, value: Any, source: str | None) -> None:
+        """Count a hit not served by the compiled hit path (``source`` names where it came from)."""
+        stats = self.stats
+        stats.hits += 1
+        if source is not None:
+            stats.hits_by_tier[source] = stats.hits_by_tier.get(source, 0) + 1
+        # The declared cost counts hits served from a tier; a caller that joined a running computation shared
+        # its cost rather than saved it.
+        if self._cost is not None and source != "in-flight":
+            self._count_cost(value)
+
+    async def _load(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any) -> Any:
+        """Read the lower tiers, else compute (under the distributed lock, if asked) and store."""
+        storage_key = self._prefix + self._keys.storage_digest(local_key)
+        epoch, since = cache.epoch, cache.failures
+        listener = cache.listener
+        if listener is not None and cache.local is not None and listener.loop is not current_loop_token():
+            await listener.start()
+        if cache.tiers:
+            value = await self._read(cache, local_key, storage_key, epoch)
+            if value is not MISSING:
+                return value
+            if self._lease is not None and cache.lock_tier is not None:
+                return await compute_locked(
+                    cache, storage_key, self._lease, lambda: self._read(cache, local_key, storage_key, epoch),
+                    lambda: self._compute(cache, local_key, storage_key, args, kwargs, epoch, since))
+        return await self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+
+    async def _read(self, cache: TieredCache, local_key: Hashable, storage_key: str, epoch: int) -> Any:
+        started = time.perf_counter()
+        value = await cache.read_lower(local_key, storage_key, self.stats, grace=self._grace, epoch=epoch)
+        if value is not MISSING:
+            stats = self.stats
+            stats.hits += 1
+            stats.cached_latency.add(time.perf_counter() - started)
+            if self._cost is not None:
+                self._count_cost(value.value if type(value) is Stale else value)
+        return value
+
+    def _storable(self, cache: TieredCache, local_key: Hashable, storage_key: str | None, args: Any,
+                  kwargs: Any, epoch: int, seconds: float) -> tuple[tuple[str, ...], float | None] | None:
+        """Count a computation that took ``seconds``; return the ``(tags, expires_at)`` to store its result
+        with, or ``None`` when it must not be stored (``tags=`` failed, or an invalidation of the entry went by
+        since ``epoch``: the result may be what was just invalidated). ``storage_key`` is derived only when
+        that check needs it (a memory-only engine has none)."""
+        stats = self.stats
+        stats.misses += 1
+        stats.computed_latency.add(seconds)
+        try:
+            tags = self._fixed_tags if self._tags_fn is None else self._tags(args, kwargs)
+        except Exception as exc:  # a failing tags= function must not lose the result
+            stats.errors += 1
+            cache.log.failure(f"tags= of {self.identity}", exc)
+            if cache.strict:
+                raise
+            return None
+        if epoch != cache.epoch and cache.invalidated_since(
+                epoch, storage_key or self._prefix + self._keys.storage_digest(local_key), tags):
+            return None
+        ttl = self._expiry_default
+        return tags, (cache.clock() + ttl if ttl is not None else None)
+
+    async def _compute(self, cache: TieredCache, local_key: Hashable, storage_key: str, args: Any, kwargs: Any,
+                       epoch: int, since: int) -> T:
+        started = time.perf_counter()
+        result = await self._fn(*args, **kwargs)
+        plan = self._storable(cache, local_key, storage_key, args, kwargs, epoch, time.perf_counter() - started)
+        if plan is None:
+            return result
+        tags, expires_at = plan
+        try:
+            await cache.write(local_key, storage_key, result, expires_at, tags, self.stats, grace=self._grace,
+                              since=since)
+        except (SerializationError, BackendError):
+            if cache.strict:
+                raise
+        return result
+
+    def _refresh_soon(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any) -> None:
+        """Start a background refresh of a stale entry unless one (or any computation of it) is running."""
+        inflight = cache.inflight
+        if local_key in inflight:
+            return
+        flight = inflight[local_key] = Flight()
+        cache.background.start_soon(self._refresh, cache, local_key, args, kwargs, flight)
+
+    async def _refresh(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
+                       flight: Flight) -> None:
+        try:
+            storage_key = self._prefix + self._keys.storage_digest(local_key)
+            epoch, since = cache.epoch, cache.failures
+
+            def compute() -> Awaitable[T]:
+                return self._compute(cache, local_key, storage_key, args, kwargs, epoch, since)
+
+            if self._lease is not None and cache.lock_tier is not None:
+                # Across processes too, one refresh: whoever holds the lock refreshes, the others keep serving.
+                value = await refresh_locked(cache, storage_key, self._lease, compute)
+                if value is MISSING:
+                    return
+            else:
+                value = await compute()
+            flight.value = value
+            flight.done = True
+            self.refreshes += 1
+        except Exception as exc:
+            flight.error = exc
+            flight.done = True
+            self.stats.errors += 1
+            cache.log.failure(f"background refresh of {self.identity}", exc)
+        finally:
+            if cache.inflight.get(local_key) is flight:
+                del cache.inflight[local_key]
+            flight.finish()
+
+    def _tags(self, args: Any, kwargs: Any) -> tuple[str, ...]:
+        if self._tags_fn is None:
+            return self._fixed_tags
+        return self._namespace_tags + user_tags(self._tags_fn(**self._keys.arguments(args, kwargs)),
+                                                f"tags= of {self.identity}")
+
+    # -- management ---------------------------------------------------------------------------------------
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Remove the entry of these arguments from every tier (for a method, pass the instance first)."""
+        cache = self.cache
+        local_key = self._keys.local(args, kwargs)
+        await cache.remove([local_key], [self._prefix + self._keys.storage_digest(local_key)])
+
+    async def invalidate_all(self) -> None:
+        """Remove every entry of this function's namespace from every tier."""
+        await self.cache.invalidate_namespace(self._keys.namespace)
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, hit rate, per-tier hits, latencies of cached and computed calls, cost saved."""
+        info = self.stats.info()
+        tiers = dict(info.hits_by_tier)
+        memory_hits = self.stats.memory_hits
+        if memory_hits:
+            name = self._cache.local_name if self._cache is not None else "memory"
+            tiers = {name: memory_hits, **tiers}
+        return info._replace(hits_by_tier=tiers)
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Entry for `cachelayers.stats()`."""
+        return {self.identity: self.cache_info()._asdict()}
+
+    @property
+    def namespace(self) -> str:
+        """The namespace of this function's entries."""
+        return self._keys.namespace
+
+    def __repr__(self) -> str:
+        return f"<FunctionCache of {self.identity}>"
+
+
+_functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
+
+
+def _on_settings_change() -> None:
+    for fn in stable_list(lambda: _functions):
+        fn._unbind()
+
+
+tracker.subscribe(_on_settings_change)

@@ -1,0 +1,103 @@
+"""The compiled hit path of a cached function: the ``async def`` that answers a memory hit with no task, no
+string formatting and no signature binding, and hands everything else to the engine's miss path."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any
+
+from cachelayers.backends.base import MISSING
+from cachelayers.keys import FAST_TYPES, KeyBuilder
+from cachelayers.metrics import FunctionStats
+
+__all__ = ["HitPath", "compile_hit_path"]
+
+HitPath = tuple[Callable[..., Coroutine[Any, Any, Any]], Callable[[Callable[[Hashable], Any] | None], None]]
+"""The compiled function and its ``set_peek``: give it the memory tier's `LocalTier.peek`, or ``None``."""
+
+
+def _nothing(key: Hashable) -> Any:
+    """The hit path's ``peek`` while it is not bound to a memory tier: it finds nothing."""
+    return MISSING
+
+
+def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The parameter list of the compiled function, how it rebuilds ``args`` and ``kwargs``, and how it keys.
+
+    When the function's parameters allow (no ``*args``/``**kwargs``, no ``key=``), the compiled function gets
+    the function's own parameter list: Python's call machinery then binds the arguments and applies the
+    defaults, so ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` arrive as the same locals and the key is one
+    tuple of them (the tuple `KeyBuilder.local` builds for such calls). Otherwise it takes ``*args, **kwargs``
+    and asks `KeyBuilder.local`. The defaults are put in ``defaults``, the namespace the source runs in.
+    """
+    params = keys.parameters
+    if params is None or any(p.name.startswith("_cl_") for p in params):
+        return "*args, **kwargs", "args", "kwargs", "_cl_key = _cl_local_key_of(args, kwargs)"
+    signature: list[str] = []
+    kind = None
+    for i, p in enumerate(params):
+        if p.kind is p.KEYWORD_ONLY and kind is not p.KEYWORD_ONLY:
+            signature.append("*")
+        elif kind is p.POSITIONAL_ONLY and p.kind is not p.POSITIONAL_ONLY:
+            signature.append("/")
+        kind = p.kind
+        if p.default is p.empty:
+            signature.append(p.name)
+        else:
+            defaults[f"_cl_default_{i}"] = p.default
+            signature.append(f"{p.name}=_cl_default_{i}")
+    if kind is inspect.Parameter.POSITIONAL_ONLY:
+        signature.append("/")
+    keyed = [p.name for p in params if p.name not in keys.ignored]
+    args = "(" + "".join(f"{p.name}, " for p in params if p.kind is not p.KEYWORD_ONLY) + ")"
+    kwargs = "{" + ", ".join(f"{p.name!r}: {p.name}" for p in params if p.kind is p.KEYWORD_ONLY) + "}"
+    key = f"""if {" and ".join(f"type({n}) in _cl_fast" for n in keyed) or "True"}:
+            _cl_key = (_cl_token, ({"".join(f"{n}, " for n in keyed)}))
+        else:
+            _cl_key = _cl_local_key_of({args}, {kwargs})"""
+    return ", ".join(signature), args, kwargs, key
+
+
+def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[..., Awaitable[Any]],
+                     count_cost: Callable[[Any], None] | None) -> HitPath:
+    """Compile the hit path of one cached function.
+
+    What it reads lives in closure cells, the fastest loads Python has, the memory tier's ``peek`` among them.
+
+    Args:
+        keys: The function's key builder.
+        stats: The function's counters; the hit path counts its hits there.
+        miss: Called as ``await miss(key, args, kwargs)`` when memory has no fresh entry (or the hit path is
+            not bound to a memory tier).
+        count_cost: Counts the cost a hit saved, or ``None`` when the function declares no cost.
+
+    Returns:
+        The compiled function and its ``set_peek``.
+    """
+    namespace: dict[str, Any] = {}
+    signature, args, kwargs, key = _parameter_source(keys, namespace)
+    count = "_cl_count_cost(_cl_value)" if count_cost is not None else "pass"
+    source = f"""
+def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_nothing):
+    _cl_peek = _cl_nothing
+
+    def set_peek(peek):
+        nonlocal _cl_peek
+        _cl_peek = _cl_nothing if peek is None else peek
+
+    async def wrapper({signature}):
+        {key}
+        _cl_value = _cl_peek(_cl_key)
+        if _cl_value is not _cl_missing:
+            _cl_stats.hits += 1
+            {count}
+            return _cl_value
+        return await _cl_miss(_cl_key, {args}, {kwargs})
+
+    return wrapper, set_peek
+"""
+    exec(compile(source, f"<cachelayers wrapper of {keys.identity}>", "exec"), namespace)
+    made: HitPath = namespace["_cl_make"](keys.local, keys.token, FAST_TYPES, stats, miss, count_cost, MISSING,
+                                          _nothing)
+    return made
