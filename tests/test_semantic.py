@@ -276,7 +276,7 @@ async def test_wrong_arguments_reach_the_function_as_its_own_type_error() -> Non
         return question
 
     with pytest.raises(TypeError):
-        await ask()  # type: ignore[call-arg]
+        await ask()  # type: ignore[call-arg, misc]
 
 
 # -- fail-open -----------------------------------------------------------------------------------------------

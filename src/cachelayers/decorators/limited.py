@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-import types
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack, final, overload
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar, Unpack, final
 
+from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.limiter import LimitedFunction, LimitOptions
 from cachelayers.validation import check_options
 
@@ -18,45 +16,17 @@ T = TypeVar("T")
 
 
 @final
-class RateLimitedFunction(Generic[P, T]):
+class RateLimitedFunction(FunctionWrapper[P, T]):
     """What `rate_limited` returns: the function, same signature, waiting for its limits before each call.
 
     Calling it returns a coroutine, as the function does; it binds as a method like the function it wraps. The
     function itself is ``__wrapped__``.
     """
 
-    __wrapped__: Callable[P, Awaitable[T]]
-    __name__: str
-    __qualname__: str
-
     def __init__(self, engine: LimitedFunction[P, T]) -> None:
+        super().__init__(engine.fn, engine.call)
         self.rate_limit = engine
         """The engine behind the function (``.limiter`` is the `RateLimiter` it waits in)."""
-        self._call = engine.call
-        functools.update_wrapper(self, engine.fn, updated=())  # not the wrapped object's __dict__: ours is ours
-        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+: iscoroutinefunction(self) is True
-        if mark is not None:
-            mark(self)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
-        """Call the function once its limits admit the call (see `LimitedFunction.call`)."""
-        return self._call(*args, **kwargs)
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> RateLimitedFunction[P, T]: ...
-
-    @overload
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., Coroutine[Any, Any, T]]: ...
-
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any:
-        """Bind as a method: ``obj.method(...)`` calls the function with ``obj`` first."""
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
-
-    def __reduce__(self) -> str:
-        """Pickle by reference, as the plain function it replaces: ``module.qualname``."""
-        return self.__qualname__
 
     def __repr__(self) -> str:
         return f"<rate_limited {self.rate_limit.identity}>"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import types
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack, final
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar, Unpack, final
 
+from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, SemanticOptions
 from cachelayers.validation import check_options
 
@@ -17,29 +16,17 @@ T = TypeVar("T")
 
 
 @final
-class SemanticCachedFunction(Generic[P, T]):
+class SemanticCachedFunction(FunctionWrapper[P, T]):
     """What `semantic_cached` returns: the function, same signature, plus cache management.
 
     Calling it returns a coroutine of the function's result. How a call was answered is told by
     `cachelayers.explain` / `cachelayers.last_lookup`, never by the return value.
     """
 
-    __wrapped__: Callable[P, Awaitable[T]]
-    __name__: str
-    __qualname__: str
-
     def __init__(self, engine: SemanticFunction[P, T]) -> None:
+        super().__init__(engine.fn, engine.wrapper)
         self.cache = engine
         """The engine behind the function."""
-        functools.update_wrapper(self, engine.fn, updated=())  # not the wrapped object's __dict__: ours is ours
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
-        """Answer the call: exact, semantic, or computed and stored."""
-        return self.cache.call(args, kwargs)
-
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        """Bind to ``instance`` when the decorated function is a method."""
-        return self if instance is None else types.MethodType(self, instance)
 
     def cache_info(self) -> SemanticCacheInfo:
         """Hits per level, misses, entries, evictions, errors, verifier outcomes, latencies."""

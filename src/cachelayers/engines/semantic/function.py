@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Generic, ParamSpec, TypeVar, Unpack, cast
 
 import anyio
@@ -30,6 +30,7 @@ from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES, DEFAULT
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
 from cachelayers.errors import BackendError, BatchError, ConfigError, EmbeddingError, SerializationError
+from cachelayers.keys import claim_identity
 from cachelayers.metrics import StateLog, register_stats_source
 from cachelayers.settings import Settings, get_settings
 from cachelayers.validation import check_options, positive_int
@@ -80,6 +81,8 @@ class SemanticFunction(Generic[P, T]):
         self._split = CallSplitter(fn, options)
         self._keys = self._split.keys
         self.identity = self._keys.identity
+        if options.get("name") is None:
+            claim_identity(self._keys.token, fn, scope="semantic")
         ttl = options.get("ttl")
         self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
         self.max_entries = positive_int(options.get("max_entries", DEFAULT_MAX_ENTRIES), "max_entries")
@@ -219,7 +222,7 @@ class SemanticFunction(Generic[P, T]):
     # -- calls --------------------------------------------------------------------------------------------
 
     @property
-    def wrapper(self) -> Callable[..., Awaitable[T]]:
+    def wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
         """The call path as a plain ``async def`` function (the decorator returns a `SemanticCachedFunction`)."""
         call = self.call
 
