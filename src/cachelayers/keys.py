@@ -232,7 +232,7 @@ def _clashing(token: str, claim: _Claim) -> bool:
     return False
 
 
-def claim_identity(token: str, fn: Callable[..., Any], *, field: str = "name") -> None:
+def claim_identity(token: str, fn: Callable[..., Any], *, scope: str = "", field: str = "name") -> None:
     """Record that ``fn`` stores entries under ``token``; refuse a second live function that would share them.
 
     Two live functions share entries only when they always compute the same thing (same code, module,
@@ -240,10 +240,17 @@ def claim_identity(token: str, fn: Callable[..., Any], *, field: str = "name") -
     be keyed, a function redefined under the same name, two lambdas — is refused: the user must tell them
     apart with ``name=`` or ``namespace=``. Functions that were collected are forgotten.
 
+    Args:
+        token: What the function's entries are stored under (namespace, identity and version).
+        fn: The decorated function.
+        scope: Where the entries live, when functions with one token cannot meet (e.g. two cache engines).
+        field: The option named in the error.
+
     Raises:
         ConfigError: Another live function, not interchangeable with ``fn``, already uses ``token``.
     """
     target = inspect.unwrap(fn)
+    token = f"{scope}\x01{token}" if scope else token
     try:
         claim = _claim_of(target)
     except TypeError:  # an object without weak references: nothing to follow
@@ -252,7 +259,7 @@ def claim_identity(token: str, fn: Callable[..., Any], *, field: str = "name") -
         if _clashing(token, claim):
             gc.collect()  # a dropped function kept alive by a reference cycle is not a clash
             if _clashing(token, claim):
-                shown = token.split("\x00")[1] if "\x00" in token else token
+                shown = token.split("\x00")[1] if "\x00" in token else token.rpartition("\x01")[2]
                 raise ConfigError(field, shown, "another live function has this identity and may compute other "
                                   "values (a factory closure over a value that cannot be keyed, a function redefined "
                                   "under the same name, a lambda): pass name= or namespace= to tell them apart")

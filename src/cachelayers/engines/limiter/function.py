@@ -28,7 +28,7 @@ from cachelayers.engines.limiter.options import LimitOptions
 from cachelayers.engines.limiter.queue import SWEEP_AT, Queue
 from cachelayers.engines.limiter.retry_after import NOT_RATE_LIMITED, rate_limit_retry_after
 from cachelayers.errors import ConfigError, RateLimitExceeded
-from cachelayers.keys import function_identity
+from cachelayers.keys import claim_identity, function_identity
 from cachelayers.settings import tracker
 from cachelayers.validation import check_options
 
@@ -82,6 +82,8 @@ class LimitedFunction(Generic[P, T]):
         """The decorated function."""
         self.identity = options.get("name") or function_identity(fn)
         self._specs = _specs(limits, self.identity)
+        if options.get("name") is None and any(isinstance(spec, Limit) for spec in self._specs):
+            claim_identity(self.identity, fn, scope="inline limits")  # an inline limit is counted under it
         self._names = [s.name if isinstance(s, Limit) else s for s in self._specs]
         self._signature = inspect.signature(fn)
         self._params = positional_names(self._signature)

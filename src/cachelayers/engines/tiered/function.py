@@ -23,7 +23,7 @@ from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
 from cachelayers.engines.tiered.options import CacheOptions, lease
 from cachelayers.engines.tiered.tags import namespace_tag, user_tags
 from cachelayers.errors import BackendError, ConfigError, SerializationError
-from cachelayers.keys import KeyBuilder
+from cachelayers.keys import KeyBuilder, claim_identity
 from cachelayers.loops import current_loop_token
 from cachelayers.metrics import CacheInfo, FunctionStats, register_stats_source, stable_list
 from cachelayers.settings import tracker
@@ -65,6 +65,9 @@ class FunctionCache(Generic[P, T]):
         self._keys = KeyBuilder(fn, namespace=namespace, version=options.get("version", 0), key=options.get("key"),
                                 ignore=options.get("ignore", ()), name=options.get("name"))
         self.identity = self._keys.identity
+        if options.get("name") is None:  # entries meet only in one engine's tiers: the engine is the scope
+            explicit = options.get("cache")
+            claim_identity(self._keys.token, fn, scope="" if explicit is None else f"engine@{id(explicit):x}")
         ttl = options.get("ttl")
         self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
         tags = options.get("tags")
