@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import types
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, ParamSpec, Self, TypeVar, Unpack, cast, final, overload
+from typing import Any, ParamSpec, TypeVar, Unpack, final, overload
 
+from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.tiered import BatchFunctionCache, CacheOptions, FunctionCache
 from cachelayers.metrics import CacheInfo
 from cachelayers.validation import check_options
@@ -18,56 +17,17 @@ T = TypeVar("T")
 
 
 @final
-class CachedFunction(Generic[P, T]):
+class CachedFunction(FunctionWrapper[P, T]):
     """What `multilevel_cached` returns: the function, same signature, plus cache management.
 
-    Calling it calls the engine's compiled hit path directly: ``__call__`` is a slot of each instance, holding
-    `FunctionCache.wrapper`, so a hit costs no frame of this class. It binds as a method like the function it
-    wraps, and `inspect.iscoroutinefunction` is true of it.
+    Calling it calls the engine's compiled hit path directly (see `FunctionWrapper`). It binds as a method like
+    the function it wraps, and `inspect.iscoroutinefunction` is true of it.
     """
 
-    # "__call__" as a slot: calling an instance looks it up on the class, finds the slot's descriptor and
-    # calls what the instance holds there, with no Python frame in between.
-    __slots__ = ("__call__", "__dict__", "__weakref__")
-
-    __call__: Callable[P, Coroutine[Any, Any, T]]
-    __wrapped__: Callable[P, Awaitable[T]]
-    __name__: str
-    __qualname__: str
-
     def __init__(self, fn: Callable[P, Awaitable[T]], engine: FunctionCache[P, T]) -> None:
-        self.__call__ = engine.wrapper
+        super().__init__(fn, engine.wrapper)
         self.cache = engine
         """The engine behind the function."""
-        functools.update_wrapper(self, fn, updated=())  # not the wrapped object's __dict__: ours is ours
-
-    # What `inspect.iscoroutinefunction` reads of a function-like object (Python 3.11 has no other way to mark
-    # a callable object as a coroutine function): those of the compiled hit path, an ``async def``.
-
-    @property
-    def __code__(self) -> types.CodeType:
-        return cast(types.FunctionType, self.__call__).__code__
-
-    @property
-    def __defaults__(self) -> tuple[Any, ...] | None:
-        return cast(types.FunctionType, self.__call__).__defaults__
-
-    @property
-    def __kwdefaults__(self) -> dict[str, Any] | None:
-        return cast(types.FunctionType, self.__call__).__kwdefaults__
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
-
-    @overload
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., Coroutine[Any, Any, T]]:
-        ...
-
-    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Any:
-        """As a method: bound to ``instance``, like a function."""
-        if instance is None:
-            return self
-        return types.MethodType(self, instance)
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""
@@ -84,10 +44,6 @@ class CachedFunction(Generic[P, T]):
     def cache_clear(self) -> Coroutine[Any, Any, None]:
         """Same as `invalidate_all`."""
         return self.cache.invalidate_all()
-
-    def __reduce__(self) -> str:
-        """Pickled by reference, as a function is: by its module and qualified name."""
-        return self.__qualname__
 
     def __repr__(self) -> str:
         return f"<cached function {self.cache.identity}>"
