@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from cachelayers import MemoryBackend, Settings, TieredCache, UnkeyableArgumentError, multilevel_cached
 from cachelayers.backends.memory import STORAGE_KEY
-from cachelayers.keys import KeyBuilder, canonical_bytes, function_identity
+from cachelayers.keys import CANONICAL, KeyBuilder, canonical_bytes, function_identity
 from tests.strategies import DEFAULT_Y, equivalent_calls, keyable_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,11 +283,11 @@ def test_big_ints_key_like_their_canonical_form() -> None:
     call's canonical encoding (what a call with non-scalar arguments hashes)."""
     builder = KeyBuilder(f)
     local, digest = key_of(builder, 2**70)
-    assert local == (builder.token, (2**70, DEFAULT_Y))
+    assert local == (builder.token, 2**70, DEFAULT_Y)
     assert HEX_DIGEST.fullmatch(digest)
     assert digest != key_of(builder, -(2**70))[1]
-    assert digest == builder.storage_digest((builder.token, canonical_bytes([2**70, DEFAULT_Y])))
-    assert key_of(builder, 1)[1] == builder.storage_digest((builder.token, canonical_bytes([1, DEFAULT_Y])))
+    assert digest == builder.storage_digest((builder.token, CANONICAL, canonical_bytes([2**70, DEFAULT_Y])))
+    assert key_of(builder, 1)[1] == builder.storage_digest((builder.token, CANONICAL, canonical_bytes([1, DEFAULT_Y])))
 
 
 # -- identity, version, namespace, key= and ignore= -----------------------------------------------------------

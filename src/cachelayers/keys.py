@@ -35,13 +35,27 @@ import numpy as np
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
 
-__all__ = ["FAST_TYPES", "KeyBuilder", "canonical_bytes", "claim_identity", "closure_fingerprint", "function_identity"]
+__all__ = ["CANONICAL", "FAST_TYPES", "KeyBuilder", "canonical_bytes", "claim_identity", "closure_fingerprint",
+           "function_identity"]
 
 # Exact types whose values are equal only when their msgpack encodings are equal *and* that never compare
 # equal to a value of another type in this set. ``bool`` and ``float`` are left out on purpose: ``True == 1``
 # and ``1.0 == 1`` would make two different calls share a tuple key in the memory tier.
 FAST_TYPES: Final = frozenset({str, int, bytes, type(None)})
 _FAST = FAST_TYPES
+
+
+class _Canonical:
+    """The marker in a local key whose arguments are given by their canonical encoding."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CANONICAL"
+
+
+CANONICAL: Final = _Canonical()
+"""Second item of a local key ``(token, CANONICAL, encoding)``; other local keys are ``(token, *arguments)``."""
 _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
 
@@ -360,8 +374,9 @@ class KeyBuilder:
     def local(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Hashable:
         """Return the in-process key of a call: cheap, hashable, equal only for equal normalised calls.
 
-        The key is ``(token, normalised_args)`` where the arguments are a tuple of fast scalars or, for any
-        other call, their canonical encoding; the token makes keys of different functions distinct.
+        The key is ``(token, *arguments)`` when the normalised arguments are fast scalars, else
+        ``(token, CANONICAL, encoding)``; the token makes keys of different functions distinct. One flat tuple:
+        the cheapest key to build, hash and compare on a memory hit.
 
         Raises:
             UnkeyableArgumentError: An argument cannot be keyed; the message names it.
@@ -375,15 +390,18 @@ class KeyBuilder:
                     if type(a) not in _FAST:
                         break
                 else:
-                    return (self.token, args)
+                    return (self.token, *args)
             elif 0 <= arity - n <= len(self._defaults_tail) and arity > 0:
                 full = args + self._defaults_tail[len(self._defaults_tail) - (arity - n):]
                 for a in full:
                     if type(a) not in _FAST:
                         break
                 else:
-                    return (self.token, full)
-        return (self.token, self._canonical(args, kwargs))
+                    return (self.token, *full)
+        canonical = self._canonical(args, kwargs)
+        if type(canonical) is tuple:
+            return (self.token, *canonical)
+        return (self.token, CANONICAL, canonical)
 
     def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Return every argument of the call by parameter name, defaults applied.
@@ -436,15 +454,14 @@ class KeyBuilder:
 
     def storage_digest(self, local_key: Hashable) -> str:
         """Return the hex digest that identifies a call in every tier below memory."""
-        args = local_key[1]  # type: ignore[index]
-        if type(args) is tuple:
-            try:
-                payload = _pack(list(args))  # only _FAST scalars: already canonical as a list
-            except OverflowError:  # an int beyond 64 bits is a fast scalar too; its canonical form is tagged
-                payload = _pack([_canon(a, "") for a in args])
+        key: tuple[Any, ...] = local_key  # type: ignore[assignment]
+        if len(key) == 3 and key[1] is CANONICAL:
+            payload = key[2]
         else:
-            assert type(args) is bytes
-            payload = args
+            try:
+                payload = _pack(list(key[1:]))  # only _FAST scalars: already canonical as a list
+            except OverflowError:  # an int beyond 64 bits is a fast scalar too; its canonical form is tagged
+                payload = _pack([_canon(a, "") for a in key[1:]])
         h = self._hasher.copy()
         # Fast-path keys and canonical keys of the same call must agree: both are the msgpack array of the
         # normalised arguments (a fast key's scalars are their own canonical form).

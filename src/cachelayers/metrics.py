@@ -102,14 +102,19 @@ class CacheInfo(NamedTuple):
     cost_saved: float
 
 
+def _no_hits() -> int:
+    return 0
+
+
 class FunctionStats:
     """Counters of one cached function."""
 
-    __slots__ = ("cached_latency", "computed_latency", "cost_saved", "errors", "hits", "hits_by_tier", "misses",
-                 "sample_tick", "unstorable")
+    __slots__ = ("_counted_hits", "_more_hits", "cached_latency", "computed_latency", "cost_saved", "errors",
+                 "hits_by_tier", "misses", "sample_tick", "unstorable")
 
     def __init__(self) -> None:
-        self.hits = 0
+        self._counted_hits = 0
+        self._more_hits: Callable[[], int] = _no_hits
         self.misses = 0
         self.errors = 0
         self.unstorable = 0
@@ -118,6 +123,20 @@ class FunctionStats:
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
         self.sample_tick = 0
+
+    @property
+    def hits(self) -> int:
+        """Calls answered from the cache (including those a compiled hit path counts on its own)."""
+        return self._counted_hits + self._more_hits()
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._counted_hits = value - self._more_hits()
+
+    def count_hits_with(self, counter: Callable[[], int]) -> None:
+        """Also count the hits ``counter()`` reports (a hit path that keeps its count in a closure cell)."""
+        self._counted_hits += self._more_hits()
+        self._more_hits = counter
 
     @property
     def memory_hits(self) -> int:

@@ -32,6 +32,10 @@ class _Missing:
 
 
 MISSING: Final[Any] = _Missing()
+
+
+def _find_nothing(key: Hashable) -> Any:
+    return MISSING
 """What a `LocalTier` lookup returns on a miss (``None`` is a cacheable value)."""
 
 
@@ -223,6 +227,22 @@ class LocalTier(abc.ABC):
     peek: Callable[[Hashable], Any]
     """``peek(key)``: the value under ``key`` if it has not expired (marking it recently used), else `MISSING`.
     An expired entry is left in place, for `peek_stale`."""
+
+    INLINE_PEEK: ClassVar[str] = "{value} = {p0}({key})\n"
+    """`peek` as statements an engine may compile into its hit path instead of calling it.
+
+    They assign to ``{value}`` what ``peek({key})`` returns, reading only ``{p0}``, ``{p1}``, … (the objects
+    `peek_parts` gives), ``{missing}`` (`MISSING`) and ``{tmp}`` (a local of theirs). The default calls `peek`;
+    a tier overrides it to save that call on every hit, keeping its layout to itself."""
+
+    def peek_parts(self) -> tuple[Any, ...]:
+        """The objects `INLINE_PEEK` reads as ``{p0}``, ``{p1}``, …, bound to this tier."""
+        return (self.peek,)
+
+    @classmethod
+    def idle_peek_parts(cls) -> tuple[Any, ...]:
+        """Objects for `INLINE_PEEK` with which it finds nothing (an engine bound to no tier)."""
+        return (_find_nothing,)
 
     bytes_used: int
     """Bytes charged by the entries held."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 from cachelayers.backends.base import MISSING, Backend, BackendURL, Clock, LocalTier, StoreItem
 from cachelayers.durations import parse_size
@@ -41,6 +41,9 @@ STORAGE_KEY: Final = 4
 """Index in a `Slot` of the name other tiers give the entry, or ``None``."""
 
 
+_NO_SLOTS: Final[OrderedDict[Hashable, Slot]] = OrderedDict()
+
+
 def _peek_function(data: OrderedDict[Hashable, Slot], clock: Clock) -> Callable[[Hashable], Any]:
     """`MemoryBackend.peek` for ``data``: a closure, whose cells are the fastest loads Python has."""
     get, move_to_end, missing = data.get, data.move_to_end, MISSING
@@ -67,6 +70,29 @@ class MemoryBackend(Backend, LocalTier):
 
     schemes = ("memory",)
     options = frozenset({"max_entries", "max_bytes", "name"})
+
+    INLINE_PEEK: ClassVar[str] = (
+        "{tmp} = {p0}({key})\n"
+        "if {tmp} is None:\n"
+        "    {value} = {missing}\n"
+        "else:\n"
+        "    {value} = {tmp}[1]\n"
+        "    if {value} is None or {value} > {p2}():\n"
+        "        {p1}({key})\n"
+        "        {value} = {tmp}[0]\n"
+        "    else:\n"
+        "        {value} = {missing}\n"
+    )
+    """`peek` inlined: the slot by key, its expiry (index 1), the value (index 0), marked recently used."""
+
+    def peek_parts(self) -> tuple[Any, ...]:
+        """What `INLINE_PEEK` reads: the slots' ``get``, their ``move_to_end`` and the clock."""
+        return (self._data.get, self._data.move_to_end, self.clock)
+
+    @classmethod
+    def idle_peek_parts(cls) -> tuple[Any, ...]:
+        """`INLINE_PEEK`'s parts over no slots at all."""
+        return (_NO_SLOTS.get, _NO_SLOTS.move_to_end, time.time)
 
     def __init__(self, url: BackendURL | None = None, *, clock: Clock = time.time,
                  max_entries: int | None = None, max_bytes: int | None = None) -> None:

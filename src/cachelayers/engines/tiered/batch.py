@@ -143,7 +143,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
         if self._keys.fast_arity == 1 and call.position == 0 and len(args) == 1 and not kwargs:
             # The items are the only argument: a scalar item's key is what KeyBuilder.local makes, built here.
             token = self._keys.token
-            keys = [(token, (item,)) if type(item) in FAST_TYPES else local_of((item,), {}) for item in call.items]
+            keys = [(token, item) if type(item) in FAST_TYPES else local_of((item,), {}) for item in call.items]
         else:
             keys = [local_of(*call.with_items(item, name)) for item in call.items]
         first: dict[Hashable, Any] = {}

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack
 
 from cachelayers.backends.base import MISSING
+from cachelayers.backends.memory import MemoryBackend
 from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.cache import Stale, TieredCache, default_cache
@@ -93,7 +94,7 @@ class FunctionCache(Generic[P, T]):
         self._explicit_cache = cache
         self._cache: TieredCache | None = cache
         self._generation = -1
-        self._set_peek: Callable[[Callable[[Hashable], Any] | None], None] | None = None
+        self._set_parts: Callable[[tuple[Any, ...]], None] | None = None
         self._prefix = ""
         self._expiry_default: float | None = None
         self.stats = FunctionStats()
@@ -110,8 +111,11 @@ class FunctionCache(Generic[P, T]):
         if self._cache is not None and self._cache is not cache:
             self._cache.release(self)
         self._cache = cache
-        if self._set_peek is not None:
-            self._set_peek(cache.local.peek if cache.local is not None else None)
+        if self._set_parts is not None:
+            local = cache.local
+            # A memory tier of another layout is read by the miss path, through its peek.
+            inlined = local is not None and type(local).INLINE_PEEK == MemoryBackend.INLINE_PEEK
+            self._set_parts(local.peek_parts() if local is not None and inlined else MemoryBackend.idle_peek_parts())
         self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
         self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
         self._generation = tracker.generation
@@ -120,8 +124,8 @@ class FunctionCache(Generic[P, T]):
 
     def _unbind(self) -> None:
         """Forget the engine (the settings changed): the next call misses the hit path and rebinds."""
-        if self._explicit_cache is None and self._set_peek is not None:
-            self._set_peek(None)
+        if self._explicit_cache is None and self._set_parts is not None:
+            self._set_parts(MemoryBackend.idle_peek_parts())
 
     def _rebind(self) -> TieredCache:
         """Follow the settings in force (a no-op for a function given an explicit cache)."""
@@ -141,8 +145,8 @@ class FunctionCache(Generic[P, T]):
 
     def _build_wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
         """Compile the hit path (`compile_hit_path`) and bind it to the engine, if one was given."""
-        wrapper, self._set_peek = compile_hit_path(self._keys, self.stats, self._miss,
-                                                   self._count_cost if self._cost is not None else None)
+        wrapper, self._set_parts = compile_hit_path(self._keys, self.stats, self._miss,
+                                                    self._count_cost if self._cost is not None else None, MemoryBackend)
         if self._cache is not None:
             self._bind(self._cache)
         return wrapper

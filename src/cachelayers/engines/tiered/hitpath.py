@@ -4,22 +4,18 @@ string formatting and no signature binding, and hands everything else to the eng
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from cachelayers.backends.base import MISSING
+from cachelayers.backends.base import MISSING, LocalTier
 from cachelayers.keys import FAST_TYPES, KeyBuilder
 from cachelayers.metrics import FunctionStats
 
 __all__ = ["HitPath", "compile_hit_path"]
 
-HitPath = tuple[Callable[..., Coroutine[Any, Any, Any]], Callable[[Callable[[Hashable], Any] | None], None]]
-"""The compiled function and its ``set_peek``: give it the memory tier's `LocalTier.peek`, or ``None``."""
-
-
-def _nothing(key: Hashable) -> Any:
-    """The hit path's ``peek`` while it is not bound to a memory tier: it finds nothing."""
-    return MISSING
+HitPath = tuple[Callable[..., Coroutine[Any, Any, Any]], Callable[[tuple[Any, ...]], None]]
+"""The compiled function and its ``set_parts``: give it the memory tier's `LocalTier.peek_parts` (or its
+`LocalTier.idle_peek_parts` when bound to none)."""
 
 
 def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -53,17 +49,18 @@ def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any]) -> tuple[str, 
     args = "(" + "".join(f"{p.name}, " for p in params if p.kind is not p.KEYWORD_ONLY) + ")"
     kwargs = "{" + ", ".join(f"{p.name!r}: {p.name}" for p in params if p.kind is p.KEYWORD_ONLY) + "}"
     key = f"""if {" and ".join(f"type({n}) in _cl_fast" for n in keyed) or "True"}:
-            _cl_key = (_cl_token, ({"".join(f"{n}, " for n in keyed)}))
+            _cl_key = (_cl_token, {"".join(f"{n}, " for n in keyed)})
         else:
             _cl_key = _cl_local_key_of({args}, {kwargs})"""
     return ", ".join(signature), args, kwargs, key
 
 
 def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[..., Awaitable[Any]],
-                     count_cost: Callable[[Any], None] | None) -> HitPath:
+                     count_cost: Callable[[Any], None] | None, local: type[LocalTier]) -> HitPath:
     """Compile the hit path of one cached function.
 
-    What it reads lives in closure cells, the fastest loads Python has, the memory tier's ``peek`` among them.
+    What it reads lives in closure cells, the fastest loads Python has; the memory tier's lookup is its
+    `LocalTier.INLINE_PEEK`, compiled in, reading the tier's `LocalTier.peek_parts` from cells as well.
 
     Args:
         keys: The function's key builder.
@@ -71,33 +68,45 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
         miss: Called as ``await miss(key, args, kwargs)`` when memory has no fresh entry (or the hit path is
             not bound to a memory tier).
         count_cost: Counts the cost a hit saved, or ``None`` when the function declares no cost.
+        local: The class of the memory tiers it will read (its `LocalTier.INLINE_PEEK` is compiled in).
 
     Returns:
-        The compiled function and its ``set_peek``.
+        The compiled function and its ``set_parts``.
     """
     namespace: dict[str, Any] = {}
     signature, args, kwargs, key = _parameter_source(keys, namespace)
     count = "_cl_count_cost(_cl_value)" if count_cost is not None else "pass"
+    idle = local.idle_peek_parts()
+    parts = ", ".join(f"_cl_p{i}" for i in range(len(idle)))
+    peek = local.INLINE_PEEK.format(key="_cl_key", value="_cl_value", missing="_cl_missing", tmp="_cl_tmp",
+                                    **{f"p{i}": f"_cl_p{i}" for i in range(len(idle))})
+    peek = "".join(f"        {line}\n" for line in peek.splitlines())
     source = f"""
-def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_nothing):
-    _cl_peek = _cl_nothing
+def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_idle):
+    {parts}, = _cl_idle
 
-    def set_peek(peek):
-        nonlocal _cl_peek
-        _cl_peek = _cl_nothing if peek is None else peek
+    _cl_hits = 0
+
+    def set_parts(parts):
+        nonlocal {parts}
+        {parts}, = parts
+
+    def _cl_hits_now():
+        return _cl_hits
 
     async def wrapper({signature}):
+        nonlocal _cl_hits
         {key}
-        _cl_value = _cl_peek(_cl_key)
-        if _cl_value is not _cl_missing:
-            _cl_stats.hits += 1
+{peek}        if _cl_value is not _cl_missing:
+            _cl_hits += 1
             {count}
             return _cl_value
         return await _cl_miss(_cl_key, {args}, {kwargs})
 
-    return wrapper, set_peek
+    _cl_stats.count_hits_with(_cl_hits_now)
+    return wrapper, set_parts
 """
     exec(compile(source, f"<cachelayers wrapper of {keys.identity}>", "exec"), namespace)
     made: HitPath = namespace["_cl_make"](keys.local, keys.token, FAST_TYPES, stats, miss, count_cost, MISSING,
-                                          _nothing)
+                                          idle)
     return made
