@@ -205,7 +205,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
                         digest = digests[key] = digest_of(key)
                     storage.append(prefix + digest)
                 started = time.perf_counter()
-                found = await cache.read_lower_many(mine, storage, stats, epoch=epoch)
+                found = await cache.read_lower_many(mine, storage, stats, epoch=epoch, codec=self._codec)
                 if found:
                     stats.hits += len(found)
                     stats.cached_latency.add(time.perf_counter() - started)
@@ -269,7 +269,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
             if not cache.invalidated_since(epoch, storage_key, tags):
                 entries.append((key, storage_key, row, expires_at, tags))
         try:
-            await cache.write_many(entries, stats, since=since)
+            await cache.write_many(entries, stats, since=since, codec=self._codec)
         except (SerializationError, BackendError):
             if cache.strict:
                 raise

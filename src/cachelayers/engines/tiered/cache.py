@@ -308,8 +308,8 @@ class TieredCache:
         await listener.tier.call(op, None)
 
     def store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
-                     tags: tuple[str, ...], storage_key: str | None) -> None:
-        """Put an entry in the memory tier (there is one).
+                     tags: tuple[str, ...], storage_key: str | None) -> bool:
+        """Put an entry in the memory tier (there is one); return whether it is held (not larger than the bound).
 
         A function's entry carries its namespace tag first; the memory tier does not index it, since a
         namespace's entries there are found by their local keys (see `invalidated`): one index update less
@@ -322,10 +322,10 @@ class TieredCache:
         listener = self.listener
         if listener is not None and not listener.subscribed:
             listener.unsynced.add(local_key)
-        local.store(local_key, value, size, expires_at, tags, storage_key)
+        return local.store(local_key, value, size, expires_at, tags, storage_key)
 
     async def read_lower(self, local_key: Hashable, storage_key: str, fstats: FunctionStats | None = None, *,
-                         grace: float = 0.0, epoch: int | None = None) -> Any:
+                         grace: float = 0.0, epoch: int | None = None, codec: Codec | None = None) -> Any:
         """Look ``storage_key`` up in the tiers below memory, back-filling the tiers above a hit.
 
         Returns the value, `MISSING`, or a `Stale` wrapper for an entry past its expiry but within ``grace``
@@ -340,7 +340,7 @@ class TieredCache:
                 tier.stats.misses += 1
                 continue
             try:
-                envelope = self.codec.open(storage_key, blob)
+                envelope = (codec or self.codec).open(storage_key, blob)
             except SerializationError as exc:
                 await self._corrupt(tier, [storage_key], exc)
                 continue
@@ -368,11 +368,12 @@ class TieredCache:
         return MISSING
 
     async def read_lower_many(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str],
-                              fstats: FunctionStats | None = None, *, epoch: int | None = None) -> dict[int, Any]:
+                              fstats: FunctionStats | None = None, *, epoch: int | None = None,
+                              codec: Codec | None = None) -> dict[int, Any]:
         """Batch form of `read_lower`: one multi-get per tier. Returns ``{index: value}`` of the hits."""
         found: dict[int, Any] = {}
         pending = list(range(len(storage_keys)))
-        open_ = self.codec.open
+        open_ = (codec or self.codec).open
         local = self.local
         for index, tier in enumerate(self.tiers):
             if not pending:
@@ -436,24 +437,27 @@ class TieredCache:
             raise exc
 
     def store_in_memory(self, local_key: Hashable, storage_key: str | None, value: Any, expires_at: float | None,
-                        tags: tuple[str, ...], fstats: FunctionStats | None = None) -> bytes | None:
+                        tags: tuple[str, ...], fstats: FunctionStats | None = None,
+                        codec: Codec | None = None) -> bytes | None:
         """Encode ``value`` (its size is what the memory tier charges) and store it there, if there is one.
 
         Returns the encoded body for the tiers below, or ``None`` when the value cannot be encoded (counted,
         logged once, nothing stored).
         """
         try:
-            body = self.codec.pack_body(value, tags)
+            body = (codec or self.codec).pack_body(value, tags)
         except SerializationError as exc:
             self._unencodable(value, exc, fstats)
             return None
         if self.local is not None:
-            self.store_local(local_key, value, len(body), expires_at, tags, storage_key)
-            self.local_stats.writes += 1
+            if self.store_local(local_key, value, len(body), expires_at, tags, storage_key):
+                self.local_stats.writes += 1
+            elif not self.tiers:  # held nowhere (with tiers below, they hold it)
+                self._too_large(value, len(body), fstats)
         return body
 
     def remember(self, local_key: Hashable, value: Any, expires_at: float | None, tags: tuple[str, ...],
-                 fstats: FunctionStats | None = None) -> bool:
+                 fstats: FunctionStats | None = None, codec: Codec | None = None) -> bool:
         """Store ``value`` in the memory tier of an engine that has no other tier (and so no listener).
 
         Nothing below needs the encoding, so a scalar, string or bytes value is not encoded at all: the codec
@@ -461,7 +465,7 @@ class TieredCache:
         once, nothing stored).
         """
         try:
-            size = self.codec.body_size(value, tags)
+            size = (codec or self.codec).body_size(value, tags)
         except SerializationError as exc:
             self._unencodable(value, exc, fstats)
             return False
@@ -470,9 +474,18 @@ class TieredCache:
             return False
         if tags and tags[0].startswith(NAMESPACE_TAG):  # as `store_local` does (this is the hot path)
             tags = tags[1:]
-        local.store(local_key, value, size, expires_at, tags, None)
+        if not local.store(local_key, value, size, expires_at, tags, None):
+            self._too_large(value, size, fstats)
+            return False
         self.local_stats.writes += 1
         return True
+
+    def _too_large(self, value: Any, size: int, fstats: FunctionStats | None) -> None:
+        """A value the memory tier cannot hold (larger than its byte bound): counted as unstorable, logged once."""
+        if fstats is not None:
+            fstats.unstorable += 1
+        self.log.failure(f"storing values of type {type(value).__qualname__} in memory",
+                         ValueError(f"{size} bytes do not fit the memory tier's max_bytes"))
 
     def _unencodable(self, value: Any, exc: SerializationError, fstats: FunctionStats | None) -> None:
         if fstats is not None:
@@ -483,14 +496,14 @@ class TieredCache:
 
     async def write(self, local_key: Hashable, storage_key: str, value: Any, expires_at: float | None,
                     tags: tuple[str, ...], fstats: FunctionStats | None = None, *, grace: float = 0.0,
-                    since: int | None = None) -> bool:
+                    since: int | None = None, codec: Codec | None = None) -> bool:
         """Store ``value`` in every tier; return ``False`` when it cannot be encoded (nothing is stored).
 
         Args:
             grace: Seconds past ``expires_at`` that the tiers below memory keep the entry (``stale=``).
             since: A value of `failures` taken when the call started: tiers that failed since are skipped.
         """
-        body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+        body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats, codec)
         if body is None:
             return False
         if self.tiers:
@@ -507,12 +520,13 @@ class TieredCache:
         return True
 
     async def write_many(self, entries: Sequence[tuple[Hashable, str, Any, float | None, tuple[str, ...]]],
-                         fstats: FunctionStats | None = None, *, since: int | None = None) -> None:
+                         fstats: FunctionStats | None = None, *, since: int | None = None,
+                         codec: Codec | None = None) -> None:
         """Batch form of `write`: ``entries`` are ``(local_key, storage_key, value, expires_at, tags)``; one
         multi-set per tier. Values that cannot be encoded are skipped and counted."""
         items: list[StoreItem] = []
         for local_key, storage_key, value, expires_at, tags in entries:
-            body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats)
+            body = self.store_in_memory(local_key, storage_key, value, expires_at, tags, fstats, codec)
             if body is None:
                 continue
             items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,

@@ -16,6 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, Unpack
 
 from cachelayers.backends.base import MISSING
 from cachelayers.backends.memory import MemoryBackend
+from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.cache import Stale, TieredCache, default_cache
@@ -96,6 +97,8 @@ class FunctionCache(Generic[P, T]):
         self._generation = -1
         self._set_parts: Callable[[tuple[Any, ...]], None] | None = None
         self._prefix = ""
+        self._types = allowed_types(fn)
+        self._codec: Codec | None = None
         self._expiry_default: float | None = None
         self.stats = FunctionStats()
         self._namespace_tags = (namespace_tag(self._keys.namespace),)
@@ -117,6 +120,7 @@ class FunctionCache(Generic[P, T]):
             inlined = local is not None and type(local).INLINE_PEEK == MemoryBackend.INLINE_PEEK
             self._set_parts(local.peek_parts() if local is not None and inlined else MemoryBackend.idle_peek_parts())
         self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
+        self._codec = cache.codec.with_types(self._types) if self._types else cache.codec
         self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
         self._generation = tracker.generation
         cache.adopt(self)
@@ -199,7 +203,7 @@ class FunctionCache(Generic[P, T]):
                 value = await self._fn(*args, **kwargs)
                 plan = self._storable(cache, local_key, None, args, kwargs, epoch, time.perf_counter() - started)
                 if plan is not None:
-                    cache.remember(local_key, value, plan[1], plan[0], self.stats)
+                    cache.remember(local_key, value, plan[1], plan[0], self.stats, self._codec)
             stale = type(value) is Stale
             if stale:
                 value = value.value
@@ -249,7 +253,8 @@ class FunctionCache(Generic[P, T]):
 
     async def _read(self, cache: TieredCache, local_key: Hashable, storage_key: str, epoch: int) -> Any:
         started = time.perf_counter()
-        value = await cache.read_lower(local_key, storage_key, self.stats, grace=self._grace, epoch=epoch)
+        value = await cache.read_lower(local_key, storage_key, self.stats, grace=self._grace, epoch=epoch,
+                                       codec=self._codec)
         if value is not MISSING:
             stats = self.stats
             stats.hits += 1
@@ -291,6 +296,7 @@ class FunctionCache(Generic[P, T]):
         tags, expires_at = plan
         try:
             await cache.write(local_key, storage_key, result, expires_at, tags, self.stats, grace=self._grace,
+                              codec=self._codec,
                               since=since)
         except (SerializationError, BackendError):
             if cache.strict:
