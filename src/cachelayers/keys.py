@@ -35,14 +35,21 @@ import numpy as np
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
 
-__all__ = ["CANONICAL", "FAST_TYPES", "KeyBuilder", "canonical_bytes", "claim_identity", "closure_fingerprint",
-           "function_identity"]
+__all__ = ["CANONICAL", "FAST_TYPES", "KeyBuilder", "KeyFunctionError", "canonical_bytes", "claim_identity",
+           "closure_fingerprint", "function_identity"]
 
 # Exact types whose values are equal only when their msgpack encodings are equal *and* that never compare
 # equal to a value of another type in this set. ``bool`` and ``float`` are left out on purpose: ``True == 1``
 # and ``1.0 == 1`` would make two different calls share a tuple key in the memory tier.
 FAST_TYPES: Final = frozenset({str, int, bytes, type(None)})
 _FAST = FAST_TYPES
+
+
+class KeyFunctionError(Exception):
+    """A ``key=`` function raised: the call cannot be keyed, so it runs uncached (see `KeyBuilder`).
+
+    The exception the function raised is the ``__cause__``.
+    """
 
 
 class _Canonical:
@@ -427,7 +434,11 @@ class KeyBuilder:
     def _canonical(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, ...] | bytes:
         """Return the normalised arguments as a tuple when all are fast scalars, else their encoding."""
         if self._custom is not None:
-            custom = self._custom(**self.arguments(args, kwargs))
+            arguments = self.arguments(args, kwargs)  # a TypeError here is the caller's: wrong arguments
+            try:
+                custom = self._custom(**arguments)
+            except Exception as exc:
+                raise KeyFunctionError(f"key= of {self.identity} raised {type(exc).__name__}: {exc}") from exc
             try:
                 return _pack(["key=", _canon(custom, "key()")])
             except _Unkeyable as exc:

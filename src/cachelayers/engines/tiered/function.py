@@ -25,7 +25,7 @@ from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
 from cachelayers.engines.tiered.options import CacheOptions, lease
 from cachelayers.engines.tiered.tags import namespace_tag, user_tags
 from cachelayers.errors import BackendError, ConfigError, SerializationError
-from cachelayers.keys import KeyBuilder, claim_identity
+from cachelayers.keys import KeyBuilder, KeyFunctionError, claim_identity
 from cachelayers.loops import current_loop_token
 from cachelayers.metrics import CacheInfo, FunctionStats, register_stats_source, stable_list
 from cachelayers.settings import tracker
@@ -119,12 +119,23 @@ class FunctionCache(Generic[P, T]):
             # A memory tier of another layout is read by the miss path, through its peek.
             inlined = local is not None and type(local).INLINE_PEEK == MemoryBackend.INLINE_PEEK
             self._set_parts(local.peek_parts() if local is not None and inlined else MemoryBackend.idle_peek_parts())
+        self._check_effective(cache)
         self._prefix = f"{cache.settings.key_prefix}{self._keys.namespace}:"
         self._codec = cache.codec.with_types(self._types) if self._types else cache.codec
         self._expiry_default = self._ttl if self._ttl is not None else cache.settings.default_ttl
         self._generation = tracker.generation
         cache.adopt(self)
         return cache
+
+    def _check_effective(self, cache: TieredCache) -> None:
+        """Refuse options that would do nothing with this engine (checked when the function binds to it: at
+        decoration with ``cache=``, else at the first call under the settings in force)."""
+        if self._grace and self._ttl is None and cache.settings.default_ttl is None:
+            raise ConfigError("stale", self._grace, "has no effect without a TTL: pass ttl= (or set "
+                                                    "Settings.default_ttl)")
+        if self._lease is not None and cache.lock_tier is None:
+            raise ConfigError("lock", self._lease, "needs a tier that can hold locks shared by processes (Redis); "
+                                                   f"the tiers are {', '.join(cache.settings.tier_urls) or 'none'}")
 
     def _unbind(self) -> None:
         """Forget the engine (the settings changed): the next call misses the hit path and rebinds."""
@@ -150,10 +161,21 @@ class FunctionCache(Generic[P, T]):
     def _build_wrapper(self) -> Callable[..., Coroutine[Any, Any, T]]:
         """Compile the hit path (`compile_hit_path`) and bind it to the engine, if one was given."""
         wrapper, self._set_parts = compile_hit_path(self._keys, self.stats, self._miss,
-                                                    self._count_cost if self._cost is not None else None, MemoryBackend)
+                                                    self._count_cost if self._cost is not None else None, MemoryBackend,
+                                                    self._key_failed)
         if self._cache is not None:
             self._bind(self._cache)
         return wrapper
+
+    async def _key_failed(self, error: KeyFunctionError, args: Any, kwargs: Any) -> T:
+        """A ``key=`` function raised: like a failing ``tags=``, the call runs uncached, counted and logged once
+        (in strict mode, what the function raised is raised)."""
+        self.stats.errors += 1
+        cache = self.cache
+        cache.log.failure(f"key= of {self.identity}", error)
+        if cache.strict and error.__cause__ is not None:
+            raise error.__cause__
+        return await self._fn(*args, **kwargs)
 
     def _count_cost(self, value: Any) -> None:
         cost = self._cost

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from cachelayers.backends.base import MISSING, LocalTier
-from cachelayers.keys import FAST_TYPES, KeyBuilder
+from cachelayers.keys import FAST_TYPES, KeyBuilder, KeyFunctionError
 from cachelayers.metrics import FunctionStats
 
 __all__ = ["HitPath", "compile_hit_path"]
@@ -29,7 +29,10 @@ def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any]) -> tuple[str, 
     """
     params = keys.parameters
     if params is None or any(p.name.startswith("_cl_") for p in params):
-        return "*args, **kwargs", "args", "kwargs", "_cl_key = _cl_local_key_of(args, kwargs)"
+        return "*args, **kwargs", "args", "kwargs", """try:
+            _cl_key = _cl_local_key_of(args, kwargs)
+        except _cl_key_failed as _cl_error:
+            return await _cl_uncached(_cl_error, args, kwargs)"""
     signature: list[str] = []
     kind = None
     for i, p in enumerate(params):
@@ -56,7 +59,8 @@ def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any]) -> tuple[str, 
 
 
 def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[..., Awaitable[Any]],
-                     count_cost: Callable[[Any], None] | None, local: type[LocalTier]) -> HitPath:
+                     count_cost: Callable[[Any], None] | None, local: type[LocalTier],
+                     uncached: Callable[..., Awaitable[Any]]) -> HitPath:
     """Compile the hit path of one cached function.
 
     What it reads lives in closure cells, the fastest loads Python has; the memory tier's lookup is its
@@ -69,6 +73,8 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
             not bound to a memory tier).
         count_cost: Counts the cost a hit saved, or ``None`` when the function declares no cost.
         local: The class of the memory tiers it will read (its `LocalTier.INLINE_PEEK` is compiled in).
+        uncached: Called as ``await uncached(error, args, kwargs)`` when a ``key=`` function raised
+            (`KeyFunctionError`): the call runs uncached.
 
     Returns:
         The compiled function and its ``set_parts``.
@@ -82,7 +88,8 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
                                     **{f"p{i}": f"_cl_p{i}" for i in range(len(idle))})
     peek = "".join(f"        {line}\n" for line in peek.splitlines())
     source = f"""
-def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_idle):
+def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_idle,
+             _cl_key_failed, _cl_uncached):
     {parts}, = _cl_idle
 
     _cl_hits = 0
@@ -108,5 +115,5 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
 """
     exec(compile(source, f"<cachelayers wrapper of {keys.identity}>", "exec"), namespace)
     made: HitPath = namespace["_cl_make"](keys.local, keys.token, FAST_TYPES, stats, miss, count_cost, MISSING,
-                                          idle)
+                                          idle, KeyFunctionError, uncached)
     return made
