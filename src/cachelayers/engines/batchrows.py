@@ -41,6 +41,10 @@ def type_name(value: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
 def _hint(result: object) -> str:
     if isinstance(result, Mapping):
         return " (a mapping's elements are its keys, not the results of the items; return [results[item] " \
@@ -81,13 +85,13 @@ def batch_rows(result: object, count: int, function: str) -> Sequence[Any]:
         try:
             rows = list(result)
         except Exception as exc:
-            error = BatchError(function, count, f"returned a {type_name(result)} that could not be read: "
+            error = BatchError(function, count, f"returned {_a(type_name(result))} that could not be read: "
                                                 f"{type(exc).__name__}: {exc}")
             raise error from exc
     else:
-        raise BatchError(function, count, f"returned a {type_name(result)}{_hint(result)}; {_EXPECTED}")
+        raise BatchError(function, count, f"returned {_a(type_name(result))}{_hint(result)}; {_EXPECTED}")
     if len(rows) != count:
-        raise BatchError(function, count, f"returned a {type_name(result)} of {len(rows)} "
+        raise BatchError(function, count, f"returned {_a(type_name(result))} of {len(rows)} "
                                           f"result{'s' if len(rows) != 1 else ''}; expected {count}, one per "
                                           f"item, in order")
     return rows
