@@ -509,8 +509,8 @@ async def test_a_failed_batch_fails_each_of_its_callers_with_the_cause_and_the_n
 
 
 @pytest.mark.parametrize(("answer", "message"), [
-    (lambda items: [f"r:{x}" for x in items][:-1], "returned 2 results; expected one per item"),
-    (lambda items: [*items, "extra", "more"], "returned 5 results"),
+    (lambda items: [f"r:{x}" for x in items][:-1], "returned a list of 2 results; expected 3, one per item"),
+    (lambda items: [*items, "extra", "more"], "returned a list of 5 results"),
     (lambda items: None, "returned a NoneType"),
     (lambda items: (f"r:{x}" for x in items), "returned a generator"),
 ])

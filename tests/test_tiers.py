@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 import redis
 
-from cachelayers import Backend, ConfigError, MemoryBackend, Settings, StoreItem, TieredCache, multilevel_cached
+from cachelayers import (
+    Backend,
+    BatchError,
+    ConfigError,
+    MemoryBackend,
+    Settings,
+    StoreItem,
+    TieredCache,
+    multilevel_cached,
+)
 from cachelayers.backends.memory import EXPIRES_AT
 from cachelayers.codec import Codec
 from tests.conftest import FakeClock
@@ -344,7 +353,7 @@ class TestBatch:
         async def broken(xs: list[int]) -> list[int]:
             return [1]
 
-        with pytest.raises(ValueError, match="1 results for 2 items"):
+        with pytest.raises(BatchError, match=r"2 items to .*broken\(\) returned a list of 1 result; expected 2"):
             await broken([1, 2])
         assert cache.local is not None
         assert len(cache.local) == 0

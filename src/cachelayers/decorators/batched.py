@@ -88,6 +88,9 @@ def batched(
     ``max_weight``), or ``max_wait`` after its first item; calls with different shared arguments never share a
     batch; identical pending items are sent once. Usable bare (``@batched``) or with arguments, from asyncio or
     trio, across repeated ``asyncio.run`` calls: nothing is bound to an event loop until the first call in it.
+    The function must return a list, a tuple or an array with exactly one result per item, in order; anything
+    else (a dict, a set, a string, a generator, a wrong length) fails every caller of the batch with
+    `BatchError`, and no caller gets any of it.
 
     Args:
         fn: The batch function, when used bare.

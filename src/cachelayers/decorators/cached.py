@@ -89,7 +89,9 @@ def multilevel_cached(
         batch: Cache a list-to-list (or list-to-array) function per item: ``True`` when the items are the
             first parameter, or the parameter's name. The function is called once with only the missing
             items; results come back in input order (stacked into an array when the function is annotated
-            to return ``np.ndarray``). Not combined with ``stale`` or ``lock``.
+            to return ``np.ndarray``). The function must return a list, a tuple or an array with exactly one
+            result per item it was given; anything else (a dict, a set, a string, a generator, a wrong length)
+            is a `BatchError` and nothing of it is cached. Not combined with ``stale`` or ``lock``.
 
     Returns:
         A `CachedFunction`: the wrapped function's signature, plus ``cache_info()``,

@@ -11,7 +11,8 @@ Rules kept here, each tested:
   on the batch filling up, sends it, and ends. With nothing pending there is no task and no timer: an idle
   batcher never wakes the event loop;
 * **isolation**: an exception returned for one item reaches only that item's callers; a failed batch, or a
-  result of the wrong length, fails each of its callers with a `BatchError` (the cause kept);
+  result of the wrong shape or length (`cachelayers.engines.batchrows`: a mapping, a set, a string, an iterator,
+  ...), fails each of its callers with a `BatchError` (the cause kept) and gives no caller any of it;
 * **cancellation**: a cancelled caller only stops waiting. Its item leaves the batch when every caller of it
   was cancelled before the batch was sent; nothing else is cancelled, nothing waits forever, and no future is
   left with an unretrieved exception (results travel in plain slots, signalled by one event per batch);
@@ -33,7 +34,6 @@ from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, Unpack
 
 import anyio
-import numpy as np
 
 from cachelayers.durations import parse_duration
 from cachelayers.engines.batcher.adapters import loop_adapters, trio_token
@@ -50,6 +50,7 @@ from cachelayers.engines.batcher.records import (
     LoopState,
     Rows,
 )
+from cachelayers.engines.batchrows import batch_rows
 from cachelayers.errors import BatcherClosedError, BatchError, BatchQueueFullError, ConfigError
 from cachelayers.keys import canonical_bytes, function_identity
 from cachelayers.metrics import LatencyRing, register_stats_source, stable_list
@@ -169,8 +170,9 @@ class Batcher(Generic[X, P, Y]):
             The item's result: its element of the list (or row of the array) the function returned.
 
         Raises:
-            BatchError: The batch failed (the function's exception is ``__cause__``), returned the wrong number
-                of results, or was cancelled.
+            BatchError: The batch failed (the function's exception is ``__cause__``), returned something other
+                than a list, a tuple or an array of one result per item (see `cachelayers.engines.batchrows`), or
+                was cancelled.
             BatcherClosedError: The batcher is closed, or closed without flushing while the item was pending.
             BatchQueueFullError: The queue is full and ``queue_full="raise"``.
             Exception: Whatever exception object the function returned in this item's place, or what ``key=``
@@ -418,20 +420,11 @@ class Batcher(Generic[X, P, Y]):
         finally:
             self._durations.add(loop.clock() - started)
         try:
-            count = len(results)
-        except TypeError:
-            self._finish(loop, batch, BatchError(self.name, len(live), f"returned a {type(results).__name__}, "
-                                                 "not a list or an array with one result per item"))
+            rows = batch_rows(results, len(live), self.name)
+        except BatchError as error:
+            self._finish(loop, batch, error)
             return
-        if count != len(live):
-            self._finish(loop, batch, BatchError(self.name, len(live), f"returned {count} results; expected one "
-                                                 "per item, in order"))
-            return
-        # An array's rows are copied: a view would keep the whole batch's array alive as long as any one
-        # result is (in a cache, for instance).
-        rows = isinstance(results, np.ndarray) and results.ndim > 1
-        for index, entry in enumerate(live):
-            value = results[index].copy() if rows else results[index]  # type: ignore[attr-defined]
+        for entry, value in zip(live, rows, strict=True):
             if isinstance(value, Exception):
                 entry.error = value
                 entry.traceback = value.__traceback__

@@ -24,7 +24,11 @@ NO_VALUE: Final[Any] = object()
 
 
 class Rows(Protocol[Y_co]):
-    """What a batch function returns: a sequence with one result per item (a list, or an array's rows)."""
+    """What a batch function returns: a sequence with one result per item (a list, a tuple, or an array's rows).
+
+    Checked when the batch returns (`cachelayers.engines.batchrows.batch_rows`): a mapping, a string, bytes or
+    a wrong length also have ``len`` and ``[]``, but are a `BatchError` to every caller of the batch.
+    """
 
     def __len__(self) -> int: ...
 
@@ -41,7 +45,7 @@ class BatchInfo(NamedTuple):
         rejected: Calls refused because the queue was full (policy ``"raise"``) or the batcher was closed.
         batches: Batches sent to the function.
         items: Items sent to the function.
-        failed_batches: Batches that raised, returned the wrong number of results, or were cancelled.
+        failed_batches: Batches that raised, returned a result of the wrong shape or length, or were cancelled.
         mean_size: ``items / batches``.
         fill_ratio: ``mean_size / max_size``.
         wait_p50: Median time from a batch's first item to the batch being sent, in seconds.

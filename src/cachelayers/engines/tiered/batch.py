@@ -11,6 +11,7 @@ from typing import Any, Final, NamedTuple, ParamSpec, TypeVar, Unpack, cast
 import numpy as np
 
 from cachelayers.backends.base import MISSING
+from cachelayers.engines.batchrows import batch_rows
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.cache import TieredCache
 from cachelayers.engines.tiered.function import FunctionCache
@@ -63,6 +64,10 @@ class BatchFunctionCache(FunctionCache[P, T]):
     results in input order: a list, or a numpy array stacked from the rows when the function is annotated to
     return one. Items computed by a concurrent call are waited for, not computed twice.
 
+    The function must return a list, a tuple or an array (first dimension: the items) of exactly one result per
+    item it was given; anything else (a mapping, a set, a string, an iterator, a wrong length) raises
+    `BatchError` from the call, and nothing of that result is stored (`cachelayers.engines.batchrows`).
+
     Args:
         fn: The batch function.
         **options: The options of `multilevel_cached` (see there); ``batch`` is the name of the parameter holding
@@ -71,6 +76,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
 
     Raises:
         ConfigError: ``batch`` names no parameter, or ``lock``/``stale`` was given.
+        BatchError: (from a call) the function returned a result of the wrong shape or length.
     """
 
     def __init__(self, fn: Callable[P, Awaitable[T]], /, **options: Unpack[CacheOptions]) -> None:
@@ -115,18 +121,6 @@ class BatchFunctionCache(FunctionCache[P, T]):
             raise TypeError(f"{self.identity}(): {self._batch_name!r} must be a list of items, got "
                             f"{type(items).__qualname__}")
         return _BatchCall(list(items), args, kwargs, position)
-
-    def _rows(self, result: Any, count: int) -> list[Any]:
-        if isinstance(result, np.ndarray):
-            if result.ndim == 0 or len(result) != count:
-                raise ValueError(f"{self.identity} returned an array of shape {result.shape} for {count} items")
-            return [row.copy() if isinstance(row, np.ndarray) else row for row in result]
-        if isinstance(result, str | bytes) or not isinstance(result, Iterable):
-            raise TypeError(f"{self.identity} must return a list or an array, got {type(result).__qualname__}")
-        rows = list(result)
-        if len(rows) != count:
-            raise ValueError(f"{self.identity} returned {len(rows)} results for {count} items")
-        return rows
 
     def _output(self, rows: list[Any]) -> T:
         if self._array_output:
@@ -249,7 +243,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
         started = time.perf_counter()
         result = await self._fn(*f_args, **f_kwargs)
         stats.computed_latency.add(time.perf_counter() - started)
-        rows = self._rows(result, len(todo))
+        rows = batch_rows(result, len(todo), self.identity)  # a BatchError before anything is stored
         ttl = self._expiry_default
         expires_at = cache.clock() + ttl if ttl is not None else None
         entries: list[tuple[Hashable, str, Any, float | None, tuple[str, ...]]] = []
