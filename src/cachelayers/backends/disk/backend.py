@@ -35,6 +35,7 @@ DEFAULT_BUSY_TIMEOUT: Final = 10.0
 ENTRY_OVERHEAD: Final = 64  # bytes charged per entry beyond key, tags and envelope: row and index bookkeeping
 MAX_BATCH_JOBS: Final = 4096  # jobs per transaction (writes) or per snapshot (reads)
 SMALL_PAGES_UP_TO: Final = 64 * 1024**2  # a new database for a bound up to this gets 1 KiB pages
+WAL_LIMIT_MAX: Final = 4 * 1024 * 1024  # bytes of write-ahead log at most between two full checkpoints
 CHECKPOINT_WAIT: Final = 0.5  # seconds a forced checkpoint waits for other processes' readers and writers
 _CHUNK: Final = 500  # keys per statement, well below SQLite's limit on bound parameters (999 before 3.32)
 _ROWS: Final = 150  # rows per multi-row INSERT (5 parameters each)
@@ -94,7 +95,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
     process's write. Both bounds hold after every write: it evicts expired entries first, then the least
     recently used. An entry larger than ``max_bytes`` is not stored. The charged size of an entry is its
     envelope, key and tags plus a fixed overhead; the database file adds SQLite's own pages on top, and its
-    write-ahead log is kept to a quarter of ``max_bytes`` (at least 256 KiB, at most 64 MiB) between checkpoints.
+    write-ahead log is kept to a quarter of ``max_bytes`` (at least 256 KiB, at most 4 MiB) between checkpoints.
 
     Attributes:
         evictions: Entries this process evicted to keep the bounds.
@@ -119,7 +120,9 @@ class DiskBackend(Backend, ClearPrefixSupport):
         self.evictions = 0
         self.reopened = 0
         self.checkpoints = 0
-        wal_limit = min(max(self.max_bytes // 4, 256 * 1024), 64 * 1024 * 1024)
+        # The log is truncated by a full checkpoint in the writer's thread, which holds up the writes queued
+        # behind it: a 64 MiB checkpoint took 0.36 s, longer than a tier's timeout, so the limit stays a few MiB.
+        wal_limit = min(max(self.max_bytes // 4, 256 * 1024), WAL_LIMIT_MAX)
         # Small bounds get small pages: SQLite's slack per page (and per page a write touches) then stays small
         # next to the bound, so the file and its log fit in twice the bound.
         page_size = 1024 if self.max_bytes <= SMALL_PAGES_UP_TO else 4096
