@@ -74,6 +74,9 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
         ttl: Lifetime of entries (seconds, ``"1h"``, a timedelta); the settings' ``default_ttl`` when
             omitted. A hit never extends it.
         max_entries: Capacity of each partition, 10,000 by default (LRU eviction removes vector and payload).
+        max_total_entries: Capacity across all partitions of the function, 100,000 by default: past it the
+            least recently used entry of any partition is evicted, and a partition left empty is freed with
+            its index (a partition per tenant stays bounded however many tenants come and go).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
             is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
@@ -92,7 +95,7 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
     Raises:
         ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
-            ``ttl``, ``max_entries`` or ``vector_index``.
+            ``ttl``, ``max_entries``, ``max_total_entries`` or ``vector_index``.
         TypeError: An unknown option (at once); the function is not async. At call time, a semantic text
             that is not a ``str``, or a partition argument that cannot be keyed (`UnkeyableArgumentError`).
     """

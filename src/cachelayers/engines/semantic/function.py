@@ -26,7 +26,12 @@ from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.arguments import CallSplitter
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
 from cachelayers.engines.semantic.lookups import Candidate, Lookup, record
-from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_ENTRIES, SemanticOptions
+from cachelayers.engines.semantic.options import (
+    DEFAULT_MAX_CANDIDATES,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_TOTAL_ENTRIES,
+    SemanticOptions,
+)
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
 from cachelayers.errors import BackendError, BatchError, ConfigError, EmbeddingError, SerializationError
@@ -86,6 +91,8 @@ class SemanticFunction(Generic[P, T]):
         ttl = options.get("ttl")
         self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
         self.max_entries = positive_int(options.get("max_entries", DEFAULT_MAX_ENTRIES), "max_entries")
+        self.max_total_entries = positive_int(options.get("max_total_entries", DEFAULT_MAX_TOTAL_ENTRIES),
+                                              "max_total_entries")
         verifier = options.get("verifier")
         if verifier is not None and not callable(verifier):
             raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
@@ -159,7 +166,8 @@ class SemanticFunction(Generic[P, T]):
             clock = self._clock or time.time
             codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle)
             new = open_store(url, namespace=f"{settings.key_prefix}{self._keys.namespace}",
-                             max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec)
+                             max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec,
+                             max_total_entries=self.max_total_entries)
             try:
                 await new.open(self.embedder_name, self._ndim)
             except BaseException:

@@ -9,10 +9,13 @@ from typing import Any, Final, TypedDict
 from cachelayers.engines.semantic.lookups import Verifier
 from cachelayers.engines.tiered import TieredCache
 
-__all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "SemanticOptions"]
+__all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_TOTAL_ENTRIES", "SemanticOptions"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 """Entries per partition before the least recently used is evicted."""
+
+DEFAULT_MAX_TOTAL_ENTRIES: Final = 100_000
+"""Entries of one function across all its partitions before the least recently used (of any partition) is evicted."""
 
 DEFAULT_MAX_CANDIDATES: Final = 4
 """Candidates above the threshold offered to the verifier."""
@@ -31,6 +34,7 @@ class SemanticOptions(TypedDict, total=False):
     ignore: Iterable[str]
     ttl: float | str | timedelta | None
     max_entries: int
+    max_total_entries: int
     verifier: Verifier | None
     max_candidates: int
     namespace: str | None

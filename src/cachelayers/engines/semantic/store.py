@@ -29,6 +29,7 @@ from cachelayers.backends.vectors import (
 )
 from cachelayers.codec import Codec
 from cachelayers.engines.semantic.info import SemanticStats
+from cachelayers.engines.semantic.options import DEFAULT_MAX_TOTAL_ENTRIES
 from cachelayers.errors import SerializationError
 from cachelayers.metrics import StateLog
 
@@ -69,8 +70,14 @@ class SemanticStore:
     store keeps what lookups need. The engine calls it from one event loop; compactions run in worker
     threads that touch only their own snapshot.
 
+    Two bounds hold after every insert: ``max_entries`` per partition and ``max_total_entries`` across all
+    partitions (the least recently used entry of the whole store goes first). A partition whose last entry
+    leaves (evicted, expired, invalidated) is freed with its index, so a partition per tenant costs nothing
+    once the tenant's entries are gone.
+
     Args:
         max_entries: Capacity of each partition.
+        max_total_entries: Capacity of the whole store, across partitions.
         options: usearch options.
         clock: Wall-clock time source for expiry.
         stats: Counters to bump.
@@ -81,8 +88,9 @@ class SemanticStore:
 
     def __init__(self, *, max_entries: int, options: IndexOptions, clock: Callable[[], float],
                  stats: SemanticStats, log: StateLog, codec: Codec,
-                 persistence: VectorPersistence | None = None) -> None:
+                 persistence: VectorPersistence | None = None, max_total_entries: int | None = None) -> None:
         self.max_entries = max_entries
+        self.max_total_entries = max_total_entries if max_total_entries is not None else DEFAULT_MAX_TOTAL_ENTRIES
         self.options = options
         self.clock = clock
         self.stats = stats
@@ -94,6 +102,8 @@ class SemanticStore:
         self.embedder = ""
         self.entries: dict[int, Entry] = {}
         self.partitions: dict[bytes, Partition] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # keys of every partition, least recently used first
+        self._orphans: list[threading.Thread] = []  # compactions of freed partitions, joined on close
         self._free: list[int] = []
         self._next_key = 0
         self._seq = 0
@@ -186,6 +196,7 @@ class SemanticStore:
         part = self.partitions.get(entry.partition)
         if part is not None and entry.key in part.lru:
             part.lru.move_to_end(entry.key)
+            self.lru.move_to_end(entry.key)
 
     async def read_value(self, entry: Entry) -> Any:
         """The value of ``entry``, or `GONE` when it is gone."""
@@ -200,7 +211,8 @@ class SemanticStore:
         """Store a computed call; return ``False`` when its value could not be stored.
 
         Expired entries are swept first; an entry of the same partition with the same text is replaced; the
-        least recently used entries are evicted while the partition is full (by the storage, when shared).
+        least recently used entries are evicted while the partition is full (by the storage, when shared), then
+        the least recently used of the whole store while it holds more than ``max_total_entries``.
         """
         await self.sweep()
         evict = self._victims(partition, text)
@@ -221,7 +233,7 @@ class SemanticStore:
                 entry.key = entry.seq = stored.key
                 evict = [e for e in map(self.entries.get, stored.removed) if e is not None]
         for victim in evict:
-            if victim.text != text:
+            if victim.text != text or victim.partition != partition:
                 self.stats.evictions += 1
             self._drop(victim)
         if entry.key not in self.entries:
@@ -229,25 +241,41 @@ class SemanticStore:
             part.index.add(entry.key, vector)
             self._adopt(entry, part)
             self._maybe_compact(part)
+        if self._shared and len(self.entries) > self.max_total_entries:
+            overflow = list(self._oldest(len(self.entries) - self.max_total_entries, ()))
+            self.stats.evictions += len(overflow)
+            await self.remove(overflow)
         return True
 
     def _victims(self, partition: bytes, text: str) -> list[Entry]:
-        """The entry ``text`` replaces, then (unless shared) the least recently used beyond the capacity."""
+        """The entry ``text`` replaces, then (unless shared) the least recently used beyond the capacities."""
         evict: list[Entry] = []
         part = self.partitions.get(partition)
-        if part is None:
-            return evict
-        same = part.exact.get(text)
-        if same is not None:
-            evict.append(self.entries[same])
-        if self._shared:
-            return evict
-        lru = iter(part.lru)
-        while len(part.lru) - len(evict) >= self.max_entries:
-            victim = self.entries[next(lru)]
-            if victim not in evict:
-                evict.append(victim)
+        if part is not None:
+            same = part.exact.get(text)
+            if same is not None:
+                evict.append(self.entries[same])
+            if not self._shared:
+                lru = iter(part.lru)
+                while len(part.lru) - len(evict) >= self.max_entries:
+                    victim = self.entries[next(lru)]
+                    if victim not in evict:
+                        evict.append(victim)
+        over = len(self.entries) - len(evict) + 1 - self.max_total_entries
+        if over > 0 and not self._shared:
+            evict += self._oldest(over, evict)
         return evict
+
+    def _oldest(self, count: int, skip: Sequence[Entry]) -> list[Entry]:
+        """The ``count`` least recently used entries of the whole store that are not in ``skip``."""
+        out: list[Entry] = []
+        for key in self.lru:
+            if len(out) >= count:
+                break
+            entry = self.entries[key]
+            if entry not in skip:
+                out.append(entry)
+        return out
 
     async def remove(self, entries: Sequence[Entry]) -> None:
         """Remove entries (vector and payload)."""
@@ -333,6 +361,7 @@ class SemanticStore:
         for part in self.partitions.values():
             part.index.clear()
         self.partitions.clear()
+        self.lru.clear()
         self.entries.clear()
         self._free.clear()
         self._expiry.clear()
@@ -365,28 +394,42 @@ class SemanticStore:
     def _adopt(self, entry: Entry, part: Partition) -> None:
         """Make ``entry`` (whose vector is in ``part.index`` already) findable."""
         self.entries[entry.key] = entry
+        self.lru[entry.key] = None
         part.lru[entry.key] = None
         part.exact[entry.text] = entry.key
         if entry.expires_at is not None:
-            heapq.heappush(self._expiry, (entry.expires_at, entry.key, entry.seq))
+            heap = self._expiry
+            if len(heap) > 2 * len(self.entries) + 64:  # evicted entries' times pile up: keep the live ones
+                heap[:] = [item for item in heap if (e := self.entries.get(item[1])) is not None and e.seq == item[2]]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (entry.expires_at, entry.key, entry.seq))
 
     def _drop(self, entry: Entry) -> None:
         """Forget ``entry`` locally: vector, exact text, LRU slot; its key becomes reusable (unless shared)."""
         if self.entries.get(entry.key) is not entry:
             return
         del self.entries[entry.key]
+        self.lru.pop(entry.key, None)
         part = self.partitions.get(entry.partition)
         if part is not None:
             part.index.remove(entry.key)
             part.lru.pop(entry.key, None)
             if part.exact.get(entry.text) == entry.key:
                 del part.exact[entry.text]
-            if not part.lru and part.compaction is None:
-                del self.partitions[entry.partition]
+            if not part.lru:
+                self._free_partition(entry.partition, part)
             else:
                 self._maybe_compact(part)
         if not self._shared:
             heapq.heappush(self._free, entry.key)
+
+    def _free_partition(self, partition: bytes, part: Partition) -> None:
+        """Drop the empty ``part`` and its index; a compaction still building is left to finish, unused."""
+        del self.partitions[partition]
+        if part.compaction is not None:
+            self._orphans = [t for t in self._orphans if t.is_alive()]
+            self._orphans.append(part.compaction[1])
+            part.compaction = None
 
     # -- compaction ---------------------------------------------------------------------------------------
 
@@ -414,6 +457,9 @@ class SemanticStore:
 
     async def wait_compactions(self) -> None:
         """Wait for running compactions and swap their graphs in."""
+        orphans, self._orphans = self._orphans, []
+        for thread in orphans:
+            await anyio.to_thread.run_sync(thread.join)
         for partition, part in list(self.partitions.items()):
             pending = part.compaction
             if pending is not None:
@@ -434,7 +480,7 @@ class SemanticStore:
 
 
 def open_store(url: str, *, namespace: str, max_entries: int, clock: Callable[[], float], stats: SemanticStats,
-               log: StateLog, codec: Codec) -> SemanticStore:
+               log: StateLog, codec: Codec, max_total_entries: int | None = None) -> SemanticStore:
     """Make the store ``url`` names for the function of ``namespace`` (not opened yet).
 
     The URL's scheme is resolved with `cachelayers.backends.registry.load` (kind ``"vector_index"``).
@@ -447,4 +493,4 @@ def open_store(url: str, *, namespace: str, max_entries: int, clock: Callable[[]
     storage = registry.load(parsed, "vector_index")
     persistence = storage(parsed, namespace, codec=codec, log=log, clock=clock)
     return SemanticStore(max_entries=max_entries, options=options, clock=clock, stats=stats, log=log, codec=codec,
-                         persistence=persistence)
+                         persistence=persistence, max_total_entries=max_total_entries)
