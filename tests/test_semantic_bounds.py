@@ -137,7 +137,8 @@ class RandomEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         rng = np.random.default_rng([ord(c) for c in "".join(texts)])
         out = rng.standard_normal((len(texts), self.ndim)).astype(np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
+        normed: np.ndarray = out / np.linalg.norm(out, axis=1, keepdims=True)
+        return normed
 
 
 async def test_a_partition_emptied_while_its_graph_is_rebuilt_is_freed() -> None:
