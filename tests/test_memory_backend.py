@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachelayers import BackendURL, ConfigError, MemoryBackend, StoreItem
+from cachelayers import BackendURL, ConfigError, MemoryBackend, Settings, StoreItem, TieredCache, multilevel_cached
 from cachelayers.backends import create_backend
 from cachelayers.backends.memory import MISSING, STORAGE_KEY, TAGS
 from tests.conftest import FakeClock
@@ -195,3 +199,55 @@ def test_url_sizes_with_units() -> None:
     """``max_bytes`` takes units."""
     assert MemoryBackend(BackendURL.parse("memory://?max_bytes=2KiB&max_entries=7")).max_bytes == 2048
     assert MemoryBackend(max_bytes=4096, max_entries=2).max_entries == 2
+
+
+# -- max_bytes bounds live memory (issue 11) -----------------------------------------------------------------
+
+LIVE_BOUND = 4 * 1024 * 1024
+
+
+def rows(x: int) -> list[dict[str, Any]]:
+    """The issue's workload: a list of small dicts, as a pipeline returns records."""
+    return [{"id": x * 100 + i, "role": "user", "text": f"message {x}.{i}", "score": i / 7} for i in range(20)]
+
+
+def text(x: int) -> str:
+    """A short string, as a cached prompt or completion."""
+    return f"completion {x}: " + "lorem ipsum " * 12
+
+
+async def traced_growth(result: Callable[[int], Any], calls: int) -> tuple[int, MemoryBackend]:
+    """Fill ``memory://?max_bytes=4MiB`` through `multilevel_cached` with ``calls`` distinct calls; return the
+    growth of traced memory (after the calls' garbage is collected) and the tier."""
+    cache = TieredCache(Settings(tiers={"memory": f"memory://?max_entries=1000000&max_bytes={LIVE_BOUND}"}))
+    tier = cache.local
+    assert isinstance(tier, MemoryBackend)
+
+    @multilevel_cached(cache=cache)
+    async def fetch(x: int) -> Any:
+        return result(x)
+
+    await fetch(-1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for x in range(calls):
+            await fetch(x)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return grown, tier
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("result", "calls"), [pytest.param(rows, 6_000, id="lists-of-dicts"),
+                                               pytest.param(text, 30_000, id="str")])
+async def test_max_bytes_bounds_live_memory(result: Callable[[int], Any], calls: int) -> None:
+    """Memory held by a full memory tier stays within twice ``max_bytes``, as `tracemalloc` traces it: the
+    tier charges the estimated live size of what it holds, not its encoded size."""
+    grown, tier = await traced_growth(result, calls)
+    assert tier.evictions > 0, "the tier never filled: the test shows nothing"
+    assert tier.bytes_used <= tier.max_bytes
+    assert grown <= 2 * LIVE_BOUND, f"{grown:,} bytes traced for max_bytes={LIVE_BOUND:,} ({len(tier)} entries)"
