@@ -251,3 +251,39 @@ async def test_max_bytes_bounds_live_memory(result: Callable[[int], Any], calls:
     assert tier.evictions > 0, "the tier never filled: the test shows nothing"
     assert tier.bytes_used <= tier.max_bytes
     assert grown <= 2 * LIVE_BOUND, f"{grown:,} bytes traced for max_bytes={LIVE_BOUND:,} ({len(tier)} entries)"
+
+
+def test_live_size_estimates() -> None:
+    """The estimate follows what values hold: never below the encoded size, sampled for long containers, and
+    charged by the encoding past its node budget."""
+    import dataclasses
+
+    import numpy as np
+    import pydantic
+
+    from cachelayers.codec.sizing import FALLBACK_FACTOR, MAX_NODES, live_size
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        label: str
+
+    class Row(pydantic.BaseModel):
+        id: int
+        text: str
+
+    assert live_size("x" * 1000, 1003) >= 1000
+    assert live_size(b"x" * 1000, 1003) >= 1003
+    assert live_size(12345, 3) >= 24
+    assert live_size(np.zeros(1000), 8000) >= 8000
+    assert live_size(np.zeros(1000)[::2], 4000) >= 4000  # a view holds its base
+    assert live_size(Point(1, "a" * 500), 10) > 500
+    assert live_size(Row(id=1, text="a" * 500), 10) > 500
+    small = [{"id": i, "text": f"row {i}"} for i in range(10_000)]
+    assert 10_000 * 150 < live_size(small, 0) < 10_000 * 600  # sampled, scaled to the length
+    deep: Any = []
+    for _ in range(100):
+        deep = [deep]
+    assert live_size(deep, 50) == 50 * FALLBACK_FACTOR
+    wide = [[[i] for i in range(100)] for _ in range(MAX_NODES)]
+    assert live_size(wide, 7) >= 7
