@@ -212,8 +212,13 @@ def rows(x: int) -> list[dict[str, Any]]:
 
 
 def text(x: int) -> str:
-    """A short string, as a cached prompt or completion."""
+    """A string, as a cached prompt or completion."""
     return f"completion {x}: " + "lorem ipsum " * 12
+
+
+def label(x: int) -> str:
+    """A short string, as a cached classification."""
+    return f"label {x}"
 
 
 async def traced_growth(result: Callable[[int], Any], calls: int) -> tuple[int, MemoryBackend]:
@@ -243,7 +248,8 @@ async def traced_growth(result: Callable[[int], Any], calls: int) -> tuple[int, 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("result", "calls"), [pytest.param(rows, 6_000, id="lists-of-dicts"),
-                                               pytest.param(text, 30_000, id="str")])
+                                               pytest.param(text, 30_000, id="str"),
+                                               pytest.param(label, 60_000, id="short-str")])
 async def test_max_bytes_bounds_live_memory(result: Callable[[int], Any], calls: int) -> None:
     """Memory held by a full memory tier stays within twice ``max_bytes``, as `tracemalloc` traces it: the
     tier charges the estimated live size of what it holds, not its encoded size."""
