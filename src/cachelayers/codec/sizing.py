@@ -206,16 +206,25 @@ def live_entry_size(key: object, value: object, encoded_size: int) -> int:
     A local key ``(token, *arguments)`` is charged its tuple and arguments (the token is the function's, shared
     by all its entries); any other key is walked like a value.
     """
-    size = _atom_size(value, type(value))
-    if size < 0:
-        size = live_size(value, encoded_size)
-    elif size < encoded_size:
-        size = encoded_size
-    if type(key) is tuple:
-        size += _TUPLE_HEADER + 8 * len(key)
-        for part in key[1:]:
-            part_size = _atom_size(part, type(part))
-            size += part_size if part_size >= 0 else live_size(part, 0)
+    tp = type(value)  # ints and ASCII strings inline: this runs on every miss
+    if tp is int and -_SMALL_INT < value < _SMALL_INT:  # type: ignore[operator]
+        size = _INT_SIZE
+    elif tp is str and value.isascii():  # type: ignore[attr-defined]
+        size = _STR_HEADER + len(value)  # type: ignore[arg-type]
     else:
-        size += live_size(key, 0)
-    return size + ENTRY_OVERHEAD
+        size = _atom_size(value, tp)
+        if size < 0:
+            size = live_size(value, encoded_size)
+    if size < encoded_size:
+        size = encoded_size
+    if type(key) is not tuple:
+        return size + live_size(key, 0) + ENTRY_OVERHEAD
+    size += _TUPLE_HEADER + 8 * len(key) + ENTRY_OVERHEAD
+    for part in key[1:]:
+        tp = type(part)
+        if tp is int and -_SMALL_INT < part < _SMALL_INT:
+            size += _INT_SIZE
+        else:
+            part_size = _atom_size(part, tp)
+            size += part_size if part_size >= 0 else live_size(part, 0)
+    return size
