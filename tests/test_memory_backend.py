@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachelayers import BackendURL, ConfigError, MemoryBackend, StoreItem
+from cachelayers import BackendURL, ConfigError, MemoryBackend, Settings, StoreItem, TieredCache, multilevel_cached
 from cachelayers.backends import create_backend
 from cachelayers.backends.memory import MISSING, STORAGE_KEY, TAGS
 from tests.conftest import FakeClock
@@ -195,3 +199,97 @@ def test_url_sizes_with_units() -> None:
     """``max_bytes`` takes units."""
     assert MemoryBackend(BackendURL.parse("memory://?max_bytes=2KiB&max_entries=7")).max_bytes == 2048
     assert MemoryBackend(max_bytes=4096, max_entries=2).max_entries == 2
+
+
+# -- max_bytes bounds live memory (issue 11) -----------------------------------------------------------------
+
+LIVE_BOUND = 4 * 1024 * 1024
+
+
+def rows(x: int) -> list[dict[str, Any]]:
+    """The issue's workload: a list of small dicts, as a pipeline returns records."""
+    return [{"id": x * 100 + i, "role": "user", "text": f"message {x}.{i}", "score": i / 7} for i in range(20)]
+
+
+def text(x: int) -> str:
+    """A string, as a cached prompt or completion."""
+    return f"completion {x}: " + "lorem ipsum " * 12
+
+
+def label(x: int) -> str:
+    """A short string, as a cached classification."""
+    return f"label {x}"
+
+
+async def traced_growth(result: Callable[[int], Any], calls: int) -> tuple[int, MemoryBackend]:
+    """Fill ``memory://?max_bytes=4MiB`` through `multilevel_cached` with ``calls`` distinct calls; return the
+    growth of traced memory (after the calls' garbage is collected) and the tier."""
+    cache = TieredCache(Settings(tiers={"memory": f"memory://?max_entries=1000000&max_bytes={LIVE_BOUND}"}))
+    tier = cache.local
+    assert isinstance(tier, MemoryBackend)
+
+    @multilevel_cached(cache=cache)
+    async def fetch(x: int) -> Any:
+        return result(x)
+
+    await fetch(-1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for x in range(calls):
+            await fetch(x)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return grown, tier
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("result", "calls"), [pytest.param(rows, 6_000, id="lists-of-dicts"),
+                                               pytest.param(text, 30_000, id="str"),
+                                               pytest.param(label, 60_000, id="short-str")])
+async def test_max_bytes_bounds_live_memory(result: Callable[[int], Any], calls: int) -> None:
+    """Memory held by a full memory tier stays within twice ``max_bytes``, as `tracemalloc` traces it: the
+    tier charges the estimated live size of what it holds, not its encoded size."""
+    grown, tier = await traced_growth(result, calls)
+    assert tier.evictions > 0, "the tier never filled: the test shows nothing"
+    assert tier.bytes_used <= tier.max_bytes
+    assert grown <= 2 * LIVE_BOUND, f"{grown:,} bytes traced for max_bytes={LIVE_BOUND:,} ({len(tier)} entries)"
+
+
+def test_live_size_estimates() -> None:
+    """The estimate follows what values hold: never below the encoded size, sampled for long containers, and
+    charged by the encoding past its node budget."""
+    import dataclasses
+
+    import numpy as np
+    import pydantic
+
+    from cachelayers.codec.sizing import FALLBACK_FACTOR, MAX_NODES, live_size
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        label: str
+
+    class Row(pydantic.BaseModel):
+        id: int
+        text: str
+
+    assert live_size("x" * 1000, 1003) >= 1000
+    assert live_size(b"x" * 1000, 1003) >= 1003
+    assert live_size(12345, 3) >= 24
+    assert live_size(np.zeros(1000), 8000) >= 8000
+    assert live_size(np.zeros(1000)[::2], 4000) >= 4000  # a view holds its base
+    assert live_size(Point(1, "a" * 500), 10) > 500
+    assert live_size(Row(id=1, text="a" * 500), 10) > 500
+    small = [{"id": i, "text": f"row {i}"} for i in range(10_000)]
+    assert 10_000 * 150 < live_size(small, 0) < 10_000 * 600  # sampled, scaled to the length
+    deep: Any = []
+    for _ in range(100):
+        deep = [deep]
+    assert live_size(deep, 50) == 50 * FALLBACK_FACTOR
+    wide = [[[i] for i in range(100)] for _ in range(MAX_NODES)]
+    assert live_size(wide, 7) >= 7

@@ -24,6 +24,7 @@ from cachelayers.backends import Backend, StoreItem, create_backend
 from cachelayers.backends.base import MISSING, Clock, LockSupport, PubSubSupport
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec
+from cachelayers.codec.sizing import live_entry_size
 from cachelayers.durations import parse_duration
 from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.flight import Flight
@@ -311,6 +312,9 @@ class TieredCache:
                      tags: tuple[str, ...], storage_key: str | None) -> bool:
         """Put an entry in the memory tier (there is one); return whether it is held (not larger than the bound).
 
+        ``size`` is the value's encoded size; the tier is charged the estimated live size of the entry (see
+        `live_entry_size`), since it holds the value as Python objects.
+
         A function's entry carries its namespace tag first; the memory tier does not index it, since a
         namespace's entries there are found by their local keys (see `invalidated`): one index update less
         per entry stored and evicted.
@@ -322,7 +326,7 @@ class TieredCache:
         listener = self.listener
         if listener is not None and not listener.subscribed:
             listener.unsynced.add(local_key)
-        return local.store(local_key, value, size, expires_at, tags, storage_key)
+        return local.store(local_key, value, live_entry_size(local_key, value, size), expires_at, tags, storage_key)
 
     async def read_lower(self, local_key: Hashable, storage_key: str, fstats: FunctionStats | None = None, *,
                          grace: float = 0.0, epoch: int | None = None, codec: Codec | None = None) -> Any:
@@ -439,7 +443,7 @@ class TieredCache:
     def store_in_memory(self, local_key: Hashable, storage_key: str | None, value: Any, expires_at: float | None,
                         tags: tuple[str, ...], fstats: FunctionStats | None = None,
                         codec: Codec | None = None) -> bytes | None:
-        """Encode ``value`` (its size is what the memory tier charges) and store it there, if there is one.
+        """Encode ``value`` and store it in the memory tier (charged its live size), if there is one.
 
         Returns the encoded body for the tiers below, or ``None`` when the value cannot be encoded (counted,
         logged once, nothing stored).
@@ -461,7 +465,8 @@ class TieredCache:
         """Store ``value`` in the memory tier of an engine that has no other tier (and so no listener).
 
         Nothing below needs the encoding, so a scalar, string or bytes value is not encoded at all: the codec
-        computes the size it would have. Returns ``False`` when the value cannot be encoded (counted, logged
+        computes the size it would have; the memory tier is charged the live size of the entry, at least that.
+        Returns ``False`` when the value cannot be encoded (counted, logged
         once, nothing stored).
         """
         try:
@@ -474,6 +479,7 @@ class TieredCache:
             return False
         if tags and tags[0].startswith(NAMESPACE_TAG):  # as `store_local` does (this is the hot path)
             tags = tags[1:]
+        size = live_entry_size(local_key, value, size)
         if not local.store(local_key, value, size, expires_at, tags, None):
             self._too_large(value, size, fstats)
             return False
