@@ -254,7 +254,8 @@ class TieredCache:
     async def follow_invalidations(self) -> None:
         """Make sure this process hears other processes' invalidations before its memory tier takes entries."""
         listener = self.listener
-        if listener is not None and self.local is not None and listener.loop is not current_loop_token():
+        if listener is not None and self.local is not None and (
+                listener.loop is not current_loop_token() or not listener.subscribed):
             await listener.start()
 
     def invalidated(self, kind: str, items: list[str]) -> None:

@@ -64,6 +64,10 @@ class Listener:
         """Start listening in the current event loop, waiting (up to the tier timeout) until subscribed."""
         token = current_loop_token()
         if self.loop is token:
+            ready = self.ready  # started by another caller: wait as it does, or this caller's entries are dropped
+            if not self.subscribed and ready is not None and not ready.is_set():
+                with anyio.move_on_after(self.tier.timeout):
+                    await ready.wait()
             return
         self.loop = token
         self.subscribed = False

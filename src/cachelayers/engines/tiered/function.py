@@ -261,7 +261,8 @@ class FunctionCache(Generic[P, T]):
         storage_key = self._prefix + self._keys.storage_digest(local_key)
         epoch, since = cache.epoch, cache.failures
         listener = cache.listener
-        if listener is not None and cache.local is not None and listener.loop is not current_loop_token():
+        if listener is not None and cache.local is not None and (
+                listener.loop is not current_loop_token() or not listener.subscribed):
             await listener.start()
         if cache.tiers:
             value = await self._read(cache, local_key, storage_key, epoch)

@@ -52,7 +52,7 @@ async def compute_locked(cache: TieredCache, storage_key: str, lease: float, rea
     name = _lock_name(cache, storage_key)
     token = os.urandom(16).hex()
     listener = cache.listener
-    if listener is not None and listener.loop is not current_loop_token():
+    if listener is not None and (listener.loop is not current_loop_token() or not listener.subscribed):
         await listener.start()
     notified = listener is not None and listener.subscribed
     pause = LOCK_FIRST_WAIT_NOTIFIED if notified else LOCK_FIRST_WAIT
