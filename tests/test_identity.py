@@ -172,3 +172,18 @@ def test_a_limit_without_a_name_in_the_environment_is_refused() -> None:
     assert info.value.field == "CACHELAYERS_LIMITS"
     assert Settings.from_env({"CACHELAYERS_LIMITS": "a=1/second, b=2/minute"}).limit_specs == {
         "a": "1/second", "b": "2/minute"}
+
+
+def test_claims_of_collected_functions_are_forgotten() -> None:
+    """Thousands of short-lived closures leave no claims behind (the record does not grow without bound)."""
+    from cachelayers import keys
+
+    def claimed() -> int:
+        return sum(1 for token in keys._claims if ".adder.<locals>.add#" in token)
+
+    before = claimed()
+    made = [adder(n) for n in range(1_000, 1_300)]
+    assert claimed() == before + 300
+    del made
+    gc.collect()
+    assert claimed() == before

@@ -221,7 +221,7 @@ class _Claim(NamedTuple):
 
 
 _claims: dict[str, list[_Claim]] = {}
-_claims_lock = threading.Lock()
+_claims_lock = threading.RLock()  # re-entrant: a collection inside a claim runs `_forget`
 
 
 def _defaults_key(fn: Any) -> bytes | None:
@@ -231,10 +231,20 @@ def _defaults_key(fn: Any) -> bytes | None:
         return None
 
 
-def _claim_of(target: Any) -> _Claim:
+def _forget(token: str) -> None:
+    """Drop the claims of collected functions under ``token`` (a weak reference's callback)."""
+    with _claims_lock:
+        kept = [claim for claim in _claims.get(token, ()) if claim.ref() is not None]
+        if kept:
+            _claims[token] = kept
+        else:
+            _claims.pop(token, None)
+
+
+def _claim_of(target: Any, token: str) -> _Claim:
     globals_ = getattr(target, "__globals__", None)
-    return _Claim(weakref.ref(target), getattr(target, "__code__", None), id(globals_) if globals_ is not None else 0,
-                  closure_fingerprint(target), _defaults_key(target))
+    return _Claim(weakref.ref(target, lambda _: _forget(token)), getattr(target, "__code__", None),
+                  id(globals_) if globals_ is not None else 0, closure_fingerprint(target), _defaults_key(target))
 
 
 def _interchangeable(a: _Claim, b: _Claim) -> bool:
@@ -273,7 +283,7 @@ def claim_identity(token: str, fn: Callable[..., Any], *, scope: str = "", field
     target = inspect.unwrap(fn)
     token = f"{scope}\x01{token}" if scope else token
     try:
-        claim = _claim_of(target)
+        claim = _claim_of(target, token)
     except TypeError:  # an object without weak references: nothing to follow
         return
     with _claims_lock:
