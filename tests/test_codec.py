@@ -401,10 +401,12 @@ async def test_entries_of_another_secret_are_misses(clock: FakeClock) -> None:
 
 @pytest.mark.anyio
 async def test_pickled_entry_is_a_miss_for_a_cache_without_pickle(clock: FakeClock) -> None:
-    """An entry pickled by a trusting process is not unpickled by one without pickle: a counted miss."""
+    """An entry pickled by a trusting process is not unpickled by one without pickle: a counted miss.
+
+    Both share a secret: pickle without one is refused by the settings (see tests/test_hygiene.py)."""
     shared = MemoryBackend(clock=clock)
-    trusting, _ = two_tier_cache(clock, lower=shared, allow_pickle=True)
-    careful, _ = two_tier_cache(clock, lower=shared)
+    trusting, _ = two_tier_cache(clock, lower=shared, allow_pickle=True, secret=SECRET)
+    careful, _ = two_tier_cache(clock, lower=shared, secret=SECRET)
     assert await trusting.set("k", Unregistered(5)) is True
     assert await careful.get("k", "miss") == "miss"
     assert careful.tier_stats()["l2"]["corrupt"] == 1

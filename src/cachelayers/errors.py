@@ -24,6 +24,9 @@ counted, logged once per change of state, and the call goes on uncached.
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 __all__ = [
     "AllAttemptsFailedError",
     "BackendError",
@@ -38,7 +41,21 @@ __all__ = [
     "RateLimitExceeded",
     "SerializationError",
     "UnkeyableArgumentError",
+    "redact_urls",
 ]
+
+# ``scheme://user:password@`` (user may be empty): the password is what goes.
+_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s'\"]*:)([^@\s'\"]*)(@)")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (``redis://:***@host:6379/0``).
+
+    Used wherever a URL may be shown: error messages, ``repr`` of settings and URLs, logs, CLI output.
+    """
+    if "@" not in text:
+        return text
+    return _URL_PASSWORD.sub(r"\1***\3", text)
 
 
 class CacheLayersError(Exception):
@@ -57,7 +74,7 @@ class ConfigError(CacheLayersError, ValueError):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"{field}={value!r}: {reason}")
+        super().__init__(redact_urls(f"{field}={value!r}: {reason}"))
 
 
 class MissingDependencyError(ConfigError, ImportError):

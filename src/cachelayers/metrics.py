@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
+from cachelayers.errors import redact_urls
+
 T = TypeVar("T")
 
 __all__ = ["CacheInfo", "FunctionStats", "LatencyRing", "StateLog", "TierStats", "live_sources",
@@ -177,7 +179,7 @@ class StateLog:
         """Note that ``what`` failed; logs a warning only if it was not failing already."""
         if what not in self._failing:
             self._failing.add(what)
-            logger.warning("cachelayers: %s failing: %s", what, exc)
+            logger.warning("cachelayers: %s failing: %s", what, redact_urls(str(exc)))
 
     def recovered(self, what: str) -> None:
         """Note that ``what`` works; logs only if it was failing."""

@@ -18,8 +18,9 @@ from typing import Any, Final, Generic, TypeVar, final
 
 from cachelayers.backends import validate_backend_url
 from cachelayers.backends.vectors.options import parse_vector_index
+from cachelayers.codec.crypto import parse_encryption_keys, require_cryptography
 from cachelayers.durations import parse_duration
-from cachelayers.errors import ConfigError
+from cachelayers.errors import ConfigError, redact_urls
 from cachelayers.validation import flag, positive_int
 
 __all__ = ["DEFAULT_TIERS", "ENV_PREFIX", "PerSettings", "Settings", "SettingsTracker", "configure", "get_settings",
@@ -74,6 +75,21 @@ def _tiers(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _check_key_prefix(prefix: object) -> None:
+    """A prefix is non-empty, ends with ``:`` and holds no other ``:`` (nor whitespace): then no valid prefix
+    starts with another, and clearing one configuration's keys never reaches another's (``app:`` would
+    reach every key of ``app:v2:``)."""
+    if not isinstance(prefix, str) or any(c.isspace() for c in prefix):
+        raise ConfigError("key_prefix", prefix, "expected a string without whitespace")
+    if not prefix.rstrip(":"):
+        raise ConfigError("key_prefix", prefix, "must not be empty: clear() would remove every key of the store, "
+                          "including other applications'; use e.g. 'myapp:'")
+    if not prefix.endswith(":") or ":" in prefix[:-1]:
+        suggestion = prefix.rstrip(":").replace(":", "-") + ":"
+        raise ConfigError("key_prefix", prefix, f"must end with ':' and hold no other ':' (e.g. {suggestion!r}), "
+                          f"so that no prefix starts with another one and clearing one never removes another's keys")
+
+
 def _limit_items(text: str) -> dict[str, str]:
     """Parse ``name=limit,name=limit``; an item without a name is an error, never dropped."""
     items: dict[str, str] = {}
@@ -98,11 +114,17 @@ class Settings:
         tiers: Ordered tiers, fastest first, as ``name -> URL`` (a list of URLs is named after the
             schemes). Schemes: ``memory://?max_entries=&max_bytes=``; ``redis://``, ``rediss://``,
             ``redis+cluster://``, ``unix://`` and ``disk:///path?max_bytes=`` with their extras.
-        key_prefix: Prefix of every storage key, so several applications can share one Redis.
         default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``; ``None`` keeps
             them until evicted.
+        key_prefix: Prefix of every storage key, so several applications can share one Redis: non-empty,
+            ending with ``:`` and with no other ``:`` (so that no prefix starts with another).
         secret: Key that signs every stored entry (16-64 bytes). Entries not signed with it are never served.
-        allow_pickle: Store values msgpack cannot encode with pickle. Only for stores you fully trust.
+        encryption_keys: Keys that encrypt every entry stored outside the process (AES-256-GCM): Redis and
+            disk values, semantic payloads, texts and vectors. ``"kid:base64key,kid2:base64key"`` (32-byte keys),
+            a mapping ``{kid: key}`` or ``(kid, key)`` pairs; the first encrypts, all decrypt (rotation).
+            Needs the ``encryption`` extra. Never printed.
+        allow_pickle: Store values msgpack cannot encode with pickle. Needs ``secret`` or ``encryption_keys``
+            (unpickling an entry anyone could write runs their code).
         tier_timeout: Longest wait for one tier operation before it counts as a miss (seconds or ``"250ms"``).
         breaker_threshold: Consecutive failures of a tier that open its circuit breaker.
         breaker_cooldown: How long an open breaker skips its tier before one probe call (2s: a probe of a
@@ -117,6 +139,7 @@ class Settings:
     key_prefix: str = "cl:"
     default_ttl: Any = None
     secret: str | bytes | None = None
+    encryption_keys: Any = ()
     allow_pickle: bool = False
     tier_timeout: Any = 0.25
     breaker_threshold: int = 5
@@ -128,15 +151,21 @@ class Settings:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "tiers", _tiers(self.tiers))
-        if not isinstance(self.key_prefix, str) or any(c.isspace() for c in self.key_prefix):
-            raise ConfigError("key_prefix", self.key_prefix, "expected a string without whitespace")
+        _check_key_prefix(self.key_prefix)
         if self.default_ttl is not None:
             set_(self, "default_ttl", parse_duration(self.default_ttl, "default_ttl"))
         if self.secret is not None:
             raw = self.secret.encode() if isinstance(self.secret, str) else self.secret
             if not isinstance(raw, bytes) or not 16 <= len(raw) <= 64:
                 raise ConfigError("secret", "<redacted>", "must be 16 to 64 bytes long")
+        keys = parse_encryption_keys(self.encryption_keys, "encryption_keys")
+        if keys:
+            require_cryptography("encryption_keys")
+        set_(self, "encryption_keys", keys)
         set_(self, "allow_pickle", flag(self.allow_pickle, "allow_pickle"))
+        if self.allow_pickle and self.secret is None and not keys:
+            raise ConfigError("allow_pickle", True, "needs a secret (or encryption_keys): without one, anyone who "
+                              "can write to a tier makes this process unpickle, and run, what they wrote")
         set_(self, "tier_timeout", parse_duration(self.tier_timeout, "tier_timeout"))
         set_(self, "breaker_threshold", positive_int(self.breaker_threshold, "breaker_threshold", text=True))
         set_(self, "breaker_cooldown", parse_duration(self.breaker_cooldown, "breaker_cooldown"))
@@ -221,11 +250,18 @@ class Settings:
             value = getattr(self, f.name)
             if value == f.default or (f.name == "limits" and not value):
                 continue
-            parts.append(f"{f.name}={'<redacted>' if f.name == 'secret' else repr(value)}")
+            if f.name in _SECRET_FIELDS:
+                parts.append(f"{f.name}=<redacted>" if f.name == "secret"
+                             else f"{f.name}=<{len(value)} redacted>")
+            else:
+                parts.append(f"{f.name}={redact_urls(repr(value))}")
         return f"Settings({', '.join(parts)})"
+
+    __str__ = __repr__
 
 
 _FIELDS: Final = frozenset(f.name for f in dataclasses.fields(Settings))
+_SECRET_FIELDS: Final = frozenset({"secret", "encryption_keys"})
 
 @final
 class SettingsTracker:

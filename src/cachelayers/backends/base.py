@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
-from cachelayers.errors import ConfigError
+from cachelayers.errors import ConfigError, redact_urls
 
 __all__ = ["MISSING", "Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LocalTier",
            "LockSupport", "PubSubSupport", "StoreItem"]
@@ -48,9 +48,12 @@ class StoreItem(NamedTuple):
     tags: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class BackendURL:
     """A backend URL split into its parts; options are the query string, one value each.
+
+    Its ``repr`` and ``str`` hide the password (``redis://:***@host:6379/0``); ``url`` and ``password`` keep it
+    for the driver.
 
     Attributes:
         field: Name of the setting the URL came from, used in error messages.
@@ -95,7 +98,16 @@ class BackendURL:
         """The URL with any password replaced by ``***``."""
         if self.password is None:
             return self.url
-        return self.url.replace(f":{self.password}@", ":***@", 1)
+        return redact_urls(self.url)
+
+    def __repr__(self) -> str:
+        return (f"BackendURL({self.redacted()!r}, scheme={self.scheme!r}, host={self.host!r}, port={self.port!r}, "
+                f"path={self.path!r}, username={self.username!r}, "
+                f"password={None if self.password is None else '***'!r}, options={dict(self.options)!r}, "
+                f"field={self.field!r})")
+
+    def __str__(self) -> str:
+        return self.redacted()
 
 
 class Backend(abc.ABC):

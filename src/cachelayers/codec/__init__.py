@@ -26,6 +26,15 @@ and the body — keyed by the secret when one is configured (an HMAC-grade signa
 checksum). Binding the key into the mac means that an entry copied under another key is detected as well
 as one that was truncated or overwritten. ``0xc1`` is the one byte msgpack never emits, so no bare msgpack
 value is mistaken for an envelope.
+
+With encryption keys (``Settings.encryption_keys``, `cachelayers.codec.crypto`) the envelope is encrypted
+instead of signed (flag ``0x02``)::
+
+    magic | format | flags | expires_at | key id length (1 byte) | key id | nonce (12 bytes) | AES-256-GCM(body)
+
+The associated data of the AEAD is the storage key and everything before the nonce, so an entry copied under
+another key, given another expiry or sealed with an unlisted key fails its tag. A codec with keys accepts only
+encrypted envelopes; one without refuses them.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 
 from cachelayers.codec.classes import ClassSpec, class_table
+from cachelayers.codec.crypto import NONCE_SIZE, Keyring, parse_encryption_keys
 from cachelayers.errors import ConfigError, IntegrityError, SerializationError
 
 __all__ = ["FORMAT_VERSION", "Codec", "Envelope", "register_codec"]
@@ -33,6 +34,8 @@ _HEADER: Final = struct.Struct(">2sBBd")
 _MAC_SIZE: Final = 20
 _PREFIX_SIZE: Final = _HEADER.size + _MAC_SIZE
 _FLAG_SIGNED: Final = 0x01
+_FLAG_ENCRYPTED: Final = 0x02
+_FLAGS: Final = _FLAG_SIGNED | _FLAG_ENCRYPTED
 _NEVER: Final = float("nan")
 
 # Extension codes of stored values. Never renumber: stored entries must stay readable.
@@ -162,26 +165,34 @@ class Codec:
             unpickling data from a shared store runs code chosen by whoever could write to it.
         types: Dataclasses, pydantic v2 models, ``NamedTuple`` classes and enums to store without
             registration, usually ``allowed_types(fn)``.
+        encryption_keys: When set (see `cachelayers.codec.crypto.parse_encryption_keys`), envelopes are
+            encrypted with AES-256-GCM under the first key, and only encrypted envelopes whose key id is listed
+            and whose tag matches are accepted. The storage key, the header (expiry) and the key id are the
+            associated data: an entry moved to another key or given another expiry fails its tag.
 
     Raises:
-        ConfigError: The secret is not 16 to 64 bytes long, or ``types`` holds a class of another kind or
-            two classes of one ``module.qualname``.
+        ConfigError: The secret is not 16 to 64 bytes long, an encryption key is malformed, or ``types`` holds
+            a class of another kind or two classes of one ``module.qualname``.
+        MissingDependencyError: Encryption keys are given and ``cryptography`` is not installed.
     """
 
-    __slots__ = ("_allow_pickle", "_class_by_name", "_class_by_type", "_flags", "_mac_base", "_mac_key",
+    __slots__ = ("_allow_pickle", "_class_by_name", "_class_by_type", "_flags", "_keyring", "_mac_base", "_mac_key",
                  "_packer_default", "_tags_sizes")
 
     def __init__(self, *, secret: bytes | str | None = None, allow_pickle: bool = False,
-                 types: Iterable[type] = ()) -> None:
+                 types: Iterable[type] = (), encryption_keys: object = None) -> None:
         if isinstance(secret, str):
             secret = secret.encode()
         if secret is not None and not 16 <= len(secret) <= 64:
             raise ConfigError("secret", "<redacted>", "must be 16 to 64 bytes long")
+        keys = parse_encryption_keys(encryption_keys)
+        self._keyring = Keyring(keys) if keys else None
         self._mac_key = secret or b""
         # Keying BLAKE2b costs more than hashing a small entry: key it once, copy the state per entry.
         self._mac_base = hashlib.blake2b(digest_size=_MAC_SIZE, key=self._mac_key, person=b"cachelayers-e1")
         self._allow_pickle = allow_pickle
-        self._flags = _FLAG_SIGNED if secret else 0
+        # With keys the AEAD tag authenticates the entry: the keyed mac would add nothing.
+        self._flags = _FLAG_ENCRYPTED if keys else _FLAG_SIGNED if secret else 0
         self._packer_default = self._default
         self._tags_sizes: dict[tuple[str, ...], int] = {}
         self._set_types(types)
@@ -190,6 +201,16 @@ class Codec:
         by_name = class_table(types)
         self._class_by_name: dict[str, ClassSpec] = by_name
         self._class_by_type: dict[type, ClassSpec] = {spec.cls: spec for spec in by_name.values()}
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether envelopes are encrypted (encryption keys were given)."""
+        return self._keyring is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether only holders of a secret or key can make entries this codec accepts."""
+        return self._flags != 0
 
     @property
     def types(self) -> frozenset[type]:
@@ -218,6 +239,7 @@ class Codec:
             return self
         other = Codec.__new__(Codec)
         other._mac_key = self._mac_key
+        other._keyring = self._keyring
         other._mac_base = self._mac_base
         other._allow_pickle = self._allow_pickle
         other._flags = self._flags
@@ -462,9 +484,33 @@ class Codec:
         return self.seal_body(key, self.pack_body(value, tags), expires_at)
 
     def seal_body(self, key: str, body: bytes, expires_at: float | None) -> bytes:
-        """Wrap a body made by `pack_body` in an envelope bound to ``key``."""
+        """Wrap a body made by `pack_body` in an envelope bound to ``key`` (encrypted when keys are set)."""
         head = _HEADER.pack(_MAGIC, FORMAT_VERSION, self._flags, _NEVER if expires_at is None else expires_at)
+        keyring = self._keyring
+        if keyring is not None:
+            kid = keyring.current_id
+            head += bytes((len(kid),)) + kid
+            nonce, sealed = keyring.encrypt(body, self._associated(key, head))
+            return head + nonce + sealed
         return head + self._mac(key, head, body) + body
+
+    @staticmethod
+    def _associated(key: str, head: bytes | memoryview) -> bytes:
+        return b"".join((key.encode(), b"\x00", head))
+
+    def _decrypt(self, key: str, view: memoryview) -> memoryview:
+        """The body of an encrypted envelope (its header checked already)."""
+        assert self._keyring is not None
+        start = _HEADER.size
+        if len(view) <= start:
+            raise IntegrityError("entry is truncated")
+        end = start + 1 + view[start]
+        head = view[:end]
+        if len(view) < end + NONCE_SIZE + 16:
+            raise IntegrityError("entry is truncated")
+        body = self._keyring.decrypt(bytes(view[start + 1:end]), view[end:end + NONCE_SIZE],
+                                     view[end + NONCE_SIZE:], self._associated(key, head))
+        return memoryview(body)
 
     def open(self, key: str, blob: bytes) -> Envelope:
         """Check and decode an envelope stored under ``key``.
@@ -482,7 +528,7 @@ class Codec:
             SerializationError: The body passed its check but holds a value this codec cannot decode (for
                 example a class it does not allow).
         """
-        if len(blob) < _PREFIX_SIZE:
+        if len(blob) < _HEADER.size:
             raise IntegrityError("entry is truncated")
         # Every read of a Redis or disk hit passes here: slices of one memoryview, no copies.
         magic, version, flags, expires_at = _HEADER.unpack_from(blob)
@@ -490,13 +536,17 @@ class Codec:
             raise IntegrityError("entry is not a cachelayers envelope")
         if version != FORMAT_VERSION:
             raise IntegrityError(f"entry has format {version}, this codec reads {FORMAT_VERSION}")
-        if flags & _FLAG_SIGNED != self._flags & _FLAG_SIGNED:
-            raise IntegrityError("entry is unsigned but a secret is set" if self._flags
-                                 else "entry is signed but no secret is set")
+        if flags & _FLAGS != self._flags:
+            raise IntegrityError(_flags_mismatch(flags, self._flags))
         view = memoryview(blob)
-        body = view[_PREFIX_SIZE:]
-        if not hmac.compare_digest(view[_HEADER.size:_PREFIX_SIZE], self._mac(key, view[:_HEADER.size], body)):
-            raise IntegrityError("entry checksum or signature does not match")
+        if self._keyring is not None:
+            body = self._decrypt(key, view)
+        else:
+            if len(blob) < _PREFIX_SIZE:
+                raise IntegrityError("entry is truncated")
+            body = view[_PREFIX_SIZE:]
+            if not hmac.compare_digest(view[_HEADER.size:_PREFIX_SIZE], self._mac(key, view[:_HEADER.size], body)):
+                raise IntegrityError("entry checksum or signature does not match")
         try:
             tags, value = self._unpack(body)
         except SerializationError:
@@ -504,3 +554,15 @@ class Codec:
         except Exception as exc:
             raise SerializationError(f"cannot decode entry: {exc}") from exc
         return Envelope(value, None if math.isnan(expires_at) else expires_at, tuple(tags))
+
+
+def _flags_mismatch(found: int, expected: int) -> str:
+    """Why an entry protected one way is refused by a codec that expects another."""
+    def kind(flags: int) -> str:
+        if flags & _FLAG_ENCRYPTED:
+            return "encrypted"
+        return "signed" if flags & _FLAG_SIGNED else "unsigned"
+
+    wanted = {"encrypted": "encryption keys are set", "signed": "a secret is set",
+              "unsigned": "no secret or encryption key is set"}[kind(expected)]
+    return f"entry is {kind(found)} but {wanted}"

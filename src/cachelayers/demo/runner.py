@@ -14,6 +14,7 @@ from cachelayers.demo.pipeline import Stage, default_stages
 from cachelayers.demo.providers import CACHED, COMPUTED, SHARED, CallRecord, current_call
 from cachelayers.demo.report import DemoReport, StageReport
 from cachelayers.demo.workload import DemoConfig, Request, build_requests
+from cachelayers.errors import redact_urls
 from cachelayers.settings import get_settings
 
 __all__ = ["run_demo"]
@@ -141,7 +142,7 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
     wall = time.perf_counter() - started
     return DemoReport(
         config=config,
-        tiers=get_settings().tier_urls,
+        tiers={name: redact_urls(url) for name, url in get_settings().tier_urls.items()},
         wall_seconds=wall,
         stages=[s.report() for s in stats],
         request_latency={k: _summary(v) for k, v in request_latency.items()},

@@ -164,7 +164,8 @@ class SemanticFunction(Generic[P, T]):
                 old, self._store = store, None
                 await old.aclose()
             clock = self._clock or time.time
-            codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle)
+            codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle,
+                          encryption_keys=settings.encryption_keys)
             new = open_store(url, namespace=f"{settings.key_prefix}{self._keys.namespace}",
                              max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec,
                              max_total_entries=self.max_total_entries)

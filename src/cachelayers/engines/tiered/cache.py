@@ -90,7 +90,8 @@ class TieredCache:
     ) -> None:
         self.settings = settings if settings is not None else get_settings()
         self.clock = clock
-        self.codec = Codec(secret=self.settings.secret, allow_pickle=self.settings.allow_pickle)
+        self.codec = Codec(secret=self.settings.secret, allow_pickle=self.settings.allow_pickle,
+                           encryption_keys=self.settings.encryption_keys)
         self.log = StateLog()
         if backends is None:
             named: list[tuple[str, Backend]] = [
