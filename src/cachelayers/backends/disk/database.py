@@ -6,6 +6,9 @@ creator first removes any ``-wal`` and ``-shm`` left by the deleted file: a fres
 file's write-ahead log would read the old file's pages (SQLite reports a disk I/O error at best). Processes still
 on the deleted file keep their own open handles to those files until they notice, so nothing they do touches the
 new file; and SQLite does not checkpoint or delete the log on close when the file has moved.
+
+The directory is created with mode 0700, the database and lock files with 0600 (the database file exists before
+SQLite opens it, so its ``-wal`` and ``-shm`` files, which SQLite gives the database's mode, are 0600 too).
 """
 
 from __future__ import annotations
@@ -112,12 +115,14 @@ def create(path: Path, pragmas: Pragmas) -> tuple[sqlite3.Connection, tuple[int,
     ready = _open_existing(path, pragmas)
     if ready is not None:
         return ready
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with locked(path.with_name(path.name + ".lock")):
         if not path.exists():
             for suffix in SIDECARS:  # left by a deleted file: they must not be read as this file's
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path.with_name(path.name + suffix))
+            with contextlib.suppress(FileExistsError):  # owner only; SQLite would make it 0644
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(path, timeout=pragmas.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
             _initialize(db, pragmas)
@@ -187,7 +192,7 @@ if sys.platform != "win32":
 
     @contextlib.contextmanager
     def locked(lock_path: Path) -> Iterator[None]:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -125,6 +125,10 @@ class Replica(Protocol):
         """Forget every entry locally (storage was cleared, or is reloaded)."""
         ...
 
+    def corrupt(self, count: int, what: str, exc: BaseException) -> None:
+        """Count ``count`` stored entries that failed their integrity check (already dropped), and log once."""
+        ...
+
 
 class VectorPersistence(Protocol):
     """Where the entries of a semantic store are kept, beyond the process's memory.

@@ -1,14 +1,20 @@
 """The files of the disk store: a SQLite file of entries (the truth) and atomic snapshots of the graphs.
 
-``<name>.sqlite`` holds one row per entry (partition, text, vector, sealed payload, expiry and a sequence
-number never reused); ``<name>.usearch`` a snapshot of every partition's graph with the ``(key, seq)`` of
-each vector. On load `cachelayers.backends.vectors.disk_store.DiskStore` trusts the rows: a vector whose
-``(key, seq)`` has no row is dropped, a row missing from the snapshot is added from its stored vector.
+``<name>.sqlite`` holds one row per entry (partition, text, sealed row, sealed payload, expiry and a sequence
+number never reused; see `cachelayers.backends.vectors.sealing`); ``<name>.usearch`` a sealed snapshot of
+every partition's graph with the ``(key, seq)`` of each vector. On load
+`cachelayers.backends.vectors.disk_store.DiskStore` trusts the rows that pass their check: a vector whose
+``(key, seq)`` has no such row is dropped, a row missing from the snapshot is added from its sealed vector, and
+a snapshot that fails its check is not used at all (the graphs are built from the rows).
+
+Files are created readable by their owner only (0600; SQLite gives its ``-wal`` and ``-shm`` files the mode
+of the database), directories 0700.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import struct
 import threading
@@ -19,15 +25,33 @@ from typing import Final, NamedTuple
 import numpy as np
 
 from cachelayers.backends.vectors.index import atomic_write
+from cachelayers.codec import Codec
+from cachelayers.errors import SerializationError
 
-__all__ = ["EntryRow", "PartitionSnapshot", "PayloadFile", "read_snapshot", "write_snapshot"]
+__all__ = ["EntryRow", "PartitionSnapshot", "PayloadFile", "private_directory", "private_file", "read_snapshot",
+           "write_snapshot"]
 
 _MAGIC: Final = b"CLSEMIX1"
 _LENGTH: Final = struct.Struct("<Q")
 
 
+def private_directory(path: Path) -> None:
+    """Create ``path`` and its missing parents, the ones created with mode 0700 (an existing one is left)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (before SQLite opens it: SQLite would make it
+    0644, and its ``-wal`` and ``-shm`` files take the database file's mode)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class EntryRow(NamedTuple):
-    """One stored entry (``value`` is the sealed payload; ``None`` when not read)."""
+    """One stored entry (``vector`` is the sealed row; ``value`` the sealed payload, ``None`` when not read)."""
 
     key: int
     seq: int
@@ -47,7 +71,8 @@ class PayloadFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
+        private_file(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         # WAL with synchronous=NORMAL: a commit survives a killed process (the WAL is in the OS's hands);
@@ -139,8 +164,9 @@ class PartitionSnapshot(NamedTuple):
     graph: bytes
 
 
-def write_snapshot(path: str | Path, partitions: Sequence[PartitionSnapshot], meta: dict[str, str]) -> None:
-    """Write every partition's graph to ``path`` atomically."""
+def write_snapshot(path: str | Path, partitions: Sequence[PartitionSnapshot], meta: dict[str, str],
+                   codec: Codec | None = None, binding: str = "") -> None:
+    """Write every partition's graph to ``path`` atomically, sealed by ``codec`` (bound to ``binding``) if given."""
     header = {
         "meta": meta,
         "partitions": [{"partition": p.partition.hex(), "count": len(p.keys), "graph": len(p.graph)}
@@ -152,15 +178,25 @@ def write_snapshot(path: str | Path, partitions: Sequence[PartitionSnapshot], me
         chunks.append(np.ascontiguousarray(p.keys, dtype="<u8").tobytes())
         chunks.append(np.ascontiguousarray(p.seqs, dtype="<u8").tobytes())
         chunks.append(p.graph)
-    atomic_write(path, b"".join(chunks))
+    data = b"".join(chunks)
+    atomic_write(path, data if codec is None else codec.seal(binding, data, None))
 
 
-def read_snapshot(path: str | Path) -> tuple[dict[str, str], list[PartitionSnapshot]] | None:
-    """Read a snapshot written by `write_snapshot`; ``None`` when there is none or it is unreadable."""
+def read_snapshot(path: str | Path, codec: Codec | None = None,
+                  binding: str = "") -> tuple[dict[str, str], list[PartitionSnapshot]] | None:
+    """Read a snapshot written by `write_snapshot` (with the same codec and binding); ``None`` when there is
+    none, or it is unreadable or fails its check."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return None
+    if codec is not None:
+        try:
+            data = codec.open(binding, data).value
+        except SerializationError:
+            return None
+        if not isinstance(data, bytes):
+            return None
     try:
         if not data.startswith(_MAGIC):
             return None

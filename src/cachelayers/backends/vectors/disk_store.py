@@ -1,7 +1,9 @@
 """The ``usearch:///dir`` scheme: entries in a SQLite file, the graphs in atomic snapshots beside it.
 
 The file of rows is the truth; the snapshot only saves rebuilding the graphs on start, and is reconciled
-with the rows when loaded (see `cachelayers.backends.vectors.disk_files`).
+with the rows when loaded (see `cachelayers.backends.vectors.disk_files`). Every row is sealed with its
+partition, text, vector and expiry, bound to its key and sequence number, and checked before it is findable
+(see `cachelayers.backends.vectors.sealing`); the snapshot is sealed too.
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ from cachelayers.backends.vectors.disk_files import (
     EntryRow,
     PartitionSnapshot,
     PayloadFile,
+    private_directory,
     read_snapshot,
     write_snapshot,
 )
 from cachelayers.backends.vectors.index import VectorIndex
 from cachelayers.backends.vectors.options import IndexOptions, int_option
+from cachelayers.backends.vectors.sealing import open_row, seal_row
 from cachelayers.codec import Codec
-from cachelayers.errors import SerializationError
+from cachelayers.errors import IntegrityError, SerializationError
 from cachelayers.metrics import StateLog
 
 __all__ = ["DiskStore"]
+
+_ROW_FORMAT = "2"  # rows sealed with partition, text, vector and expiry; files of format 1 are emptied
 
 
 class DiskStore:
@@ -71,6 +77,12 @@ class DiskStore:
     def _storage_key(self, key: int, seq: int) -> str:
         return f"sem:{self.embedder}:{key}:{seq}"
 
+    def _row_binding(self, key: int, seq: int) -> str:
+        return f"semrow:{self.embedder}:{key}:{seq}"
+
+    def _snapshot_binding(self) -> str:
+        return f"semsnap:{self.embedder}:{self.base.name}"
+
     def usable(self) -> bool:
         """Always: files are not bound to an event loop."""
         return True
@@ -86,11 +98,15 @@ class DiskStore:
         return await anyio.to_thread.run_sync(self._load, replica, ndim)
 
     def _open_file(self) -> dict[str, str]:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         for stale in self.directory.glob(f".{self.base.name}.usearch.*.tmp"):
             stale.unlink(missing_ok=True)  # a snapshot whose writer died before the rename
         self._file = PayloadFile(self._path(".sqlite"))
         meta: dict[str, str] = self._file.meta()
+        if meta and meta.get("rows") != _ROW_FORMAT:
+            self.log.failure(f"semantic store {self.base.name}", "stored entries have an older format: dropping them")
+            self._file.clear()
+            meta = {}
         if meta and (meta.get("embedder") != self.embedder or meta.get("dtype") != self.options.dtype):
             # Vectors of another embedder live in another space: never compare with them.
             self.log.failure(f"semantic store {self.base.name}",
@@ -108,7 +124,7 @@ class DiskStore:
         elif stored_ndim is not None and stored_ndim != ndim:
             self._file.clear()
         last_seq = self._file.max_seq()
-        rows = self._live_rows()
+        rows = self._live_rows(replica)
         if rows and ndim is None:
             ndim = len(rows[0].vector) // 4
         graphs = self._graphs(rows, ndim) if ndim is not None else {}
@@ -117,10 +133,36 @@ class DiskStore:
         self._file.set_meta(self._meta(ndim))
         return Loaded(ndim, last_seq)
 
-    def _live_rows(self) -> list[EntryRow]:
-        """The rows not expired, one per partition and text (the newest: rows come in seq order)."""
+    def _checked_rows(self, replica: Replica) -> list[EntryRow]:
+        """Every row that passes its check, opened (``vector`` holds the float32 bytes); the others are deleted
+        and counted (`Replica.corrupt`)."""
+        out: list[EntryRow] = []
+        bad: list[int] = []
+        error: IntegrityError | None = None
+        encrypted = self.codec.encrypted
+        for row in self._file.rows():
+            try:
+                opened = open_row(self.codec, self._row_binding(row.key, row.seq), row.vector,
+                                  partition=None if encrypted else row.partition,
+                                  text=None if encrypted else row.text, expires_at=row.expires_at,
+                                  check_expiry=True)
+            except IntegrityError as exc:
+                bad.append(row.key)
+                error = exc
+                continue
+            out.append(EntryRow(row.key, row.seq, opened.partition, opened.text, opened.expires_at,
+                                opened.vector.tobytes()))
+        if bad:
+            self._file.delete(bad)
+            assert error is not None
+            replica.corrupt(len(bad), f"semantic store {self.base.name}", error)
+        return out
+
+    def _live_rows(self, replica: Replica) -> list[EntryRow]:
+        """The rows that pass their check and are not expired, one per partition and text (the newest: rows come
+        in seq order)."""
         now = self.clock()
-        rows = list(self._file.rows())
+        rows = self._checked_rows(replica)
         expired = [r.key for r in rows if r.expires_at is not None and r.expires_at <= now]
         if expired:
             self._file.delete(expired)
@@ -138,7 +180,7 @@ class DiskStore:
         return sorted(newest.values(), key=lambda r: r.seq)
 
     def _snapshot_graphs(self, wanted: set[tuple[int, int]], ndim: int) -> dict[bytes, VectorIndex]:
-        snapshot = read_snapshot(self._path(".usearch"))
+        snapshot = read_snapshot(self._path(".usearch"), self.codec, self._snapshot_binding())
         graphs: dict[bytes, VectorIndex] = {}
         if snapshot is None or snapshot[0].get("embedder") != self.embedder:
             return graphs
@@ -183,7 +225,7 @@ class DiskStore:
         return out
 
     def _meta(self, ndim: int | None) -> dict[str, str]:
-        return {"embedder": self.embedder, "dtype": self.options.dtype, "ndim": str(ndim or "")}
+        return {"embedder": self.embedder, "dtype": self.options.dtype, "ndim": str(ndim or ""), "rows": _ROW_FORMAT}
 
     async def read(self, entry: EntryRef) -> Any:
         """Read and check the payload of ``entry`` from the SQLite file; `GONE` when it is not there."""
@@ -192,6 +234,12 @@ class DiskStore:
             return GONE
         try:
             return self.codec.open(self._storage_key(entry.key, entry.seq), blob).value
+        except IntegrityError as exc:
+            self._file.delete([entry.key])
+            if self._replica is not None:
+                self._replica.forget(entry.key)
+                self._replica.corrupt(1, f"semantic store {self.base.name}", exc)
+            return GONE
         except SerializationError as exc:
             self.log.failure(f"semantic store {self.base.name}", exc)
             return GONE
@@ -203,8 +251,12 @@ class DiskStore:
         ndim = self._replica.ndim if self._replica is not None else None
         if ndim is not None and not self._file.meta().get("ndim"):
             self._file.set_meta(self._meta(ndim))
-        row = EntryRow(entry.key, entry.seq, entry.partition, entry.text, entry.expires_at,
-                       np.ascontiguousarray(vector, dtype=np.float32).tobytes(), blob)
+        sealed = seal_row(self.codec, self._row_binding(entry.key, entry.seq), entry.partition, entry.text, vector,
+                          entry.expires_at)
+        # With encryption the plain columns say nothing: the sealed row is the only place of partition and text.
+        encrypted = self.codec.encrypted
+        row = EntryRow(entry.key, entry.seq, b"" if encrypted else entry.partition, "" if encrypted else entry.text,
+                       entry.expires_at, sealed, blob)
         removed = [e.key for e in evict]
         self._file.write(row, removed)
         self._wrote(1 + len(evict))
@@ -232,7 +284,7 @@ class DiskStore:
     def _write_snapshot(self, items: list[PartitionSnapshot], meta: dict[str, str]) -> None:
         with self._save_lock:
             try:
-                write_snapshot(self._path(".usearch"), items, meta)
+                write_snapshot(self._path(".usearch"), items, meta, self.codec, self._snapshot_binding())
             except OSError as exc:
                 self.log.failure(f"semantic snapshot {self.base.name}", exc)
 

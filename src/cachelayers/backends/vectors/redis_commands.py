@@ -28,7 +28,7 @@ local function drop(victim)
   table.insert(evicted, victim)
 end
 if replace ~= '' and redis.call('ZSCORE', pkey, replace) then drop(replace) end
-local id = redis.call('INCR', base .. 'seq')
+local id = ARGV[11]
 local ekey = base .. 'e:' .. id
 redis.call('HSET', ekey, 'p', part, 't', ARGV[3], 'v', ARGV[4], 'd', ARGV[5], 'x', expires)
 if expires ~= '' then redis.call('PEXPIREAT', ekey, expires) end
@@ -91,8 +91,9 @@ class RedisVectorStore:
     ``seq``
         counter handing out entry ids (never reused, so an id names one entry forever);
     ``e:<id>``
-        hash of one entry: ``p`` partition (hex), ``t`` text, ``v`` vector (float32 bytes), ``x`` expiry in ms
-        (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
+        hash of one entry: ``p`` partition (hex), ``t`` text (empty with encryption), ``v`` the sealed row
+        (partition, text, float32 vector and expiry, bound to the id: see `cachelayers.backends.vectors.sealing`),
+        ``x`` expiry in ms (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
     ``p:<partition>``
         sorted set of the partition's ids by last use (ms): the LRU order for the per-partition capacity;
     ``all``
@@ -101,7 +102,8 @@ class RedisVectorStore:
         stream of changes, ``op`` = ``a`` (added), ``d`` (removed) or ``c`` (cleared), with ``id`` and ``p``;
         trimmed to about ``stream_maxlen`` entries. Replicas read it to stay in sync.
 
-    An insert, with the evictions it causes, is one Lua script: atomic, one round trip.
+    An insert takes its id first (`next_id`: the row and payload are sealed bound to it), then the entry with
+    the evictions it causes is one Lua script: atomic, one round trip.
 
     Args:
         url: A ``redis://`` or ``rediss://`` URL.
@@ -134,13 +136,18 @@ class RedisVectorStore:
             self._remove = self._client.register_script(_REMOVE)
         return self._client
 
-    async def insert(self, partition: str, text: str, vector: bytes, payload: bytes, expires_at_ms: int | None,
-                     now_ms: int, capacity: int, replace: int | None) -> tuple[int, list[int]]:
-        """Store one entry, evict beyond ``capacity``; return its id and the evicted ids."""
+    async def next_id(self) -> int:
+        """A new entry id (never handed out before)."""
+        return int(await self.client.incr(f"{self.base}seq"))
+
+    async def insert(self, id_: int, partition: str, text: str, row: bytes, payload: bytes,
+                     expires_at_ms: int | None, now_ms: int, capacity: int,
+                     replace: int | None) -> tuple[int, list[int]]:
+        """Store entry ``id_`` (from `next_id`), evict beyond ``capacity``; return its id and the evicted ids."""
         _ = self.client
         result = await self._insert(args=[
-            self.base, partition, text, vector, payload, "" if expires_at_ms is None else str(expires_at_ms),
-            str(now_ms), str(capacity), str(self.stream_maxlen), "" if replace is None else str(replace)])
+            self.base, partition, text, row, payload, "" if expires_at_ms is None else str(expires_at_ms),
+            str(now_ms), str(capacity), str(self.stream_maxlen), "" if replace is None else str(replace), str(id_)])
         return int(result[0]), [int(v) for v in result[1]]
 
     async def remove(self, items: Sequence[tuple[int, str]]) -> int:

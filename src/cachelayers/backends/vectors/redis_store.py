@@ -17,9 +17,10 @@ from cachelayers.backends.base import BackendURL
 from cachelayers.backends.vectors.base import GONE, Appended, EntryRef, Loaded, Replica, StoredRow
 from cachelayers.backends.vectors.options import IndexOptions, int_option
 from cachelayers.backends.vectors.redis_commands import RedisVectorStore, StoredEntry
+from cachelayers.backends.vectors.sealing import open_row, seal_row
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
-from cachelayers.errors import SerializationError
+from cachelayers.errors import IntegrityError, SerializationError
 from cachelayers.metrics import StateLog
 from cachelayers.settings import get_settings
 
@@ -37,9 +38,11 @@ class RedisStore:
       seconds (0.1 by default): no background task, no polling while idle. Applying a change twice is
       harmless; if the stream was trimmed past the last change it saw, it reloads everything.
 
-    Payloads are sealed with the codec and bound to the entry's partition and text, and a hit always reads
-    the payload from Redis: an entry removed or expired elsewhere is a miss, never a stale answer. Entry ids
-    come from a Redis counter and are never reused. Runs on asyncio (redis-py's asyncio client).
+    Rows (partition, text, vector, expiry) and payloads are sealed with the codec and bound to the entry's id
+    (`cachelayers.backends.vectors.sealing`): a row that fails its check is deleted and counted before it is
+    findable, a payload that fails is a counted miss. A hit always reads the payload from Redis: an entry
+    removed or expired elsewhere is a miss, never a stale answer. Entry ids come from a Redis counter and are
+    never reused. Runs on asyncio (redis-py's asyncio client).
 
     Args:
         url: The ``redis://`` or ``rediss://`` URL; options ``sync_interval`` and ``stream_maxlen``.
@@ -82,9 +85,13 @@ class RedisStore:
         tag = hashlib.blake2b(f"{namespace}\x00{embedder}\x00{dtype}".encode(), digest_size=10).hexdigest()
         return f"{prefix}sem:{{{tag}}}:"
 
-    @staticmethod
-    def _payload_key(partition: str, text: str) -> str:
-        return f"sem:{partition}:{hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}"
+    def _row_binding(self, id_: int) -> str:
+        assert self.redis is not None
+        return f"{self.redis.base}row:{id_}"
+
+    def _payload_binding(self, id_: int) -> str:
+        assert self.redis is not None
+        return f"{self.redis.base}val:{id_}"
 
     async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
         """Connect and load the replica from Redis."""
@@ -101,7 +108,7 @@ class RedisStore:
         self._replica.forget_all()
         self._last_event, self._seen = await self.redis.log_position()
         ids = await self.redis.live_ids(self._now_ms())
-        self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
+        await self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
         self._synced_at = self._monotonic()
 
     def _now_ms(self) -> int:
@@ -111,11 +118,31 @@ class RedisStore:
     def _monotonic() -> float:
         return asyncio.get_running_loop().time()
 
-    def _adopt(self, stored: Sequence[StoredEntry]) -> None:
+    async def _adopt(self, stored: Sequence[StoredEntry]) -> None:
+        """Make the entries that pass their check findable; delete and count the others."""
         assert self._replica is not None
-        self._replica.adopt([StoredRow(item.id, item.id, bytes.fromhex(item.partition), item.text,
-                                       item.expires_at_ms / 1000 if item.expires_at_ms is not None else None,
-                                       np.frombuffer(item.vector, dtype=np.float32)) for item in stored])
+        assert self.redis is not None
+        rows: list[StoredRow] = []
+        bad: list[tuple[int, str]] = []
+        error: IntegrityError | None = None
+        encrypted = self.codec.encrypted
+        for item in stored:
+            try:
+                partition = bytes.fromhex(item.partition)
+                row = open_row(self.codec, self._row_binding(item.id), item.vector, partition=partition,
+                               text=None if encrypted else item.text,
+                               expires_at=None if item.expires_at_ms is None else item.expires_at_ms / 1000,
+                               check_expiry=True)
+            except (IntegrityError, ValueError) as exc:
+                bad.append((item.id, item.partition))
+                error = exc if isinstance(exc, IntegrityError) else IntegrityError(f"malformed partition: {exc}")
+                continue
+            rows.append(StoredRow(item.id, item.id, row.partition, row.text, row.expires_at, row.vector))
+        self._replica.adopt(rows)
+        if bad:
+            assert error is not None
+            self._replica.corrupt(len(bad), "shared semantic rows", error)
+            await self.redis.remove(bad)
 
     async def sync(self) -> None:
         """Apply the changes other processes made, at most every ``sync_interval`` seconds."""
@@ -156,7 +183,7 @@ class RedisStore:
                 added.clear()
                 self._replica.forget_all()
         if added:
-            self._adopt([e for e in await self.redis.fetch(added) if e is not None])
+            await self._adopt([e for e in await self.redis.fetch(added) if e is not None])
 
     async def read(self, entry: EntryRef) -> Any:
         """Read the payload from Redis and check it; `GONE` when removed or expired elsewhere."""
@@ -166,7 +193,13 @@ class RedisStore:
         if blob is None:
             return GONE
         try:
-            return self.codec.open(self._payload_key(partition, entry.text), blob).value
+            return self.codec.open(self._payload_binding(entry.key), blob).value
+        except IntegrityError as exc:
+            assert self._replica is not None
+            self._replica.forget(entry.key)
+            self._replica.corrupt(1, "shared semantic payload", exc)
+            await self.redis.remove([(entry.key, partition)])
+            return GONE
         except SerializationError as exc:
             self.log.failure("shared semantic payload", exc)
             return GONE
@@ -176,10 +209,12 @@ class RedisStore:
         """Store the entry in Redis, replacing ``evict`` (its text's) and evicting beyond ``capacity`` there."""
         assert self.redis is not None
         part_hex = entry.partition.hex()
-        payload = self.codec.seal(self._payload_key(part_hex, entry.text), value, entry.expires_at)
-        vec = np.ascontiguousarray(vector, dtype=np.float32)
+        payload_body = self.codec.pack_body(value)  # raises SerializationError before anything is written
+        id_ = await self.redis.next_id()
+        payload = self.codec.seal_body(self._payload_binding(id_), payload_body, entry.expires_at)
+        row = seal_row(self.codec, self._row_binding(id_), entry.partition, entry.text, vector, entry.expires_at)
         id_, evicted = await self.redis.insert(
-            part_hex, entry.text, vec.tobytes(), payload,
+            id_, part_hex, "" if self.codec.encrypted else entry.text, row, payload,
             None if entry.expires_at is None else int(entry.expires_at * 1000), self._now_ms(), capacity,
             evict[0].key if evict else None)
         return Appended(id_, evicted)

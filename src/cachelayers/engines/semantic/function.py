@@ -419,7 +419,8 @@ class SemanticFunction(Generic[P, T]):
             evictions=s.evictions, expirations=s.expirations, embed_errors=s.embed_errors,
             index_errors=s.index_errors, verifier_rejections=s.verifier_rejections,
             verifier_errors=s.verifier_errors, unstorable=s.unstorable, compactions=s.compactions,
-            cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50))
+            cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50),
+            corrupt=s.corrupt)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""

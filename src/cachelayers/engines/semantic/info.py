@@ -32,13 +32,15 @@ class SemanticCacheInfo(NamedTuple):
     compactions: int
     cached_p50: float | None
     computed_p50: float | None
+    corrupt: int = 0
+    """Stored entries (rows, vectors, payloads) dropped because they failed their integrity check."""
 
 
 class SemanticStats:
     """The counters of one semantically cached function, bumped by its engine and its store."""
 
-    __slots__ = ("cached_latency", "compactions", "computed_latency", "embed_errors", "evictions", "exact_hits",
-                 "expirations", "index_errors", "misses", "semantic_hits", "uncached", "unstorable",
+    __slots__ = ("cached_latency", "compactions", "computed_latency", "corrupt", "embed_errors", "evictions",
+                 "exact_hits", "expirations", "index_errors", "misses", "semantic_hits", "uncached", "unstorable",
                  "verifier_errors", "verifier_rejections")
 
     def __init__(self) -> None:
@@ -54,6 +56,7 @@ class SemanticStats:
         self.verifier_errors = 0
         self.unstorable = 0
         self.compactions = 0
+        self.corrupt = 0
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
 

@@ -356,6 +356,11 @@ class SemanticStore:
         if entry is not None:
             self._drop(entry)
 
+    def corrupt(self, count: int, what: str, exc: BaseException) -> None:
+        """Count stored entries that failed their integrity check (the persistence dropped them); log once."""
+        self.stats.corrupt += count
+        self.log.failure(what, exc)
+
     def forget_all(self) -> None:
         """Forget every entry locally."""
         for part in self.partitions.values():
