@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from cachelayers.errors import ConfigError
+from cachelayers.errors import ConfigError, redact_urls
 
 __all__ = ["Command", "build_parser", "command", "main"]
 
@@ -168,7 +168,7 @@ async def _probe_tiers() -> dict[str, Any]:
                 with anyio.fail_after(max(settings.tier_timeout, 1.0)):
                     await tier.backend.get_many([probe])
             except Exception as exc:
-                entry.update(reachable=False, error=f"{type(exc).__name__}: {exc}")
+                entry.update(reachable=False, error=redact_urls(f"{type(exc).__name__}: {exc}"))
             else:
                 entry.update(reachable=True, latency_ms=(time.perf_counter() - started) * 1e3)
             tiers[tier.name] = entry
@@ -178,7 +178,7 @@ async def _probe_tiers() -> dict[str, Any]:
         "settings": repr(settings),
         "tiers": tiers,
         "limits": settings.limit_specs,
-        "vector_index": settings.vector_index,
+        "vector_index": redact_urls(settings.vector_index),
     }
 
 
