@@ -21,7 +21,8 @@ class CacheOptions(TypedDict, total=False):
     Each is documented once, in `multilevel_cached`'s docstring; every one may be omitted.
     """
 
-    ttl: float | str | timedelta | None
+    ttl: float | str | timedelta | Callable[[Any], float | str | timedelta | None] | None
+    cache_if: Callable[[Any], bool] | None
     tags: Callable[..., Iterable[str]] | Iterable[str] | None
     key: Callable[..., Any] | None
     namespace: str | None
