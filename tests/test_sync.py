@@ -61,7 +61,7 @@ def make_cache() -> Iterator[Callable[[dict[str, str]], TieredCache]]:
     made: list[TieredCache] = []
 
     def make(tiers: dict[str, str]) -> TieredCache:
-        cache = TieredCache(Settings(tiers=tiers))
+        cache = TieredCache(Settings(tiers=tiers, tier_timeout="5s"))
         made.append(cache)
         return cache
 
@@ -225,7 +225,7 @@ def test_sync_and_async_forms_share_entries_through_redis(
     sync_fn = multilevel_cached(name="service.answer", ttl="1h", cache=make_cache(tiers))(sync_form)
 
     async def main() -> None:
-        async_cache = TieredCache(Settings(tiers=tiers))
+        async_cache = TieredCache(Settings(tiers=tiers, tier_timeout="5s"))
         async_fn = multilevel_cached(name="service.answer", ttl="1h", cache=async_cache)(async_form)
         try:
             assert await async_fn(1) == "value-1"  # async computes ...

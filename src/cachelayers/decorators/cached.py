@@ -41,7 +41,8 @@ class CachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
         """Call the function and overwrite the entry in every tier, whether or not one was cached (for a
-        method, pass the instance first). ``with cachelayers.refresh():`` does the same in a block."""
+        method, pass the instance first); callers finding no entry meanwhile wait for this computation.
+        ``with cachelayers.refresh():`` does the same in a block."""
         return cast(Coroutine[Any, Any, T], self.cache.call_with("refresh", args, kwargs))
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]:

@@ -67,9 +67,9 @@ def bypass() -> AbstractContextManager[None]:
 def refresh() -> AbstractContextManager[None]:
     """Recompute `multilevel_cached` calls made in this block and overwrite their entries in every tier.
 
-    Like `bypass` it covers this task or thread and the tasks it starts. Concurrent callers of the same key
-    outside the block still share the refresh (single flight); the calls are counted in
-    ``FunctionCache.refreshed``.
+    Like `bypass` it covers this task or thread and the tasks it starts. Meanwhile, callers of the same key
+    outside the block get the old entry, or, finding none, wait for the refresh (single flight). The calls are
+    counted in ``FunctionCache.refreshed``.
 
     Returns:
         A context manager (``with cachelayers.refresh(): ...``).

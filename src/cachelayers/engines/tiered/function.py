@@ -91,6 +91,9 @@ class FunctionCache(Generic[P, T]):
                 raise ConfigError(field, given, "a function here is called with the result alone: it must take "
                                                 "exactly one positional argument")
         self._cache_if = cache_if
+        self.per_result = cache_if is not None or self._ttl_fn is not None
+        """Whether what is stored depends on the result (``cache_if=``, or ``ttl=`` as a function): then
+        `expiry_of` decides for each result."""
         self.not_stored = 0
         """Results not stored because ``cache_if`` refused them (or a ``ttl`` function gave zero)."""
         self.bypassed = 0
@@ -363,7 +366,7 @@ class FunctionCache(Generic[P, T]):
         if epoch != cache.epoch and cache.invalidated_since(
                 epoch, storage_key or self._prefix + self._keys.storage_digest(local_key), tags):
             return None
-        if self._cache_if is None and self._ttl_fn is None:
+        if not self.per_result:
             ttl = self._expiry_default
             return tags, (cache.clock() + ttl if ttl is not None else None)
         expires_at = self.expiry_of(cache, result)
