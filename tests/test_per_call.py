@@ -136,6 +136,17 @@ async def _append(into: list[Any], call: Any) -> None:
     into.append(await call)
 
 
+async def test_a_function_decorated_inside_a_block_obeys_it_and_is_cached_after() -> None:
+    """A function made while a block is open starts with its hit path's switch on, and turns it off with the
+    others when the block closes."""
+    source = Versioned()
+    with cachelayers.bypass():
+        fn = multilevel_cached(cache=TieredCache(Settings()))(source)
+        assert [await fn(1), await fn(1)] == [(1, 1), (1, 2)]
+    assert [await fn(1), await fn(1)] == [(1, 3), (1, 3)]
+    assert fn.cache_info().hits_by_tier == {"memory": 1}
+
+
 async def test_the_switch_is_off_again_after_blocks_that_raise() -> None:
     """The hit path's switch counts open blocks and is back to zero after they close, by error or not."""
     def fail() -> None:
@@ -307,7 +318,8 @@ def test_bad_per_result_options_are_config_errors_naming_the_field() -> None:
 
 
 async def test_batch_functions_apply_cache_if_per_item() -> None:
-    """With ``batch=``, each item's result is checked by ``cache_if``: refused items are computed again."""
+    """With ``batch=``, each item's result is checked by ``cache_if``: refused items are computed again; the
+    per-call methods are refused (they would key the whole list)."""
     seen: list[list[int]] = []
 
     @multilevel_cached(cache=TieredCache(Settings()), batch=True, cache_if=lambda r: r % 2 == 0)
@@ -318,6 +330,8 @@ async def test_batch_functions_apply_cache_if_per_item() -> None:
     assert await double_or_odd([1, 2, 3, 4]) == [2, 4, 3, 4]
     assert await double_or_odd([1, 2, 3, 4]) == [2, 4, 3, 4]
     assert seen == [[1, 2, 3, 4], [3]]
+    with pytest.raises(TypeError, match="batch="):
+        await double_or_odd.bypass([1])
 
 
 # -- explain and last_lookup ---------------------------------------------------------------------------------

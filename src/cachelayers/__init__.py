@@ -1,9 +1,10 @@
 """cachelayers: make expensive async calls in AI pipelines cheaper, faster and safer.
 
-Four decorators wrap any ``async def``: `multilevel_cached` (an exact cache over memory → Redis → disk tiers),
-`semantic_cached` (answers from a similar earlier call), `batched` (micro-batching) and `rate_limited` (fair
-waiting under named limits). Configure backends with `configure` and a `Settings` object, or run on the
-embedded default (one bounded memory tier, an in-process vector index, limits in memory) with no configuration.
+Four decorators wrap any ``async def``, or a plain ``def`` called from any thread: `multilevel_cached` (an exact
+cache over memory → Redis → disk tiers), `semantic_cached` (answers from a similar earlier call), `batched`
+(micro-batching) and `rate_limited` (fair waiting under named limits). Configure backends with `configure` and a
+`Settings` object, or run on the embedded default (one bounded memory tier, an in-process vector index, limits in
+memory) with no configuration.
 """
 
 from __future__ import annotations

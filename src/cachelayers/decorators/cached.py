@@ -29,6 +29,7 @@ class CachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
         super().__init__(fn, engine.wrapper)
         self.cache = engine
         """The engine behind the function."""
+        engine.attach(self._use)
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""
@@ -75,6 +76,7 @@ class SyncCachedFunction(FunctionWrapper[P, T]):
         super().__init__(fn, engine.wrapper)
         self.cache = engine
         """The engine behind the function."""
+        engine.attach(self._use)
 
     def cache_info(self) -> CacheInfo:
         """Hits, misses, hit rate, hits per tier, cached and computed latency, time and cost saved."""

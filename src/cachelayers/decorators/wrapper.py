@@ -40,6 +40,10 @@ class FunctionWrapper(Generic[P, R]):
         self.__call__ = call
         functools.update_wrapper(self, fn, updated=())  # not the wrapped object's __dict__: ours is ours
 
+    def _use(self, call: Callable[P, R]) -> None:
+        """Call ``call`` from now on (an engine switching between its hit path and its watched twin)."""
+        self.__call__ = call
+
     # What `inspect.iscoroutinefunction` reads of a function-like object (Python 3.11 has no other way to mark
     # a callable object as a coroutine function): those of the call path.
 

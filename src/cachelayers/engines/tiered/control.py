@@ -1,9 +1,10 @@
 """Per-call control of cached calls: `bypass` and `refresh` blocks, and the switch the compiled hit path reads.
 
-The hit path of every cached function reads one cell, `WATCHING` (``WATCHING[0]``): zero unless a `bypass`,
-`refresh` or `cachelayers.explain` block is open somewhere in the process. Only then does a call leave the
-compiled path to look at the context (a context variable read costs more than the whole check, so it is not
-done on every hit).
+`WATCHING` (``WATCHING[0]``) counts the `bypass`, `refresh` and `cachelayers.explain` blocks open in the
+process. When it leaves or returns to zero, the callbacks given to `on_switch` are told, and each cached
+function's callers switch between its compiled hit path, which checks nothing, and the path's *watched*
+twin, which reads the context (a context variable read costs more than a whole memory hit, so the hit path
+never does it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Final, Literal
 
-__all__ = ["WATCHING", "Mode", "bypass", "current_mode", "refresh", "report", "set_reporter", "unwatch", "watch"]
+__all__ = ["WATCHING", "Mode", "Trace", "bypass", "current_mode", "on_switch", "refresh", "report", "set_reporter",
+           "switch_now", "unwatch", "watch"]
 
 Mode = Literal["bypass", "refresh"]
 
@@ -26,18 +28,38 @@ _count_lock: Final = threading.Lock()
 _mode: contextvars.ContextVar[Mode | None] = contextvars.ContextVar("cachelayers_cache_mode", default=None)
 Reporter = Callable[[str, str, "str | None", str, "str | None"], None]
 _reporter: list[Reporter | None] = [None]
+_switches: list[Callable[[bool], None]] = []
+
+
+def on_switch(callback: Callable[[bool], None]) -> None:
+    """Call ``callback(True)`` when the first block opens in the process, ``callback(False)`` when the last
+    one closes (under a lock: blocks opened meanwhile wait)."""
+    _switches.append(callback)
+
+
+def switch_now(callback: Callable[[bool], None]) -> None:
+    """Call ``callback`` with whether a block is open now (under the lock that `on_switch` callbacks run
+    under, so that a function made meanwhile misses no switch)."""
+    with _count_lock:
+        callback(WATCHING[0] > 0)
 
 
 def watch() -> None:
     """Count one more open block: calls leave the compiled hit path until `unwatch`."""
     with _count_lock:
         WATCHING[0] += 1
+        if WATCHING[0] == 1:
+            for switch in _switches:
+                switch(True)
 
 
 def unwatch() -> None:
     """Count one block less."""
     with _count_lock:
         WATCHING[0] -= 1
+        if WATCHING[0] == 0:
+            for switch in _switches:
+                switch(False)
 
 
 @contextmanager
@@ -101,3 +123,20 @@ def report(function: str, level: str, tier: str | None, partition: str, reason: 
     reporter = _reporter[0]
     if reporter is not None:
         reporter(function, level, tier, partition, reason)
+
+
+class Trace:
+    """Reports how one call under a control block was answered (see `report`), as soon as that is known."""
+
+    __slots__ = ("digest", "identity", "mode")
+
+    def __init__(self, identity: str, digest: str, mode: Mode | None) -> None:
+        self.identity, self.digest, self.mode = identity, digest, mode
+
+    def hit(self, tier: str) -> None:
+        """A tier answered."""
+        report(self.identity, "exact", tier, self.digest)
+
+    def computing(self) -> None:
+        """The function runs now (before it does, so that lookups of calls it makes come after this one)."""
+        report(self.identity, "uncached" if self.mode == "bypass" else "computed", None, self.digest, self.mode)

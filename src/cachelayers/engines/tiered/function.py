@@ -23,10 +23,10 @@ from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.sync import is_async, run, to_async
 from cachelayers.engines.tiered.cache import Stale, TieredCache, default_cache
-from cachelayers.engines.tiered.control import Mode, current_mode, report
+from cachelayers.engines.tiered.control import Mode, Trace, current_mode, on_switch, switch_now
 from cachelayers.engines.tiered.hitpath import compile_hit_path
 from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
-from cachelayers.engines.tiered.options import CacheOptions, lease
+from cachelayers.engines.tiered.options import CacheOptions, lease, ttl_options
 from cachelayers.engines.tiered.tags import namespace_tag, user_tags
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import KeyBuilder, KeyFunctionError, claim_identity
@@ -63,6 +63,8 @@ class FunctionCache(Generic[P, T]):
         ConfigError: An option is malformed.
     """
 
+    _watched: Callable[..., Any] | None = None  # the compiled hit path's watched twin (see `control`)
+
     def __init__(self, fn: Callable[P, Awaitable[T]], /, **options: Unpack[CacheOptions]) -> None:
         check_options(options, CacheOptions, "multilevel_cached")
         if not callable(fn):
@@ -80,18 +82,8 @@ class FunctionCache(Generic[P, T]):
         if options.get("name") is None:  # entries meet only in one engine's tiers: the engine is the scope
             explicit = options.get("cache")
             claim_identity(self._keys.token, fn, scope="" if explicit is None else f"engine@{id(explicit):x}")
-        ttl = options.get("ttl")
-        self._ttl_fn: Callable[[Any], Any] | None = ttl if callable(ttl) else None
-        self._ttl = parse_duration(ttl, "ttl") if ttl is not None and not callable(ttl) else None
-        cache_if = options.get("cache_if")
-        if cache_if is not None and not callable(cache_if):
-            raise ConfigError("cache_if", cache_if, "must be a function of the result returning whether to store it")
-        for field, given in (("ttl", self._ttl_fn), ("cache_if", cache_if)):
-            if given is not None and not _takes_one_argument(given):
-                raise ConfigError(field, given, "a function here is called with the result alone: it must take "
-                                                "exactly one positional argument")
-        self._cache_if = cache_if
-        self.per_result = cache_if is not None or self._ttl_fn is not None
+        self._ttl, self._ttl_fn, self._cache_if = ttl_options(options.get("ttl"), options.get("cache_if"))
+        self.per_result = self._cache_if is not None or self._ttl_fn is not None
         """Whether what is stored depends on the result (``cache_if=``, or ``ttl=`` as a function): then
         `expiry_of` decides for each result."""
         self.not_stored = 0
@@ -137,7 +129,12 @@ class FunctionCache(Generic[P, T]):
             wrapper = functools.wraps(fn)(lambda *args, **kwargs: run(lambda: async_wrapper(*args, **kwargs)))
         self.wrapper: Callable[..., Any] = wrapper
         """The function that answers calls: the compiled hit path (``await engine.wrapper(*args)``, or
-        ``engine.wrapper(*args)`` for a sync function)."""
+        ``engine.wrapper(*args)`` for a sync function). It checks no control block: `attach` a caller to
+        have its call path switched while one is open."""
+        self.watched: Callable[..., Any] = self._watched or wrapper
+        """`wrapper`'s twin for while a control block is open: same parameters, every call through the
+        context-reading path."""
+        self._faces: list[Callable[[Callable[..., Any]], None]] = []
         _functions.add(self)
         register_stats_source(self)
 
@@ -194,7 +191,7 @@ class FunctionCache(Generic[P, T]):
     def _build_wrapper(self) -> Callable[..., Any]:
         """Compile the hit path (`compile_hit_path`) and bind it to the engine, if one was given."""
         sync = self.sync
-        wrapper, self._set_parts = compile_hit_path(
+        wrapper, self._watched, self._set_parts = compile_hit_path(
             self._keys, self.stats, self._miss_sync if sync else self._miss,
             self._count_cost if self._cost is not None else None, MemoryBackend,
             self._key_failed_sync if sync else self._key_failed, self._controlled_sync if sync else self._controlled,
@@ -202,6 +199,22 @@ class FunctionCache(Generic[P, T]):
         if self._cache is not None:
             self._bind(self._cache)
         return wrapper
+
+    def attach(self, use: Callable[[Callable[..., Any]], None]) -> None:
+        """Give ``use`` the call path to call: `wrapper` now and whenever the last control block closes,
+        `watched` while one is open anywhere (`cachelayers.bypass`, `cachelayers.refresh`, `explain`). The
+        decorators' wrapper classes attach themselves, so the hit path pays nothing for control."""
+
+        def first(watching: bool) -> None:
+            self._faces.append(use)
+            use(self.watched if watching else self.wrapper)
+
+        switch_now(first)
+
+    def _switch(self, watching: bool) -> None:
+        path = self.watched if watching else self.wrapper
+        for use in self._faces:
+            use(path)
 
     async def _key_failed(self, error: KeyFunctionError, args: Any, kwargs: Any) -> T:
         """A ``key=`` function raised: like a failing ``tags=``, the call runs uncached, counted and logged once
@@ -500,7 +513,10 @@ class FunctionCache(Generic[P, T]):
 
         Raises:
             UnkeyableArgumentError: An argument cannot be keyed.
+            TypeError: A ``batch=`` function (per-call control is per item key; not available there).
         """
+        if self._watched is None:
+            raise TypeError(f"{self.identity}: bypass() and refresh() are not available with batch=")
         try:
             local_key = self._keys.local(args, kwargs)
         except KeyFunctionError as error:
@@ -552,33 +568,6 @@ class FunctionCache(Generic[P, T]):
         return f"<FunctionCache of {self.identity}>"
 
 
-def _takes_one_argument(fn: Callable[..., Any]) -> bool:
-    try:
-        inspect.signature(fn).bind(None)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (some builtins): trust it
-        return True
-    return True
-
-
-class Trace:
-    """Reports how one call under a control block was answered (see `report`), as soon as that is known."""
-
-    __slots__ = ("digest", "identity", "mode")
-
-    def __init__(self, identity: str, digest: str, mode: Mode | None) -> None:
-        self.identity, self.digest, self.mode = identity, digest, mode
-
-    def hit(self, tier: str) -> None:
-        """A tier answered."""
-        report(self.identity, "exact", tier, self.digest)
-
-    def computing(self) -> None:
-        """The function runs now (before it does, so that lookups of calls it makes come after this one)."""
-        report(self.identity, "uncached" if self.mode == "bypass" else "computed", None, self.digest, self.mode)
-
-
 _functions: weakref.WeakSet[FunctionCache[Any, Any]] = weakref.WeakSet()
 
 
@@ -587,4 +576,10 @@ def _on_settings_change() -> None:
         fn._unbind()
 
 
+def _on_switch(watching: bool) -> None:
+    for fn in stable_list(lambda: _functions):
+        fn._switch(watching)
+
+
 tracker.subscribe(_on_settings_change)
+on_switch(_on_switch)

@@ -8,15 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from cachelayers.backends.base import MISSING, LocalTier
-from cachelayers.engines.tiered.control import WATCHING
 from cachelayers.keys import FAST_TYPES, KeyBuilder, KeyFunctionError
 from cachelayers.metrics import FunctionStats
 
 __all__ = ["HitPath", "compile_hit_path"]
 
-HitPath = tuple[Callable[..., Any], Callable[[tuple[Any, ...]], None]]
-"""The compiled function and its ``set_parts``: give it the memory tier's `LocalTier.peek_parts` (or its
-`LocalTier.idle_peek_parts` when bound to none)."""
+HitPath = tuple[Callable[..., Any], Callable[..., Any], Callable[[tuple[Any, ...]], None]]
+"""The compiled function, its watched twin (for while a control block is open) and its ``set_parts`` (give it
+the memory tier's `LocalTier.peek_parts`, or its `LocalTier.idle_peek_parts` when bound to none)."""
 
 
 def _parameter_source(keys: KeyBuilder, defaults: dict[str, Any], wait: str) -> tuple[str, str, str, str]:
@@ -66,9 +65,10 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
     """Compile the hit path of one cached function.
 
     What it reads lives in closure cells, the fastest loads Python has; the memory tier's lookup is its
-    `LocalTier.INLINE_PEEK`, compiled in, reading the tier's `LocalTier.peek_parts` from cells as well. While a
-    `control.bypass`/`control.refresh`/explain block is open anywhere (``control.WATCHING[0]``), every call goes
-    to ``controlled`` instead.
+    `LocalTier.INLINE_PEEK`, compiled in, reading the tier's `LocalTier.peek_parts` from cells as well. Its
+    *watched* twin, with the same parameters, builds the key the same way and hands every call to
+    ``controlled``: callers switch to it while a `control.bypass`/`control.refresh`/explain block is open
+    anywhere, so the hit path itself checks nothing.
 
     With ``sync=True`` the function is a plain ``def`` called from any thread: ``miss``, ``uncached`` and
     ``controlled`` are then sync too, and the memory lookup treats a `KeyError` (the entry removed by the
@@ -87,7 +87,7 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
         sync: Compile a ``def`` (for a sync function) instead of an ``async def``.
 
     Returns:
-        The compiled function and its ``set_parts``.
+        The compiled function, its watched twin and its ``set_parts``.
     """
     namespace: dict[str, Any] = {}
     wait = "" if sync else "await "
@@ -103,7 +103,7 @@ def compile_hit_path(keys: KeyBuilder, stats: FunctionStats, miss: Callable[...,
     peek = "".join(f"        {line}\n" for line in peek.splitlines())
     source = f"""
 def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_count_cost, _cl_missing, _cl_idle,
-             _cl_key_failed, _cl_uncached, _cl_watching, _cl_controlled):
+             _cl_key_failed, _cl_uncached, _cl_controlled):
     {parts}, = _cl_idle
 
     _cl_hits = 0
@@ -118,18 +118,20 @@ def _cl_make(_cl_local_key_of, _cl_token, _cl_fast, _cl_stats, _cl_miss, _cl_cou
     {"" if sync else "async "}def wrapper({signature}):
         nonlocal _cl_hits
         {key}
-        if _cl_watching[0]:
-            return {wait}_cl_controlled(_cl_key, {args}, {kwargs})
 {peek}        if _cl_value is not _cl_missing:
             _cl_hits += 1
             {count}
             return _cl_value
         return {wait}_cl_miss(_cl_key, {args}, {kwargs})
 
+    {"" if sync else "async "}def watched({signature}):
+        {key}
+        return {wait}_cl_controlled(_cl_key, {args}, {kwargs})
+
     _cl_stats.count_hits_with(_cl_hits_now)
-    return wrapper, set_parts
+    return wrapper, watched, set_parts
 """
     exec(compile(source, f"<cachelayers wrapper of {keys.identity}>", "exec"), namespace)
     made: HitPath = namespace["_cl_make"](keys.local, keys.token, FAST_TYPES, stats, miss, count_cost, MISSING,
-                                          idle, KeyFunctionError, uncached, WATCHING, controlled)
+                                          idle, KeyFunctionError, uncached, controlled)
     return made
