@@ -343,6 +343,31 @@ def test_called_on_the_library_loop_thread_it_raises_instead_of_waiting_for_itse
         run(callback)
 
 
+def test_a_sync_cached_function_calling_another_from_many_threads() -> None:
+    """Nested sync calls (the outer function's body calls another cached function) hand each function back to
+    the calling thread in turn; each runs once per key."""
+    inner_calls: Counter[int] = Counter()
+    outer_calls: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    @multilevel_cached
+    def inner(x: int) -> int:
+        with lock:
+            inner_calls[x] += 1
+        return x * 10
+
+    @multilevel_cached
+    def outer(x: int) -> int:
+        with lock:
+            outer_calls[x] += 1
+        return inner(x) + inner(x + 1)
+
+    results = in_threads(16, lambda i: [outer(i % 4) for _ in range(10)])
+    assert results == [[(i % 4) * 20 + 10] * 10 for i in range(16)]
+    assert outer_calls == Counter(dict.fromkeys(range(4), 1))
+    assert inner_calls == Counter(dict.fromkeys(range(5), 1))
+
+
 def test_stacked_sync_decorators() -> None:
     """An exact cache over a rate limit over a ``def``: the limit is paid on misses only."""
     calls = 0
