@@ -140,7 +140,7 @@ def multilevel_cached(fn: Callable[P, Any] | None = None, /, **options: Unpack[C
         fn: The function, when used bare.
         ttl: Lifetime of entries (seconds, ``"90s"``, ``"1h"``, a timedelta); the settings' ``default_ttl``
             when omitted. The expiry is absolute: a copy found in a lower tier keeps its remaining lifetime. Or a
-            function of the result returning one of those (``None``: the default; zero: not stored).
+            function of the result returning one of those (``None``: the default; ``0``: not stored).
         cache_if: Function of the result: a result for which it is false is returned but not stored (counted
             in ``fn.cache.not_stored``), e.g. ``cache_if=lambda r: r["finish_reason"] == "stop"``.
         tags: Tags of each entry, or a function of the call's arguments (by name) returning them; invalidate
