@@ -4,6 +4,7 @@ function of the result, and `explain()` / `last_lookup()` reporting which tier a
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,9 @@ async def test_explain_reports_which_tier_answered_an_exact_call(
     expected += [("uncached", None, "bypass"), ("computed", None, "refresh")]
     assert [(lookup.level, lookup.tier, lookup.reason) for lookup in info] == expected
     assert {lookup.function for lookup in info} == {"per-call.explained"}
+    assert {lookup.decorator for lookup in info} == {"multilevel_cached"}
+    assert info.levels() == {}  # levels() counts the semantic layer's lookups unless asked otherwise
+    assert info.levels("multilevel_cached") == info.levels(None) == Counter(lookup[0] for lookup in expected)
     assert len({lookup.partition for lookup in info}) == 1
 
 

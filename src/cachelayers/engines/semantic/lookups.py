@@ -31,6 +31,7 @@ class Lookup:
         reason: Why the call was ``uncached``, or ``None``.
         tier: For a `multilevel_cached` call answered from the cache, the tier that answered (``"memory"``, a
             tier's name, ``"in-flight"`` for a call that joined a running computation, ``"stale"``); else ``None``.
+        decorator: ``"semantic_cached"``, or ``"multilevel_cached"`` for an exact cache's lookup.
     """
 
     function: str
@@ -42,6 +43,7 @@ class Lookup:
     rejected: int = 0
     reason: str | None = None
     tier: str | None = None
+    decorator: str = "semantic_cached"
 
 
 class Explanation:
@@ -66,11 +68,17 @@ class Explanation:
         """The most recent lookup, or ``None``."""
         return self._lookups[-1] if self._lookups else None
 
-    def levels(self) -> dict[str, int]:
-        """How many calls were answered at each level."""
+    def levels(self, decorator: str | None = "semantic_cached") -> dict[str, int]:
+        """How many calls were answered at each level.
+
+        Args:
+            decorator: Count the lookups of this decorator only (``"semantic_cached"`` by default, or
+                ``"multilevel_cached"``); ``None`` for all.
+        """
         counts: dict[str, int] = {}
         for lookup in self._lookups:
-            counts[lookup.level] = counts.get(lookup.level, 0) + 1
+            if decorator is None or lookup.decorator == decorator:
+                counts[lookup.level] = counts.get(lookup.level, 0) + 1
         return counts
 
     def __repr__(self) -> str:
@@ -127,7 +135,7 @@ def record(lookup: Lookup) -> None:
 def _record_exact(function: str, level: str, tier: str | None, partition: str, reason: str | None) -> None:
     """How a `multilevel_cached` call was answered: ``exact`` from ``tier``, ``computed`` or ``uncached``."""
     record(Lookup(function, level, 1.0 if level == "exact" else None, None, None, partition,  # type: ignore[arg-type]
-                  0, reason, tier))
+                  0, reason, tier, "multilevel_cached"))
 
 
 set_reporter(_record_exact)
