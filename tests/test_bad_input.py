@@ -24,6 +24,7 @@ from cachelayers import (
     SerializationError,
     Settings,
     StoreItem,
+    SyncCachedFunction,
     TieredCache,
     UnkeyableArgumentError,
     configure,
@@ -214,16 +215,19 @@ def test_ignore_naming_an_unknown_parameter() -> None:
     assert info.value.field == "ignore"
 
 
-def test_non_async_functions_are_refused() -> None:
-    """Decorating a plain function is a TypeError at decoration time."""
+def test_non_functions_are_refused_and_sync_functions_are_sync_cached_functions() -> None:
+    """Decorating something that is not callable is a TypeError at decoration time; a plain function (welcome
+    since issue 14, see tests/test_sync.py) gives a `SyncCachedFunction`, both bare and with options."""
 
     def sync(x: int) -> int:
         return x
 
-    with pytest.raises(TypeError, match="needs an async function"):
-        multilevel_cached(sync)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="needs an async function"):
-        multilevel_cached(ttl=5)(sync)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a function"):
+        multilevel_cached(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="needs a function"):
+        multilevel_cached(ttl=5)("f")  # type: ignore[call-overload]
+    assert isinstance(multilevel_cached(sync), SyncCachedFunction)
+    assert isinstance(multilevel_cached(ttl=5)(sync), SyncCachedFunction)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from cachelayers import (
     BatchError,
     BatchQueueFullError,
     ConfigError,
+    SyncBatchedFunction,
     batched,
     multilevel_cached,
 )
@@ -179,12 +180,14 @@ def test_bad_configuration_is_a_config_error_at_decoration(kwargs: dict[str, Any
     assert info.value.field == field
 
 
-def test_a_sync_function_is_a_type_error() -> None:
+def test_a_non_function_is_a_type_error_and_a_sync_function_a_sync_batched_function() -> None:
+    """(Issue 14 made sync batch functions welcome; their behaviour is tested in tests/test_sync.py.)"""
     def sync(items: list[str]) -> list[str]:
         return items
 
-    with pytest.raises(TypeError, match="async function"):
-        batched(sync)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a function"):
+        batched(max_size=2)("not a function")  # type: ignore[call-overload]
+    assert isinstance(batched(sync), SyncBatchedFunction)
 
 
 def test_a_misspelt_option_is_a_type_error_at_decoration() -> None:

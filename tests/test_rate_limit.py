@@ -29,6 +29,7 @@ from cachelayers import (
     RateLimiter,
     RateLimitExceeded,
     Settings,
+    SyncRateLimitedFunction,
     rate_limited,
 )
 from cachelayers.backends.limits_storage import MemoryLimitStorage
@@ -124,16 +125,21 @@ def test_bad_adaptive_settings_are_config_errors(kwargs: dict[str, Any], field: 
     assert info.value.field == field
 
 
-def test_no_limits_bare_use_and_sync_functions_are_rejected_at_decoration() -> None:
+def test_no_limits_bare_use_and_non_functions_are_rejected_at_decoration() -> None:
+    """(Issue 14 made sync functions welcome: they get a `SyncRateLimitedFunction`, see tests/test_sync.py.)"""
     with pytest.raises(ConfigError, match="at least one limit"):
         @rate_limited()
         async def f() -> None: ...
     with pytest.raises(TypeError, match="needs its limits"):
         @rate_limited  # type: ignore[arg-type]
         async def g() -> None: ...
-    with pytest.raises(TypeError, match="async function"):
-        @rate_limited("rpm")  # type: ignore[arg-type]
-        def h() -> None: ...
+    with pytest.raises(TypeError, match="needs a function"):
+        rate_limited("10/second")(42)  # type: ignore[call-overload]
+
+    @rate_limited("10/second")
+    def h() -> None: ...
+
+    assert isinstance(h, SyncRateLimitedFunction)
 
 
 def test_a_fixed_cost_larger_than_an_inline_limit_is_a_config_error_at_decoration() -> None:

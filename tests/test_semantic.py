@@ -18,6 +18,7 @@ from cachelayers import (
     ConfigError,
     EmbeddingError,
     HashingEmbedder,
+    SyncSemanticCachedFunction,
     explain,
     last_lookup,
     multilevel_cached,
@@ -233,8 +234,10 @@ def test_bad_decoration_arguments_are_config_errors_naming_the_field() -> None:
         semantic_cached(threshold=0.9, vector_index="faiss:///tmp/x")(_noop)
     with pytest.raises(ConfigError, match="dtype"):
         semantic_cached(threshold=0.9, vector_index="memory://?dtype=f8")(_noop)
-    with pytest.raises(TypeError, match="async"):
-        semantic_cached(threshold=0.9)(lambda question: question)
+    with pytest.raises(TypeError, match="needs a function"):
+        semantic_cached(threshold=0.9)("not a function")  # type: ignore[call-overload]
+    # A plain function is welcome since issue 14 (tests/test_sync.py).
+    assert isinstance(semantic_cached(threshold=0.9)(lambda question: question), SyncSemanticCachedFunction)
 
 
 async def test_a_non_string_text_is_a_type_error_at_call_time() -> None:
@@ -633,7 +636,8 @@ async def test_composes_with_multilevel_cached_exact_first() -> None:
     assert await ask("c@0") == "c@0"
     with explain() as info:
         assert await ask("c@0") == "c@0"  # the exact tier answered: the semantic layer was not reached
-    assert len(info) == 0
+    # (Since issue 14 explain() also reports exact calls: the one lookup is the exact layer's memory hit.)
+    assert [(lookup.level, lookup.tier) for lookup in info] == [("exact", "memory")]
     with explain() as info:
         assert await ask("c@10") == "c@0"
     assert info.last is not None

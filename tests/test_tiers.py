@@ -6,7 +6,7 @@ Most tests run with the memory tier in front of one real lower tier of each kind
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -61,7 +61,7 @@ async def cache(lower: Backend, clock: FakeClock) -> AsyncIterator[TieredCache]:
     await engine.background.aclose()
 
 
-def counting(results: dict[Any, int]) -> Callable[[int], Any]:
+def counting(results: dict[Any, int]) -> Callable[[int], Coroutine[Any, Any, tuple[int, int]]]:
     async def compute(x: int) -> tuple[int, int]:
         results[x] = results.get(x, 0) + 1
         return (x, results[x])

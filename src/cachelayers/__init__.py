@@ -1,9 +1,10 @@
 """cachelayers: make expensive async calls in AI pipelines cheaper, faster and safer.
 
-Four decorators wrap any ``async def``: `multilevel_cached` (an exact cache over memory → Redis → disk tiers),
-`semantic_cached` (answers from a similar earlier call), `batched` (micro-batching) and `rate_limited` (fair
-waiting under named limits). Configure backends with `configure` and a `Settings` object, or run on the
-embedded default (one bounded memory tier, an in-process vector index, limits in memory) with no configuration.
+Four decorators wrap any ``async def``, or a plain ``def`` called from any thread: `multilevel_cached` (an exact
+cache over memory → Redis → disk tiers), `semantic_cached` (answers from a similar earlier call), `batched`
+(micro-batching) and `rate_limited` (fair waiting under named limits). Configure backends with `configure` and a
+`Settings` object, or run on the embedded default (one bounded memory tier, an in-process vector index, limits in
+memory) with no configuration.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from cachelayers.decorators import (
     CachedFunction,
     RateLimitedFunction,
     SemanticCachedFunction,
+    SyncBatchedFunction,
+    SyncCachedFunction,
+    SyncRateLimitedFunction,
+    SyncSemanticCachedFunction,
     batched,
     multilevel_cached,
     rate_limited,
@@ -45,6 +50,7 @@ from cachelayers.engines.semantic import (
     explain,
     last_lookup,
 )
+from cachelayers.engines.tiered.control import bypass, refresh
 from cachelayers.errors import (
     AllAttemptsFailedError,
     BackendError,
@@ -103,9 +109,14 @@ __all__ = [
     "SerializationError",
     "Settings",
     "StoreItem",
+    "SyncBatchedFunction",
+    "SyncCachedFunction",
+    "SyncRateLimitedFunction",
+    "SyncSemanticCachedFunction",
     "TieredCache",
     "UnkeyableArgumentError",
     "batched",
+    "bypass",
     "configure",
     "default_cache",
     "explain",
@@ -116,6 +127,7 @@ __all__ = [
     "last_lookup",
     "multilevel_cached",
     "rate_limited",
+    "refresh",
     "register_backend",
     "register_codec",
     "reset_settings",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, Unpack, final, overload
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, Self, TypeVar, Unpack, final, overload
 
 from cachelayers.engines.batcher import Batcher, BatchInfo, BatchOptions, Rows
+from cachelayers.engines.sync import is_async, run, to_async
 from cachelayers.validation import check_options
 
-__all__ = ["BatchedFunction", "batched"]
+__all__ = ["BatchDecorator", "BatchedFunction", "SyncBatchedFunction", "batched"]
 
 P = ParamSpec("P")
 X = TypeVar("X")
@@ -65,22 +66,83 @@ class BatchedFunction(Generic[X, P, Y]):
         return f"<batched {self.batcher.name}>"
 
 
-@overload
-def batched(fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]], /) -> BatchedFunction[X, P, Y]: ...
+@final
+class SyncBatchedFunction(Generic[X, P, Y]):
+    """What `batched` returns for a plain ``def`` batch function: ``f(item, *shared)`` blocks its thread until
+    the item's batch is answered; calls from many threads are gathered into the same batches.
+
+    The batches are formed on the library's loop and the batch function runs in a worker thread (one per batch
+    in flight). The batch function itself is ``__wrapped__``.
+    """
+
+    __wrapped__: Callable[..., Any]
+    __name__: str
+    __qualname__: str
+
+    def __init__(self, fn: Callable[..., Any], batcher: Batcher[X, P, Y]) -> None:
+        self.batcher = batcher
+        """The engine behind the function."""
+        functools.update_wrapper(self, fn, updated=())
+
+    def __call__(self, item: X, /, *args: P.args, **kwargs: P.kwargs) -> Y:
+        """Submit one item and wait for its result (see `Batcher.submit`)."""
+        return run(lambda: self.batcher.submit(item, *args, **kwargs))
+
+    def many(self, items: Iterable[X], /, *args: P.args, **kwargs: P.kwargs) -> list[Y]:
+        """Submit several items sharing the same arguments and wait for their results, in order."""
+        return run(lambda: self.batcher.submit_many(items, *args, **kwargs))
+
+    def flush(self) -> None:
+        """Send every pending batch now, without waiting for ``max_wait``."""
+        run(self._flush)
+
+    async def _flush(self) -> None:
+        self.batcher.flush()
+
+    def close(self, *, flush: bool = True) -> None:
+        """Close: send (or, with ``flush=False``, reject) what is pending; later calls raise."""
+        run(lambda: self.batcher.aclose(flush=flush))
+
+    def batch_info(self) -> BatchInfo:
+        """Batches, items, deduplicated and dropped items, fill ratio, waits and durations."""
+        return self.batcher.info()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<batched {self.batcher.name}>"
+
+
+class BatchDecorator(Protocol):
+    """What ``batched(**options)`` returns: decorates an ``async def`` or a plain ``def`` batch function."""
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[list[X], P], Coroutine[Any, Any, Rows[Y]]], /
+                 ) -> BatchedFunction[X, P, Y]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[list[X], P], Rows[Y]], /) -> SyncBatchedFunction[X, P, Y]: ...
 
 
 @overload
-def batched(
-    **options: Unpack[BatchOptions],
-) -> Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]], BatchedFunction[X, P, Y]]: ...
+def batched(fn: Callable[Concatenate[list[X], P], Coroutine[Any, Any, Rows[Y]]], /
+            ) -> BatchedFunction[X, P, Y]: ...
 
 
-def batched(
-    fn: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]] | None = None,
-    /,
-    **options: Unpack[BatchOptions],
-) -> BatchedFunction[X, P, Y] | Callable[[Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]],
-                                         BatchedFunction[X, P, Y]]:
+@overload
+def batched(fn: Callable[Concatenate[list[X], P], Rows[Y]], /) -> SyncBatchedFunction[X, P, Y]: ...
+
+
+@overload
+def batched(**options: Unpack[BatchOptions]) -> BatchDecorator: ...
+
+
+def batched(fn: Callable[..., Any] | None = None, /, **options: Unpack[BatchOptions]) -> Any:
     """Turn a batch function into a per-item function whose calls are gathered into batches.
 
     Decorate ``async def fn(items: list[X], *shared) -> list[Y]`` (or an array with one row per item); callers
@@ -88,6 +150,8 @@ def batched(
     ``max_weight``), or ``max_wait`` after its first item; calls with different shared arguments never share a
     batch; identical pending items are sent once. Usable bare (``@batched``) or with arguments, from asyncio or
     trio, across repeated ``asyncio.run`` calls: nothing is bound to an event loop until the first call in it.
+    A plain ``def`` batch function gives a `SyncBatchedFunction`: callers in many threads share batches, and
+    the batch function runs in a worker thread (see the guide "Sync functions").
     The function must return a list, a tuple or an array with exactly one result per item, in order; anything
     else (a dict, a set, a string, a generator, a wrong length) fails every caller of the batch with
     `BatchError`, and no caller gets any of it.
@@ -121,11 +185,15 @@ def batched(
 
     Raises:
         ConfigError: A parameter is out of range or malformed (the error names it).
-        TypeError: ``fn`` is not an async function, or an option is not one of these.
+        TypeError: ``fn`` is not callable, or an option is not one of these.
     """
     check_options(options, BatchOptions, "batched")
 
-    def decorate(f: Callable[Concatenate[list[X], P], Awaitable[Rows[Y]]]) -> BatchedFunction[X, P, Y]:
-        return BatchedFunction(Batcher(f, **options))
+    def decorate(f: Callable[..., Any]) -> BatchedFunction[Any, ..., Any] | SyncBatchedFunction[Any, ..., Any]:
+        if not callable(f):
+            raise TypeError(f"batched needs a function, got {f!r}")
+        if is_async(f):
+            return BatchedFunction(Batcher(f, **options))
+        return SyncBatchedFunction(f, Batcher(to_async(f, in_caller=False), **options))
 
     return decorate if fn is None else decorate(fn)

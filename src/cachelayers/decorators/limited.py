@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar, Unpack, final
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, Unpack, cast, final, overload
 
 from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.limiter import LimitedFunction, LimitOptions
+from cachelayers.engines.sync import blocking, is_async, to_async
 from cachelayers.validation import check_options
 
-__all__ = ["RateLimitedFunction", "rate_limited"]
+__all__ = ["LimitDecorator", "RateLimitedFunction", "SyncRateLimitedFunction", "rate_limited"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 @final
-class RateLimitedFunction(FunctionWrapper[P, T]):
+class RateLimitedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
     """What `rate_limited` returns: the function, same signature, waiting for its limits before each call.
 
     Calling it returns a coroutine, as the function does; it binds as a method like the function it wraps. The
@@ -32,14 +33,38 @@ class RateLimitedFunction(FunctionWrapper[P, T]):
         return f"<rate_limited {self.rate_limit.identity}>"
 
 
-def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> Callable[[Callable[P, Awaitable[T]]],
-                                                                             RateLimitedFunction[P, T]]:
+@final
+class SyncRateLimitedFunction(FunctionWrapper[P, T]):
+    """What `rate_limited` returns for a plain ``def``: each call blocks its thread until the limits admit it
+    (in the same fair queue as async callers), then runs the function in that thread."""
+
+    def __init__(self, fn: Callable[P, T], engine: LimitedFunction[P, T]) -> None:
+        super().__init__(fn, blocking(engine.call, fn))
+        self.rate_limit = engine
+        """The engine behind the function (``.limiter`` is the `RateLimiter` it waits in)."""
+
+    def __repr__(self) -> str:
+        return f"<rate_limited {self.rate_limit.identity}>"
+
+
+class LimitDecorator(Protocol):
+    """What `rate_limited` returns: decorates an ``async def`` or a plain ``def``."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> RateLimitedFunction[P, T]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> SyncRateLimitedFunction[P, T]: ...
+
+
+def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> LimitDecorator:
     """Wait, fairly, until named limits admit each call of an async function.
 
     ``@rate_limited("llm-rpm", "llm-tpm", cost=count_tokens, key=lambda model, **_: model, timeout=30)``
     admits a call when both limits (named in ``Settings.limits``, or inline like ``"3500/minute"``) have room
     for it under the call's key; callers wait in FIFO order per key and process, so a large cost is never
-    starved by small ones. With Redis storage the limits hold across processes.
+    starved by small ones. With Redis storage the limits hold across processes. A plain ``def`` is decorated
+    too: its calls block their thread while they wait (see the guide "Sync functions").
 
     Args:
         limits: Limit names from the settings, or inline limits (``"3500/minute"``, ``"10 per 2 seconds"``,
@@ -85,7 +110,7 @@ def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> Callable[[Cal
         ConfigError: At decoration time: no limits, a malformed inline limit (e.g. ``"3500/minuet"``), a bad
             name, ``cost`` mapping, ``timeout``, ``strategy``, ``storage``, ``retries`` or ``adaptive``, or a
             fixed cost larger than an inline limit. A name missing from the settings raises it at call time.
-        TypeError: The function is not async, or the decorator is used bare.
+        TypeError: The function is not callable, or the decorator is used bare.
         RateLimitExceeded: At call time, when the call is not admitted within ``timeout`` or its cost is
             larger than a limit (``retry_after`` is ``None``: it can never fit).
     """
@@ -94,7 +119,11 @@ def rate_limited(*limits: str, **options: Unpack[LimitOptions]) -> Callable[[Cal
                         "@rate_limited('llm-rpm'), not bare @rate_limited")
     check_options(options, LimitOptions, "rate_limited")
 
-    def decorate(f: Callable[P, Awaitable[T]]) -> RateLimitedFunction[P, T]:
-        return RateLimitedFunction(LimitedFunction(f, limits, **options))
+    def decorate(f: Callable[P, Any]) -> RateLimitedFunction[P, Any] | SyncRateLimitedFunction[P, Any]:
+        if not callable(f):
+            raise TypeError(f"rate_limited needs a function, got {f!r}")
+        if is_async(f):
+            return RateLimitedFunction(LimitedFunction(f, limits, **options))
+        return SyncRateLimitedFunction(f, LimitedFunction(to_async(f), limits, **options))
 
-    return decorate
+    return cast(LimitDecorator, decorate)

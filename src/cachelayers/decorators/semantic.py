@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar, Unpack, final
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, Unpack, cast, final, overload
 
 from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, SemanticOptions
+from cachelayers.engines.sync import blocking, is_async, run, to_async
 from cachelayers.validation import check_options
 
-__all__ = ["SemanticCachedFunction", "semantic_cached"]
+__all__ = ["SemanticCachedFunction", "SemanticDecorator", "SyncSemanticCachedFunction", "semantic_cached"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 @final
-class SemanticCachedFunction(FunctionWrapper[P, T]):
+class SemanticCachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
     """What `semantic_cached` returns: the function, same signature, plus cache management.
 
     Calling it returns a coroutine of the function's result. How a call was answered is told by
@@ -52,13 +53,61 @@ class SemanticCachedFunction(FunctionWrapper[P, T]):
         return f"<semantic_cached {self.cache.identity}>"
 
 
-def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P, Awaitable[T]]],
-                                                                      SemanticCachedFunction[P, T]]:
+@final
+class SyncSemanticCachedFunction(FunctionWrapper[P, T]):
+    """What `semantic_cached` returns for a plain ``def``: the same engine, called from any thread.
+
+    Each call blocks its thread while the library's loop embeds and looks up; the function runs in the calling
+    thread. `cachelayers.explain` and `cachelayers.last_lookup` work as for the async form. The management
+    methods block too.
+    """
+
+    def __init__(self, fn: Callable[P, T], engine: SemanticFunction[P, T]) -> None:
+        super().__init__(fn, blocking(engine.wrapper, fn))
+        self.cache = engine
+        """The engine behind the function."""
+
+    def cache_info(self) -> SemanticCacheInfo:
+        """Hits per level, misses, entries, evictions, errors, verifier outcomes, latencies."""
+        return self.cache.cache_info()
+
+    def cache_clear(self) -> None:
+        """Remove every entry of the function (every process's, when shared)."""
+        run(self.cache.cache_clear)
+
+    def invalidate_all(self) -> None:
+        """Same as `cache_clear`."""
+        run(self.cache.cache_clear)
+
+    def save(self) -> None:
+        """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
+        run(self.cache.save)
+
+    def close(self) -> None:
+        """Save and close the store (the next call opens it again)."""
+        run(self.cache.aclose)
+
+    def __repr__(self) -> str:
+        return f"<semantic_cached {self.cache.identity}>"
+
+
+class SemanticDecorator(Protocol):
+    """What `semantic_cached` returns: decorates an ``async def`` or a plain ``def``."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> SemanticCachedFunction[P, T]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> SyncSemanticCachedFunction[P, T]: ...
+
+
+def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
     """Answer calls from a *similar* earlier call of the same partition.
 
     The semantic text (one argument) is embedded and looked up among earlier calls whose other arguments —
     the partition — are equal; the stored result of the nearest one is returned when its cosine similarity
-    is at least ``threshold``. Otherwise the function runs and its result is stored.
+    is at least ``threshold``. Otherwise the function runs and its result is stored. A plain ``def`` is
+    decorated too (see the guide "Sync functions").
 
     Args:
         embed: Embedder, sync or async ``list[str] -> (n, d)`` array; the built-in offline
@@ -96,12 +145,16 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
         ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
             ``ttl``, ``max_entries``, ``max_total_entries`` or ``vector_index``.
-        TypeError: An unknown option (at once); the function is not async. At call time, a semantic text
+        TypeError: An unknown option (at once); the function is not callable. At call time, a semantic text
             that is not a ``str``, or a partition argument that cannot be keyed (`UnkeyableArgumentError`).
     """
     check_options(options, SemanticOptions, "semantic_cached")
 
-    def decorate(f: Callable[P, Awaitable[T]]) -> SemanticCachedFunction[P, T]:
-        return SemanticCachedFunction(SemanticFunction(f, **options))
+    def decorate(f: Callable[P, Any]) -> SemanticCachedFunction[P, Any] | SyncSemanticCachedFunction[P, Any]:
+        if not callable(f):
+            raise TypeError(f"semantic_cached needs a function, got {f!r}")
+        if is_async(f):
+            return SemanticCachedFunction(SemanticFunction(f, **options))
+        return SyncSemanticCachedFunction(f, SemanticFunction(to_async(f), **options))
 
-    return decorate
+    return cast(SemanticDecorator, decorate)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, Final
 
 import numpy as np
@@ -97,7 +97,8 @@ class Stage(abc.ABC):
         await self.function.cache_clear()
 
 
-def _stage_function(name: str, fn: Callable[..., Awaitable[dict[str, Any]]]) -> CachedFunction[..., dict[str, Any]]:
+def _stage_function(name: str, fn: Callable[..., Coroutine[Any, Any, dict[str, Any]]]
+                    ) -> CachedFunction[..., dict[str, Any]]:
     return multilevel_cached(ttl="1h", name=f"cachelayers.demo.{name}", version=1,
                              cost=lambda result: float(result["cost"]))(fn)
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from cachelayers.engines.tiered.control import set_reporter, unwatch, watch
+
 __all__ = ["Candidate", "Explanation", "Level", "Lookup", "Verifier", "explain", "last_lookup", "record"]
 
 Level = Literal["exact", "semantic", "computed", "uncached"]
@@ -27,6 +29,9 @@ class Lookup:
         partition: Hex digest of the call's partition.
         rejected: Candidates above the threshold that the verifier rejected.
         reason: Why the call was ``uncached``, or ``None``.
+        tier: For a `multilevel_cached` call answered from the cache, the tier that answered (``"memory"``, a
+            tier's name, ``"in-flight"`` for a call that joined a running computation, ``"stale"``); else ``None``.
+        decorator: ``"semantic_cached"``, or ``"multilevel_cached"`` for an exact cache's lookup.
     """
 
     function: str
@@ -37,6 +42,8 @@ class Lookup:
     partition: str
     rejected: int = 0
     reason: str | None = None
+    tier: str | None = None
+    decorator: str = "semantic_cached"
 
 
 class Explanation:
@@ -61,11 +68,17 @@ class Explanation:
         """The most recent lookup, or ``None``."""
         return self._lookups[-1] if self._lookups else None
 
-    def levels(self) -> dict[str, int]:
-        """How many calls were answered at each level."""
+    def levels(self, decorator: str | None = "semantic_cached") -> dict[str, int]:
+        """How many calls were answered at each level.
+
+        Args:
+            decorator: Count the lookups of this decorator only (``"semantic_cached"`` by default, or
+                ``"multilevel_cached"``); ``None`` for all.
+        """
         counts: dict[str, int] = {}
         for lookup in self._lookups:
-            counts[lookup.level] = counts.get(lookup.level, 0) + 1
+            if decorator is None or lookup.decorator == decorator:
+                counts[lookup.level] = counts.get(lookup.level, 0) + 1
         return counts
 
     def __repr__(self) -> str:
@@ -79,10 +92,12 @@ _last: contextvars.ContextVar[Lookup | None] = contextvars.ContextVar("cachelaye
 
 @contextmanager
 def explain() -> Iterator[Explanation]:
-    """Collect how each semantically cached call in the block was answered.
+    """Collect how each semantically cached call in the block was answered, and each `multilevel_cached` call
+    (with the tier that answered it in `Lookup.tier`).
 
     Calls made in tasks started inside the block are collected too (the collector travels with the
-    context). The return values of the calls are untouched.
+    context), and calls of sync functions made in the block's thread. The return values of the calls are
+    untouched.
 
     Example::
 
@@ -92,14 +107,20 @@ def explain() -> Iterator[Explanation]:
     """
     collector = Explanation()
     token = _explanation.set(collector)
+    watch()  # exact calls leave their compiled hit path to report, while any explain block is open
     try:
         yield collector
     finally:
+        unwatch()
         _explanation.reset(token)
 
 
 def last_lookup() -> Lookup | None:
-    """How the last semantically cached call awaited in this task (or its context) was answered."""
+    """How the last semantically cached call awaited in this task (or its context) was answered.
+
+    `multilevel_cached` calls are reported only while an `explain` block is open (anywhere in the process): a
+    memory hit outside one does not pay for recording its lookup.
+    """
     return _last.get()
 
 
@@ -109,6 +130,15 @@ def record(lookup: Lookup) -> None:
     collector = _explanation.get()
     if collector is not None:
         collector._lookups.append(lookup)
+
+
+def _record_exact(function: str, level: str, tier: str | None, partition: str, reason: str | None) -> None:
+    """How a `multilevel_cached` call was answered: ``exact`` from ``tier``, ``computed`` or ``uncached``."""
+    record(Lookup(function, level, 1.0 if level == "exact" else None, None, None, partition,  # type: ignore[arg-type]
+                  0, reason, tier, "multilevel_cached"))
+
+
+set_reporter(_record_exact)
 
 
 class Candidate(NamedTuple):

@@ -249,6 +249,9 @@ class BatchFunctionCache(FunctionCache[P, T]):
         entries: list[tuple[Hashable, str, Any, float | None, tuple[str, ...]]] = []
         for key, row in zip(todo, rows, strict=True):
             values[key] = row
+            row_expires_at = expires_at if not self.per_result else self.expiry_of(cache, row)
+            if row_expires_at is False:  # cache_if= refused it, or ttl= gave zero
+                continue
             item_args, item_kwargs = call.with_items(first[key], self._batch_name)
             try:
                 tags = self._tags(item_args, item_kwargs)
@@ -261,7 +264,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
             digest = self._digests.get(key)
             storage_key = self._prefix + (digest if digest is not None else self._keys.storage_digest(key))
             if not cache.invalidated_since(epoch, storage_key, tags):
-                entries.append((key, storage_key, row, expires_at, tags))
+                entries.append((key, storage_key, row, row_expires_at, tags))
         try:
             await cache.write_many(entries, stats, since=since, codec=self._codec)
         except (SerializationError, BackendError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
@@ -10,7 +11,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.engines.tiered.cache import TieredCache
 from cachelayers.errors import ConfigError
 
-__all__ = ["DEFAULT_LOCK_LEASE", "CacheOptions", "lease"]
+__all__ = ["DEFAULT_LOCK_LEASE", "CacheOptions", "lease", "takes_result", "ttl_options"]
 
 DEFAULT_LOCK_LEASE: Final = 30.0
 
@@ -21,7 +22,8 @@ class CacheOptions(TypedDict, total=False):
     Each is documented once, in `multilevel_cached`'s docstring; every one may be omitted.
     """
 
-    ttl: float | str | timedelta | None
+    ttl: float | str | timedelta | Callable[[Any], float | str | timedelta | None] | None
+    cache_if: Callable[[Any], bool] | None
     tags: Callable[..., Iterable[str]] | Iterable[str] | None
     key: Callable[..., Any] | None
     namespace: str | None
@@ -49,3 +51,34 @@ def lease(lock: bool | float | str | timedelta | None) -> float | None:
     if seconds <= 0:
         raise ConfigError("lock", lock, "the lease must be positive (or pass lock=True for the default)")
     return seconds
+
+
+def takes_result(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called with one positional argument (the result), as ``ttl=`` and ``cache_if=``
+    functions are."""
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): trust it
+        return True
+    return True
+
+
+def ttl_options(ttl: Any, cache_if: Any) -> tuple[float | None, Callable[[Any], Any] | None,
+                                                  Callable[[Any], bool] | None]:
+    """The ``ttl=`` and ``cache_if=`` options read: ``(seconds, ttl function, cache_if function)``.
+
+    Raises:
+        ConfigError: ``ttl`` is a malformed duration, ``cache_if`` is not a function, or a function given for
+            either cannot be called with the result alone.
+    """
+    ttl_fn = ttl if callable(ttl) else None
+    seconds = parse_duration(ttl, "ttl") if ttl is not None and ttl_fn is None else None
+    if cache_if is not None and not callable(cache_if):
+        raise ConfigError("cache_if", cache_if, "must be a function of the result returning whether to store it")
+    for field, given in (("ttl", ttl_fn), ("cache_if", cache_if)):
+        if given is not None and not takes_result(given):
+            raise ConfigError(field, given, "a function here is called with the result alone: it must take "
+                                            "exactly one positional argument")
+    return seconds, ttl_fn, cache_if
