@@ -24,7 +24,14 @@ from cachelayers.integrations.fastapi import (
     rate_limit_exceeded_handler,
     retry_after_header,
 )
-from cachelayers.keys import KeyBuilder, canonical_bytes, ignore_type, ignored_parameters, ignored_types
+from cachelayers.keys import (
+    KeyBuilder,
+    canonical_bytes,
+    closure_fingerprint,
+    ignore_type,
+    ignored_parameters,
+    ignored_types,
+)
 
 
 @pytest.fixture
@@ -164,6 +171,18 @@ def test_unannotated_argument_of_an_ignored_type_keys_as_a_marker() -> None:
         assert canonical_bytes([one]) == canonical_bytes([two])
         # Inside containers too: a list of clients is as good as another of the same length.
         assert canonical_bytes({"c": [one, two]}) == canonical_bytes({"c": [two, two]})
+
+
+def test_closures_over_a_client_are_not_interchangeable() -> None:
+    """Two closures over two clients (two providers, say) are told apart, not given one identity: a client is
+    left out of a call's key, not out of what a function closes over."""
+    with httpx.Client(base_url="http://a") as one:
+        def make(client: httpx.Client) -> Any:
+            async def fetch(url: str) -> str:
+                return str(client.base_url) + url
+            return fetch
+
+        assert closure_fingerprint(make(one)) is None  # like any other value that cannot be keyed
 
 
 def test_unregistered_object_is_still_unkeyable() -> None:

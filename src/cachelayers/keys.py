@@ -200,6 +200,8 @@ def closure_fingerprint(fn: Callable[..., Any]) -> str | None:
         if inspect.isroutine(value) or inspect.isclass(value) or inspect.ismodule(value):
             parts.append([name, f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value)}"])
             continue
+        if isinstance(value, ignored_types()):  # two closures over two clients may compute different things
+            return None
         try:
             parts.append([name, _canon(value, name)])
         except _Unkeyable:
