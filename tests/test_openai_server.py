@@ -212,3 +212,17 @@ def test_the_guide_shows_the_tested_example() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         assert block in example, block
+
+
+def test_a_client_parameter_is_left_out_of_the_key() -> None:
+    """``openai.AsyncOpenAI`` (and the ``httpx2`` client under it) are request-scoped: a parameter annotated
+    with it is left out of keys without ``ignore=``."""
+    from cachelayers.keys import KeyBuilder
+
+    async def complete(client: openai.AsyncOpenAI, question: str) -> str:
+        return question
+
+    builder = KeyBuilder(complete)
+    assert builder.ignored == {"client"}
+    one, two = openai.AsyncOpenAI(api_key="a"), openai.AsyncOpenAI(api_key="b")
+    assert builder.local((one, "q"), {}) == builder.local((two, "q"), {})

@@ -30,6 +30,8 @@ _BUILTIN_IGNORED: Final = (
     ("fastapi.security", "SecurityScopes"),
     ("httpx", "AsyncClient"),
     ("httpx", "Client"),
+    ("httpx2", "AsyncClient"),  # what recent openai SDKs are built on
+    ("httpx2", "Client"),
     ("aiohttp", "ClientSession"),
     ("openai", "AsyncOpenAI"),
     ("openai", "OpenAI"),
@@ -101,8 +103,9 @@ def ignored_types() -> tuple[type, ...]:
             if isinstance(value, type):
                 found.append(value)
                 _ignored_pending.remove((module_name, name))
-        if found:
-            _ignored_resolved = (*_ignored_resolved, *(t for t in found if t not in _ignored_resolved))
+        for tp in found:
+            if tp not in _ignored_resolved:
+                _ignored_resolved = (*_ignored_resolved, tp)
         _ignored_seen_modules = seen
         return _ignored_resolved
 
