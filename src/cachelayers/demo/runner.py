@@ -95,6 +95,7 @@ class _Replay:
         self.stats = [_StageStats(stage) for stage in pipeline]
         self.request_latency: dict[str, list[float]] = {CACHED: [], COMPUTED: []}
         self.verifier = _Verifier()
+        self.served: list[tuple[Stage, Request, tuple[Any, ...], dict[str, Any], str]] = []
         self.done = self.from_cache = self.earlier_run = self.started_calls = 0
         # Per stage: flight key -> (sequence number of the call that computed it, calls started when its
         # provider call finished). A call that did not compute and started inside that window found the
@@ -138,7 +139,7 @@ class _Replay:
                 outcome = SHARED if first < number <= last else CACHED
                 self.earlier_run += outcome == CACHED and first_of_key
             reached_provider = reached_provider or outcome == COMPUTED
-            self.verifier.check(stage, request, args, result, outcome)
+            self.served.append((stage, request, args, result, outcome))  # checked after the replay: off the clock
             # A result carries what its computation cost and took, like the usage block of an API response.
             stage_stats.add(outcome, elapsed, float(result["cost"]), float(result["latency"]))
             context[stage.name] = result
@@ -185,6 +186,8 @@ async def run_demo(config: DemoConfig, *, stages: Sequence[Stage] | None = None,
         for _ in range(min(config.concurrency, config.requests)):
             tg.start_soon(worker)
     wall = time.perf_counter() - started
+    for served in replay.served:
+        replay.verifier.check(*served)
     stage_reports = [s.report() for s in replay.stats]
     latency = replay.request_latency
     every_request = _summary(latency[CACHED] + latency[COMPUTED])
