@@ -11,6 +11,9 @@ A key has two forms:
 
 Arguments are normalised through the signature once: ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)`` build
 the same key.
+
+Request-scoped objects (a web framework's request, response or background tasks, an HTTP or API client) are
+left out of keys by type: see `ignore_type` (in `cachelayers.ignoring`, re-exported here).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ import msgpack
 import numpy as np
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
+from cachelayers.ignoring import ignore_type, ignored_parameters, ignored_types
 
-__all__ = ["CANONICAL", "FAST_TYPES", "KeyBuilder", "KeyFunctionError", "canonical_bytes", "claim_identity",
-           "closure_fingerprint", "function_identity"]
+__all__ = ["CANONICAL", "FAST_TYPES", "KeyBuilder", "KeyFunctionError", "canonical_bytes",
+           "claim_identity", "closure_fingerprint", "function_identity", "ignore_type", "ignored_parameters",
+           "ignored_types"]
 
 # Exact types whose values are equal only when their msgpack encodings are equal *and* that never compare
 # equal to a value of another type in this set. ``bool`` and ``float`` are left out on purpose: ``True == 1``
@@ -70,6 +75,10 @@ _UINT64_MAX: Final = 2**64 - 1
 _EXT_TUPLE, _EXT_DICT, _EXT_SET, _EXT_BIGINT, _EXT_DATETIME, _EXT_DATE, _EXT_TIME, _EXT_TIMEDELTA = range(1, 9)
 _EXT_DECIMAL, _EXT_UUID, _EXT_ENUM, _EXT_NDARRAY, _EXT_NPSCALAR, _EXT_OBJECT, _EXT_PATH, _EXT_FLOAT = range(9, 17)
 _EXT_FROZENSET: Final = 17
+_EXT_IGNORED: Final = 18
+
+_IGNORED: Final = msgpack.ExtType(_EXT_IGNORED, b"")
+"""What a value of an ignored type (see `ignore_type`) contributes to a key: the same for every such value."""
 
 
 class _Unkeyable(Exception):
@@ -111,6 +120,8 @@ def _canon(obj: Any, path: str) -> Any:
     if tp is set or tp is frozenset:  # distinct like tuple and list: a function may tell them apart
         return msgpack.ExtType(_EXT_SET if tp is set else _EXT_FROZENSET,
                                _pack(sorted(_pack(_canon(item, f"{path}.<item>")) for item in obj)))
+    if isinstance(obj, ignored_types()):
+        return _IGNORED
     custom = getattr(obj, "__cache_key__", None)
     if custom is not None and callable(custom):
         return msgpack.ExtType(_EXT_OBJECT, _pack([_qualname(tp), _canon(custom(), f"{path}.__cache_key__()")]))
@@ -189,6 +200,8 @@ def closure_fingerprint(fn: Callable[..., Any]) -> str | None:
         if inspect.isroutine(value) or inspect.isclass(value) or inspect.ismodule(value):
             parts.append([name, f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value)}"])
             continue
+        if isinstance(value, ignored_types()):  # two closures over two clients may compute different things
+            return None
         try:
             parts.append([name, _canon(value, name)])
         except _Unkeyable:
@@ -309,7 +322,8 @@ class KeyBuilder:
         version: User version; change it to stop reading entries written by older code.
         key: Optional function whose result is keyed instead of the arguments. It is called with every
             argument by name, defaults applied (``key=lambda question, **_: question.lower()``).
-        ignore: Names of parameters left out of the key (e.g. a client object or ``self``).
+        ignore: Names of parameters left out of the key (e.g. a client object or ``self``). Parameters
+            annotated with a type registered with `ignore_type` (a request, a client) are left out as well.
         name: Identity used in keys instead of ``module.qualname``.
 
     Raises:
@@ -350,6 +364,8 @@ class KeyBuilder:
         unknown = self._ignore - names
         if unknown:
             raise ConfigError("ignore", sorted(unknown), f"{self.identity}() has no such parameter")
+        if key is None:
+            self._ignore |= ignored_parameters(fn)
         # The fast path applies when every parameter can be passed positionally, none is ignored and none
         # is variadic: then the positional args padded with the defaults *are* the normalised arguments.
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in self._params)

@@ -23,7 +23,8 @@ from cachelayers.demo.workload import DemoConfig, Request
 from cachelayers.engines.limiter import RateLimiter
 from cachelayers.engines.semantic import explain
 
-__all__ = ["EMBED_DIM", "EMBED_MODEL", "CompleteStage", "EmbedStage", "SearchStage", "Stage", "default_stages"]
+__all__ = ["EMBED_DIM", "EMBED_MODEL", "CompleteStage", "EmbedStage", "SearchStage", "Stage", "default_stages",
+           "embedding_cost", "embedding_latency", "text_tokens", "unit_vector"]
 
 EMBED_MODEL: Final = "text-embedding-3-small"
 EMBED_DIM: Final = 256
@@ -50,9 +51,19 @@ def _unit(*parts: str | bytes) -> float:
     return int.from_bytes(h.digest(), "big") / 2**64
 
 
-def _tokens(text: str) -> int:
+def text_tokens(text: str) -> int:
+    """Tokens of ``text`` as the simulated providers count them (about four characters a token)."""
     return max(1, math.ceil(len(text) / 4))
 
+
+def embedding_cost(text: str, model: str = EMBED_MODEL) -> float:
+    """Dollars the embedding provider charges for ``text``."""
+    return text_tokens(text) * _PRICES[model][0] / 1e6
+
+
+def embedding_latency(texts: list[str]) -> float:
+    """Seconds (before scaling) the embedding provider takes for one request of ``texts``."""
+    return 0.008 + 0.004 * _unit("embed", texts[0]) + 0.0003 * len(texts)
 
 
 class Stage(abc.ABC):
@@ -88,6 +99,10 @@ class Stage(abc.ABC):
         """Run the cached function."""
         return await self.function(*args)
 
+    @abc.abstractmethod
+    def correct(self, args: tuple[Any, ...], result: dict[str, Any]) -> bool:
+        """Whether ``result`` is what the provider computes for ``args`` (a corrupt or foreign value is not)."""
+
     def details(self) -> dict[str, Any]:
         """What this stage's other layers (batcher, rate limiter) counted during the run."""
         return {}
@@ -103,7 +118,8 @@ def _stage_function(name: str, fn: Callable[..., Coroutine[Any, Any, dict[str, A
                              cost=lambda result: float(result["cost"]))(fn)
 
 
-def _vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
+def unit_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The embedding the simulated provider computes for ``text``: a pseudo-random unit vector seeded by it."""
     seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
     v = np.random.default_rng(seed).standard_normal(EMBED_DIM).astype(np.float32)
     return v / np.linalg.norm(v)
@@ -122,10 +138,10 @@ class EmbedStage(Stage):
         provider = SimulatedProvider("embedding API", latency_scale=latency_scale)
 
         async def embed_batch(texts: list[str], model: str) -> list[dict[str, Any]]:
-            costs = [_tokens(text) * _PRICES[model][0] / 1e6 for text in texts]
-            latency = 0.008 + 0.004 * _unit("embed", texts[0]) + 0.0003 * len(texts)
-            seconds = await provider.call(latency=latency, cost=sum(costs), items=len(texts), mark=False)
-            return [{"vector": _vector(text), "tokens": _tokens(text), "cost": cost, "latency": seconds}
+            costs = [embedding_cost(text, model) for text in texts]
+            seconds = await provider.call(latency=embedding_latency(texts), cost=sum(costs), items=len(texts),
+                                          mark=False)
+            return [{"vector": unit_vector(text), "tokens": text_tokens(text), "cost": cost, "latency": seconds}
                     for text, cost in zip(texts, costs, strict=True)]
 
         # One provider request per batch: the misses of concurrent requests share it. (Applied by a call
@@ -147,8 +163,37 @@ class EmbedStage(Stage):
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
         return (request.question, EMBED_MODEL)
 
+    def correct(self, args: tuple[Any, ...], result: dict[str, Any]) -> bool:
+        text, model = args
+        return (bool(np.array_equal(result["vector"], unit_vector(text))) and result["tokens"] == text_tokens(text)
+                and result["cost"] == embedding_cost(text, model))
+
     def flight_key(self, args: tuple[Any, ...]) -> Hashable:
         return args
+
+
+def _documents(vector: np.ndarray[Any, Any], collection: str, k: int) -> list[str]:
+    first = int(_unit("docs", vector.tobytes(), collection) * 5000)
+    return [f"{collection}/{(first + 37 * i) % 5000:04d}.md" for i in range(k)]
+
+
+_QUESTION: Final = "\nQuestion: "
+
+
+def _prompt(question: str, documents: list[str]) -> str:
+    context = "\n".join(f"<doc id={d}>{'lorem ipsum ' * 60}</doc>" for d in documents)
+    return f"You are a helpful assistant. Answer from the documents only.\n{context}{_QUESTION}{question}"
+
+
+def _answer(prompt: str, model: str) -> dict[str, Any]:
+    """What the LLM answers to ``prompt``: the question it answers, its text, token counts and cost (all but
+    the latency)."""
+    tokens_in = text_tokens(prompt)
+    tokens_out = 120 + int(280 * _unit("length", prompt, model))
+    price_in, price_out = _PRICES[model]
+    return {"question": prompt.rpartition(_QUESTION)[2], "text": f"[{model}] {tokens_out}-token answer",
+            "tokens_in": tokens_in, "tokens_out": tokens_out,
+            "cost": (tokens_in * price_in + tokens_out * price_out) / 1e6}
 
 
 class SearchStage(Stage):
@@ -160,27 +205,33 @@ class SearchStage(Stage):
         provider = SimulatedProvider("vector database", latency_scale=latency_scale)
 
         async def search(vector: np.ndarray[Any, Any], collection: str, k: int = 4) -> dict[str, Any]:
-            raw = vector.tobytes()
-            seconds = await provider.call(latency=0.010 + 0.010 * _unit("search", raw), cost=_SEARCH_PRICE)
-            first = int(_unit("docs", raw, collection) * 5000)
-            return {"documents": [f"{collection}/{(first + 37 * i) % 5000:04d}.md" for i in range(k)],
-                    "cost": _SEARCH_PRICE, "latency": seconds}
+            seconds = await provider.call(latency=0.010 + 0.010 * _unit("search", vector.tobytes()),
+                                          cost=_SEARCH_PRICE)
+            return {"documents": _documents(vector, collection, k), "cost": _SEARCH_PRICE, "latency": seconds}
 
         super().__init__(provider, _stage_function("search", search))
 
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
         return (context["embed"]["vector"], request.collection)
 
+    def correct(self, args: tuple[Any, ...], result: dict[str, Any]) -> bool:
+        return bool(result["documents"] == _documents(args[0], args[1], 4) and result["cost"] == _SEARCH_PRICE)
+
     def flight_key(self, args: tuple[Any, ...]) -> Hashable:
         return (args[0].tobytes(), args[1], 4)
 
 
 class CompleteStage(Stage):
-    """Asks an LLM to answer from the documents found: slow and by far the most expensive step."""
+    """Asks an LLM to answer from the documents found: slow and by far the most expensive step.
+
+    Args:
+        latency_scale: Factor on the LLM's latencies.
+        threshold: The semantic layer's similarity threshold; its default when ``None``.
+    """
 
     name = "complete"
 
-    def __init__(self, latency_scale: float) -> None:
+    def __init__(self, latency_scale: float, *, threshold: float | None = None) -> None:
         provider = SimulatedProvider("LLM API", latency_scale=latency_scale)
         # A limiter of its own, so that its counters are this run's. Limits scale with the simulated latency:
         # a test running the demo 20 times faster gets 20 times the rate.
@@ -188,17 +239,14 @@ class CompleteStage(Stage):
         self.limiter = RateLimiter(storage="memory://")
 
         @rate_limited(f"{round(_LLM_RPS * speedup)}/second", f"{round(_LLM_TPS * speedup)}/second",
-                      cost=lambda prompt: _tokens(prompt) + _MAX_TOKENS, key=lambda model: model,
+                      cost=lambda prompt: text_tokens(prompt) + _MAX_TOKENS, key=lambda model: model,
                       limiter=self.limiter, name="cachelayers.demo.llm")
         async def llm(prompt: str, model: str) -> dict[str, Any]:
-            tokens_in = _tokens(prompt)
-            tokens_out = 120 + int(280 * _unit("length", prompt, model))
-            price_in, price_out = _PRICES[model]
-            cost = (tokens_in * price_in + tokens_out * price_out) / 1e6
-            latency = (0.025 + tokens_out * _LLM_SPEED[model] / 1000) * (0.8 + 0.4 * _unit("lat", prompt, model))
-            seconds = await provider.call(latency=latency, cost=cost)
-            return {"text": f"[{model}] {tokens_out}-token answer", "tokens_in": tokens_in, "tokens_out": tokens_out,
-                    "cost": cost, "latency": seconds}
+            answer = _answer(prompt, model)
+            latency = (0.025 + answer["tokens_out"] * _LLM_SPEED[model] / 1000) * (0.8 + 0.4 * _unit("lat", prompt,
+                                                                                                        model))
+            seconds = await provider.call(latency=latency, cost=answer["cost"])
+            return {**answer, "latency": seconds}
 
         async def complete(question: str, prompt: str, model: str, temperature: float,
                            collection: str) -> dict[str, Any]:
@@ -209,15 +257,13 @@ class CompleteStage(Stage):
         # temperature (the documents found follow from the question).
         semantic = semantic_cached(
             text="question", partition=lambda collection, model, temperature, **_: (collection, model, temperature),
-            ttl="1h", name="cachelayers.demo.complete.semantic",
+            ttl="1h", name="cachelayers.demo.complete.semantic", threshold=threshold,
         )(complete)
         self.semantic = semantic
         super().__init__(provider, _stage_function("complete", semantic), uncached=complete)
 
     def arguments(self, request: Request, context: dict[str, Any]) -> tuple[Any, ...]:
-        documents = "\n".join(f"<doc id={d}>{'lorem ipsum ' * 60}</doc>" for d in context["search"]["documents"])
-        prompt = (f"You are a helpful assistant. Answer from the documents only.\n{documents}\n"
-                  f"Question: {request.question}")
+        prompt = _prompt(request.question, context["search"]["documents"])
         return (request.question, prompt, request.model, request.temperature, request.collection)
 
     async def __call__(self, args: tuple[Any, ...]) -> dict[str, Any]:
@@ -229,6 +275,15 @@ class CompleteStage(Stage):
         if record is not None and record.outcome is None and levels:
             record.outcome = SEMANTIC if levels.get("semantic") else EXACT if levels.get("exact") else None
         return result
+
+    def correct(self, args: tuple[Any, ...], result: dict[str, Any]) -> bool:
+        """Whether ``result`` is the LLM's answer to the question it says it answers, in this collection and
+        model (a semantic answer answers another wording of the question, or, wrongly, another question)."""
+        question = result.get("question")
+        if not isinstance(question, str):
+            return False
+        prompt = _prompt(question, _documents(unit_vector(question), args[4], 4))
+        return all(result.get(name) == value for name, value in _answer(prompt, args[2]).items())
 
     def details(self) -> dict[str, Any]:
         info = self.limiter.info()

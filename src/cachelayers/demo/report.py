@@ -6,7 +6,9 @@ import dataclasses
 import json
 from typing import Any
 
+from cachelayers.demo.ingest import IngestReport
 from cachelayers.demo.providers import CACHED, COMPUTED, EXACT, SEMANTIC, SHARED
+from cachelayers.demo.targets import Checks, Target, targets_dict
 from cachelayers.demo.workload import DemoConfig
 
 __all__ = ["DemoReport", "StageReport", "render_report", "report_json"]
@@ -59,9 +61,15 @@ class DemoReport:
         tiers: The tiers in force, ``name -> URL``.
         wall_seconds: Duration of the replay.
         stages: One report per stage, in pipeline order.
-        request_latency: End-to-end latency of requests answered entirely from the caches (``cached``) and
-            of those that reached at least one provider (``computed``): ``{"p50": s, "p95": s}``.
+        request_latency: End-to-end latency of requests answered entirely from the caches (``cached``), of
+            those that reached at least one provider (``computed``) and of all (``all``):
+            ``{"p50": s, "p95": s}``.
         requests_by_outcome: Requests answered entirely without a provider call, and the others.
+        ingestion: What the ingestion stage did before the requests (``None``: no ingestion).
+        earlier_run_hits: Calls answered by entries that no call of this run stored (chunks ingested before,
+            first calls of a key found in a tier): more than 0 when the run started warm.
+        checks: What was verified of every value served.
+        targets: The product's targets with this run's figures.
     """
 
     config: DemoConfig
@@ -70,6 +78,15 @@ class DemoReport:
     stages: list[StageReport]
     request_latency: dict[str, dict[str, float | None]]
     requests_by_outcome: dict[str, int]
+    ingestion: IngestReport | None = None
+    earlier_run_hits: int = 0
+    checks: Checks = dataclasses.field(default_factory=Checks)
+    targets: list[Target] = dataclasses.field(default_factory=list)
+
+    @property
+    def started_warm(self) -> bool:
+        """Whether entries of an earlier run answered calls (a second run on the same cache directory)."""
+        return self.earlier_run_hits > 0
 
     @property
     def provider_calls(self) -> int:
@@ -111,6 +128,12 @@ class DemoReport:
             "cost_saved": self.cost_saved,
             "time_saved": self.time_saved,
             "stages": [dataclasses.asdict(s) | {"avoided": s.avoided} for s in self.stages],
+            "ingestion": (dataclasses.asdict(self.ingestion) | {"cached": self.ingestion.cached}
+                          if self.ingestion is not None else None),
+            "started_warm": self.started_warm,
+            "earlier_run_hits": self.earlier_run_hits,
+            "checks": dataclasses.asdict(self.checks),
+            "targets": targets_dict(self.targets),
         }
 
 
@@ -145,6 +168,11 @@ def render_report(report: DemoReport, console: Any) -> None:
         f"concurrency {config.concurrency}, seed {config.seed}, "
         f"tiers: {', '.join(f'{name} ({url})' for name, url in report.tiers.items())}"
     )
+    if report.started_warm:
+        console.print(f"[bold yellow]started warm[/]: {report.earlier_run_hits:,} calls were answered by entries "
+                      f"an earlier run stored (same cache directory); run with --fresh to start cold")
+    else:
+        console.print("started cold: no entry of an earlier run was found")
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for header in ("stage", "calls", "cached", "shared", "semantic", "computed", "hit rate", "cached p50 / p95",
                    "computed p50 / p95", "spent", "saved"):
@@ -203,6 +231,35 @@ def render_report(report: DemoReport, console: Any) -> None:
         f"({_percent(report.cost_saved, without)} of {_dollars(without)} without the cache)\n"
         f"time: [bold]{report.time_saved:,.1f} s[/] of provider time avoided"
     )
+    _render_ingestion(report.ingestion, console)
+    _render_targets(report.targets, console)
+
+
+def _render_ingestion(ingestion: IngestReport | None, console: Any) -> None:
+    if ingestion is None:
+        return
+    fill = "-" if ingestion.fill_ratio is None else f"{100 * ingestion.fill_ratio:.0f}%"
+    console.print(
+        f"ingestion: {ingestion.chunks:,} chunks, {ingestion.concurrency} in flight, in "
+        f"{ingestion.wall_seconds:.1f} s; {ingestion.computed:,} embedded in {ingestion.batches:,} requests "
+        f"(fill {fill} of {ingestion.max_batch_size}), {ingestion.cached:,} cached; "
+        f"{_dollars(ingestion.cost_spent)} spent")
+
+
+def _render_targets(targets: list[Target], console: Any) -> None:
+    if not targets:
+        return
+    from rich.table import Table
+
+    table = Table(title="targets", title_justify="left", show_edge=False, pad_edge=False, box=None,
+                  header_style="bold")
+    for header in ("target", "goal", "figure", "status", "measured as"):
+        table.add_column(header, justify="left" if header in ("target", "measured as") else "right",
+                         no_wrap=header != "measured as")
+    styles = {"PASS": "[green]PASS[/]", "FAIL": "[bold red]FAIL[/]", "n/a": "[dim]n/a[/]"}
+    for t in targets:
+        table.add_row(t.name, t.goal, t.figure, styles[t.status], t.note)
+    console.print(table)
 
 
 def report_json(report: DemoReport) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import random
+import re
 from typing import Final
 
 from cachelayers.errors import ConfigError
 
-__all__ = ["DemoConfig", "Request", "build_requests"]
+__all__ = ["DemoConfig", "Request", "build_requests", "canonical_question"]
 
 _VERBS: Final = ("configure", "debug", "tune", "monitor", "scale", "secure", "migrate", "benchmark", "cache",
                  "test")
@@ -40,6 +41,9 @@ class DemoConfig:
         variant_fraction: Share of catalog requests asking their question re-cased or re-punctuated (the
             semantic layer answers them).
         fresh: Remove the demo's entries from every tier before the run, so the numbers are reproducible.
+        ingest_chunks: Document chunks embedded by the ingestion stage before the requests (0: none).
+        ingest_concurrency: Chunks the ingestion stage has in flight at once, as a loader embedding a document
+            set does (it gathers its chunks with bounded concurrency).
     """
 
     requests: int = 2000
@@ -51,9 +55,13 @@ class DemoConfig:
     new_fraction: float = 0.1
     variant_fraction: float = 0.15
     fresh: bool = True
+    ingest_chunks: int = 1200
+    ingest_concurrency: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("requests", "concurrency", "catalog"):
+        if self.ingest_chunks < 0:
+            raise ConfigError("ingest_chunks", self.ingest_chunks, "must be 0 or more")
+        for name in ("requests", "concurrency", "catalog", "ingest_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
         if not self.latency_scale >= 0:
@@ -68,13 +76,28 @@ class DemoConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Request:
-    """One user request to the question-answering service."""
+    """One user request to the question-answering service.
+
+    ``canonical`` is the question asked as the workload first wrote it: ``question`` itself, or the catalog
+    question that ``question`` re-cases or re-punctuates (the workload knows which paraphrase belongs to
+    which question).
+    """
 
     index: int
     question: str
     collection: str
     model: str
     temperature: float
+    canonical: str = ""
+
+
+def canonical_question(text: str) -> str:
+    """The question a text of the workload asks: its words, lower-cased, without punctuation or spacing.
+
+    A re-cased or re-punctuated variant has the words of its question, and two questions of the workload
+    never have the same words; so two texts ask the same question exactly when this is equal.
+    """
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def _question(n: int) -> str:
@@ -115,14 +138,15 @@ def build_requests(config: DemoConfig) -> list[Request]:
     requests: list[Request] = []
     for index in range(config.requests):
         if rng.random() < config.new_fraction:
-            question = f"Why does {rng.choice(_TOPICS)} fail when I {rng.choice(_VERBS)} it? (ticket {index})"
+            topic, verb = rng.choice(_TOPICS), rng.choice(_VERBS)
+            question = source = f"Why does {topic} fail when I {verb} it? (ticket {index})"
         else:
             rank = min(bisect.bisect_left(cumulative, rng.random() * total), config.catalog - 1)
-            question = _question(order[rank])
+            question = source = _question(order[rank])
             if rng.random() < config.variant_fraction:
                 question = _variant(question, rng)
         collection = "support" if "fail" in question.lower() or "debug" in question.lower() else "docs"
         model = "gpt-4o" if rng.random() < 0.2 else "gpt-4o-mini"
         temperature = 0.7 if rng.random() < 0.1 else 0.0
-        requests.append(Request(index, question, collection, model, temperature))
+        requests.append(Request(index, question, collection, model, temperature, source))
     return requests
