@@ -74,7 +74,8 @@ async def test_exact_then_semantic_then_the_provider(stack: ModuleType, server: 
         again = await stack.answer("What is a vector index?")
     assert again == first
     assert isinstance(again, ChatCompletion)
-    assert len(lookups) == 0  # answered by the exact layer: the semantic layer was not even asked
+    # answered by the exact layer's memory tier: the semantic layer was not even asked
+    assert [(lookup.decorator, lookup.tier) for lookup in lookups] == [("multilevel_cached", "memory")]
     assert (len(server.received(CHAT)), len(server.received(EMBED))) == (1, embeddings)
 
     with explain() as lookups:
