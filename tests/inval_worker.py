@@ -7,7 +7,7 @@ answering one JSON object per line on stdout:
 * ``{"op": "read", "n": 10}``: ``{"values": [...]}``, ``n`` calls of ``value(1)``;
 * ``{"op": "invalidate"}``: ``invalidate_tags("t")``; ``{"ok": true}`` or ``{"error": "<type>", ...}``;
 * ``{"op": "status"}``: ``{"queued": <invalidations waiting for replay>, "stamp": <last invalidation heard>,
-  "subscribed": <bool>}``;
+  "landed": <last invalidation known>, "subscribed": <bool>}``;
 * ``{"op": "quit"}``.
 """
 
@@ -58,6 +58,7 @@ async def serve(options: dict[str, Any]) -> None:
             listener = cache.listener
             epochs = getattr(cache, "epochs", None)
             say(queued=0 if outbox is None else outbox.queued, stamp=0 if epochs is None else epochs.stamp,
+                landed=0 if epochs is None else max(epochs.last.values(), default=0),
                 subscribed=listener is not None and listener.subscribed)
         else:
             break

@@ -31,6 +31,7 @@ from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG
 from cachelayers.engines.tiered.tier import Tier
 from cachelayers.errors import InvalidationError
+from cachelayers.loops import current_loop_token
 
 __all__ = ["SLOTS", "Epochs", "Invalidations", "fields_of"]
 
@@ -169,12 +170,15 @@ class Invalidations:
         self.blocked: set[str] = set()
         """Tiers not to read before the outbox is replayed to them (only without epochs, which cover them)."""
         self._draining = False
-        self._replaying = False
+        self._replayed: list[_Pending] = []
+        """The invalidations taken out of the outbox by the replay running now."""
+        self._replaying: object | None = None
+        """The event loop the background replay runs in, if one runs."""
 
     @property
     def queued(self) -> int:
-        """Invalidations (merged by kind) waiting to be replayed."""
-        return len(self.outbox)
+        """Invalidations (merged by kind) waiting to be replayed, or being replayed."""
+        return len(self.outbox) + len(self._replayed)
 
     async def run(self, kind: str, items: Sequence[str]) -> None:
         """Invalidate ``items`` (tags, storage keys, or nothing for a clear) in every tier and tell the others.
@@ -217,16 +221,21 @@ class Invalidations:
         if self._draining:
             return
         self._draining = True
+        # Taken out, so that invalidations queued meanwhile are merged into a new entry, not into one whose
+        # items this replay has already sent.
+        self._replayed, self.outbox = list(self.outbox.values()), {}
         try:
-            for kind, op in list(self.outbox.items()):
+            for op in self._replayed:
                 await self._attempt(op)
-                if not op.left and self.outbox.get(kind) is op:
-                    del self.outbox[kind]
-            self._update_blocked()
         finally:
+            for op in self._replayed:
+                if op.left:
+                    self._merge(op)
+            self._replayed = []
+            self._update_blocked()
             self._draining = False
 
-    def _queue(self, op: _Pending) -> None:
+    def _merge(self, op: _Pending) -> None:
         queued = self.outbox.get(op.kind)
         if queued is None:
             self.outbox[op.kind] = op
@@ -234,16 +243,22 @@ class Invalidations:
             queued.items.update(op.items)
             queued.left |= op.left
             queued.held += op.held
+
+    def _queue(self, op: _Pending) -> None:
+        self._merge(op)
         self._update_blocked()
-        if not self._replaying:
-            self._replaying = True
+        loop = current_loop_token()
+        if self._replaying is not loop:  # none running in this event loop (one that ended took its own along)
+            self._replaying = loop
             self.host.background.start_soon(self._drain)
 
     def _update_blocked(self) -> None:
-        self.blocked = set() if self.epochs is not None else {n for op in self.outbox.values() for n in op.left}
+        ops = [*self.outbox.values(), *self._replayed]
+        self.blocked = set() if self.epochs is not None else {n for op in ops for n in op.left}
 
     async def _drain(self) -> None:
         """Replay the outbox in the background, backing off, until it is empty."""
+        loop = current_loop_token()
         backoff = 0.05
         try:
             while self.outbox:
@@ -251,7 +266,8 @@ class Invalidations:
                 backoff = min(backoff * 2, _REPLAY_MAX_BACKOFF)
                 await self.replay()
         finally:
-            self._replaying = False
+            if self._replaying is loop:
+                self._replaying = None
 
     async def _attempt(self, op: _Pending) -> None:
         """Run the steps of ``op`` that have not landed; remove those that land from ``op.left``."""
