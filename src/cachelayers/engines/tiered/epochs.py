@@ -122,7 +122,11 @@ class Epochs:
         for tag in tags:
             names.append("n:" + tag[len(NAMESPACE_TAG):] if tag.startswith(NAMESPACE_TAG)
                          else f"t:{zlib.crc32(tag.encode()) & _MASK}")
-        return not any(last.get(name, 0) > stamp or name in pending for name in names)
+        get = last.get
+        for name in names:  # noqa: SIM110 - a loop, not any(): this runs on every read below memory
+            if get(name, 0) > stamp or name in pending:
+                return False
+        return True
 
 
 class InvalidationHost(Protocol):
