@@ -233,7 +233,7 @@ steps = st.lists(
 
 
 @pytest.mark.anyio
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=steps)
 async def test_no_interleaving_serves_a_value_an_invalidation_came_after(redis_url: str,
                                                                          steps: list[tuple[str, int, str]]) -> None:
