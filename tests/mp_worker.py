@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import redis
 
-from cachelayers import Settings, TieredCache, multilevel_cached
+from cachelayers import InvalidationError, Settings, TieredCache, multilevel_cached
 from tests.tier_factories import eventually
 
 
@@ -78,7 +78,7 @@ async def soak(options: dict[str, Any]) -> None:
                         default_ttl="10m")
     cache = TieredCache(settings)
     rng = random.Random(options["worker"])
-    counts = {"calls": 0, "wrong": 0, "invalidations": 0, "computed": 0}
+    counts = {"calls": 0, "wrong": 0, "invalidations": 0, "invalidation_errors": 0, "computed": 0}
 
     @multilevel_cached(cache=cache, name="soak", tags=lambda k: [f"group:{k % 7}"])
     async def value(k: int) -> dict[str, Any]:
@@ -100,15 +100,17 @@ async def soak(options: dict[str, Any]) -> None:
                 counts["calls"] += 1
                 if await value(k) != expected(k):
                     counts["wrong"] += 1
-            elif roll < 0.95:
-                counts["invalidations"] += 1
-                await value.invalidate(k)
-            elif roll < 0.99:
-                counts["invalidations"] += 1
-                await cache.invalidate_tags(f"group:{k % 7}")
             else:
                 counts["invalidations"] += 1
-                await value.invalidate_all()
+                try:
+                    if roll < 0.95:
+                        await value.invalidate(k)
+                    elif roll < 0.99:
+                        await cache.invalidate_tags(f"group:{k % 7}")
+                    else:
+                        await value.invalidate_all()
+                except InvalidationError:  # a tier too slow under the soak: queued and replayed (issue 11)
+                    counts["invalidation_errors"] += 1
 
     async with anyio.create_task_group() as tg:
         for _ in range(8):

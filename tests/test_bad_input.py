@@ -20,6 +20,7 @@ from cachelayers import (
     BackendError,
     BackendURL,
     ConfigError,
+    InvalidationError,
     MemoryBackend,
     SerializationError,
     Settings,
@@ -505,13 +506,17 @@ async def test_failing_tier_in_strict_mode_raises(clock: FakeClock) -> None:
 
 @pytest.mark.anyio
 async def test_failing_tier_does_not_break_the_key_value_api(clock: FakeClock) -> None:
-    """get/set/delete/invalidate keep working on the healthy tiers."""
+    """get/set/delete/invalidate keep working on the healthy tiers; an invalidation the failing tier did not
+    take is reported (`InvalidationError`, issue 11: never silently lost), after it was applied to the others."""
     cache = cache_over(FailingBackend(), clock)
     assert await cache.set("k", "v", tags=["t"]) is True
     assert await cache.get("k") == "v"
-    await cache.invalidate_tags("t")
+    with pytest.raises(InvalidationError, match="'lower'"):
+        await cache.invalidate_tags("t")
     assert await cache.get("k", "gone") == "gone"
     await cache.set("k", "v")
-    await cache.delete("k")
-    await cache.clear()
+    with pytest.raises(InvalidationError):
+        await cache.delete("k")
+    with pytest.raises(InvalidationError):
+        await cache.clear()
     assert await cache.get("k", "gone") == "gone"

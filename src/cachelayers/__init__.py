@@ -61,6 +61,7 @@ from cachelayers.errors import (
     ConfigError,
     EmbeddingError,
     IntegrityError,
+    InvalidationError,
     MissingDependencyError,
     RateLimitExceeded,
     SerializationError,
@@ -94,6 +95,7 @@ __all__ = [
     "FunctionCache",
     "HashingEmbedder",
     "IntegrityError",
+    "InvalidationError",
     "LimiterInfo",
     "Lookup",
     "MemoryBackend",
@@ -138,10 +140,19 @@ __all__ = [
 
 
 async def invalidate_tags(*tags: str) -> None:
-    """Remove every entry carrying any of ``tags`` from every tier of the settings in force."""
+    """Remove every entry carrying any of ``tags`` from every tier of the settings in force.
+
+    Raises:
+        InvalidationError: A tier did not take it within the tier timeout: it is queued and replayed, and no
+            process serves the entries it covers once the tier is back (see the tiers guide, "Invalidation").
+    """
     await default_cache().invalidate_tags(*tags)
 
 
 async def invalidate_namespace(namespace: str) -> None:
-    """Remove every entry of ``namespace`` from every tier of the settings in force."""
+    """Remove every entry of ``namespace`` from every tier of the settings in force.
+
+    Raises:
+        InvalidationError: As `invalidate_tags`.
+    """
     await default_cache().invalidate_namespace(namespace)

@@ -223,17 +223,22 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]) -> list[str]:
     from cachelayers.engines.tiered import TieredCache
+    from cachelayers.errors import InvalidationError
     from cachelayers.settings import get_settings
 
     cache = TieredCache(get_settings())
     try:
         before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
-        if tags:
-            await cache.invalidate_tags(*tags)
-        for namespace in namespaces:
-            await cache.invalidate_namespace(namespace)
-        # Tiers fail open (a failure is counted, not raised); here the operator must hear about it.
-        return [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
+        missed: set[str] = set()
+        for call, argument in ([(cache.invalidate_tags, tags)] if tags else []) + [
+                (cache.invalidate_namespace, (namespace,)) for namespace in namespaces]:
+            try:
+                await call(*argument)
+            except InvalidationError as exc:  # this process ends now: its replay would never run
+                missed.update(exc.tiers)
+        # Any failure, including those an invalidation does not raise for, and the operator must hear about it.
+        failed = [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
+        return sorted(missed.union(failed))
     finally:
         await cache.aclose()
 

@@ -9,6 +9,8 @@ Every exception the library raises on purpose derives from `CacheLayersError`:
     ├── SerializationError          a value cannot be encoded or decoded
     │   └── IntegrityError          a stored entry is corrupt, truncated, foreign or wrongly signed
     ├── BackendError                a tier failed; the driver's exception is kept as ``__cause__``
+    ├── InvalidationError           an invalidation did not reach every tier in time; it is queued and
+    │                               replayed, and no process serves what it invalidated once the tier is back
     ├── EmbeddingError              an embedder failed or returned malformed vectors (wrong shape, NaN)
     ├── BatchError                  a batch call failed or answered malformed; every caller of the batch
     │                               gets it, the function's exception is kept as ``__cause__``
@@ -37,6 +39,7 @@ __all__ = [
     "ConfigError",
     "EmbeddingError",
     "IntegrityError",
+    "InvalidationError",
     "MissingDependencyError",
     "RateLimitExceeded",
     "SerializationError",
@@ -121,6 +124,30 @@ class IntegrityError(SerializationError):
 
 class BackendError(CacheLayersError):
     """A storage tier failed. The driver's exception is available as ``__cause__``."""
+
+
+class InvalidationError(CacheLayersError):
+    """An invalidation (``invalidate_tags``, ``invalidate_namespace``, ``clear``, ``invalidate``, ``delete``)
+    did not reach every tier within the tier timeout.
+
+    It is raised after the invalidation was applied everywhere it could be (this process's memory tier always)
+    and queued for the tiers it did not reach: the engine replays it in the background and before it reads
+    such a tier again. Entries written before it are refused when read from any tier below memory once it
+    lands (see the invalidation guide), so no process serves the invalidated values once the tier is back.
+
+    Attributes:
+        kind: ``"tags"``, ``"keys"`` or ``"clear"``.
+        items: The tags or storage keys invalidated (empty for ``"clear"``).
+        tiers: Names of the tiers (or ``"channel"``) it did not reach.
+    """
+
+    def __init__(self, kind: str, items: tuple[str, ...], tiers: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.items = items
+        self.tiers = tiers
+        shown = ", ".join(repr(i) for i in items[:5]) + (", ..." if len(items) > 5 else "")
+        super().__init__(f"invalidation of {kind} [{shown}] did not reach {', '.join(map(repr, tiers))}; "
+                         f"it is queued and will be replayed when they answer again")
 
 
 class EmbeddingError(CacheLayersError):

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Final, NamedTuple
 
 from cachelayers.errors import ConfigError, redact_urls
 
-__all__ = ["MISSING", "Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "LocalTier",
-           "LockSupport", "PubSubSupport", "StoreItem"]
+__all__ = ["MISSING", "Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "EpochSupport",
+           "LocalTier", "LockSupport", "PubSubSupport", "StoreItem"]
 
 Clock = Callable[[], float]
 """A source of wall-clock time in seconds since the epoch (``time.time`` or a fake for tests)."""
@@ -203,6 +203,25 @@ class PubSubSupport(abc.ABC):
         Entering the context returns once the subscription is active, so no message published afterwards is
         missed; iterating yields messages. Losing the connection raises from the iterator.
         """
+
+
+class EpochSupport(abc.ABC):
+    """Optional ability of a shared backend with `PubSubSupport`: invalidation epochs that every process sees.
+
+    The engine keeps, in one hash, a sequence number per invalidated field (a namespace, a slot of tags or of
+    keys, everything) and stamps every entry it writes with the last sequence number it heard; an entry
+    stamped before a later invalidation of one of its fields is refused when read (see the invalidation
+    guide). Sequence numbers grow strictly across every process, even if the hash is lost.
+    """
+
+    @abc.abstractmethod
+    async def bump_epochs(self, key: str, fields: Sequence[str], channel: str, message: bytes) -> int:
+        """In one atomic step: take the next sequence number, record it for ``fields`` in the hash ``key``
+        and publish ``b"#<seq>:" + message`` on ``channel``. Returns the sequence number."""
+
+    @abc.abstractmethod
+    async def load_epochs(self, key: str) -> dict[str, int]:
+        """The whole hash ``key``: field -> sequence number (``"*"``: the last one taken)."""
 
 
 class LockSupport(abc.ABC):

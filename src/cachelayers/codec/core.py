@@ -144,11 +144,13 @@ def unregister_codec(cls: type) -> None:
 
 
 class Envelope(NamedTuple):
-    """A decoded entry: the value, its absolute expiry (``None`` = never) and its tags."""
+    """A decoded entry: the value, its absolute expiry (``None`` = never), its tags and its invalidation stamp
+    (the last invalidation sequence number its writer had heard of; 0 = none)."""
 
     value: Any
     expires_at: float | None
     tags: tuple[str, ...]
+    stamp: int = 0
 
 
 class Codec:
@@ -400,12 +402,14 @@ class Codec:
         h.update(body)
         return h.digest()
 
-    def pack_body(self, value: object, tags: Sequence[str] = ()) -> bytes:
+    def pack_body(self, value: object, tags: Sequence[str] = (), stamp: int = 0) -> bytes:
         """Encode ``value`` and its tags into an envelope body (see `seal_body`).
 
         Args:
             value: The value to store.
             tags: Its tags.
+            stamp: The invalidation sequence number the writer had heard of last (see `Envelope`); 0 leaves
+                it out.
 
         Returns:
             The body.
@@ -414,7 +418,7 @@ class Codec:
             SerializationError: The value cannot be encoded (see `encode_value`).
         """
         try:
-            return self._pack([list(tags), value])
+            return self._pack([list(tags), value, stamp] if stamp else [list(tags), value])
         except Exception as exc:
             raise SerializationError(str(exc)) from exc
 
@@ -548,12 +552,15 @@ class Codec:
             if not hmac.compare_digest(view[_HEADER.size:_PREFIX_SIZE], self._mac(key, view[:_HEADER.size], body)):
                 raise IntegrityError("entry checksum or signature does not match")
         try:
-            tags, value = self._unpack(body)
+            tags, value, *rest = self._unpack(body)
         except SerializationError:
             raise
         except Exception as exc:
             raise SerializationError(f"cannot decode entry: {exc}") from exc
-        return Envelope(value, None if math.isnan(expires_at) else expires_at, tuple(tags))
+        stamp = rest[0] if rest else 0
+        if type(stamp) is not int or len(rest) > 1:
+            raise SerializationError("entry has a malformed invalidation stamp")
+        return Envelope(value, None if math.isnan(expires_at) else expires_at, tuple(tags), stamp)
 
 
 def _flags_mismatch(found: int, expected: int) -> str:

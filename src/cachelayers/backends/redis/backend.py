@@ -24,6 +24,7 @@ from cachelayers.backends.base import (
     ClearPrefixSupport,
     Clock,
     DeadlineSupport,
+    EpochSupport,
     LockSupport,
     PubSubSupport,
     StoreItem,
@@ -61,7 +62,22 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, LockSupport):
+# Takes the next invalidation sequence number (microseconds of the server's clock, or one more than the last
+# one taken, whichever is larger: it grows even if the hash is lost), records it for the fields and publishes
+# the message prefixed with it, atomically: subscribers receive sequence numbers in increasing order.
+_EPOCH_SCRIPT: Final = """
+local t = redis.call('TIME')
+local seq = math.max(tonumber(redis.call('HGET', KEYS[1], '*') or '0') + 1,
+                     tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local text = string.format('%d', seq)
+redis.call('HSET', KEYS[1], '*', text)
+for i = 3, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], text) end
+redis.call('PUBLISH', ARGV[1], '#' .. text .. ':' .. ARGV[2])
+return seq
+"""
+
+
+class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, LockSupport, EpochSupport):
     """Redis tier (asyncio only).
 
     URLs::
@@ -77,8 +93,9 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
     ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``; ``db`` for ``unix://``. An unknown option or a bad
     value raises `ConfigError` naming it when the settings are made.
 
-    Besides the storage contract it offers `PubSubSupport` (cross-process invalidation) and `LockSupport`
-    (leased locks for single-flight across processes).
+    Besides the storage contract it offers `PubSubSupport` (cross-process invalidation), `EpochSupport`
+    (invalidation epochs every process checks entries against) and `LockSupport` (leased locks for
+    single-flight across processes).
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "unix")
@@ -242,6 +259,19 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         self._loop_state()  # asyncio only
         async with subscription(self._kwargs, channel) as messages:
             yield messages
+
+    # -- EpochSupport ------------------------------------------------------------------------------------------
+
+    async def bump_epochs(self, key: str, fields: Sequence[str], channel: str, message: bytes) -> int:
+        """Take the next sequence number, record it for ``fields`` and publish the message, in one script."""
+        client = self._loop_state().client
+        seq = await client.eval(_EPOCH_SCRIPT, 1, key, channel, message, *fields)
+        return int(seq)
+
+    async def load_epochs(self, key: str) -> dict[str, int]:
+        """``HGETALL`` of the epochs hash."""
+        raw: dict[bytes, bytes] = await self._loop_state().client.hgetall(key)
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     # -- LockSupport -------------------------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 Rules kept here, each tested: an entry's expiry is absolute and travels with it (back-filling keeps the
 remaining lifetime); a tier that fails is a miss on read and skipped on write; an entry that fails its
 integrity check is a miss, deleted and counted; invalidation removes from every tier and, through the
-invalidation channel, from other processes' memory tiers. Tags live under ``<prefix>~tag:<tag>`` in the shared
-tiers, locks under ``<prefix>~lock:<key>``.
+invalidation channel, from other processes' memory tiers, and is never silently lost: with a tier that keeps
+invalidation epochs, an entry read below memory that an invalidation came after is a miss, and what did not
+land is queued, replayed and raised as `InvalidationError` (see `epochs`). Tags live under
+``<prefix>~tag:<tag>`` in the shared tiers, locks under ``<prefix>~lock:<key>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeAlias, cast
 
 import anyio
-import msgpack
 
 from cachelayers.backends import Backend, StoreItem, create_backend
 from cachelayers.backends.base import MISSING, Clock, LockSupport, PubSubSupport
@@ -29,6 +30,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.channel import Listener
+from cachelayers.engines.tiered.epochs import Invalidations
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG, namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Tier
 from cachelayers.errors import SerializationError
@@ -129,6 +131,9 @@ class TieredCache:
         self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
         pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
         self.listener = Listener(self, pubsub) if pubsub is not None else None
+        self.invalidations = Invalidations(self, pubsub, prefix)
+        self.epochs = self.invalidations.epochs
+        """The invalidation epochs entries read below memory are checked against (``None``: no epoch tier)."""
         self._following: dict[int, _Following] = {}
         """The functions storing here, by ``id``: their statistics, their memory hits when they came, and the
         finalizer that adds the hits made here to `local_stats` when they go (the hit path counts them on the
@@ -170,30 +175,40 @@ class TieredCache:
         return await self.write(sk, sk, value, expires_at, checked)
 
     async def delete(self, *keys: str) -> None:
-        """Remove keys from every tier (and from other processes' memory tiers)."""
+        """Remove keys from every tier (and from other processes' memory tiers).
+
+        Raises:
+            InvalidationError: As `invalidate_tags`.
+        """
         sks = [self.storage_key(k) for k in keys]
         await self.remove(sks, sks)
 
     async def invalidate_tags(self, *tags: str) -> None:
-        """Remove every entry carrying any of ``tags`` from every tier (and other processes' memory tiers)."""
+        """Remove every entry carrying any of ``tags`` from every tier (and other processes' memory tiers).
+
+        Raises:
+            InvalidationError: A tier did not take it within the tier timeout: it is queued and replayed, and
+                no process serves the entries it covers once the tier is back (see the invalidation guide).
+        """
         self.invalidated("t", list(tags))
-        qualified = self.tier_tags(tags)
-        async with anyio.create_task_group() as tg:
-            for tier in self.tiers:
-                tg.start_soon(tier.delete_tags, qualified)
-        await self._publish("t", list(tags))
+        await self.invalidations.run("t", tags)
 
     async def invalidate_namespace(self, namespace: str) -> None:
-        """Remove every entry of ``namespace`` (by default, of one function) from every tier."""
+        """Remove every entry of ``namespace`` (by default, of one function) from every tier.
+
+        Raises:
+            InvalidationError: As `invalidate_tags`.
+        """
         await self.invalidate_tags(namespace_tag(namespace))
 
     async def clear(self) -> None:
-        """Remove everything under this configuration's key prefix from every tier."""
+        """Remove everything under this configuration's key prefix from every tier.
+
+        Raises:
+            InvalidationError: As `invalidate_tags`.
+        """
         self.invalidated("c", [])
-        async with anyio.create_task_group() as tg:
-            for tier in self.tiers:
-                tg.start_soon(tier.clear, self.settings.key_prefix)
-        await self._publish("c", [])
+        await self.invalidations.run("c", ())
 
     async def aclose(self) -> None:
         """Stop background work, then close the backends' connections and files."""
@@ -255,7 +270,7 @@ class TieredCache:
     async def follow_invalidations(self) -> None:
         """Make sure this process hears other processes' invalidations before its memory tier takes entries."""
         listener = self.listener
-        if listener is not None and self.local is not None and (
+        if listener is not None and (self.local is not None or self.epochs is not None) and (
                 listener.loop is not current_loop_token() or not listener.subscribed):
             await listener.start()
 
@@ -298,18 +313,6 @@ class TieredCache:
                 return True
         return False
 
-    async def _publish(self, kind: str, items: list[str]) -> None:
-        listener = self.listener
-        if listener is None:
-            return
-        payload = msgpack.packb([self.sender, kind, items], use_bin_type=True)
-        backend = listener.backend
-
-        async def op() -> None:
-            await backend.publish(self.channel, payload)
-
-        await listener.tier.call(op, None)
-
     def store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
                      tags: tuple[str, ...], storage_key: str | None) -> bool:
         """Put an entry in the memory tier (there is one); return whether it is held (not larger than the bound).
@@ -339,7 +342,12 @@ class TieredCache:
         entry went by since.
         """
         keys = (storage_key,)
+        epochs = self.epochs
+        if epochs is not None and not epochs.ready:
+            await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
+            if self.invalidations.blocked and not await self.invalidations.before_read(tier):
+                continue
             blobs = await tier.get_many(keys)
             blob = None if blobs is None else blobs[0]
             if blob is None:
@@ -349,6 +357,9 @@ class TieredCache:
                 envelope = (codec or self.codec).open(storage_key, blob)
             except SerializationError as exc:
                 await self._corrupt(tier, [storage_key], exc)
+                continue
+            if epochs is not None and not epochs.admits(storage_key, envelope.tags, envelope.stamp):
+                tier.stats.misses += 1  # an invalidation came after it was written
                 continue
             expires_at = envelope.expires_at
             stale = False
@@ -381,9 +392,14 @@ class TieredCache:
         pending = list(range(len(storage_keys)))
         open_ = (codec or self.codec).open
         local = self.local
+        epochs = self.epochs
+        if epochs is not None and not epochs.ready:
+            await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
             if not pending:
                 break
+            if self.invalidations.blocked and not await self.invalidations.before_read(tier):
+                continue
             blobs = await tier.get_many([storage_keys[i] for i in pending])
             if blobs is None:
                 continue
@@ -408,7 +424,8 @@ class TieredCache:
                     still.append(i)
                     continue
                 expires_at = envelope.expires_at
-                if expires_at is not None and expires_at <= now:
+                if (expires_at is not None and expires_at <= now) or (
+                        epochs is not None and not epochs.admits(sk, envelope.tags, envelope.stamp)):
                     still.append(i)
                     continue
                 hits += 1
@@ -451,7 +468,8 @@ class TieredCache:
         logged once, nothing stored).
         """
         try:
-            body = (codec or self.codec).pack_body(value, tags)
+            epochs = self.epochs
+            body = (codec or self.codec).pack_body(value, tags, 0 if epochs is None else epochs.stamp)
         except SerializationError as exc:
             self._unencodable(value, exc, fstats)
             return None
@@ -546,15 +564,16 @@ class TieredCache:
                     tg.start_soon(tier.set, items)
 
     async def remove(self, local_keys: Sequence[Hashable], storage_keys: Sequence[str]) -> None:
-        """Remove entries from every tier and from other processes' memory tiers."""
+        """Remove entries from every tier and from other processes' memory tiers.
+
+        Raises:
+            InvalidationError: As `invalidate_tags`.
+        """
         if self.local is not None:
             for key in local_keys:
                 self.local.remove(key)
         self.invalidated("k", list(storage_keys))
-        async with anyio.create_task_group() as tg:
-            for tier in self.tiers:
-                tg.start_soon(tier.delete, storage_keys)
-        await self._publish("k", list(storage_keys))
+        await self.invalidations.run("k", storage_keys)
 
 
 _default: Final = PerSettings(TieredCache)

@@ -1,7 +1,12 @@
 """The invalidation channel: one pub/sub subscription per event loop that keeps memory tiers in step.
 
 Messages are msgpack ``[sender, kind, items]`` on ``<prefix>~events``, with kind ``"k"`` (storage keys),
-``"t"`` (tags), ``"c"`` (clear) or ``"l"`` (a lock was released).
+``"t"`` (tags), ``"c"`` (clear) or ``"l"`` (a lock was released). An invalidation published with its epoch
+(see `epochs`) is prefixed with ``#<sequence number>:``; they arrive in sequence order.
+
+Once subscribed, the listener loads the epochs (messages published meanwhile wait on the subscription) and
+only then calls itself subscribed. When the subscription is lost the memory tier is cleared at once and again
+when it is back (messages may have been missed in between), and the epochs are loaded again.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from typing import Final, Protocol, cast
 import anyio
 import msgpack
 
-from cachelayers.backends.base import LocalTier, PubSubSupport
+from cachelayers.backends.base import EpochSupport, LocalTier, PubSubSupport
 from cachelayers.engines.background import BackgroundTasks
+from cachelayers.engines.tiered.epochs import Epochs, Invalidations, fields_of
 from cachelayers.engines.tiered.tier import Tier
 from cachelayers.loops import current_loop_token
 from cachelayers.metrics import StateLog
@@ -30,6 +36,8 @@ class ListenerHost(Protocol):
     channel: str
     log: StateLog
     sender: bytes
+    epochs: Epochs | None
+    invalidations: Invalidations
 
     @property
     def local(self) -> LocalTier | None:
@@ -91,11 +99,12 @@ class Listener:
         return event
 
     async def _run(self, token: object) -> None:
-        what = f"invalidation listener on tier {self.tier.name!r}"
+        what = f"invalidation channel on {self.tier.name!r}"
         backoff = 0.05
         while self.loop is token:
             try:
                 async with self.backend.subscribe(self.cache.channel) as messages:
+                    await self._load_epochs()
                     self._on_subscribed()
                     self.cache.log.recovered(what)
                     backoff = 0.05
@@ -108,8 +117,30 @@ class Listener:
             if self.subscribed:
                 self.subscribed = False
                 self.lost = True
+                self.cache.invalidated("c", [])  # what was missed from here on is not known: drop it all now
+            if self.cache.epochs is not None:
+                self.cache.epochs.ready = False
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, LISTEN_MAX_BACKOFF)
+
+    async def _load_epochs(self) -> None:
+        epochs = self.cache.epochs
+        if epochs is None:
+            return
+        tier = self.tier
+        key = self.cache.invalidations.hash_key
+        backend = tier.backend
+        assert isinstance(backend, EpochSupport)
+
+        async def load() -> dict[str, int] | None:
+            return await backend.load_epochs(key)
+
+        table = await tier.call(load, None)
+        if table is None:
+            raise ConnectionError(f"loading the invalidation epochs from tier {tier.name!r} failed")
+        epochs.loaded(table)
+        if self.cache.invalidations.outbox:  # what this process could not invalidate: now is a good time
+            self.cache.background.start_soon(self.cache.invalidations.replay)
 
     def _on_subscribed(self) -> None:
         cache = self.cache
@@ -125,11 +156,18 @@ class Listener:
             self.ready.set()
 
     def _on_message(self, data: bytes) -> None:
+        seq = 0
         try:
+            if data[:1] == b"#":
+                head, _, data = data.partition(b":")
+                seq = int(head[1:])
             sender, kind, items = msgpack.unpackb(data, raw=False)
         except Exception as exc:
             self.cache.log.failure("decoding invalidation messages", exc)
             return
+        epochs = self.cache.epochs
+        if seq and epochs is not None and kind in ("k", "t", "c"):
+            epochs.heard(seq, fields_of(kind, items))  # before the memory tier drops them: see `Epochs`
         if sender == self.cache.sender:
             return
         if kind == "l":

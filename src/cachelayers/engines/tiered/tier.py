@@ -108,26 +108,32 @@ class Tier:
         if await self.call(op, False):
             self.stats.writes += len(items)
 
-    async def delete(self, keys: Sequence[str]) -> None:
-        async def op() -> None:
+    async def delete(self, keys: Sequence[str]) -> bool:
+        """Delete ``keys``; return whether it landed."""
+        async def op() -> bool:
             await self.backend.delete_many(keys)
+            return True
 
-        await self.call(op, None)
+        return await self.call(op, False)
 
-    async def delete_tags(self, tags: Sequence[str]) -> None:
-        async def op() -> None:
+    async def delete_tags(self, tags: Sequence[str]) -> bool:
+        """Delete the entries under ``tags``; return whether it landed."""
+        async def op() -> bool:
             await self.backend.delete_tags(tags)
+            return True
 
-        await self.call(op, None)
+        return await self.call(op, False)
 
-    async def clear(self, prefix: str) -> None:
+    async def clear(self, prefix: str) -> bool:
+        """Remove what is under ``prefix`` (everything, for a backend without `ClearPrefixSupport`); return
+        whether it landed."""
         backend = self.backend
 
-        async def op() -> None:
+        async def op() -> bool:
             if isinstance(backend, ClearPrefixSupport):
                 await backend.clear_prefix(prefix)
             else:
                 await backend.clear()
+            return True
 
-        await self.call(op, None)
-
+        return await self.call(op, False)
