@@ -22,11 +22,11 @@ An entry stored outside the process is an *envelope*::
     magic "\\xc1C" | format (1 byte) | flags (1 byte) | expires_at (float64, NaN = never) | mac (20 bytes) | body
 
 where ``body`` is the msgpack of ``[tags, value]``, or ``[tags, value, stamp]`` when the engine follows
-invalidation epochs (``stamp``: the last invalidation sequence number the writer had heard of), and ``mac`` is a BLAKE2b over the storage key, the header
-and the body — keyed by the secret when one is configured (an HMAC-grade signature), plain otherwise (a
-checksum). Binding the key into the mac means that an entry copied under another key is detected as well
-as one that was truncated or overwritten. ``0xc1`` is the one byte msgpack never emits, so no bare msgpack
-value is mistaken for an envelope.
+invalidation epochs (``stamp``: the last invalidation sequence number the writer had heard of), and ``mac`` is
+a BLAKE2b over the storage key, the header and the body — keyed by the secret when one is configured (an
+HMAC-grade signature), plain otherwise (a checksum). Binding the key into the mac means that an entry copied
+under another key is detected as well as one that was truncated or overwritten. ``0xc1`` is the one byte
+msgpack never emits, so no bare msgpack value is mistaken for an envelope.
 
 With encryption keys (``Settings.encryption_keys``, `cachelayers.codec.crypto`) the envelope is encrypted
 instead of signed (flag ``0x02``)::
