@@ -517,7 +517,7 @@ class TieredCache:
             keep = None if expires_at is None else expires_at + grace
             item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), keep,
                              self.tier_tags(tags))
-            targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+            targets = self.tiers if since is None else self._write_targets(since)
             if len(targets) == 1:
                 await targets[0].set([item])
             elif targets:
@@ -525,6 +525,17 @@ class TieredCache:
                     for tier in targets:
                         tg.start_soon(tier.set, [item])
         return True
+
+    def _write_targets(self, since: int) -> list[Tier]:
+        """The tiers a call that started at ``since`` (a value of `failures`) writes to: those that have not
+        failed since. A write left out is counted in the tier's ``skipped``, never silent."""
+        targets: list[Tier] = []
+        for tier in self.tiers:
+            if tier.failure_serial <= since:
+                targets.append(tier)
+            else:
+                tier.stats.skipped += 1
+        return targets
 
     async def write_many(self, entries: Sequence[tuple[Hashable, str, Any, float | None, tuple[str, ...]]],
                          fstats: FunctionStats | None = None, *, since: int | None = None,
@@ -538,7 +549,7 @@ class TieredCache:
                 continue
             items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,
                                    self.tier_tags(tags)))
-        targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+        targets = self.tiers if since is None or not items else self._write_targets(since)
         if items and targets:
             async with anyio.create_task_group() as tg:
                 for tier in targets:
