@@ -183,6 +183,45 @@ async def test_a_write_to_a_hung_redis_times_out(own_redis: RedisServer) -> None
     await backend.aclose()
 
 
+@pytest.mark.redis
+async def test_the_pipeline_path_stores_entries_and_tags_and_fails_only_its_caller(redis_url: str,
+                                                                                  client: redis.Redis) -> None:
+    """The path a cluster takes (redis-py's pipeline, the tag script sent whole) stores what the transaction
+    path stores, and a failed entry fails its own caller only."""
+    backend = RedisBackend(redis_url)
+    await backend.set_many([StoreItem("warm", b"w", None)])  # the client of this loop exists
+    backend.cluster = True  # writes now go through send_pipeline(transaction=False)
+    client.set("not-a-set", b"x")
+    outcomes = await asyncio.gather(
+        backend.set_many([StoreItem("a", b"1", None, ("t",))]),
+        backend.set_many([StoreItem("b", b"2", None, ("not-a-set",))]),
+        backend.set_many([StoreItem(f"k{i}", b"v", None, ("t",)) for i in range(100)]),
+        return_exceptions=True)
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], BackendError)
+    assert outcomes[2] is None
+    assert client.get("a") == b"1"
+    assert client.scard("t") == 101
+    assert calls(client, "exec") == 1  # the warm-up's transaction only
+    await backend.aclose()
+
+
+class Deadline(MemoryBackend, DeadlineSupport):
+    """A backend with deadline-bounded reads that leaves writes to `DeadlineSupport`'s default."""
+
+    async def get_many_within(self, keys: Sequence[str], seconds: float) -> list[bytes | None]:
+        return await self.get_many(keys)
+
+
+async def test_the_default_bounded_write_stores() -> None:
+    lower = Deadline(BackendURL.parse("memory://"))
+    cache = TieredCache(backends={"memory": MemoryBackend(BackendURL.parse("memory://")), "lower": lower})
+    await cache.set("k", 1)
+    assert cache.tier_stats()["lower"]["writes"] == 1
+    assert lower.slots  # stored below memory
+    await cache.aclose()
+
+
 class Busy(MemoryBackend, DeadlineSupport):
     """A tier that is always congested: every write is refused with `BackendBusyError`."""
 
