@@ -12,16 +12,26 @@ process and run, measured interleaved in random order each round:
 * **concurrent**: 100 callers at once (``asyncio.gather``), each wanting one key: the floor is one
   ``GET`` per caller, against cachelayers, whose reads of one event-loop tick go as one ``MGET``; peers too.
   Figures are ns per call (lower is better) and the throughput gain over the floor.
+* **bursts**: 2,000 and 10,000 concurrent misses (``asyncio.gather``) of a function never called before, on an
+  emptied Redis: throughput of the burst (calls/s), how many results landed in Redis (keys counted on the
+  server with ``SCAN``), then a second burst of the same calls from a fresh instance (for cachelayers a fresh
+  memory tier, as a new process would have) and its hit rate. cachelayers runs memory + Redis with its default
+  ``tier_timeout``; cashews and aiocache their Redis cache, on the same server. "x cachelayers" divides a
+  peer's throughput by cachelayers's at the same size.
 
-Run ``python benchmarks/bench_redis.py`` (``--json``, ``--check`` to exit 1 when a target is missed).
+Run ``python benchmarks/bench_redis.py`` (``--json``, ``--check`` to exit 1 when a target is missed;
+``--burst-rounds 0`` leaves the bursts out, ``--only-bursts`` runs only them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
+import statistics
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +168,171 @@ async def make_aiocache(url: str) -> Contender:
 FACTORIES = (make_raw, make_cachelayers, make_cashews, make_aiocache)
 
 
+# -- bursts of misses -------------------------------------------------------------------------------------------
+
+BURSTS = (2_000, 10_000)
+BURST_OURS = "cachelayers memory + Redis"
+Fn = Callable[[int], Awaitable[Any]]
+BurstMaker = Callable[[str, list[int]], Awaitable[tuple[Fn, Callable[[], Awaitable[None]]]]]
+
+
+async def burst_cachelayers(url: str, computed: list[int]) -> tuple[Fn, Callable[[], Awaitable[None]]]:
+    cache = TieredCache(Settings(tiers={"memory": "memory://?max_entries=20000", "redis": url},
+                                 key_prefix="burst:"))
+
+    @multilevel_cached(ttl="1h", cache=cache, name="bench.burst")
+    async def fn(x: int) -> str:
+        computed[0] += 1
+        await asyncio.sleep(0)
+        return value_of(x)
+
+    return fn, cache.aclose
+
+
+_instances = iter(range(1_000_000))
+
+
+async def burst_cashews(url: str, computed: list[int]) -> tuple[Fn, Callable[[], Awaitable[None]]]:
+    import cashews
+
+    cache = cashews.Cache(name=f"bench_burst{next(_instances)}")
+    cache.setup(url, client_side=False)
+
+    @cache(ttl="1h")
+    async def fn(x: int) -> str:
+        computed[0] += 1
+        await asyncio.sleep(0)
+        return value_of(x)
+
+    return fn, cache.close
+
+
+async def burst_aiocache(url: str, computed: list[int]) -> tuple[Fn, Callable[[], Awaitable[None]]]:
+    import aiocache
+    from aiocache.serializers import PickleSerializer
+
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    decorator = aiocache.cached(namespace="bench_burst", cache=aiocache.RedisCache, endpoint="127.0.0.1", port=port,
+                                serializer=PickleSerializer(), ttl=3600)
+
+    @decorator  # type: ignore[untyped-decorator]
+    async def fn(x: int) -> str:
+        computed[0] += 1
+        await asyncio.sleep(0)
+        return value_of(x)
+
+    async def close() -> None:
+        await decorator.cache.close()
+
+    return fn, close
+
+
+BURST_MAKERS: tuple[tuple[str, BurstMaker], ...] = (
+    (BURST_OURS, burst_cachelayers),
+    ("cashews redis:// ttl=1h", burst_cashews),
+    ("aiocache RedisCache ttl=3600", burst_aiocache),
+)
+
+
+async def one_burst(fn: Fn, n: int) -> tuple[float, int]:
+    """Call ``fn`` on ``range(n)`` all at once; return the seconds taken and how many calls failed or answered
+    wrong."""
+    started = time.perf_counter()
+    results = await asyncio.gather(*(fn(x) for x in range(n)), return_exceptions=True)
+    seconds = time.perf_counter() - started
+    return seconds, sum(1 for x, r in enumerate(results) if r != value_of(x))
+
+
+async def measure_burst(make: BurstMaker, url: str, n: int) -> dict[str, float]:
+    """One burst of ``n`` misses on an emptied Redis, then ``n`` calls from a fresh instance."""
+    import redis.asyncio as aredis
+
+    raw = aredis.Redis.from_url(url)
+    await raw.flushdb()
+    computed = [0]
+    fn, close = await make(url, computed)
+    first, failed = await one_burst(fn, n)
+    await close()
+    landed = 0
+    async for key in raw.scan_iter(count=1000):
+        landed += b"~" not in key  # cachelayers's tag sets are not results
+    again = [0]
+    fn, close = await make(url, again)
+    second, failed_again = await one_burst(fn, n)
+    await close()
+    await raw.aclose()
+    return {"calls_per_s": n / first, "landed": landed, "failed_calls": failed + failed_again,
+            "second_calls_per_s": n / second, "second_hit_rate": 1 - again[0] / n}
+
+
+async def run_bursts(rounds: int, url: str, rng: random.Random, notes: list[str]) -> dict[str, Any]:
+    """Every contender at every size, ``rounds`` times in random order; medians of throughput, worst of the
+    rest."""
+    samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+    makers = list(BURST_MAKERS)
+    # aiocache and cashews log a traceback for every operation that fails or times out under a burst: what they
+    # lost shows as "landed" and the hit rate instead.
+    for peer in ("aiocache", "cashews"):
+        logging.getLogger(peer).setLevel(logging.CRITICAL)
+    for _ in range(rounds):
+        for n in BURSTS:
+            for name, make in rng.sample(makers, len(makers)):
+                try:
+                    figures = await measure_burst(make, url, n)
+                except ImportError as exc:
+                    notes.append(f"skipped a peer in bursts: {exc}")
+                    makers = [(k, m) for k, m in makers if k != name]
+                    continue
+                samples.setdefault((name, n), []).append(figures)
+    results: dict[str, Any] = {}
+    for (name, n), runs in samples.items():
+        results[f"{name} @ {n}"] = {
+            "contender": name, "n": n,
+            "calls_per_s": statistics.median(r["calls_per_s"] for r in runs),
+            "second_calls_per_s": statistics.median(r["second_calls_per_s"] for r in runs),
+            "landed_min": min(r["landed"] for r in runs),
+            "second_hit_rate_min": min(r["second_hit_rate"] for r in runs),
+            "failed_calls": sum(r["failed_calls"] for r in runs),
+            "runs": runs,
+        }
+    for entry in results.values():
+        ours = results.get(f"{BURST_OURS} @ {entry['n']}")
+        entry["x_cachelayers"] = entry["calls_per_s"] / ours["calls_per_s"] if ours else None
+        entry["second_x_cachelayers"] = entry["second_calls_per_s"] / ours["second_calls_per_s"] if ours else None
+    return results
+
+
+def burst_targets(bursts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    targets: dict[str, dict[str, Any]] = {}
+    for n in BURSTS:
+        ours = bursts.get(f"{BURST_OURS} @ {n}")
+        if ours is None:
+            continue
+        targets[f"{n:,} concurrent misses: every result lands in Redis"] = {
+            "value": f"{ours['landed_min']:,} / {n:,}", "ok": ours["landed_min"] == n}
+        targets[f"{n:,} concurrent misses: the next round is 100% Redis hits"] = {
+            "value": ours["second_hit_rate_min"], "ok": ours["second_hit_rate_min"] == 1.0}
+    return targets
+
+
+def render_bursts(document: dict[str, Any]) -> list[str]:
+    bursts = document.get("bursts")
+    if not bursts:
+        return []
+    rows = []
+    for entry in sorted(bursts.values(), key=lambda e: (e["n"], e["contender"] != BURST_OURS, e["contender"])):
+        ratio = entry["x_cachelayers"]
+        ratio2 = entry["second_x_cachelayers"]
+        rows.append([entry["contender"], f"{entry['n']:,}", f"{entry['calls_per_s']:,.0f}",
+                     "-" if ratio is None else f"{ratio:.2f}", f"{entry['landed_min']:,} / {entry['n']:,}",
+                     f"{entry['second_calls_per_s']:,.0f}", "-" if ratio2 is None else f"{ratio2:.2f}",
+                     f"{entry['second_hit_rate_min']:.1%}", f"{entry['failed_calls']:,}"])
+    return ["", f"Bursts of concurrent misses ({document['config']['burst_rounds']} rounds; calls/s median, "
+                "landed and hit rate the worst round):",
+            render_table(["contender", "misses", "calls/s", "x cachelayers", "landed in Redis", "2nd round calls/s",
+                          "x cachelayers", "2nd round hit rate", "failed calls"], rows)]
+
+
 # -- measuring ------------------------------------------------------------------------------------------------
 
 
@@ -177,8 +352,29 @@ async def check(contender: Contender, keys: list[int]) -> None:
 
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    contenders: list[Contender] = []
     notes: list[str] = []
+    document: dict[str, Any] = {
+        "benchmark": "Redis tier: hit, 100-key batch, 100 concurrent callers; bursts of misses",
+        "environment": environment(PEER_PACKAGES),
+        "config": {"rounds": args.rounds, "repeat": args.repeat, "keys": KEYS, "value_bytes": VALUE_SIZE,
+                   "seed": args.seed, "burst_rounds": args.burst_rounds, "bursts": list(BURSTS)},
+        "notes": notes,
+        "results": {},
+        "targets": {},
+    }
+    if not args.only_bursts:
+        await run_hits(args, url, document)
+    if args.burst_rounds:
+        bursts = await run_bursts(args.burst_rounds, url, random.Random(args.seed), notes)
+        document["bursts"] = bursts
+        document["targets"].update(burst_targets(bursts))
+    return document
+
+
+async def run_hits(args: argparse.Namespace, url: str, document: dict[str, Any]) -> None:
+    """The hit, batch and concurrent-hit scenarios: fills ``document``'s results and targets."""
+    contenders: list[Contender] = []
+    notes: list[str] = document["notes"]
     for factory in FACTORIES:
         try:
             contenders.append(await factory(url))
@@ -241,33 +437,27 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         f"100 concurrent callers >= {CONCURRENT_TARGET:g}x the throughput of one GET per call":
             {"value": gain, "ok": gain >= CONCURRENT_TARGET},
     }
-    return {
-        "benchmark": "Redis tier: hit, 100-key batch, 100 concurrent callers",
-        "environment": environment(PEER_PACKAGES),
-        "config": {"rounds": args.rounds, "repeat": args.repeat, "keys": KEYS, "value_bytes": VALUE_SIZE,
-                   "seed": args.seed},
-        "notes": notes,
-        "results": results,
-        "targets": targets,
-    }
+    document["results"] = results
+    document["targets"].update(targets)
 
 
 def render(document: dict[str, Any]) -> str:
     config = document["config"]
-    lines = report_head(
-        document,
+    head = [] if not document["results"] else [
         f"{config['rounds']} interleaved rounds; {config['keys']} keys of {config['value_bytes']} bytes; "
         "ns per call (batch: per 100-key call); x floor = median over rounds of (contender / floor that round).",
-        "",
-    )
+        ""]
+    lines = report_head(document, *head)
     rows = []
     for name, r in document["results"].items():
         row = [name]
         for kind in ("hit", "batched", "concurrent"):
             row += ratio_cells(r[kind]) if kind in r else ["-", "-", "-"]
         rows.append(row)
-    lines.append(render_table(["contender", "hit best", "hit median", "x floor", "batch best", "batch median",
-                               "x floor", "100 concurrent best", "median", "x floor"], rows))
+    if rows:
+        lines.append(render_table(["contender", "hit best", "hit median", "x floor", "batch best", "batch median",
+                                   "x floor", "100 concurrent best", "median", "x floor"], rows))
+    lines += render_bursts(document)
     lines += problem_lines(document["results"])
     lines += target_lines("acceptance targets (cachelayers):", document["targets"])
     lines += [f"note: {n}" for n in document["notes"]]
@@ -278,10 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--repeat", type=int, default=3, help="passes over the keys per measurement (default 3)")
+    parser.add_argument("--burst-rounds", type=int, default=3,
+                        help="rounds of the bursts of misses (default 3; 0: none)")
+    parser.add_argument("--only-bursts", action="store_true", help="run only the bursts of misses")
     add_common_arguments(parser, seed=True)
     args = parser.parse_args(argv)
     if min(args.rounds, args.repeat) <= 0:
         parser.error("--rounds and --repeat must be positive")
+    if args.burst_rounds < 0 or (args.only_bursts and not args.burst_rounds):
+        parser.error("--burst-rounds must be positive with --only-bursts, and never negative")
     with RedisServer() as server:
         document = asyncio.run(run(args, server.url))
     emit(document, args.json, render)

@@ -61,7 +61,7 @@ class TierStats:
         self.writes = 0
         self.errors = 0
         self.timeouts = 0
-        self.skipped = 0  # calls not made because the tier's circuit breaker was open
+        self.skipped = 0  # calls not made: breaker open, tier congested (writes), or it failed during the call
         self.corrupt = 0
         self.evictions = 0
 

@@ -15,10 +15,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
-from cachelayers.errors import ConfigError, redact_urls
+from cachelayers.errors import BackendError, ConfigError, redact_urls
 
-__all__ = ["MISSING", "Backend", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport", "EpochSupport",
-           "LocalTier", "LockSupport", "PubSubSupport", "StoreItem"]
+__all__ = ["MISSING", "Backend", "BackendBusyError", "BackendURL", "ClearPrefixSupport", "Clock", "DeadlineSupport",
+           "EpochSupport", "LocalTier", "LockSupport", "PubSubSupport", "StoreItem"]
 
 Clock = Callable[[], float]
 """A source of wall-clock time in seconds since the epoch (``time.time`` or a fake for tests)."""
@@ -171,17 +171,44 @@ class ClearPrefixSupport(abc.ABC):
         """Remove every key that starts with ``prefix``, with any tag and lock bookkeeping under it."""
 
 
+class BackendBusyError(BackendError):
+    """A write was not made because the backend was congested (no connection free within the time allowed).
+
+    Raised by `DeadlineSupport.set_many_within`. It is not a failure of the tier: the engine counts the write
+    as ``skipped`` without counting a failure or moving the circuit breaker.
+    """
+
+
 class DeadlineSupport(abc.ABC):
-    """Optional ability: reads that fail by themselves after a timeout.
+    """Optional ability: operations that fail by themselves after a timeout.
 
     The engine bounds every tier operation by the tier timeout. A generic cancel scope around each read costs,
     on asyncio, a good part of a Redis round trip; a backend that already waits on a socket with a timeout can
-    enforce the engine's at no extra cost, and the engine then calls it without a scope.
+    enforce the engine's at no extra cost, and the engine then calls it without a scope. Writes go through
+    `set_many_within`, which by default runs `Backend.set_many` under a cancel scope.
     """
 
     @abc.abstractmethod
     async def get_many_within(self, keys: Sequence[str], seconds: float) -> list[bytes | None]:
         """Like `Backend.get_many`, raising `TimeoutError` when no answer came within ``seconds``."""
+
+    async def set_many_within(self, items: Sequence[StoreItem], seconds: float) -> None:
+        """Like `Backend.set_many`, within ``seconds`` of waiting for the backend and ``seconds`` of I/O.
+
+        Args:
+            items: The entries to store.
+            seconds: The engine's tier timeout.
+
+        Raises:
+            TimeoutError: The backend did not answer within ``seconds``.
+            BackendBusyError: The write was not made because the backend had no connection free for it
+                within ``seconds`` (congestion, not a failure of the tier).
+        """
+        import anyio
+
+        assert isinstance(self, Backend)
+        with anyio.fail_after(seconds):
+            await self.set_many(items)
 
 
 class PubSubSupport(abc.ABC):

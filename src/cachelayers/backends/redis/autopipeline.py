@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final
 
 from cachelayers.errors import BackendError
 from cachelayers.loops import running_asyncio_loop
 
-__all__ = ["MAX_READERS", "LoopState", "ProtocolError", "ReadBatch", "Redo", "abandon", "mget_on", "pack_mget",
-           "read_many", "send_mget"]
+__all__ = ["MAX_READERS", "FairTimer", "LoopState", "ProtocolError", "ReadBatch", "Redo", "ReplyDeadline", "abandon",
+           "connect_within", "fair_timeout", "mget_on", "pack_mget", "read_many", "send_mget"]
 
 MAX_READERS: Final = 16  # dedicated read connections per event loop; more batches in flight use the pool
 
@@ -30,6 +30,48 @@ def pack_mget(keys: Sequence[str]) -> bytes:
 
 class ProtocolError(ConnectionError):
     """The reply was not what MGET answers: the connection is dropped."""
+
+
+class ReplyDeadline:
+    """Fails ``reader`` with `TimeoutError` once Redis has made no progress for ``seconds``: no byte of the
+    reply arrived and none of the request left the write buffer.
+
+    Under a burst the event loop can be busy with thousands of callers for longer than the tier timeout and
+    run a plain timer before the reply that came in time: a healthy tier would be counted as failing (and its
+    breaker opened). When this one fires it looks for progress — bytes the parser took (`got`), bytes waiting
+    in the stream's buffer, request bytes sent since — and re-arms if there was any, so only a server that
+    stalls (hung, unreachable) times out, ``seconds`` after its last sign of life.
+    """
+
+    __slots__ = ("got", "handle", "loop", "reader", "seconds", "seen", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader,
+                 transport: asyncio.BaseTransport, seconds: float) -> None:
+        self.loop = loop
+        self.reader = reader
+        self.transport = transport
+        self.seconds = seconds
+        self.got = 0
+        """Bytes of the reply the parser has taken from the stream."""
+        self.seen = self._progress()
+        self.handle = loop.call_later(seconds, self._check)
+
+    def _progress(self) -> int:
+        buffered = len(getattr(self.reader, "_buffer", b""))
+        unsent = self.transport.get_write_buffer_size() if isinstance(self.transport, asyncio.WriteTransport) else 0
+        return self.got + buffered - unsent
+
+    def _check(self) -> None:
+        progress = self._progress()
+        if progress != self.seen:
+            self.seen = progress
+            self.handle = self.loop.call_later(self.seconds, self._check)
+        else:
+            self.reader.set_exception(TimeoutError(f"Redis did not answer within {self.seconds:g}s"))
+
+    def cancel(self) -> None:
+        """Stop watching (the reply is in, or the request failed)."""
+        self.handle.cancel()
 
 
 async def mget_on(conn: Any, keys: Sequence[str], seconds: float,
@@ -48,13 +90,12 @@ async def mget_on(conn: Any, keys: Sequence[str], seconds: float,
         if reply is None:  # redis-py's way of saying the read timed out; the reply is still due
             raise TimeoutError(f"Redis did not answer within {seconds:g}s")
         return list(reply)
-    writer.write(pack_mget(keys))
-    if writer.transport.get_write_buffer_size() > 1 << 16:
-        await writer.drain()
+    writer.write(pack_mget(keys))  # not drained: the reply cannot come before the request is sent
     # The deadline fails the stream itself: cheaper than a cancel scope, and the connection is dropped after.
-    timer = loop.call_later(seconds, reader.set_exception, TimeoutError(f"Redis did not answer within {seconds:g}s"))
+    deadline = ReplyDeadline(loop, reader, writer.transport, seconds)
     try:
         head = await reader.readuntil(b"\r\n")
+        deadline.got += len(head)
         if head[:1] == b"-":
             from redis.exceptions import ResponseError
 
@@ -72,6 +113,7 @@ async def mget_on(conn: Any, keys: Sequence[str], seconds: float,
                 more = await reader.read(1 << 16)
                 if not more:
                     raise asyncio.IncompleteReadError(buf[pos:], None)
+                deadline.got += len(more)
                 buf = buf[pos:] + more
                 pos = 0
                 end = buf.find(b"\r\n")
@@ -88,6 +130,7 @@ async def mget_on(conn: Any, keys: Sequence[str], seconds: float,
                     more = await reader.read(max(1 << 16, stop + 2 - len(buf)))
                     if not more:
                         raise asyncio.IncompleteReadError(buf, stop + 2)
+                    deadline.got += len(more)
                     buf += more
                 append(buf[start:stop])
                 pos = stop + 2
@@ -100,7 +143,61 @@ async def mget_on(conn: Any, keys: Sequence[str], seconds: float,
             raise ProtocolError("bytes after the MGET reply")  # never trust this connection again
         return values
     finally:
-        timer.cancel()
+        deadline.cancel()
+
+
+class FairTimer:
+    """Calls ``expire`` once the event loop has been responsive for ``seconds``: time the loop was too busy to
+    run its timers (an iteration running late by a `STEP` or more, as under a burst of callers) is not counted.
+
+    For the connection handshake, which runs inside redis-py and shows no progress to watch (see
+    `ReplyDeadline` for replies): on a responsive loop it fires after ``seconds``; while thousands of callers
+    hold the loop, it waits for the loop to have had time to notice the answer.
+    """
+
+    STEP: Final = 0.01
+
+    __slots__ = ("due", "expire", "handle", "left", "loop", "since")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, expire: Callable[[], object]) -> None:
+        self.loop = loop
+        self.expire = expire
+        self.left = seconds
+        self.since = loop.time()
+        self.due = self.since + min(self.STEP, seconds)
+        self.handle = loop.call_at(self.due, self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        # An interval counts fully when the timer ran on time, only as far as it was due (plus a step) when late.
+        self.left -= min(now - self.since, self.due - self.since + self.STEP)
+        if self.left <= 0:
+            self.expire()
+            return
+        self.since = now
+        self.due = now + min(self.STEP, self.left)
+        self.handle = self.loop.call_at(self.due, self._tick)
+
+    def cancel(self) -> None:
+        """Stop counting."""
+        self.handle.cancel()
+
+
+@contextlib.asynccontextmanager
+async def fair_timeout(seconds: float, loop: asyncio.AbstractEventLoop) -> AsyncIterator[None]:
+    """Like ``asyncio.timeout(seconds)``, counting only time the loop was responsive (see `FairTimer`)."""
+    async with asyncio.timeout(None) as scope:
+        timer = FairTimer(loop, seconds, lambda: scope.reschedule(loop.time()))
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+async def connect_within(conn: Any, seconds: float, loop: asyncio.AbstractEventLoop) -> None:
+    """Connect a redis-py connection, raising `TimeoutError` once the loop was responsive for ``seconds``."""
+    async with fair_timeout(seconds, loop):
+        await conn.connect()
 
 
 class Redo(Exception):
@@ -119,17 +216,23 @@ class ReadBatch:
 
 class LoopState:
     """What the backend holds for one event loop: the client (and its pool), idle read connections, the open
-    read batch."""
+    read batch; for writes (see `writes`), idle write connections, the slots that bound them, the open write
+    batch and the tasks sending write batches."""
 
-    __slots__ = ("batch", "client", "crowded", "in_flight", "loop", "readers")
+    __slots__ = ("batch", "client", "crowded", "flushes", "in_flight", "loop", "readers", "write_batch",
+                 "write_slots", "writers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any, *, max_writers: int = 1) -> None:
         self.loop = loop
         self.client = client
         self.batch: ReadBatch | None = None
         self.readers: list[Any] = []
         self.in_flight = 0  # read batches being sent or awaited
         self.crowded = False  # whether the last batch had more than one caller
+        self.write_batch: Any = None  # the open `writes.WriteBatch`, if any
+        self.writers: list[Any] = []
+        self.write_slots = asyncio.Semaphore(max_writers)  # write batches sent at once
+        self.flushes: set[asyncio.Task[None]] = set()
 
 
 async def read_many(state: LoopState, keys: Sequence[str], seconds: float, *, cluster: bool) -> list[bytes | None]:
@@ -202,8 +305,7 @@ async def send_mget(state: LoopState, keys: list[str], seconds: float, *, cluste
             fresh = not conn.is_connected
             try:
                 if fresh:
-                    async with asyncio.timeout(seconds):
-                        await conn.connect()
+                    await connect_within(conn, seconds, state.loop)
                 values = await mget_on(conn, keys, seconds, state.loop)
             except (RedisConnectionError, ConnectionError, asyncio.IncompleteReadError) as exc:
                 await conn.disconnect(nowait=True)
@@ -230,7 +332,7 @@ def abandon(state: LoopState) -> None:
     """
     pool = getattr(state.client, "connection_pool", None)
     connections = [*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ()),
-                   *state.readers]
+                   *state.readers, *state.writers]
     loop = state.loop
     for conn in connections:
         writer = getattr(conn, "_writer", None)
@@ -250,3 +352,4 @@ def abandon(state: LoopState) -> None:
             transport.close()
         conn._reader = conn._writer = None
     state.readers.clear()
+    state.writers.clear()

@@ -3,17 +3,18 @@
 Entries are plain Redis strings under their storage keys with a native TTL (``PX``) taken from the entry's
 absolute expiry; a tag is a Redis set of the keys carrying it, named by the tag itself (the engine names tags
 inside the key prefix), so invalidating a tag pops its members and unlinks them without ``KEYS`` or ``SCAN``.
-Writes of a batch go in one pipeline (a ``MULTI`` transaction on a single server, so an entry and its tag
-memberships appear together). One connection pool per backend instance and event loop: the pool is made on
-first use in a loop and closed by `RedisBackend.aclose`; a pool left behind by a loop that has ended is
-dropped with its sockets.
+Reads and writes are auto-pipelined: the reads of one event-loop tick are one ``MGET`` (`autopipeline`), the
+writes one ``MULTI`` transaction (`writes`; on a cluster, a pipeline), so an entry and its tag memberships
+appear together and a burst of writes needs a few connections, not one each. One connection pool per backend
+instance and event loop: the pool is made on first use in a loop and closed by `RedisBackend.aclose`; a pool
+left behind by a loop that has ended is dropped with its sockets. The pool waits for a free connection rather
+than failing when all are in use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
@@ -33,29 +34,12 @@ from cachelayers.backends.redis import locks
 from cachelayers.backends.redis.autopipeline import LoopState, abandon, read_many
 from cachelayers.backends.redis.options import OPTIONS, client_kwargs, close_client, make_client, validate_redis_url
 from cachelayers.backends.redis.pubsub import subscription
+from cachelayers.backends.redis.writes import MAX_WRITERS, write_many
 from cachelayers.errors import BackendError
 
 __all__ = ["RedisBackend"]
 
 _CHUNK: Final = 1000  # keys per UNLINK / members per SPOP, to keep single commands short
-
-# Adds an entry to a tag's set and keeps the set alive as long as its longest-lived member: a new set takes
-# the entry's TTL, an existing one is only ever extended, and an entry that never expires makes it persistent.
-# It touches one key, so it is valid on a cluster too.
-_TAG_SCRIPT: Final = """
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('SADD', KEYS[1], ARGV[1])
-local ms = tonumber(ARGV[2])
-if ms < 0 then
-  redis.call('PERSIST', KEYS[1])
-elseif existed == 0 then
-  redis.call('PEXPIRE', KEYS[1], ms)
-else
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl >= 0 and ttl < ms then redis.call('PEXPIRE', KEYS[1], ms) end
-end
-return 1
-"""
 
 
 def _glob_escape(text: str) -> str:
@@ -88,7 +72,8 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         unix:///path/to/redis.sock[?db=0&options]
 
     Options: ``timeout`` (socket timeout, default 5s), ``connect_timeout`` (default: ``timeout``),
-    ``max_connections`` (pool size per event loop), ``health_check_interval``, ``client_name``; with TLS
+    ``max_connections`` (pool size per event loop, default 100; a command waits for a free connection),
+    ``health_check_interval``, ``client_name``; with TLS
     (``rediss://``, or ``redis+cluster://…?ssl=true``) also ``ssl_cert_reqs`` (none/optional/required),
     ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``; ``db`` for ``unix://``. An unknown option or a bad
     value raises `ConfigError` naming it when the settings are made.
@@ -129,7 +114,8 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         if state is not None:
             self._state = None
             abandon(state)
-        state = self._state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster))
+        writers = min(MAX_WRITERS, self._kwargs["max_connections"])
+        state = self._state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster), max_writers=writers)
         return state
 
     def __del__(self) -> None:
@@ -151,7 +137,9 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         if state.loop is not current:
             abandon(state)
             return
-        for conn in state.readers:
+        if state.flushes:  # writes being sent: let them finish (each is bounded by its deadlines)
+            await asyncio.wait(list(state.flushes))
+        for conn in [*state.readers, *state.writers]:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
         await close_client(state.client)
@@ -169,40 +157,24 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         return await read_many(self._loop_state(), keys, seconds, cluster=self.cluster)
 
     async def set_many(self, items: Sequence[StoreItem]) -> None:
-        """Store the entries with ``PX`` from their expiry and record them under their tags, in one round trip."""
+        """Store the entries with ``PX`` from their expiry and record them under their tags (see `set_many_within`;
+        the socket timeout bounds the wait)."""
+        await self.set_many_within(items, self._kwargs["socket_timeout"])
+
+    async def set_many_within(self, items: Sequence[StoreItem], seconds: float) -> None:
+        """Store the entries; the writes of one event-loop tick share one ``MULTI`` transaction.
+
+        Auto-pipelined like reads (see `cachelayers.backends.redis.writes`): concurrent writes join the batch
+        that is waiting for a write connection, so a burst needs a few transactions, not a connection each.
+
+        Raises:
+            BackendBusyError: No write connection was free within ``seconds``; nothing was written.
+            TimeoutError: Redis did not answer within ``seconds`` of the transaction being sent.
+            BackendError: Redis failed or refused the write.
+        """
         if not items:
             return
-        client = self._loop_state().client
-        now = self.clock()
-        if len(items) == 1 and not items[0].tags:
-            item = items[0]
-            ms = self._ttl_ms(item, now)
-            if ms is None:
-                await client.execute_command("SET", item.key, item.blob)
-            elif ms > 0:
-                await client.execute_command("SET", item.key, item.blob, "PX", ms)
-            else:
-                await client.execute_command("UNLINK", item.key)
-            return
-        pipe = client.pipeline(transaction=not self.cluster)
-        for item in items:
-            ms = self._ttl_ms(item, now)
-            if ms is not None and ms <= 0:
-                pipe.unlink(item.key)  # already expired: drop an older copy rather than store a dead one
-                continue
-            if ms is None:
-                pipe.set(item.key, item.blob)
-            else:
-                pipe.set(item.key, item.blob, px=ms)
-            for tag in item.tags:
-                pipe.eval(_TAG_SCRIPT, 1, tag, item.key, -1 if ms is None else ms)
-        await pipe.execute()
-
-    @staticmethod
-    def _ttl_ms(item: StoreItem, now: float) -> int | None:
-        if item.expires_at is None:
-            return None
-        return math.ceil((item.expires_at - now) * 1000)
+        await write_many(self._loop_state(), items, self.clock(), seconds, cluster=self.cluster)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Unlink the keys."""

@@ -9,11 +9,12 @@ from cachelayers.backends.base import BackendURL
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
 
-__all__ = ["CERT_REQS", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "OPTIONS", "SSL_OPTIONS", "client_kwargs", "close_client",
-           "make_client", "validate_redis_url"]
+__all__ = ["CERT_REQS", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "OPTIONS", "SSL_OPTIONS",
+           "client_kwargs", "close_client", "make_client", "validate_redis_url"]
 
 DEFAULT_PORT: Final = 6379
 DEFAULT_TIMEOUT: Final = 5.0
+DEFAULT_MAX_CONNECTIONS: Final = 100  # per event loop; a command waits for a free one (up to the tier timeout)
 SSL_OPTIONS: Final = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
 CERT_REQS: Final = frozenset({"none", "optional", "required"})
 OPTIONS: Final = frozenset({"timeout", "connect_timeout", "max_connections", "health_check_interval", "client_name",
@@ -83,8 +84,7 @@ def client_kwargs(url: BackendURL) -> dict[str, Any]:
         kwargs["health_check_interval"] = parse_duration(opts["health_check_interval"], "health_check_interval")
     if "client_name" in opts:
         kwargs["client_name"] = opts["client_name"]
-    if "max_connections" in opts:
-        kwargs["max_connections"] = int(opts["max_connections"])
+    kwargs["max_connections"] = int(opts.get("max_connections", DEFAULT_MAX_CONNECTIONS))
     if url.scheme == "unix":
         kwargs["path"] = url.path
         kwargs["db"] = int(opts.get("db", "0"))
@@ -114,13 +114,16 @@ def make_client(kwargs: dict[str, Any], *, cluster: bool) -> Any:
         kwargs.pop("max_connections", None)
         kwargs.pop("health_check_interval", None)
         return RedisCluster(**kwargs)
+    # A pool that waits for a connection when all are in use, rather than raising MaxConnectionsError: under a
+    # burst, a command queues; the engine's tier timeout bounds the wait (the socket timeout, if longer).
+    kwargs["timeout"] = kwargs.get("socket_timeout")
     if "path" in kwargs:
         kwargs.pop("ssl", None)
-        pool = aredis.ConnectionPool(connection_class=aredis.UnixDomainSocketConnection, **kwargs)
+        pool = aredis.BlockingConnectionPool(connection_class=aredis.UnixDomainSocketConnection, **kwargs)
     elif kwargs.pop("ssl", False):
-        pool = aredis.ConnectionPool(connection_class=aredis.SSLConnection, **kwargs)
+        pool = aredis.BlockingConnectionPool(connection_class=aredis.SSLConnection, **kwargs)
     else:
-        pool = aredis.ConnectionPool(**kwargs)
+        pool = aredis.BlockingConnectionPool(**kwargs)
     return aredis.Redis(connection_pool=pool)
 
 

@@ -32,24 +32,15 @@ from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.channel import Listener
 from cachelayers.engines.tiered.epochs import Invalidations
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG, namespace_tag, user_tags
-from cachelayers.engines.tiered.tier import Tier
+from cachelayers.engines.tiered.tier import Stale, Tier
 from cachelayers.errors import SerializationError
 from cachelayers.loops import current_loop_token
 from cachelayers.metrics import FunctionStats, StateLog, TierStats, register_stats_source
 from cachelayers.settings import PerSettings, Settings, get_settings
 
-__all__ = ["Follower", "Stale", "TieredCache", "default_cache"]
+__all__ = ["Follower", "TieredCache", "default_cache"]
 
 _RECENT_INVALIDATIONS: Final = 1024
-
-
-class Stale:
-    """A value served past its expiry, within its grace period (``stale=``): serve it, refresh it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 class Follower(Protocol):
@@ -536,7 +527,7 @@ class TieredCache:
             keep = None if expires_at is None else expires_at + grace
             item = StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), keep,
                              self.tier_tags(tags))
-            targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+            targets = self.tiers if since is None else self._write_targets(since)
             if len(targets) == 1:
                 await targets[0].set([item])
             elif targets:
@@ -544,6 +535,17 @@ class TieredCache:
                     for tier in targets:
                         tg.start_soon(tier.set, [item])
         return True
+
+    def _write_targets(self, since: int) -> list[Tier]:
+        """The tiers a call that started at ``since`` (a value of `failures`) writes to: those that have not
+        failed since. A write left out is counted in the tier's ``skipped``, never silent."""
+        targets: list[Tier] = []
+        for tier in self.tiers:
+            if tier.failure_serial <= since:
+                targets.append(tier)
+            else:
+                tier.stats.skipped += 1
+        return targets
 
     async def write_many(self, entries: Sequence[tuple[Hashable, str, Any, float | None, tuple[str, ...]]],
                          fstats: FunctionStats | None = None, *, since: int | None = None,
@@ -557,7 +559,7 @@ class TieredCache:
                 continue
             items.append(StoreItem(storage_key, self.codec.seal_body(storage_key, body, expires_at), expires_at,
                                    self.tier_tags(tags)))
-        targets = self.tiers if since is None else [t for t in self.tiers if t.failure_serial <= since]
+        targets = self.tiers if since is None or not items else self._write_targets(since)
         if items and targets:
             async with anyio.create_task_group() as tg:
                 for tier in targets:
@@ -587,7 +589,6 @@ def _fold_memory_hits(engine: weakref.ref[TieredCache], key: int) -> None:
             entry = cache._following.pop(key, None)
             if entry is not None:
                 cache.local_stats.hits += entry[0].memory_hits - entry[1]
-
 
 
 def default_cache() -> TieredCache:

@@ -22,12 +22,13 @@ from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.sync import is_async, run, to_async
-from cachelayers.engines.tiered.cache import Stale, TieredCache, default_cache
+from cachelayers.engines.tiered.cache import TieredCache, default_cache
 from cachelayers.engines.tiered.control import Mode, Trace, current_mode, on_switch, switch_now
 from cachelayers.engines.tiered.hitpath import compile_hit_path
 from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
 from cachelayers.engines.tiered.options import CacheOptions, lease, ttl_options
 from cachelayers.engines.tiered.tags import namespace_tag, user_tags
+from cachelayers.engines.tiered.tier import Stale
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import KeyBuilder, KeyFunctionError, claim_identity
 from cachelayers.loops import current_loop_token

@@ -1,22 +1,32 @@
-"""A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
+"""A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open; and `Stale`, a value
+served past its expiry within its grace period."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
 from cachelayers.backends import Backend, StoreItem
-from cachelayers.backends.base import ClearPrefixSupport, DeadlineSupport
+from cachelayers.backends.base import BackendBusyError, ClearPrefixSupport, DeadlineSupport
 from cachelayers.engines.breaker import CircuitBreaker
 from cachelayers.errors import BackendError
 from cachelayers.metrics import StateLog, TierStats
 from cachelayers.settings import Settings
 
-__all__ = ["FailureCounter", "Tier"]
+__all__ = ["FailureCounter", "Stale", "Tier"]
 
 T = TypeVar("T")
+
+
+class Stale:
+    """A value served past its expiry, within its grace period (``stale=``): serve it, refresh it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 class FailureCounter(Protocol):
@@ -29,7 +39,7 @@ class Tier:
     """A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
 
     __slots__ = ("backend", "breaker", "cache", "failure_serial", "log", "name", "read_within", "stats", "strict",
-                 "timeout")
+                 "timeout", "write_within")
 
     def __init__(self, name: str, backend: Backend, settings: Settings, log: StateLog,
                  monotonic: Callable[[], float], cache: FailureCounter) -> None:
@@ -44,17 +54,31 @@ class Tier:
         # A backend that enforces the timeout on its own reads is called without a cancel scope, which on
         # asyncio costs a noticeable share of a Redis hit.
         self.read_within = backend.get_many_within if isinstance(backend, DeadlineSupport) else None
+        # Such a backend bounds its writes too, and tells waiting for a connection (congestion: the write is
+        # skipped, BackendBusyError) from a failure.
+        self.write_within = backend.set_many_within if isinstance(backend, DeadlineSupport) else None
         self.failure_serial = 0
         """`TieredCache.failures` when this tier last failed: a call that started before skips its writes."""
 
-    async def call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
-        """Run ``op`` under the tier's timeout and breaker; on failure count, log and return ``default``."""
+    async def call(self, op: Callable[[], Awaitable[T]], default: T, *, scoped: bool = True) -> T:
+        """Run ``op`` under the tier's timeout and breaker; on failure count, log and return ``default``.
+
+        ``scoped=False`` when ``op`` bounds itself by the tier timeout. A `BackendBusyError` (the backend had
+        no connection free in time) is counted as ``skipped``: not a failure, the breaker does not move.
+        """
         if not self.breaker.allow():
             self.stats.skipped += 1
             return default
         try:
-            with anyio.fail_after(self.timeout):
+            if scoped:
+                with anyio.fail_after(self.timeout):
+                    result = await op()
+            else:
                 result = await op()
+        except BackendBusyError as exc:
+            self.stats.skipped += 1
+            self.log.failure(f"writes to tier {self.name!r}", f"skipped, the tier is congested: {exc}")
+            return default
         except TimeoutError as exc:
             self.stats.timeouts += 1
             self._failed(exc, f"timed out after {self.timeout:g}s")
@@ -101,12 +125,18 @@ class Tier:
         return blobs
 
     async def set(self, items: Sequence[StoreItem]) -> None:
+        within = self.write_within
+
         async def op() -> bool:
-            await self.backend.set_many(items)
+            if within is None:
+                await self.backend.set_many(items)
+            else:
+                await within(items, self.timeout)
             return True
 
-        if await self.call(op, False):
+        if await self.call(op, False, scoped=within is None):
             self.stats.writes += len(items)
+            self.log.recovered(f"writes to tier {self.name!r}")
 
     async def delete(self, keys: Sequence[str]) -> bool:
         """Delete ``keys``; return whether it landed."""
