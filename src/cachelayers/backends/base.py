@@ -247,8 +247,12 @@ class EpochSupport(abc.ABC):
         and publish ``b"#<seq>:" + message`` on ``channel``. Returns the sequence number."""
 
     @abc.abstractmethod
-    async def load_epochs(self, key: str) -> dict[str, int]:
-        """The whole hash ``key``: field -> sequence number (``"*"``: the last one taken)."""
+    async def load_epochs(self, key: str, seconds: float | None = None) -> dict[str, int]:
+        """The whole hash ``key``: field -> sequence number (``"*"``: the last one taken).
+
+        With ``seconds``, raise `TimeoutError` if the backend does not answer within that time; a backend
+        may count only time its event loop was free to notice the answer (a burst of callers is not an outage).
+        """
 
 
 class LockSupport(abc.ABC):

@@ -31,7 +31,7 @@ from cachelayers.backends.base import (
     StoreItem,
 )
 from cachelayers.backends.redis import locks
-from cachelayers.backends.redis.autopipeline import LoopState, abandon, read_many
+from cachelayers.backends.redis.autopipeline import LoopState, abandon, fair_timeout, read_many
 from cachelayers.backends.redis.options import OPTIONS, client_kwargs, close_client, make_client, validate_redis_url
 from cachelayers.backends.redis.pubsub import subscription
 from cachelayers.backends.redis.writes import MAX_WRITERS, write_many
@@ -240,9 +240,15 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         seq = await client.eval(_EPOCH_SCRIPT, 1, key, channel, message, *fields)
         return int(seq)
 
-    async def load_epochs(self, key: str) -> dict[str, int]:
-        """``HGETALL`` of the epochs hash."""
-        raw: dict[bytes, bytes] = await self._loop_state().client.hgetall(key)
+    async def load_epochs(self, key: str, seconds: float | None = None) -> dict[str, int]:
+        """``HGETALL`` of the epochs hash, within ``seconds`` of a responsive loop (see `fair_timeout`)."""
+        state = self._loop_state()
+        raw: dict[bytes, bytes]
+        if seconds is None:
+            raw = await state.client.hgetall(key)
+        else:
+            async with fair_timeout(seconds, state.loop):
+                raw = await state.client.hgetall(key)
         return {k.decode(): int(v) for k, v in raw.items()}
 
     # -- LockSupport -------------------------------------------------------------------------------------------

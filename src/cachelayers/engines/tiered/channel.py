@@ -133,9 +133,9 @@ class Listener:
         assert isinstance(backend, EpochSupport)
 
         async def load() -> dict[str, int] | None:
-            return await backend.load_epochs(key)
+            return await backend.load_epochs(key, tier.timeout)  # a crowded loop is not a silent Redis
 
-        table = await tier.call(load, None)
+        table = await tier.call(load, None, scoped=False)
         if table is None:
             raise ConnectionError(f"loading the invalidation epochs from tier {tier.name!r} failed")
         epochs.loaded(table)
