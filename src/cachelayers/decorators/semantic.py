@@ -76,7 +76,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
         max_entries: Capacity of each partition, 10,000 by default (LRU eviction removes vector and payload).
         max_total_entries: Capacity across all partitions of the function, 100,000 by default: past it the
             least recently used entry of any partition is evicted, and a partition left empty is freed with
-            its index (a partition per tenant stays bounded however many tenants come and go).
+            its index (a partition per tenant stays bounded however many tenants come and go). All functions
+            together are bounded by ``Settings.semantic_max_entries`` (500,000 by default, process-wide).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
             is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
