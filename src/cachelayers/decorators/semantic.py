@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar, Unpack, final
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, TypeVar, Unpack, final
 
 from cachelayers.decorators.wrapper import FunctionWrapper
 from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction, SemanticOptions
@@ -39,6 +39,30 @@ class SemanticCachedFunction(FunctionWrapper[P, T]):
     async def invalidate_all(self) -> None:
         """Same as `cache_clear`."""
         await self.cache.cache_clear()
+
+    async def prefill(self, entries: Iterable[tuple[str, T]], /, **partition_arguments: Any) -> int:
+        """Pre-load answers: store each ``(text, value)`` pair as if the function had computed it.
+
+        Like GPTCache's ``import_data``: known questions and their answers go in before traffic does.
+
+        Args:
+            entries: ``(semantic text, result)`` pairs.
+            **partition_arguments: The other arguments of the calls these entries answer, by name (ignored
+                arguments may be left out): the entries are stored in those calls' partition.
+
+        Returns:
+            How many entries were stored (entries with an empty text are skipped).
+
+        Raises:
+            TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
+            UnkeyableArgumentError: A partition argument cannot be keyed.
+            EmbeddingError: The embedder failed.
+
+        Example::
+
+            await ask.prefill([("How do I reset my password?", "Use the reset link.")], tenant="acme")
+        """
+        return await self.cache.prefill(entries, **partition_arguments)
 
     async def save(self) -> None:
         """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
