@@ -76,13 +76,17 @@ class SemanticFunction(Generic[P, T]):
         self._embedder = embedder if embedder is not None else HashingEmbedder()
         if not callable(self._embedder):
             raise ConfigError("embed", embedder, "expected a callable list[str] -> (n, d) array")
-        threshold = options.get("threshold")
+        threshold = threshold_given = options.get("threshold")
         if threshold is None:
             threshold = getattr(self._embedder, "default_threshold", None)
             if threshold is None:
                 raise ConfigError("threshold", None, f"{embedder_name(self._embedder)} has no calibrated default "
                                   "threshold: pass threshold= (measure one with `cachelayers calibrate`)")
         self.threshold = check_similarity(threshold)
+        margin = options.get("margin")
+        if margin is None:
+            margin = getattr(self._embedder, "default_margin", None) if threshold_given is None else None
+        self.margin = check_similarity(margin if margin is not None else 0.0, "margin")
         self._split = CallSplitter(fn, options)
         self._keys = self._split.keys
         self.identity = self._keys.identity
@@ -347,6 +351,8 @@ class SemanticFunction(Generic[P, T]):
             return await self._uncached(args, kwargs, text, partition, f"index failed: {exc}")
         best = candidates[0][1] if candidates else None
         rejected = 0
+        if len(candidates) > 1 and candidates[0][1] - candidates[1][1] < self.margin:
+            candidates = []  # ambiguous: two entries about as near as each other, neither is served
         for entry, similarity in candidates:
             if similarity < self.threshold:
                 break
