@@ -88,7 +88,11 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
         embed: Embedder, sync or async ``list[str] -> (n, d)`` array; the built-in offline
             `cachelayers.embedders.HashingEmbedder` by default (near-duplicates only: see its docs).
         threshold: Least similarity for a hit, in [0, 1]; the embedder's calibrated ``default_threshold``
-            when omitted. Measure yours with ``cachelayers calibrate``.
+            when omitted. Measure yours with ``cachelayers calibrate`` (``--replay`` for a replay's false hits).
+        margin: Ambiguity margin in [0, 1]: the nearest entry is served only when its similarity exceeds the
+            second nearest's by at least this much (two entries about as near as each other: neither is
+            served). The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
+            (`cachelayers.embedders.minilm` carries 0.06 with its 0.97), else 0.
         text: Name of the argument holding the text (the first parameter by default), or a function of the
             arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
         partition: Function of the arguments (by name) returning what must be *equal* for two calls to share
@@ -118,7 +122,7 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> Callable[[Callable[P,
         A decorator making a `SemanticCachedFunction`.
 
     Raises:
-        ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
+        ConfigError: At decoration time: ``threshold`` or ``margin`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
             ``ttl``, ``max_entries``, ``max_total_entries`` or ``vector_index``.
         TypeError: An unknown option (at once); the function is not async. At call time, a semantic text
