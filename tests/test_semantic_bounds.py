@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from cachelayers import ConfigError, explain, semantic_cached
+from cachelayers import ConfigError, Settings, configure, explain, semantic_cached
 from cachelayers.backends.vectors import VectorIndex
 from cachelayers.engines.semantic import SemanticFunction
+from cachelayers.engines.semantic.budget import budget
 from tests.conftest import FakeClock
 from tests.semantic_helpers import AngleEmbedder
 
@@ -167,3 +169,134 @@ def test_max_total_entries_must_be_a_positive_integer() -> None:
         @semantic_cached(max_total_entries=0)
         async def ask(question: str) -> str:
             return question
+
+
+# -- the process-wide bound: every function and partition counted together ------------------------------------
+
+
+def mine(functions: list[Any]) -> int:
+    return sum(len(f.cache._store) for f in functions if f.cache._store is not None)
+
+
+def make_tenant_functions(count: int, emb: Any, **options: Any) -> list[Any]:
+    functions = []
+    for n in range(count):
+        async def ask(question: str, tenant: str, n: int = n) -> str:
+            return f"{question}/{tenant}/f{n}"
+
+        functions.append(semantic_cached(embed=emb, threshold=0.99, partition=lambda tenant, **_: tenant,
+                                         cache_embeddings=False, name=f"bounded-{n}", **options)(ask))
+    return functions
+
+
+async def test_the_process_bound_holds_across_functions_and_partitions_and_keeps_the_newest() -> None:
+    gc.collect()
+    before = budget.total()  # entries of earlier tests' stores still alive (evicted first: they are older)
+    configure(semantic_max_entries=400)
+    emb = AngleEmbedder()
+    functions = make_tenant_functions(20, emb)
+    calls = []
+    for f_index, fn in enumerate(functions):
+        for t in range(50):
+            for topic in ("a", "b"):
+                assert await fn(f"{topic}@0", f"t{t}") == f"{topic}@0/t{t}/f{f_index}"
+                calls.append((fn, f"{topic}@0", f"t{t}"))
+                assert budget.total() <= 400  # each function alone (100 entries) is far below its own bounds
+    assert mine(functions) >= 400 - before
+    assert sum(f.cache_info().evictions for f in functions) == 2000 - mine(functions)
+    for fn in functions[:15]:  # the oldest functions were evicted entirely: their partitions are freed too
+        assert fn.cache._store is not None
+        assert len(fn.cache._store) == 0
+        assert fn.cache._store.partitions == {}
+    with explain() as info:
+        for fn, question, tenant in calls[-300:]:  # the newest entries survive, each with its own answer
+            await fn(question, tenant)
+    assert info.levels() == {"exact": 300}
+    with explain() as info:
+        await functions[0]("a@0", "t0")
+    assert info.last is not None
+    assert info.last.level == "computed"
+
+
+async def test_the_process_bound_evicts_the_least_recently_used_not_the_oldest_written() -> None:
+    configure(semantic_max_entries=10)
+    emb = AngleEmbedder()
+    first, second = make_tenant_functions(2, emb)
+    await first("a@0", "t0")  # written first, then kept in use
+    for t in range(30):
+        await second("a@0", f"t{t}")
+        with explain() as info:
+            await first("a@0", "t0")
+        assert info.last is not None
+        assert info.last.level == "exact", f"the entry in use was evicted after {t + 1} writes of another function"
+    assert budget.total() <= 10
+    assert second.cache_info().evictions >= 20
+
+
+async def test_lowering_the_bound_takes_effect_on_the_next_insert() -> None:
+    emb = AngleEmbedder()
+    functions = make_tenant_functions(3, emb)
+    for fn in functions:
+        for t in range(40):
+            await fn("a@0", f"t{t}")
+    assert mine(functions) == 120
+    configure(semantic_max_entries=25)
+    await functions[0]("b@0", "new")
+    assert budget.total() <= 25
+    assert mine(functions) <= 25
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def held_by_stores(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes allocated under the semantic store (entries, partitions, indexes), not latency rings and the like."""
+    kept = snapshot.filter_traces([tracemalloc.Filter(True, pattern) for pattern in (
+        "*/engines/semantic/store.py", "*/backends/vectors/*", "*/usearch/*")])
+    return sum(stat.size for stat in kept.statistics("filename"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_many_functions_times_many_tenants_stop_growing_memory(clock: FakeClock) -> None:
+    """10 functions x 1,200 tenants, no TTL: without the process bound every tenant keeps an index (~50 KiB)."""
+    configure(semantic_max_entries=300)
+    functions = make_tenant_functions(10, AxisEmbedder(), clock=clock)
+    baseline_indexes = live_indexes()
+
+    async def round_of(start: int, stop: int) -> None:
+        for t in range(start, stop):
+            for fn in functions:
+                await fn("a@0", f"t{t}")
+
+    await round_of(0, 100)  # every function's store is open: what stays is what the bound allows
+    tracemalloc.start()
+    try:
+        await round_of(100, 400)
+        gc.collect()
+        traced_mid = held_by_stores(tracemalloc.take_snapshot())
+        rss_mid = rss_bytes()
+        await round_of(400, 1200)
+        gc.collect()
+        traced_end = held_by_stores(tracemalloc.take_snapshot())
+        rss_end = rss_bytes()
+    finally:
+        tracemalloc.stop()
+    assert mine(functions) <= 300
+    assert live_indexes() - baseline_indexes <= 300  # 14,700 partitions' indexes were released
+    # 8,000 more partitions: Python's memory stays within 25 %, the process's within 64 MiB (~500 MiB unbounded)
+    assert traced_end < 1.25 * traced_mid, f"traced memory {traced_mid} -> {traced_end} bytes"
+    assert rss_end - rss_mid < 64 * 2**20, f"RSS {rss_mid} -> {rss_end} bytes"
+
+
+def test_the_process_bound_is_validated_and_read_from_the_environment() -> None:
+    with pytest.raises(ConfigError, match="semantic_max_entries"):
+        Settings(semantic_max_entries=0)
+    with pytest.raises(ConfigError, match="semantic_max_entries"):
+        Settings(semantic_max_entries=cast(Any, "many"))
+    with pytest.raises(ConfigError, match="CACHELAYERS_SEMANTIC_MAX_ENTRIES"):
+        Settings.from_env({"CACHELAYERS_SEMANTIC_MAX_ENTRIES": "-5"})
+    assert Settings.from_env({"CACHELAYERS_SEMANTIC_MAX_ENTRIES": "2500"}).semantic_max_entries == 2500
+    assert Settings().semantic_max_entries == 500_000

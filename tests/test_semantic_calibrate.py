@@ -123,3 +123,68 @@ def test_the_calibrate_command_reports_an_unreachable_precision_and_bad_files(
     assert "no threshold reaches precision 0.9" in capsys.readouterr().out
     assert cli.main(["calibrate", str(tmp_path / "missing.jsonl")]) == 2
     assert "error" in capsys.readouterr().out
+
+
+# -- replay: the false hits a pre-loaded cache would serve per threshold ------------------------------------
+
+
+REPLAY = [("a@0", "a@5"), ("a@40", "a@15"), ("b@0", "b@30"), ("c@0", "c@1")]
+# a@5: own origin at cos 5 = 0.996 (a@40 at cos 35 = 0.819); a@15: a@0 (cos 15 = 0.966) is nearer than its own
+# a@40 (cos 25 = 0.906), by 0.0597; b@30: own origin at cos 30 = 0.866; c@1: own at 0.9998
+
+
+async def test_replay_rates_count_true_and_false_hits_and_misses_per_threshold() -> None:
+    from cachelayers.calibrate import replay_rates
+
+    points = {p.threshold: p for p in await replay_rates(REPLAY, AngleEmbedder(), thresholds=[0.8, 0.9, 0.97])}
+    assert points[0.8][1:] == pytest.approx((0.75, 0.25, 0.0))
+    assert points[0.9][1:] == pytest.approx((0.5, 0.25, 0.25))
+    assert points[0.97][1:] == pytest.approx((0.5, 0.0, 0.5))
+    with_margin = {p.threshold: p for p in await replay_rates(REPLAY, AngleEmbedder(), thresholds=[0.8],
+                                                               margin=0.06)}
+    assert with_margin[0.8][1:] == pytest.approx((0.75, 0.0, 0.25))  # the ambiguous a@15 is not served
+
+
+async def test_replay_rates_reject_bad_margins_and_empty_pairs() -> None:
+    from cachelayers.calibrate import replay_rates
+
+    with pytest.raises(ConfigError, match="margin"):
+        await replay_rates(REPLAY, AngleEmbedder(), margin=1.5)
+    with pytest.raises(ValueError, match="no replay pairs"):
+        await replay_rates([], AngleEmbedder())
+
+
+def test_the_calibrate_command_prints_replay_rates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    replay = tmp_path / "mock.json"
+    replay.write_text(json.dumps([{"origin": "How do I reset my password?", "similar": "how do i reset my password"},
+                                  {"origin": "Where is the invoice?", "similar": "Which colour is the sky?"}]))
+    assert cli.main(["calibrate", "--replay", str(replay), "--every", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "2 replay pairs, 2 origins pre-loaded" in out
+    assert "true hit" in out
+    assert "false hit" in out
+    assert "     1.00     50.0%       0.0%   50.0%\n" in out  # one true hit, one miss, no false hit
+    assert "<- default" in out  # the built-in embedder's 0.98
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ([], "give labelled PAIRS, --replay REPLAY.json, or both"),
+    (["--replay", "{replay}", "--margin", "2"], "--margin must be in [0, 1], got 2"),
+    (["--replay", "{replay}", "--target-precision", "0"], "--target-precision must be in (0, 1], got 0"),
+    (["--replay", "{replay}", "--limit", "0"], "--limit must be a positive number of pairs, got 0"),
+    (["--replay", "{replay}", "--every", "0"], "--every must be in (0, 1], got 0"),
+    (["--replay", "{replay}", "--plot", "x.png"], "--plot draws the labelled pairs' curve: give PAIRS too"),
+    (["--replay", "{bad}"], "[1]: expected {\"origin\": str, \"similar\": str}"),
+    (["--replay", "{missing}"], "No such file"),
+])
+def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   arguments: list[str], message: str) -> None:
+    replay = tmp_path / "mock.json"
+    replay.write_text(json.dumps([{"origin": "a", "similar": "b"}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"origin": "a", "similar": "b"}, {"origin": "a"}]))
+    paths = {"replay": str(replay), "bad": str(bad), "missing": str(tmp_path / "missing.json")}
+    assert cli.main(["calibrate", *[a.format(**paths) for a in arguments]]) == 2
+    out = capsys.readouterr().out
+    assert "cachelayers calibrate: error:" in out
+    assert message in out

@@ -13,7 +13,9 @@ picks the threshold for a target precision by a rule fixed in advance:
 target once can sit in a dip. Thresholds accepting fewer than ``min_support`` pairs are ignored: a
 precision measured on a handful of pairs (often near-identical texts with a noisy label) says nothing.
 The command ``cachelayers calibrate PAIRS.jsonl[.gz] --target-precision P``
-prints the table, the chosen threshold and writes a plot.
+prints the table, the chosen threshold and writes a plot; with ``--replay REPLAY.json`` (GPTCache's
+``{origin, similar}`` pairs) it also prints the true and false hits a cache pre-loaded with the origins would
+serve at each threshold (`replay_rates`).
 
 Pairs are JSON lines ``{"a": str, "b": str, "duplicate": bool}`` (the format of the QQP pairs), optionally
 gzip-compressed.
@@ -34,9 +36,11 @@ import numpy as np
 
 from cachelayers.embedders import embed, embedder_name, resolve_embedder
 from cachelayers.errors import ConfigError, MissingDependencyError
+from cachelayers.validation import similarity as check_similarity
 
-__all__ = ["Calibration", "Pair", "ThresholdPoint", "add_calibrate_arguments", "calibrate", "load_pairs",
-           "main", "run_calibrate"]
+__all__ = ["Calibration", "Pair", "ReplayPoint", "ThresholdPoint", "add_calibrate_arguments", "calibrate",
+           "check_calibrate_arguments", "load_pairs", "load_replay", "main", "replay_rates", "replay_table",
+           "run_calibrate"]
 
 DEFAULT_GRID = tuple(round(0.5 + i * 0.01, 2) for i in range(51))
 """Thresholds 0.50, 0.51, ..., 1.00."""
@@ -237,12 +241,109 @@ async def calibrate(pairs: Iterable[Pair | tuple[str, str, bool]], embedder: Cal
                        embedder=embedder_name(model))
 
 
+# -- replay: the false hits a cache would serve --------------------------------------------------------------
+
+
+class ReplayPoint(NamedTuple):
+    """What a pre-loaded cache answers at one threshold: shares of true hits, false hits and misses."""
+
+    threshold: float
+    true_hit: float
+    false_hit: float
+    miss: float
+
+
+def load_replay(path: str | Path) -> list[tuple[str, str]]:
+    """Read replay pairs: a JSON list of ``{"origin": str, "similar": str}`` (GPTCache's ``mock_data.json``).
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: It is not such a list; the message gives the index of the first bad item.
+    """
+    target = Path(path)
+    try:
+        rows = json.loads(target.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{target}: not JSON: {exc}") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f'{target}: expected a non-empty JSON list of {{"origin": str, "similar": str}}')
+    out = []
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("origin"), str) or not isinstance(
+                row.get("similar"), str):
+            raise ValueError(f'{target}[{number}]: expected {{"origin": str, "similar": str}}')
+        out.append((row["origin"], row["similar"]))
+    return out
+
+
+async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[list[str]], Any] | None = None, *,
+                       thresholds: Sequence[float] = DEFAULT_GRID, margin: float = 0.0,
+                       batch_size: int = 256) -> list[ReplayPoint]:
+    """The answers a cache pre-loaded with every ``origin`` gives to every ``similar``, per threshold.
+
+    The nearest origin (exact cosine similarity) answers a ``similar`` when its similarity is at least the
+    threshold and exceeds the second nearest's by at least ``margin`` (`semantic_cached`'s ``margin``): a
+    *true hit* when it is the similar's own origin, a *false hit* (a wrong answer served) otherwise, else a
+    *miss*. This is GPTCache's pre-loaded protocol; ``benchmarks/eval_semantic.py`` also replays the
+    realistic one (origins asked first, through the decorator).
+
+    Raises:
+        ConfigError: ``margin`` or a threshold is outside [0, 1].
+        EmbeddingError: The embedder failed.
+        ValueError: There are no pairs.
+    """
+    margin = check_similarity(margin, "margin")
+    grid = sorted({check_similarity(t, "thresholds") for t in thresholds})
+    if not pairs:
+        raise ValueError("no replay pairs")
+    model = resolve_embedder(embedder)
+    origins = sorted({origin for origin, _ in pairs})
+    texts = sorted(set(origins) | {similar for _, similar in pairs})
+    chunks = [await embed(model, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    position = {t: i for i, t in enumerate(texts)}
+    vectors = np.concatenate(chunks).astype(np.float64)
+    stored = vectors[[position[o] for o in origins]]
+    asked = vectors[[position[s] for _, s in pairs]]
+    sims = asked @ stored.T
+    order = np.argsort(-sims, axis=1)[:, :2]
+    best = sims[np.arange(len(pairs)), order[:, 0]]
+    runner_up = sims[np.arange(len(pairs)), order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
+    own = np.array([origins[order[i, 0]] == origin for i, (origin, _) in enumerate(pairs)])
+    clear = best - runner_up >= margin - 1e-9
+    out = []
+    for t in grid:
+        served = (best >= t - 1e-9) & clear
+        true_hit = float((served & own).mean())
+        false_hit = float((served & ~own).mean())
+        out.append(ReplayPoint(t, true_hit, false_hit, 1.0 - true_hit - false_hit))
+    return out
+
+
+def replay_table(points: Sequence[ReplayPoint], *, every: float = 0.05, highlight: float | None = None) -> str:
+    """The replay rates as a text table, one row per ``every`` of threshold (plus ``highlight``)."""
+    lines = [f"{'threshold':>9}  {'true hit':>8}  {'false hit':>9}  {'miss':>6}"]
+    for point in points:
+        step = (point.threshold / every) % 1
+        marked = highlight is not None and math.isclose(point.threshold, highlight)
+        if not (math.isclose(step, 0, abs_tol=1e-6) or math.isclose(step, 1, abs_tol=1e-6) or marked):
+            continue
+        lines.append(f"{point.threshold:>9.2f}  {point.true_hit:>8.1%}  {point.false_hit:>9.1%}  {point.miss:>6.1%}"
+                     + ("  <- default" if marked else ""))
+    return "\n".join(lines)
+
+
 # -- command line -------------------------------------------------------------------------------------------
 
 
 def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``cachelayers calibrate`` to ``parser``."""
-    parser.add_argument("pairs", type=Path, help="labelled pairs, JSON lines {a, b, duplicate} (.jsonl or .jsonl.gz)")
+    parser.add_argument("pairs", type=Path, nargs="?", default=None,
+                        help="labelled pairs, JSON lines {a, b, duplicate} (.jsonl or .jsonl.gz)")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="replay pairs, a JSON list of {origin, similar} (GPTCache's mock_data.json): print the "
+                             "true/false hit rates a cache pre-loaded with the origins would give at each threshold")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="ambiguity margin for --replay (the embedder's default_margin when omitted)")
     parser.add_argument("--target-precision", type=float, default=0.9,
                         help="precision to reach: 1 - the share of cache answers that may be wrong (default 0.9)")
     parser.add_argument("--embedder", default="default",
@@ -254,13 +355,66 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ignore thresholds accepting fewer pairs than this (their precision is noise)")
 
 
+def check_calibrate_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with parsed ``cachelayers calibrate`` arguments, as a message, or ``None``."""
+    if args.pairs is None and args.replay is None:
+        return "give labelled PAIRS, --replay REPLAY.json, or both"
+    if args.plot is not None and args.pairs is None:
+        return "--plot draws the labelled pairs' curve: give PAIRS too"
+    if not 0 < args.target_precision <= 1:
+        return f"--target-precision must be in (0, 1], got {args.target_precision:g}"
+    if args.margin is not None and not 0 <= args.margin <= 1:
+        return f"--margin must be in [0, 1], got {args.margin:g}"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be a positive number of pairs, got {args.limit}"
+    if not 0 < args.every <= 1:
+        return f"--every must be in (0, 1], got {args.every:g}"
+    if args.min_support < 1:
+        return f"--min-support must be at least 1, got {args.min_support}"
+    return None
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     """Run ``cachelayers calibrate`` with parsed ``args``; return the exit status."""
+    problem = check_calibrate_arguments(args)
+    if problem is not None:
+        print(f"cachelayers calibrate: error: {problem}")
+        return 2
     try:
-        pairs = load_pairs(args.pairs, limit=args.limit)
         model = resolve_embedder(args.embedder)
+        pairs = load_pairs(args.pairs, limit=args.limit) if args.pairs is not None else None
+        replay = load_replay(args.replay) if args.replay is not None else None
+        if replay is not None and args.limit is not None:
+            replay = replay[:args.limit]
+    except (OSError, ValueError, MissingDependencyError, ConfigError) as exc:
+        print(f"cachelayers calibrate: error: {exc}")
+        return 2
+    status = 0
+    if replay is not None:
+        status = _print_replay(replay, model, args)
+    if pairs is not None:
+        status = max(status, _print_pairs(pairs, model, args))
+    return status
+
+
+def _print_replay(replay: list[tuple[str, str]], model: Callable[[list[str]], Any], args: argparse.Namespace) -> int:
+    margin = args.margin if args.margin is not None else (getattr(model, "default_margin", None) or 0.0)
+    default = getattr(model, "default_threshold", None)
+    try:
+        points = anyio.run(lambda: replay_rates(replay, model, margin=margin))
+    except (ValueError, ConfigError) as exc:
+        print(f"cachelayers calibrate: error: {exc}")
+        return 2
+    print(f"{len(replay)} replay pairs, {len({o for o, _ in replay})} origins pre-loaded, embedder "
+          f"{embedder_name(model)}, margin {margin:g}: answers to the paraphrases per threshold")
+    print(replay_table(points, every=args.every, highlight=default))
+    return 0
+
+
+def _print_pairs(pairs: list[Pair], model: Callable[[list[str]], Any], args: argparse.Namespace) -> int:
+    try:
         result = anyio.run(lambda: calibrate(pairs, model))
-    except (OSError, ValueError, MissingDependencyError) as exc:
+    except ValueError as exc:
         print(f"cachelayers calibrate: error: {exc}")
         return 2
     chosen = result.threshold_for(args.target_precision, min_support=args.min_support)

@@ -133,6 +133,8 @@ class Settings:
         vector_index: Where the semantic cache keeps its entries: ``memory://`` (in-process),
             ``usearch:///path`` (on disk, reloaded on start) or ``redis://host:port/db`` (shared by processes).
         limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
+        semantic_max_entries: Entries of every semantically cached function of the process together (all
+            functions, all partitions) before the least recently used of them is evicted; 500,000 by default.
     """
 
     tiers: Any = DEFAULT_TIERS
@@ -147,6 +149,7 @@ class Settings:
     strict: bool = False
     vector_index: str = "memory://"
     limits: Any = dataclasses.field(default_factory=dict)
+    semantic_max_entries: int = 500_000
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -185,6 +188,7 @@ class Settings:
             if not isinstance(spec, str) or not _LIMIT.match(spec):
                 raise ConfigError(f"limits[{name!r}]", spec,
                                   "expected a limit like '3500/minute' or '10 per 2 seconds'")
+        set_(self, "semantic_max_entries", positive_int(self.semantic_max_entries, "semantic_max_entries", text=True))
         set_(self, "limits", tuple(sorted((str(k), str(v).strip()) for k, v in limits.items())))
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, Protocol, TypeVar, Unpack, cast, final, overload
 
 from cachelayers.decorators.wrapper import FunctionWrapper
@@ -40,6 +40,30 @@ class SemanticCachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
     async def invalidate_all(self) -> None:
         """Same as `cache_clear`."""
         await self.cache.cache_clear()
+
+    async def prefill(self, entries: Iterable[tuple[str, T]], /, **partition_arguments: Any) -> int:
+        """Pre-load answers: store each ``(text, value)`` pair as if the function had computed it.
+
+        Like GPTCache's ``import_data``: known questions and their answers go in before traffic does.
+
+        Args:
+            entries: ``(semantic text, result)`` pairs.
+            **partition_arguments: The other arguments of the calls these entries answer, by name (ignored
+                arguments may be left out): the entries are stored in those calls' partition.
+
+        Returns:
+            How many entries were stored (entries with an empty text are skipped).
+
+        Raises:
+            TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
+            UnkeyableArgumentError: A partition argument cannot be keyed.
+            EmbeddingError: The embedder failed.
+
+        Example::
+
+            await ask.prefill([("How do I reset my password?", "Use the reset link.")], tenant="acme")
+        """
+        return await self.cache.prefill(entries, **partition_arguments)
 
     async def save(self) -> None:
         """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
@@ -79,6 +103,16 @@ class SyncSemanticCachedFunction(FunctionWrapper[P, T]):
         """Same as `cache_clear`."""
         run(self.cache.cache_clear)
 
+    def prefill(self, entries: Iterable[tuple[str, T]], /, **partition_arguments: Any) -> int:
+        """Pre-load ``(text, value)`` pairs into the partition the arguments name; blocks until stored.
+
+        The same as `SemanticCachedFunction.prefill`, for a ``def`` function.
+
+        Returns:
+            How many entries were stored.
+        """
+        return run(lambda: self.cache.prefill(entries, **partition_arguments))
+
     def save(self) -> None:
         """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""
         run(self.cache.save)
@@ -113,7 +147,11 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
         embed: Embedder, sync or async ``list[str] -> (n, d)`` array; the built-in offline
             `cachelayers.embedders.HashingEmbedder` by default (near-duplicates only: see its docs).
         threshold: Least similarity for a hit, in [0, 1]; the embedder's calibrated ``default_threshold``
-            when omitted. Measure yours with ``cachelayers calibrate``.
+            when omitted. Measure yours with ``cachelayers calibrate`` (``--replay`` for a replay's false hits).
+        margin: Ambiguity margin in [0, 1]: the nearest entry is served only when its similarity exceeds the
+            second nearest's by at least this much (two entries about as near as each other: neither is
+            served). The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
+            (`cachelayers.embedders.minilm` carries 0.06 with its 0.97), else 0.
         text: Name of the argument holding the text (the first parameter by default), or a function of the
             arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
         partition: Function of the arguments (by name) returning what must be *equal* for two calls to share
@@ -125,7 +163,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
         max_entries: Capacity of each partition, 10,000 by default (LRU eviction removes vector and payload).
         max_total_entries: Capacity across all partitions of the function, 100,000 by default: past it the
             least recently used entry of any partition is evicted, and a partition left empty is freed with
-            its index (a partition per tenant stays bounded however many tenants come and go).
+            its index (a partition per tenant stays bounded however many tenants come and go). All functions
+            together are bounded by ``Settings.semantic_max_entries`` (500,000 by default, process-wide).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
             is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
@@ -142,7 +181,7 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
         A decorator making a `SemanticCachedFunction`.
 
     Raises:
-        ConfigError: At decoration time: ``threshold`` outside [0, 1] (or missing with an uncalibrated
+        ConfigError: At decoration time: ``threshold`` or ``margin`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
             ``ttl``, ``max_entries``, ``max_total_entries`` or ``vector_index``.
         TypeError: An unknown option (at once); the function is not callable. At call time, a semantic text

@@ -62,6 +62,48 @@ class CallSplitter:
         self._partition_fn: Callable[..., Any] | None = partition
         self._partition_exclude = frozenset({self._text_arg} if self._text_arg else ()) | self.keys.ignored
         self._token = self.keys.token.encode()
+        self._signature = inspect.signature(fn)
+
+    def prefill_arguments(self, text: str, partition_arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments of a call with semantic text ``text`` and ``partition_arguments`` (for `split`).
+
+        Ignored arguments may be left out; every argument the partition is made of must be given (or have a
+        default), so that a prefilled entry lands where a real call with those arguments looks.
+
+        Raises:
+            TypeError: An argument is unknown, or one the partition needs is missing.
+        """
+        given = dict(partition_arguments)
+        if self._text_arg is not None:
+            if self._text_arg in given:
+                raise TypeError(f"prefill of {self.identity}: {self._text_arg!r} is the semantic text; give it "
+                                "in the entries, not as a partition argument")
+            given[self._text_arg] = text
+        try:
+            bound = self._signature.bind_partial(**given)
+        except TypeError as exc:
+            raise TypeError(f"prefill of {self.identity}: {exc}") from None
+        bound.apply_defaults()
+        if self._partition_fn is None:
+            missing = [name for name, p in self._signature.parameters.items()
+                       if name not in bound.arguments and name not in self._partition_exclude
+                       and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if missing:
+                raise TypeError(f"prefill of {self.identity}: missing partition argument(s) "
+                                f"{', '.join(map(repr, missing))}")
+        return dict(bound.arguments)
+
+    def partition_of(self, text: str, arguments: dict[str, Any]) -> bytes:
+        """The partition digest of a prefilled entry (``arguments`` from `prefill_arguments`).
+
+        Raises:
+            TypeError: A ``partition=`` function needs an argument that was not given.
+            UnkeyableArgumentError: A partition argument cannot be keyed.
+        """
+        if self._text_fn is None:
+            return self.split(arguments)[1]
+        value = ("partition=", self._partition_fn(**arguments) if self._partition_fn is not None else None)
+        return self._digest(value)
 
     def split(self, arguments: dict[str, Any]) -> tuple[str, bytes]:
         """The semantic text and the partition digest of a call's bound ``arguments``.
@@ -84,6 +126,9 @@ class CallSplitter:
             value: Any = ("partition=", self._partition_fn(**arguments))
         else:
             value = {k: v for k, v in arguments.items() if k not in self._partition_exclude}
+        return text, self._digest(value)
+
+    def _digest(self, value: Any) -> bytes:
         try:
             encoded = canonical_bytes(value)
         except TypeError:
@@ -92,7 +137,7 @@ class CallSplitter:
         h.update(self._token)
         h.update(b"\x00")
         h.update(encoded)
-        return text, h.digest()
+        return h.digest()
 
     def _unkeyable(self, value: Any) -> UnkeyableArgumentError:
         if isinstance(value, dict):

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final, Generic, ParamSpec, TypeVar, Unpack, cast
 
 import anyio
@@ -76,13 +76,17 @@ class SemanticFunction(Generic[P, T]):
         self._embedder = embedder if embedder is not None else HashingEmbedder()
         if not callable(self._embedder):
             raise ConfigError("embed", embedder, "expected a callable list[str] -> (n, d) array")
-        threshold = options.get("threshold")
+        threshold = threshold_given = options.get("threshold")
         if threshold is None:
             threshold = getattr(self._embedder, "default_threshold", None)
             if threshold is None:
                 raise ConfigError("threshold", None, f"{embedder_name(self._embedder)} has no calibrated default "
                                   "threshold: pass threshold= (measure one with `cachelayers calibrate`)")
         self.threshold = check_similarity(threshold)
+        margin = options.get("margin")
+        if margin is None:
+            margin = getattr(self._embedder, "default_margin", None) if threshold_given is None else None
+        self.margin = check_similarity(margin if margin is not None else 0.0, "margin")
         self._split = CallSplitter(fn, options)
         self._keys = self._split.keys
         self.identity = self._keys.identity
@@ -348,6 +352,8 @@ class SemanticFunction(Generic[P, T]):
             return await self._uncached(args, kwargs, text, partition, f"index failed: {exc}")
         best = candidates[0][1] if candidates else None
         rejected = 0
+        if len(candidates) > 1 and candidates[0][1] - candidates[1][1] < self.margin:
+            candidates = []  # ambiguous: two entries about as near as each other, neither is served
         for entry, similarity in candidates:
             if similarity < self.threshold:
                 break
@@ -387,6 +393,55 @@ class SemanticFunction(Generic[P, T]):
         if not accepted:
             self.stats.verifier_rejections += 1
         return bool(accepted)
+
+    # -- pre-loading --------------------------------------------------------------------------------------
+
+    async def prefill(self, entries: Iterable[tuple[str, Any]], /, **partition_arguments: Any) -> int:
+        """Store known answers without calling the function: each ``(text, value)`` as if computed.
+
+        ``partition_arguments`` are the other arguments of the calls the entries answer (by name; ignored
+        arguments may be left out), so the entries land in the partition those calls look in. Entries are
+        stored as given, even when one looks like another (like GPTCache's ``import_data``); an entry with the
+        text of an existing one replaces it. Entries with an empty text are skipped, as such calls are never
+        cached. The TTL is the function's, and the bounds apply.
+
+        Returns:
+            How many entries were stored.
+
+        Raises:
+            TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
+            UnkeyableArgumentError: A partition argument cannot be keyed.
+            EmbeddingError: The embedder failed.
+            Exception: The store could not be opened.
+        """
+        rows: list[tuple[str, Any, bytes]] = []
+        for item in entries:
+            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
+                raise TypeError(f"prefill of {self.identity}: expected (text, value) pairs with a str text, "
+                                f"got {item!r:.80}")
+            text, value = item
+            if text.strip():
+                arguments = self._split.prefill_arguments(text, partition_arguments)
+                rows.append((text, value, self._split.partition_of(text, arguments)))
+        if not rows:
+            return 0
+        store = await self.store()
+        await store.sync()
+        ttl = self._ttl if self._ttl is not None else get_settings().default_ttl
+        stored = 0
+        size = self._batcher.max_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            vectors = await embed(self._embedder, [text for text, _, _ in chunk], self._ndim)
+            if self._ndim is None:
+                self._ndim = int(vectors.shape[1])
+            if store.ndim is None:
+                store.ndim = self._ndim
+            expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
+            for (text, value, partition), vector in zip(chunk, vectors, strict=True):
+                if await store.insert(partition, text, np.array(vector, dtype=np.float32), value, expires_at):
+                    stored += 1
+        return stored
 
     # -- management ---------------------------------------------------------------------------------------
 

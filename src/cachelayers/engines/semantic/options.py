@@ -29,6 +29,7 @@ class SemanticOptions(TypedDict, total=False):
 
     embed: Callable[[list[str]], Any] | None
     threshold: float | None
+    margin: float | None
     text: str | Callable[..., str] | None
     partition: Callable[..., Any] | None
     ignore: Iterable[str]

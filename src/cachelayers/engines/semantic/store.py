@@ -28,18 +28,20 @@ from cachelayers.backends.vectors import (
     require_usearch,
 )
 from cachelayers.codec import Codec
+from cachelayers.engines.semantic.budget import budget
 from cachelayers.engines.semantic.info import SemanticStats
 from cachelayers.engines.semantic.options import DEFAULT_MAX_TOTAL_ENTRIES
 from cachelayers.errors import SerializationError
 from cachelayers.metrics import StateLog
+from cachelayers.settings import get_settings
 
-__all__ = ["Entry", "Partition", "SemanticStore", "open_store"]
+__all__ = ["Entry", "Partition", "SemanticStore", "enforce_process_bound", "open_store"]
 
 
 class Entry:
     """One cached call: where it lives, what it said, until when, and (without persistence) its value."""
 
-    __slots__ = ("expires_at", "key", "partition", "seq", "text", "value")
+    __slots__ = ("expires_at", "key", "partition", "seq", "text", "used", "value")
 
     def __init__(self, key: int, seq: int, partition: bytes, text: str, expires_at: float | None,
                  value: Any) -> None:
@@ -49,6 +51,7 @@ class Entry:
         self.text = text
         self.expires_at = expires_at
         self.value = value
+        self.used = 0  # the process-wide stamp of its last use (`budget.ProcessBudget.stamp`)
 
 
 class Partition:
@@ -70,8 +73,9 @@ class SemanticStore:
     store keeps what lookups need. The engine calls it from one event loop; compactions run in worker
     threads that touch only their own snapshot.
 
-    Two bounds hold after every insert: ``max_entries`` per partition and ``max_total_entries`` across all
-    partitions (the least recently used entry of the whole store goes first). A partition whose last entry
+    Three bounds hold after every insert: ``max_entries`` per partition, ``max_total_entries`` across all
+    partitions (the least recently used entry of the whole store goes first), and
+    ``Settings.semantic_max_entries`` across every store of the process (`budget`). A partition whose last entry
     leaves (evicted, expired, invalidated) is freed with its index, so a partition per tenant costs nothing
     once the tenant's entries are gone.
 
@@ -108,6 +112,7 @@ class SemanticStore:
         self._next_key = 0
         self._seq = 0
         self._expiry: list[tuple[float, int, int]] = []  # (expires_at, key, seq), a min-heap
+        budget.register(self)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class SemanticStore:
         if part is not None and entry.key in part.lru:
             part.lru.move_to_end(entry.key)
             self.lru.move_to_end(entry.key)
+            entry.used = budget.stamp()
 
     async def read_value(self, entry: Entry) -> Any:
         """The value of ``entry``, or `GONE` when it is gone."""
@@ -245,6 +251,7 @@ class SemanticStore:
             overflow = list(self._oldest(len(self.entries) - self.max_total_entries, ()))
             self.stats.evictions += len(overflow)
             await self.remove(overflow)
+        await enforce_process_bound()
         return True
 
     def _victims(self, partition: bytes, text: str) -> list[Entry]:
@@ -400,6 +407,7 @@ class SemanticStore:
         """Make ``entry`` (whose vector is in ``part.index`` already) findable."""
         self.entries[entry.key] = entry
         self.lru[entry.key] = None
+        entry.used = budget.stamp()
         part.lru[entry.key] = None
         part.exact[entry.text] = entry.key
         if entry.expires_at is not None:
@@ -482,6 +490,32 @@ class SemanticStore:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+async def enforce_process_bound() -> int:
+    """Evict the least recently used entries of the whole process while there are more than
+    ``Settings.semantic_max_entries``; return how many were evicted.
+
+    Only stores usable on the running event loop are evicted from (a shared store is bound to its loop). A
+    failing removal is counted and logged by the store it failed in, and ends this round.
+    """
+    over = budget.total() - get_settings().semantic_max_entries
+    evicted = 0
+    while over > evicted:
+        found = budget.oldest()
+        if found is None:
+            break
+        store, entry = found
+        assert isinstance(store, SemanticStore)
+        try:
+            await store.remove([entry])
+        except Exception as exc:
+            store.stats.index_errors += 1
+            store.log.failure("evicting for the process-wide semantic bound", exc)
+            break
+        store.stats.evictions += 1
+        evicted += 1
+    return evicted
 
 
 def open_store(url: str, *, namespace: str, max_entries: int, clock: Callable[[], float], stats: SemanticStats,
