@@ -32,11 +32,14 @@ GRACE_MS: Final = 500
 """How long past its announced return a process's place in the line is kept (then others stop saving units
 for it: a process that died or gave up holds nothing for long)."""
 
+_KEYS_KEPT: Final = 10_000  # windows whose Redis keys are remembered (then forgotten all at once)
+
 # KEYS: 1 the line (hash), 2 the window (fixed: counter; moving: list; sliding counter: current counter),
 #       3 the sliding counter's previous counter.
 # ARGV: 1 strategy code (fw, mw, swc), 2 limit, 3 window seconds, 4 cost, 5 member, 6 calls the member has
 #       waiting (this one included), 7 grace in ms.
-# Returns {granted 0/1, server time "s.micro", wait ms (refused), window end ms (fixed/counter; 0 moving)}.
+# Returns "<server time s.micro> <wait ms> <window end ms>": the window end is "-" when refused (granted: the
+# end of the fixed window or counter bucket counted in, 0 for the moving window; one string parses fastest).
 _GRANT_LUA: Final = """
 local code = ARGV[1]
 local limit = tonumber(ARGV[2])
@@ -75,8 +78,9 @@ end
 -- A process that arrives, or comes back from idleness, may be owed at most a fair share of one window
 -- (it took nothing meanwhile): its virtual time starts that far behind the newest start, never further.
 local floor = math.max(0, vt - math.floor(limit / (#others + 1)))
-if me == nil then
-  me = {floor, 0, 0, redis.call('hincrby', KEYS[1], '#n', 1), cost}
+local fresh = me == nil
+if fresh then
+  me = {floor, 0, 0, math.huge, cost}  -- its ticket is drawn when it is written: it loses ties meanwhile
 elseif (me[2] <= 0 or me[3] < now_ms) and me[1] < floor then
   me[1] = floor
 end
@@ -174,7 +178,18 @@ else
   end
 end
 
+local answer
+if granted then
+  answer = stamp .. ' 0 ' .. string.format('%.3f', window_end)
+else
+  answer = stamp .. ' ' .. math.ceil(wait) .. ' -'
+end
+if granted and fresh and #others == 0 and calls <= 1 then
+  return answer  -- nobody waits here, nor behind it in its process: the line has nothing to remember
+end
+
 -- the caller's place in the line
+if fresh then me[4] = redis.call('hincrby', KEYS[1], '#n', 1) end
 local due
 if granted then
   me[1] = finish
@@ -189,9 +204,7 @@ redis.call('hset', KEYS[1], member,
   string.format('%d %d %d %d %d', me[1], me[2], math.floor(due), me[4], cost))
 local keep = math.floor(due - now_ms + 2 * exp_ms)
 if redis.call('pttl', KEYS[1]) < keep then redis.call('pexpire', KEYS[1], keep) end
-local ok = 0
-if granted then ok = 1 end
-return {ok, stamp, math.ceil(wait), string.format('%.3f', window_end)}
+return answer
 """
 
 
@@ -223,6 +236,7 @@ class RedisFairLine:
         bridge = storage.bridge  # type: ignore[attr-defined]
         self._prefixed = bridge.prefixed_key
         self._script = bridge.get_connection().register_script(_GRANT_LUA)
+        self._keys: dict[tuple[str, str], list[str]] = {}
 
     @staticmethod
     def usable(storage: object) -> bool:
@@ -248,6 +262,15 @@ class RedisFairLine:
         Returns:
             The `FairGrant`.
         """
+        keys = self._keys.get((code, window_key))
+        if keys is None:
+            keys = self._keys_of(code, window_key)
+        stamp, wait, end = (await self._script(keys, [code, limit, expiry, cost, member, calls, GRACE_MS])).split()
+        if end in (b"-", "-"):
+            return FairGrant(False, float(stamp), int(wait) / 1000, 0.0)
+        return FairGrant(True, float(stamp), 0.0, float(end) / 1000)
+
+    def _keys_of(self, code: str, window_key: str) -> list[str]:
         prefixed = self._prefixed
         if code == "swc":
             current = prefixed(f"{{{window_key}}}")
@@ -255,5 +278,7 @@ class RedisFairLine:
         else:
             window = prefixed(window_key)
             keys = [f"{window}/fair", window]
-        ok, stamp, wait, end = await self._script(keys, [code, limit, expiry, cost, member, calls, GRACE_MS])
-        return FairGrant(bool(ok), float(stamp), int(wait) / 1000, float(end) / 1000)
+        if len(self._keys) >= _KEYS_KEPT:
+            self._keys.clear()
+        self._keys[code, window_key] = keys
+        return keys
