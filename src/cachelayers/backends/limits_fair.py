@@ -75,9 +75,13 @@ for i = 1, #line, 2 do
     end
   end
 end
--- A process that arrives, or comes back from idleness, may be owed at most a fair share of one window
--- (it took nothing meanwhile): its virtual time starts that far behind the newest start, never further.
-local floor = math.max(0, vt - math.floor(limit / (#others + 1)))
+-- A process that arrives, or comes back from idleness, is owed a fair share of one window (it took nothing
+-- meanwhile), or as much as the most owed process waiting, if that is more: never more than either.
+local floor = vt - math.floor(limit / (#others + 1))
+for _, o in ipairs(others) do
+  if o[2] > 0 and o[1] < floor then floor = o[1] end
+end
+floor = math.max(0, floor)
 local fresh = me == nil
 if fresh then
   me = {floor, 0, 0, math.huge, cost}  -- its ticket is drawn when it is written: it loses ties meanwhile
