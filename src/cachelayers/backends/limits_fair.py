@@ -76,7 +76,7 @@ for i = 1, #line, 2 do
   end
 end
 -- A process that arrives, or comes back from idleness, is owed a fair share of one window (it took nothing
--- meanwhile), or as much as the most owed process waiting, if that is more: never more than either.
+-- meanwhile), or as much as the most owed process waiting if that is more; never more than both.
 local floor = vt - math.floor(limit / (#others + 1))
 for _, o in ipairs(others) do
   if o[2] > 0 and o[1] < floor then floor = o[1] end
