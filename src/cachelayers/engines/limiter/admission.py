@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -19,6 +20,7 @@ import anyio
 import anyio.lowlevel
 from limits.aio.storage import Storage
 
+from cachelayers.backends.limits_fair import RedisFairLine
 from cachelayers.backends.limits_storage import MemoryLimitStorage, RedisLimitExtras, create_limits_storage
 from cachelayers.engines.limiter.adaptive import Adaptive, decrease, increase
 from cachelayers.engines.limiter.info import Stats
@@ -55,6 +57,8 @@ class Admission:
         self._storage: Storage | None = None
         self._memory: MemoryLimitStorage | None = None
         self._extras: RedisLimitExtras | None = None
+        self._fair: RedisFairLine | None = None  # fair grants across processes (Redis, not a cluster)
+        self._member = uuid.uuid4().hex[:12]  # this engine's name in the lines of waiting processes
         self._loop: object = None
         self._per_loop = False  # a Redis client is bound to the event loop it first ran on
         self._suspends = True  # its calls may suspend (and so be interrupted)
@@ -88,6 +92,7 @@ class Admission:
         self._memory = storage if isinstance(storage, MemoryLimitStorage) else None
         self._suspends = not getattr(storage, "never_suspends", False)
         self._extras = RedisLimitExtras(storage) if RedisLimitExtras.usable(storage) else None
+        self._fair = RedisFairLine(storage) if RedisFairLine.usable(storage) else None
         self._per_loop = self._given is None and self._memory is None
         if self._per_loop:
             self._loop = asyncio.get_running_loop()
@@ -141,7 +146,8 @@ class Admission:
                             now = self._clock()
                         if now < queue.paused_until:  # another process has paused this key
                             refused = -2
-                        elif (window := queue.single) is not None and not window.debt and 0 < costs[0] <= window.amount:
+                        elif (window := queue.single) is not None and not window.debt \
+                                and 0 < costs[0] <= window.amount and self._fair is None:
                             # One window, nothing owed (the usual case): hit it here, a coroutine fewer per call.
                             self.stats.storage_calls += 1
                             if not await queue.strategy.hit(window, cost=costs[0]):
@@ -172,6 +178,8 @@ class Admission:
 
     async def _attempt(self, queue: Queue, costs: tuple[int, ...], now: float) -> int:
         """Hit every window; ``-1`` when all admitted, else the index of the one that refused (nothing kept)."""
+        if self._fair is not None:
+            return await self._fair_attempt(self._fair, queue, costs, now)
         strategy = queue.strategy
         hit = strategy.hit
         windows = queue.windows
@@ -215,6 +223,50 @@ class Admission:
                 window.debt -= cost - base
         return -1
 
+    async def _fair_attempt(self, fair: RedisFairLine, queue: Queue, costs: tuple[int, ...], now: float) -> int:
+        """`_attempt` through the fair line (see `RedisFairLine`): a refusal says when the caller's turn comes.
+
+        A refused attempt keeps nothing, as in `_attempt`; ``queue.blocked_until`` is set from the server's answer,
+        so the head sleeps until its turn without reading the window's stats.
+        """
+        strategy = queue.strategy
+        windows = queue.windows
+        stats = self.stats
+        order = queue.order
+        member = self._member_of(queue)
+        calls = queue.reported = max(1, len(queue.waiters))
+        taken: list[tuple[Window, int, int]] = []
+        for index in order:
+            window = windows[index]
+            cost = base = costs[index]
+            if window.debt:
+                cost = min(cost + window.debt, max(cost, window.amount))
+            if cost <= 0:
+                continue
+            stats.storage_calls += 1
+            answer = await fair.grant(strategy.code, window.key, max(cost, window.amount), window.expiry, cost,
+                                      member, calls)
+            if not answer.granted:
+                stats.refusals += 1
+                for other, units, _ in taken:
+                    await self._give_back(strategy, other, units, now)
+                if order[0] != index:
+                    order.remove(index)
+                    order.insert(0, index)
+                queue.blocked_until = self._clock() + answer.wait + _MARGIN
+                return index
+            taken.append((window, cost, base))
+        for window, cost, base in taken:
+            if cost > base:
+                window.debt -= cost - base
+        return -1
+
+    def _member_of(self, queue: Queue) -> str:
+        """``queue``'s name in the fair lines: this engine's, and the queue's (one process may have several)."""
+        if not queue.member:
+            queue.member = f"{self._member}:{id(queue):x}"
+        return queue.member
+
     async def _refused(self, strategy: Strategy, window: Window, cost: int, now: float) -> int:
         """Count ``window``'s refusal of ``cost`` (returning it if the strategy counted it anyway); return 0."""
         self.stats.refusals += 1
@@ -256,6 +308,8 @@ class Admission:
             if not queue.held and queue.waiters[0] is waiter:
                 queue.held = True
                 waiter.turn = True
+            elif queue.reported and len(queue.waiters) >= 2 * queue.reported and queue.waiters[0].turn:
+                queue.waiters[0].event.set()  # twice the calls the fair line knows of: the head tells it
         granted = False
         try:
             if not waiter.turn:
@@ -298,7 +352,8 @@ class Admission:
                 if now >= queue.next_sync:
                     await self._sync_pause(queue, now)
                 gate = max(queue.blocked_until, queue.paused_until)
-                if gate > now:
+                if gate > now and not (queue.reported and len(queue.waiters) >= 2 * queue.reported
+                                       and now >= queue.paused_until):
                     if gate > waiter.deadline:
                         raise self._exceeded(queue, waiter, gate - now)
                     queue.expire_hopeless(gate, now)
@@ -315,6 +370,9 @@ class Admission:
                 rtt = clock() - now
                 losses = losses + 1 if woke and self._memory is None else 0
                 woke = False
+            if self._fair is not None:
+                refused = -1
+                continue  # the fair line's refusal set blocked_until: when the turn should come
             window = queue.windows[refused]
             need = min(costs[refused] + window.debt, max(costs[refused], window.amount))
             refused = -1
@@ -411,8 +469,14 @@ class Admission:
             if delta > 0:
                 units = min(delta, window.amount)
                 self.stats.storage_calls += 1
-                # The fixed window counts a refused hit too, so for it the charge is done either way.
-                charged = units if await hit(window, cost=units) or strategy.consumes_on_refusal else 0
+                if self._fair is not None:  # through the line, stamped by the server like every grant
+                    answer = await self._fair.grant(strategy.code, window.key, max(units, window.amount),
+                                                    window.expiry, units, self._member_of(queue),
+                                                    len(queue.waiters) + 1)
+                    charged = units if answer.granted else 0
+                else:
+                    # The fixed window counts a refused hit too, so for it the charge is done either way.
+                    charged = units if await hit(window, cost=units) or strategy.consumes_on_refusal else 0
                 window.debt += delta - charged
             elif delta < 0 and strategy.code == "mw":
                 await self._give_back(strategy, window, -delta, since)

@@ -61,7 +61,7 @@ class RateLimiter(Admission):
         strategy: Default strategy: ``"moving-window"`` (`DEFAULT_STRATEGY`), ``"sliding-window-counter"`` or
             ``"fixed-window"``.
         clock: Wall-clock time source for the memory storage, deadlines and pauses (tests pass a virtual
-            clock; limits' Redis storage always uses ``time.time``).
+            clock; in Redis, grants are stamped with the server's clock).
         pause_check: How often (seconds) a busy key reads the pause flags other processes set in Redis; the
             delay with which a Retry-After received elsewhere takes effect here.
         fail_open: When the storage fails, let calls through (logged once) instead of raising `BackendError`.
@@ -71,6 +71,10 @@ class RateLimiter(Admission):
     in memory; in Redis the oldest entries since the attempt began, which can only make the window stricter),
     the counters take a negative hit. With a custom storage that cannot return units, they stay spent: the
     limit is then stricter than configured, never looser.
+
+    Across processes sharing a Redis storage (not a cluster), grants are fair: each goes through one Lua script
+    that keeps a line of the waiting processes next to the window (`cachelayers.backends.limits_fair`), so no
+    process can take the units owed to another; see the rate-limiting guide, "Fairness across processes".
 
     Raises:
         ConfigError: The storage URL or the strategy is invalid.

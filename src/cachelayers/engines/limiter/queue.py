@@ -61,8 +61,8 @@ class Window:
 class Queue:
     """The callers waiting under one combination of windows (limits and key) in this process."""
 
-    __slots__ = ("blocked_until", "held", "key", "label", "next_sync", "order", "paused_until", "single",
-                 "strategy", "waiters", "windows")
+    __slots__ = ("blocked_until", "held", "key", "label", "member", "next_sync", "order", "paused_until",
+                 "reported", "single", "strategy", "waiters", "windows")
 
     def __init__(self, windows: tuple[Window, ...], strategy: Strategy, key: str, label: str,
                  next_sync: float) -> None:
@@ -77,6 +77,8 @@ class Queue:
         self.blocked_until = 0.0  # the head's cost cannot fit before this (from the window stats)
         self.paused_until = max((w.paused_until for w in windows), default=0.0)
         self.next_sync = next_sync  # when to read the shared pause flags again
+        self.member = ""  # its name in the fair lines of its windows in Redis (set on first use)
+        self.reported = 0  # the calls waiting here that the fair line was last told of (0: no fair line)
 
     def pass_turn(self) -> None:
         """Give the turn to the first waiter, if nobody holds it."""
