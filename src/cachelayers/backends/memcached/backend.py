@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import math
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -229,14 +230,22 @@ class MemcachedBackend(Backend, ClearPrefixSupport):
         return await self._run(lambda cache: self._read(cache, keys))
 
     async def _read(self, cache: Any, keys: Sequence[str]) -> list[bytes | None]:
+        found, framed = await self._current(cache, keys)
+        for key, parts in framed.items():
+            found[key] = parts.envelope
+        return [found.get(key) for key in keys]
+
+    async def _current(self, cache: Any, keys: Sequence[str]) -> tuple[dict[str, bytes], dict[str, entries.Frame]]:
+        """The values under ``keys`` that are not frames, and the frames that are current (generation, prefix
+        and tag tokens, expiry)."""
         names = {key: self._data_key(key) for key in keys}
         values = await self._get_all(cache, [self._generation_key, *names.values()])
         stored = values.pop(self._generation_key)
         record = entries.Record.decode(stored) if stored is not None else None
         if record is None:
-            return [None] * len(keys)
+            return {}, {}
         now = self.clock()
-        found: dict[str, bytes] = {}
+        foreign: dict[str, bytes] = {}
         framed: dict[str, entries.Frame] = {}
         for key, name in names.items():
             value = values[name]
@@ -244,15 +253,50 @@ class MemcachedBackend(Backend, ClearPrefixSupport):
                 continue
             parts = entries.unframe(value)
             if parts is None:
-                found[key] = value  # not a frame: handed to the codec, which counts it as corrupt
+                foreign[key] = value  # not a frame: handed to the codec, which counts it as corrupt
             elif parts.stamp == record.stamp(key) and (parts.expires_at is None or parts.expires_at > now):
                 framed[key] = parts
         tags = {tag for parts in framed.values() for tag, _ in parts.tags}
         versions = await self._get_all(cache, [self._tag_key(tag) for tag in tags]) if tags else {}
-        for key, parts in framed.items():
-            if all(versions.get(self._tag_key(tag)) == token for tag, token in parts.tags):
-                found[key] = parts.envelope
-        return [found.get(key) for key in keys]
+        current = {key: parts for key, parts in framed.items()
+                   if all(versions.get(self._tag_key(tag)) == token for tag, token in parts.tags)}
+        return foreign, current
+
+    # -- what the tier holds (for ``cachelayers stats``) ----------------------------------------------------
+
+    async def _dump_names(self) -> list[str]:
+        """Every key memcached holds (``lru_crawler metadump all``), on a connection of its own."""
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(b"lru_crawler metadump all\r\n")
+            await writer.drain()
+            names: list[str] = []
+            while (line := await reader.readline()) not in (b"END\r\n", b""):
+                if line.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
+                    raise BackendError(f"memcached refused to list its keys: {line.decode(errors='replace').strip()}")
+                first = line.split(b" ", 1)[0]
+                if first.startswith(b"key="):
+                    names.append(urllib.parse.unquote(first[4:].decode("ascii", "replace")))
+            return names
+        finally:
+            writer.close()
+
+    async def tag_usage(self, tag_prefix: str) -> dict[str, tuple[int, int]]:
+        """Current entries and their bytes per tag that starts with ``tag_prefix`` (a slow scan of every key:
+        for ``cachelayers stats`` and ``invalidate``, not for the hot path). Entries stored under a digest are
+        not seen (their storage key cannot be read back)."""
+        readable = f"{self.namespace}:"
+        keys = [name[len(readable):] for name in await self._dump_names() if name.startswith(readable)]
+        usage: dict[str, tuple[int, int]] = {}
+        for start in range(0, len(keys), 200):
+            chunk = keys[start:start + 200]
+            _, current = await self._run(lambda cache, chunk=chunk: self._current(cache, chunk))  # type: ignore[misc]
+            for parts in current.values():
+                for tag, _ in parts.tags:
+                    if tag.startswith(tag_prefix):
+                        entries_, size = usage.get(tag, (0, 0))
+                        usage[tag] = (entries_ + 1, size + len(parts.envelope))
+        return usage
 
     async def set_many(self, items: Sequence[StoreItem]) -> None:
         """Store the entries with the current generation and tag versions, and memcached's own expiry."""
