@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import cachelayers
+from tests.memcached_server import MemcachedServer, memcached_available
 from tests.redis_server import RedisServer, free_port, redis_available
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -48,7 +49,8 @@ def _clean_settings() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Leave out the trio runs of Redis tests: they cannot exist (redis-py's asyncio client has no trio support;
+    """Leave out the trio runs of Redis and memcached tests: they cannot exist (redis-py's asyncio client and
+    aiocache's memcached client have no trio support;
     the tests that choose trio on purpose, to check the clear error the Redis tier gives, are kept). Not
     collecting them, rather than collecting and skipping them, keeps every reported skip meaningful: with
     ``CI=true`` no Redis test is skipped.
@@ -62,8 +64,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         chosen = any("anyio_backend" in m.args[0] for m in item.iter_markers("parametrize"))
         trio = callspec is not None and callspec.params.get("anyio_backend") == "trio" and not chosen
-        redis = item.get_closest_marker("redis") is not None or (
-            callspec is not None and any("redis" in part for part in callspec.id.split("-")))
+        redis = any(item.get_closest_marker(name) is not None for name in ("redis", "memcached")) or (
+            callspec is not None and any("redis" in part or "memcached" in part for part in callspec.id.split("-")))
         (impossible if trio and redis else kept).append(item)
     if impossible:
         config.hook.pytest_deselected(items=impossible)
@@ -128,5 +130,38 @@ def own_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, for tests that kill, pause or restart it."""
     _require_redis()
     server = RedisServer().start()
+    yield server
+    server.close()
+
+
+def _require_memcached() -> None:
+    if not memcached_available():
+        if IN_CI:
+            pytest.fail("memcached is not installed; CI must run the memcached tests (scripts/test installs it)")
+        pytest.skip("memcached is not installed (scripts/test installs it)")
+
+
+@pytest.fixture(scope="session")
+def memcached_server() -> Iterator[MemcachedServer]:
+    """One real memcached for the session, on a free loopback port."""
+    _require_memcached()
+    server = MemcachedServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def memcached_url(memcached_server: MemcachedServer) -> str:
+    """URL of the session's memcached, flushed before each test (restarted if a test killed it)."""
+    memcached_server.start()
+    memcached_server.flush()
+    return memcached_server.url
+
+
+@pytest.fixture
+def own_memcached() -> Iterator[MemcachedServer]:
+    """A memcached of the test's own, for tests that kill or restart it."""
+    _require_memcached()
+    server = MemcachedServer().start()
     yield server
     server.close()

@@ -138,7 +138,7 @@ class TestClear:
         assert await backend.get_many(["app1:a", "app1:b", "app2:a", "app1"]) == [None, None, b"3", b"4"]
 
 
-@pytest.mark.parametrize("kind", backend_params(["redis", "disk"]))
+@pytest.mark.parametrize("kind", backend_params(["redis", "disk", "memcached"]))
 async def test_a_second_instance_on_the_same_url_sees_the_same_entries(
         kind: str, request: pytest.FixtureRequest, clock: FakeClock) -> None:
     """Shared tiers: what one process (or instance) wrote, another reads; invalidation is shared too."""

@@ -39,7 +39,7 @@ from tests.conftest import FakeClock
 @pytest.mark.parametrize(
     ("url", "field", "message"),
     [
-        pytest.param("memcached://localhost", "tiers['t']", "unknown scheme 'memcached'", id="unknown-scheme"),
+        pytest.param("couchbase://localhost", "tiers['t']", "unknown scheme 'couchbase'", id="unknown-scheme"),
         pytest.param("://nothing", "tiers['t']", "unknown scheme", id="empty-scheme"),
         pytest.param("localhost:6379", "tiers['t']", "expected a URL", id="no-scheme"),
         pytest.param("", "tiers['t']", "expected a URL", id="empty"),

@@ -415,3 +415,121 @@ def test_demo_over_redis_is_warm_for_a_fresh_memory_tier(
         assert after["cost_spent"] == 0
         assert after["cache_info"]["hits_by_tier"]["redis"] == before["cache_info"]["misses"]
     assert warm["cost_saved"] == pytest.approx(cold["cost_spent"] + cold["cost_saved"])
+
+
+# -- stats and invalidate on real shared tiers: entries and bytes per namespace ------------------------------
+
+
+SHARED_KINDS = [pytest.param("redis", marks=pytest.mark.redis), pytest.param("disk", marks=pytest.mark.disk),
+                pytest.param("memcached", marks=pytest.mark.memcached)]
+
+
+def _shared_url(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if kind == "disk":
+        return f"disk://{tmp_path}/tier"
+    return str(request.getfixturevalue(f"{kind}_url"))
+
+
+def _fill(url: str, calls: dict[str, int]) -> None:
+    """Store ``calls[namespace]`` entries of each namespace (and one of the key/value API) in the tier."""
+    import anyio
+
+    from cachelayers import Settings, multilevel_cached
+
+    async def fill() -> None:
+        cache = TieredCache(Settings(tiers={"shared": url}))
+        for namespace, count in calls.items():
+            @multilevel_cached(cache=cache, namespace=namespace, tags=lambda x: ["even" if x % 2 == 0 else "odd"])
+            async def value(x: int) -> str:
+                return "v" * 100 + str(x)
+
+            for x in range(count):
+                await value(x)
+        await cache.set("plain", "no namespace")
+        await cache.aclose()
+
+    anyio.run(fill)
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_stats_shows_entries_and_bytes_per_namespace(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = _shared_url(kind, request, tmp_path)
+    _fill(url, {"app.answer": 5, "app.embed": 2})
+    monkeypatch.setenv("CACHELAYERS_TIERS", f"memory://,shared={url}")
+    status, out, err = run_cli(capsys, "stats", "--json")
+    assert status == 0, err
+    shared = json.loads(out)["tiers"]["shared"]
+    assert shared["reachable"] is True
+    assert {ns: u["entries"] for ns, u in shared["namespaces"].items()} == {"app.answer": 5, "app.embed": 2}
+    assert shared["entries"] == 7
+    assert all(u["bytes"] >= 100 * u["entries"] for u in shared["namespaces"].values())
+    assert shared["bytes"] == sum(u["bytes"] for u in shared["namespaces"].values())
+    status, out, _ = run_cli(capsys, "stats")
+    assert status == 0
+    assert "7 entries in namespaces" in out
+    assert "namespace 'app.answer': 5 entries" in out
+    assert "namespace 'app.embed': 2 entries" in out
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_invalidate_reports_how_many_entries_it_removed(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = _shared_url(kind, request, tmp_path)
+    _fill(url, {"app.answer": 5, "app.embed": 2})
+    monkeypatch.setenv("CACHELAYERS_TIERS", f"memory://,shared={url}")
+    status, out, err = run_cli(capsys, "invalidate", "--namespace", "app.answer", "--tag", "even",
+                               "--namespace", "nobody.home")
+    assert status == 0, err
+    assert "shared: namespace 'app.answer': 5 entries removed" in out
+    assert "shared: tag 'even': 4 entries removed" in out  # x = 0, 2, 4 of app.answer and x = 0 of app.embed
+    assert "shared: namespace 'nobody.home': 0 entries removed" in out
+    status, out, _ = run_cli(capsys, "stats", "--json")
+    namespaces = json.loads(out)["tiers"]["shared"]["namespaces"]
+    assert {ns: u["entries"] for ns, u in namespaces.items()} == {"app.embed": 1}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tag", ""], "--tag must not be empty"),
+    (["--namespace", "  "], "--namespace must not be empty"),
+    (["--tag", "ns\x1fapp.answer"], "reserved for namespace tags; use --namespace 'app.answer'"),
+    (["--namespace", " app.answer"], "starts or ends with white space"),
+    (["--tag", "a\x1fb"], "contains a control character"),
+    (["--namespace", "app\nanswer"], "contains a control character"),
+])
+def test_invalidate_refuses_bad_and_reserved_names_before_touching_a_tier(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    recording_tier: type[RecordingBackend],
+) -> None:
+    monkeypatch.setenv("CACHELAYERS_TIERS", "memory://,shared=clirecord://somewhere")
+    status, out, err = run_cli(capsys, "invalidate", "--tag", "fine", *argv)
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err + out
+    assert recording_tier.deleted_tags == []
+
+
+def test_invalidate_says_when_a_tier_cannot_count(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, recording_tier: type[RecordingBackend],
+) -> None:
+    monkeypatch.setenv("CACHELAYERS_TIERS", "memory://,shared=clirecord://somewhere")
+    status, out, _ = run_cli(capsys, "invalidate", "--tag", "t")
+    assert status == 0
+    assert "shared: tag 't': entries not counted (the tier cannot list them)" in out
+
+
+def test_python_dash_m_cachelayers_runs_the_command() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "cachelayers", "--version"], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("cachelayers ")
+    done = subprocess.run([sys.executable, "-m", "cachelayers", "invalidate"], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "needs at least one --tag or --namespace" in done.stderr

@@ -1,6 +1,8 @@
-"""Faults of real tiers: Redis killed mid-flight, every stored entry damaged, a hung Redis, lost pub/sub.
+"""Faults of real tiers: Redis or memcached killed mid-flight, every stored entry damaged, a hung Redis, lost
+pub/sub.
 
-Each test runs against a redis-server of its own (``own_redis``) that it kills, pauses and restarts. The
+Each test runs against a server of its own (``own_redis``, ``own_memcached``) that it kills, pauses and
+restarts; the kill, damage and signing tests run on both shared tiers. The
 promise under test: a cache failure never fails a call, never returns a wrong value, and costs a call at most
 one tier timeout; the tier is used again soon after it comes back.
 """
@@ -19,25 +21,37 @@ import anyio
 import pytest
 
 from cachelayers import Settings, StoreItem, TieredCache, multilevel_cached
+from tests.memcached_server import MemcachedServer
 from tests.redis_server import RedisServer
 from tests.tier_factories import eventually
 
-pytestmark = [pytest.mark.redis, pytest.mark.anyio]
+pytestmark = [pytest.mark.anyio]
 
 
 @pytest.fixture
 def anyio_backend() -> str:
-    """The Redis tier is asyncio-only."""
+    """The Redis and memcached tiers are asyncio-only."""
     return "asyncio"
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("memcached", marks=pytest.mark.memcached)])
+def own_shared(request: pytest.FixtureRequest) -> tuple[str, RedisServer | MemcachedServer]:
+    """A shared tier's kind and a server of the test's own (Redis or memcached)."""
+    kind = str(request.param)
+    server: RedisServer | MemcachedServer = request.getfixturevalue(f"own_{kind}")
+    return kind, server
 
 
 def expected(x: int) -> dict[str, Any]:
     return {"x": x, "square": x * x, "pad": bytes(x % 50)}
 
 
-async def test_redis_killed_with_1000_calls_in_flight(own_redis: RedisServer) -> None:
-    """0 failed calls, 0 wrong values; after a restart, Redis hits resume within 5 s (the breaker closes)."""
-    cache = TieredCache(Settings(tiers={"redis": own_redis.url}))  # Redis only: every call goes to it
+async def test_shared_tier_killed_with_1000_calls_in_flight(own_shared: tuple[str, RedisServer | MemcachedServer]
+                                                           ) -> None:
+    """0 failed calls, 0 wrong values; after a restart, hits of the tier resume within 5 s (the breaker closes)."""
+    kind, server = own_shared
+    cache = TieredCache(Settings(tiers={kind: server.url}))  # that tier only: every call goes to it
     computed = 0
 
     @multilevel_cached(cache=cache, name="killed")
@@ -65,33 +79,34 @@ async def test_redis_killed_with_1000_calls_in_flight(own_redis: RedisServer) ->
                 tg.start_soon(call, i)
             await anyio.sleep(0.01)
             if wave == 4:
-                own_redis.kill()
+                server.kill()
     assert failures == []
     assert len(results) == 1000
     assert all(results[i] == expected(i % 300) for i in results)
-    stats = cache.tier_stats()["redis"]
+    stats = cache.tier_stats()[kind]
     assert stats["errors"] + stats["timeouts"] + stats["skipped"] > 0  # it did fail under them
 
-    own_redis.start()
+    server.start()
     restarted = time.monotonic()
-    hits_before = cache.tier_stats()["redis"]["hits"]
+    hits_before = cache.tier_stats()[kind]["hits"]
     x = 10_000
     with anyio.fail_after(5):
-        while cache.tier_stats()["redis"]["hits"] == hits_before:
+        while cache.tier_stats()[kind]["hits"] == hits_before:
             x += 1
             assert await value(x) == expected(x)  # stored, if the tier is back ...
             assert await value(x) == expected(x)  # ... and then read from it
             await anyio.sleep(0.05)
     assert time.monotonic() - restarted < 5
-    assert cache.tier_stats()["redis"]["breaker"] == "closed"
+    assert cache.tier_stats()[kind]["breaker"] == "closed"
     await cache.aclose()
 
 
 @pytest.mark.disk
-async def test_every_damaged_entry_in_redis_and_on_disk_is_counted_and_never_served(
-        own_redis: RedisServer, tmp_path: Path) -> None:
+async def test_every_damaged_entry_in_a_shared_tier_and_on_disk_is_counted_and_never_served(
+        own_shared: tuple[str, RedisServer | MemcachedServer], tmp_path: Path) -> None:
     """Random bytes, truncation, another entry's bytes: 0 served, all counted, all deleted."""
-    settings = Settings(tiers={"redis": own_redis.url, "disk": f"disk://{tmp_path}/d"})
+    kind, server = own_shared
+    settings = Settings(tiers={kind: server.url, "disk": f"disk://{tmp_path}/d"})
     writer = TieredCache(settings)
     computed: list[int] = []
 
@@ -111,10 +126,10 @@ async def test_every_damaged_entry_in_redis_and_on_disk_is_counted_and_never_ser
         damaged: list[StoreItem] = []
         for i, (key, blob) in enumerate(zip(storage, blobs, strict=True)):
             assert blob is not None
-            kind = i % 3
-            if kind == 0:
+            damage = i % 3
+            if damage == 0:
                 bad = os.urandom(len(blob))
-            elif kind == 1:
+            elif damage == 1:
                 bad = blob[: rng.randrange(len(blob))]
             else:
                 other = blobs[(i + 1) % len(blobs)]  # intact, but another entry's
@@ -130,9 +145,9 @@ async def test_every_damaged_entry_in_redis_and_on_disk_is_counted_and_never_ser
     assert [await read(x) for x in keys] == [expected(x) for x in keys]
     assert computed == list(keys)  # not one damaged entry was served
     stats = reader.tier_stats()
-    assert stats["redis"]["corrupt"] == len(keys)
+    assert stats[kind]["corrupt"] == len(keys)
     assert stats["disk"]["corrupt"] == len(keys)
-    assert stats["redis"]["hits"] == stats["disk"]["hits"] == 0
+    assert stats[kind]["hits"] == stats["disk"]["hits"] == 0
     # The damaged entries were deleted and replaced by the recomputed ones.
     for tier in reader.tiers:
         for key, blob in zip(storage, await tier.backend.get_many(storage), strict=True):
@@ -141,9 +156,11 @@ async def test_every_damaged_entry_in_redis_and_on_disk_is_counted_and_never_ser
     await reader.aclose()
 
 
-async def test_unsigned_entries_are_never_served_when_a_secret_is_set(own_redis: RedisServer) -> None:
-    unsigned = TieredCache(Settings(tiers={"redis": own_redis.url}))
-    signed = TieredCache(Settings(tiers={"redis": own_redis.url}, secret="a-secret-of-16-bytes-or-more"))
+async def test_unsigned_entries_are_never_served_when_a_secret_is_set(
+        own_shared: tuple[str, RedisServer | MemcachedServer]) -> None:
+    kind, server = own_shared
+    unsigned = TieredCache(Settings(tiers={kind: server.url}))
+    signed = TieredCache(Settings(tiers={kind: server.url}, secret="a-secret-of-16-bytes-or-more"))
     made_by: list[str] = []
 
     def fn(who: str) -> Any:
@@ -155,14 +172,15 @@ async def test_unsigned_entries_are_never_served_when_a_secret_is_set(own_redis:
 
     assert await fn("unsigned")(1) == "unsigned"
     assert await fn("signed")(1) == "signed"
-    assert signed.tier_stats()["redis"]["corrupt"] == 1
+    assert signed.tier_stats()[kind]["corrupt"] == 1
     assert await fn("unsigned")(1) == "unsigned"  # and the signed entry is foreign to an unsigned reader
-    assert unsigned.tier_stats()["redis"]["corrupt"] == 1
+    assert unsigned.tier_stats()[kind]["corrupt"] == 1
     assert made_by == ["unsigned", "signed", "unsigned"]
     await unsigned.aclose()
     await signed.aclose()
 
 
+@pytest.mark.redis
 async def test_a_hung_redis_costs_a_call_at_most_one_timeout(own_redis: RedisServer) -> None:
     """SIGSTOPped Redis: calls return within tier timeout + compute time (and soon without the timeout)."""
     timeout, compute = 0.25, 0.05
@@ -198,6 +216,7 @@ async def test_a_hung_redis_costs_a_call_at_most_one_timeout(own_redis: RedisSer
     await cache.aclose()
 
 
+@pytest.mark.redis
 async def test_a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_recovers(
         own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     cache = TieredCache(Settings(tiers={"redis": own_redis.url}, breaker_cooldown=0.2))
@@ -224,6 +243,7 @@ async def test_a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_reco
     await cache.aclose()
 
 
+@pytest.mark.redis
 async def test_after_a_lost_subscription_the_memory_tier_starts_over(own_redis: RedisServer) -> None:
     """Invalidations published while a process was disconnected are lost to it: it drops its memory tier."""
     cache = TieredCache(Settings(tiers={"memory": "memory://", "redis": own_redis.url}))
@@ -252,6 +272,7 @@ async def redis_only(own_redis: RedisServer) -> AsyncIterator[TieredCache]:
     await cache.aclose()
 
 
+@pytest.mark.redis
 async def test_a_lock_tier_that_is_down_does_not_stop_the_call(redis_only: TieredCache,
                                                                own_redis: RedisServer) -> None:
     @multilevel_cached(cache=redis_only, name="lockdown", lock=True)

@@ -1,8 +1,9 @@
 """One factory per backend kind, so that a test runs over every tier by adding one parameter.
 
 ``pytest.mark.parametrize("kind", backend_params())`` gives the kinds with their marks (``memory``, ``redis``,
-``disk``); `make_backend` builds a fresh backend of a kind for the running test. Redis is asyncio-only
-(redis-py's asyncio client): under trio its parameters are skipped with that reason, never failed.
+``disk``, ``memcached``); `make_backend` builds a fresh backend of a kind for the running test. Redis and
+memcached are asyncio-only (redis-py's and aiocache's asyncio clients): under trio their parameters are
+skipped with that reason, never failed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from cachelayers import Backend, MemoryBackend
 from cachelayers.backends import create_backend
 from tests.conftest import FakeClock
 
-__all__ = ["KINDS", "REDIS_ON_TRIO", "backend_params", "eventually", "make_backend", "skip_unless_supported"]
+__all__ = ["ASYNCIO_ONLY", "KINDS", "MEMCACHED_ON_TRIO", "REDIS_ON_TRIO", "backend_params", "eventually",
+           "make_backend", "skip_unless_supported"]
 
-KINDS: Final = ("memory", "redis", "disk")
+KINDS: Final = ("memory", "redis", "disk", "memcached")
 REDIS_ON_TRIO: Final = "the Redis tier runs on asyncio only (redis-py's asyncio client has no trio support)"
+MEMCACHED_ON_TRIO: Final = "the memcached tier runs on asyncio only (aiocache's memcached client has no trio support)"
+ASYNCIO_ONLY: Final = {"redis": REDIS_ON_TRIO, "memcached": MEMCACHED_ON_TRIO}
 _disk_dirs = itertools.count()
 
 
@@ -32,10 +36,10 @@ def backend_params(kinds: Sequence[str] = KINDS) -> list[ParameterSet]:
 
 
 def skip_unless_supported(kind: str, request: pytest.FixtureRequest) -> None:
-    """Skip a Redis parameter under trio (the only combination that cannot run)."""
-    if kind == "redis" and "anyio_backend" in request.fixturenames and \
+    """Skip a Redis or memcached parameter under trio (the only combinations that cannot run)."""
+    if kind in ASYNCIO_ONLY and "anyio_backend" in request.fixturenames and \
             request.getfixturevalue("anyio_backend") == "trio":
-        pytest.skip(REDIS_ON_TRIO)
+        pytest.skip(ASYNCIO_ONLY[kind])
 
 
 def make_backend(kind: str, request: pytest.FixtureRequest, clock: FakeClock | None = None,
@@ -43,8 +47,8 @@ def make_backend(kind: str, request: pytest.FixtureRequest, clock: FakeClock | N
     """A fresh backend of ``kind`` for the running test (the caller closes it).
 
     Args:
-        kind: ``"memory"``, ``"redis"`` or ``"disk"``.
-        request: The test's request, for the ``redis_url`` and ``tmp_path`` fixtures.
+        kind: ``"memory"``, ``"redis"``, ``"disk"`` or ``"memcached"``.
+        request: The test's request, for the ``redis_url``, ``memcached_url`` and ``tmp_path`` fixtures.
         clock: Fake clock for expiry; real time when omitted.
         query: URL options, e.g. ``"max_bytes=4096"``.
     """
@@ -57,6 +61,8 @@ def make_backend(kind: str, request: pytest.FixtureRequest, clock: FakeClock | N
     elif kind == "disk":
         directory = request.getfixturevalue("tmp_path") / f"disk{next(_disk_dirs)}"
         url = f"disk://{directory}{options}"
+    elif kind == "memcached":
+        url = str(request.getfixturevalue("memcached_url")) + options
     else:
         raise ValueError(f"unknown backend kind {kind!r}")
     backend = create_backend(url, clock=clock)

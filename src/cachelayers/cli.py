@@ -1,7 +1,8 @@
 """The ``cachelayers`` command.
 
 Subcommands: ``demo`` (replay a simulated AI pipeline through the caches and report), ``stats`` (the settings
-in force and the state of every tier), ``invalidate`` (drop entries by tag or namespace from every tier),
+in force, the state of every tier, and entries and bytes per namespace in the disk, Redis and memcached
+tiers), ``invalidate`` (drop entries by tag or namespace from every tier, saying how many),
 ``calibrate`` (choose a semantic similarity threshold from labelled pairs), ``bench`` (run the benchmarks of a
 source checkout).
 
@@ -171,6 +172,7 @@ async def _probe_tiers() -> dict[str, Any]:
                 entry.update(reachable=False, error=redact_urls(f"{type(exc).__name__}: {exc}"))
             else:
                 entry.update(reachable=True, latency_ms=(time.perf_counter() - started) * 1e3)
+                entry.update(await _namespaces(cache, tier.backend))
             tiers[tier.name] = entry
     finally:
         await cache.aclose()
@@ -182,18 +184,43 @@ async def _probe_tiers() -> dict[str, Any]:
     }
 
 
+async def _namespaces(cache: Any, backend: Any) -> dict[str, Any]:
+    """``entries``, ``bytes`` and ``namespaces`` (each with its entries and bytes) of a lower tier, or the
+    error that kept it from telling; nothing for a backend that cannot tell."""
+    from cachelayers.backends.usage import tag_usage
+    from cachelayers.engines import namespace_tag
+
+    prefix = cache.tier_tags([namespace_tag("")])[0]
+    try:
+        with anyio.fail_after(60):
+            usage = await tag_usage(backend, prefix)
+    except Exception as exc:
+        return {"usage_error": f"{type(exc).__name__}: {exc}"}
+    if usage is None:
+        return {}
+    namespaces = {tag[len(prefix):]: {"entries": u.entries, "bytes": u.bytes} for tag, u in sorted(usage.items())}
+    return {"entries": sum(u.entries for u in usage.values()), "bytes": sum(u.bytes for u in usage.values()),
+            "namespaces": namespaces}
+
+
 def _print_stats(document: dict[str, Any], out: TextIO) -> None:
     print(f"settings in force: {document['settings']}", file=out)
     print("tiers (fastest first):", file=out)
     for name, tier in document["tiers"].items():
-        if "entries" in tier:
+        if "max_entries" in tier:
             state = (f"{tier['kind']}: {tier['entries']:,} of {tier['max_entries']:,} entries, "
                      f"{_size(tier['bytes'])} of {_size(tier['max_bytes'])}")
         elif tier["reachable"]:
             state = f"{tier['kind']}: reachable ({tier['latency_ms']:.1f} ms)"
+            if "entries" in tier:
+                state += f", {tier['entries']:,} entries in namespaces, {_size(tier['bytes'])}"
+            elif "usage_error" in tier:
+                state += f", entries unknown ({tier['usage_error']})"
         else:
             state = f"{tier['kind']}: UNREACHABLE ({tier['error']})"
         print(f"  {name}  {tier['url']}  {state}", file=out)
+        for namespace, usage in tier.get("namespaces", {}).items():
+            print(f"      namespace {namespace!r}: {usage['entries']:,} entries, {_size(usage['bytes'])}", file=out)
     limits = document["limits"]
     print(f"rate limits: {', '.join(f'{k}={v}' for k, v in limits.items()) if limits else 'none'}", file=out)
     print(f"vector index: {document['vector_index']}", file=out)
@@ -221,13 +248,45 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
 
 
-async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]) -> list[str]:
+def _check_name(kind: str, name: str) -> None:
+    """Refuse a tag or namespace that cannot name what the user means (exit 2)."""
+    from cachelayers.engines import namespace_tag
+
+    reserved = namespace_tag("")
+    if not name.strip():
+        raise _UsageError(f"--{kind} must not be empty")
+    if name != name.strip():
+        raise _UsageError(f"--{kind} {name!r} starts or ends with white space; names are matched exactly")
+    if kind == "tag" and name.startswith(reserved):
+        raise _UsageError(f"--tag {name!r} starts with {reserved!r}, the form reserved for namespace tags; "
+                          f"use --namespace {name[len(reserved):]!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise _UsageError(f"--{kind} {name!r} contains a control character")
+
+
+async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]
+                                 ) -> tuple[list[str], dict[str, dict[str, int | None]]]:
+    """Invalidate; return the tiers that failed, and per tier the entries each tag or namespace held."""
+    from cachelayers.backends.usage import tag_usage
+    from cachelayers.engines import namespace_tag
     from cachelayers.engines.tiered import TieredCache
     from cachelayers.errors import InvalidationError
     from cachelayers.settings import get_settings
 
     cache = TieredCache(get_settings())
+    named = {**{f"tag {t!r}": t for t in tags}, **{f"namespace {n!r}": namespace_tag(n) for n in namespaces}}
+    counts: dict[str, dict[str, int | None]] = {}
     try:
+        for tier in cache.tiers:
+            counts[tier.name] = {}
+            for what, tag in named.items():
+                qualified = cache.tier_tags([tag])[0]
+                try:
+                    with anyio.fail_after(60):
+                        usage = await tag_usage(tier.backend, qualified)
+                except Exception:
+                    usage = None  # the invalidation below reports the failure
+                counts[tier.name][what] = None if usage is None else usage.get(qualified, (0, 0))[0]
         before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
         missed: set[str] = set()
         for call, argument in ([(cache.invalidate_tags, tags)] if tags else []) + [
@@ -238,7 +297,7 @@ async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str])
                 missed.update(exc.tiers)
         # Any failure, including those an invalidation does not raise for, and the operator must hear about it.
         failed = [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
-        return sorted(missed.union(failed))
+        return sorted(missed.union(failed)), counts
     finally:
         await cache.aclose()
 
@@ -247,7 +306,11 @@ async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str])
 def _invalidate(args: argparse.Namespace) -> int:
     if not args.tag and not args.namespace:
         raise _UsageError("invalidate needs at least one --tag or --namespace")
-    failed = anyio.run(_invalidate_everywhere, args.tag, args.namespace)
+    for tag in args.tag:
+        _check_name("tag", tag)
+    for namespace in args.namespace:
+        _check_name("namespace", namespace)
+    failed, counts = anyio.run(_invalidate_everywhere, args.tag, args.namespace)
     from cachelayers.settings import get_settings
 
     tiers = get_settings().tier_urls
@@ -258,6 +321,11 @@ def _invalidate(args: argparse.Namespace) -> int:
     what = ", ".join([f"tag {t!r}" for t in args.tag] + [f"namespace {n!r}" for n in args.namespace])
     if shared:
         print(f"invalidated {what} on {', '.join(shared)}")
+        for tier_name in shared:
+            for item, count in counts.get(tier_name, {}).items():
+                told = "entries not counted (the tier cannot list them)" if count is None else \
+                    f"{count:,} {'entry' if count == 1 else 'entries'} removed"
+                print(f"  {tier_name}: {item}: {told}")
     else:
         print(f"nothing to do for {what}: every configured tier is in-process memory, which lives only in "
               f"the processes using it (configure CACHELAYERS_TIERS with a shared tier)")

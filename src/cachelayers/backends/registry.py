@@ -113,6 +113,7 @@ register_backend("memory", "cachelayers.backends.memory:MemoryBackend")
 for _scheme in ("redis", "rediss", "redis+cluster", "unix"):
     register_backend(_scheme, "cachelayers.backends.redis:RedisBackend", driver="redis", extra="redis")
 register_backend("disk", "cachelayers.backends.disk:DiskBackend", driver="sqlite3", extra="disk")
+register_backend("memcached", "cachelayers.backends.memcached:MemcachedBackend", driver="aiomcache", extra="memcached")
 register_backend("memory", "cachelayers.backends.vectors.base:in_memory", kind="vector_index")
 register_backend("usearch", "cachelayers.backends.vectors.disk_store:DiskStore", kind="vector_index")
 for _scheme in ("redis", "rediss"):
