@@ -180,9 +180,9 @@ class _Rows:
             self.row_of[moved] = row
         self.size = last
 
-    def similarities(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
-        """Exact cosine similarities (float64) of ``rows`` to ``query``, a float64 unit vector."""
-        out: np.ndarray = (self.matrix[rows].astype(np.float64) @ query) * self.inverse[rows]
+    def similarities(self, rows: list[int], query: np.ndarray) -> np.ndarray:
+        """Exact similarities (float64) of ``rows`` to ``query`` (float64), divided by the rows' norms."""
+        out: np.ndarray = (self.matrix.take(rows, axis=0).astype(np.float64) @ query) * self.inverse.take(rows)
         return out
 
     @property
@@ -294,24 +294,31 @@ class VectorIndex:
         return Neighbours(keys, [1.0 - d for d in distances])
 
     def _rescored(self, query: np.ndarray, count: int) -> Neighbours:
-        """The graph's best candidates, rescored with the exact vectors (caller holds the lock)."""
+        """The graph's best candidates, rescored with the exact vectors (caller holds the lock).
+
+        The candidates are ranked by a float32 product with the stored rows (a few 1e-8 from exact), then the
+        similarities of the ``count`` best are computed in float64: what is reported is numpy's cosine.
+        """
         rows = self._rows
         assert rows is not None
         wanted = max(count, self.rescore)
         if rows.size <= wanted:
-            picked = np.arange(rows.size)  # every vector is a candidate: exact, no graph needed
+            picked: Any = np.arange(rows.size)  # every vector is a candidate: exact, no graph needed
         else:
-            matches = self._index.search(query, wanted, threads=1)
             row_of = rows.row_of
-            picked = np.fromiter((row_of[k] for k in matches.keys.tolist()), dtype=np.int64)
+            picked = [row_of[k] for k in self._index.search(query, wanted, threads=1).keys.tolist()]
+        ranking = (rows.matrix.take(picked, axis=0) @ query) * rows.inverse.take(picked)
         exact = query.astype(np.float64)
         norm = math.sqrt(float(exact @ exact))
-        similarities = np.zeros(len(picked)) if norm == 0.0 else rows.similarities(picked, exact / norm)
+        scale = 1.0 / norm if norm else 0.0
         if count == 1:
-            order = np.array([np.argmax(similarities)]) if len(picked) else np.empty(0, dtype=np.int64)
-        else:
-            order = np.argsort(-similarities, kind="stable")[:count]
-        return Neighbours(rows.keys[picked[order]].tolist(), similarities[order].tolist())
+            row = picked[int(np.argmax(ranking))]
+            similarity = float(rows.matrix[row].astype(np.float64) @ exact) * float(rows.inverse[row]) * scale
+            return Neighbours([int(rows.keys[row])], [similarity])
+        best = [picked[i] for i in np.argsort(-ranking, kind="stable")[:count].tolist()]
+        similarities = rows.similarities(best, exact) * scale
+        order = np.argsort(-similarities, kind="stable")  # float32 ranked them; the exact values decide ties
+        return Neighbours(rows.keys.take(best).take(order).tolist(), similarities.take(order).tolist())
 
     def get(self, keys: Sequence[int]) -> np.ndarray:
         """Return the stored vectors of ``keys`` as a ``(len(keys), ndim)`` float32 array.
