@@ -3,10 +3,10 @@
 Contenders, measured in the same process, interleaved in rounds (fresh random order each round):
 
 lookup (a near-duplicate query, nearest neighbour, similarity check)
-    ``usearch bf16``       raw ``Index.search(q, 1, threads=1)`` on the very bf16 graph cachelayers searches —
-                           the floor (``--search-dtype`` changes the graph's type);
+    ``usearch bf16``       raw ``Index.search(q, 1, threads=1)`` on a bf16 graph of the same vectors — the
+                           floor (with ``--search-dtype bf16`` the very graph the index searches);
     ``usearch f32``        the same on an f32 graph of the same vectors (what the index stored before);
-    ``index search``       cachelayers' `VectorIndex.search`: the bf16 search of the best ``--rescore``
+    ``index search``       cachelayers' `VectorIndex.search`: the compact (i8) search of the best ``--rescore``
                            candidates, rescored with the exact f32 vectors (exact similarities);
     ``store lookup``       cachelayers' `SemanticStore.find_similar` (what the engine calls): the index
                            search plus entry and expiry checks;
@@ -21,8 +21,8 @@ insert (a new entry into an index of n)
     ``rebuild per insert`` the GPTCache-style design that rebuilds the index on each insert — measured only
                            at small n (``--rebuild-sizes``), because it costs O(n) per insert (seconds at 10k).
 
-The floor searches the *same* graph as the store (built once with usearch's multi-threaded add, ``--threads``),
-so the difference is the rescoring and the engine's own overhead. Vectors are synthetic and clustered
+Graphs are built with usearch's multi-threaded add (``--threads``); the index's graph is ``i8`` by default
+(``--search-dtype``), the floor's ``bf16``. Vectors are synthetic and clustered
 (``--clusters`` centres plus noise, unit length, ``--dim`` 384 like all-MiniLM-L6-v2): real embeddings are
 clustered too, and random vectors are the worst case of HNSW. Targets (``--check``): store lookup <= usearch
 bf16 + 50 µs, decorated hit <= usearch bf16 + 50 µs, and store insert <= usearch add + 50 µs at every size.
@@ -56,6 +56,7 @@ from _util import (
     to_json,
 )
 from cachelayers.backends.vectors import IndexOptions, VectorIndex
+from cachelayers.backends.vectors.index import DEFAULT_SEARCH_DTYPE
 from cachelayers.codec import Codec
 from cachelayers.engines.semantic import Entry as _Entry
 from cachelayers.engines.semantic import SemanticFunction, SemanticStore
@@ -98,7 +99,11 @@ class Setup:
         self.index = VectorIndex(args.dim, search_dtype=args.search_dtype, rescore=args.rescore)
         self.index.add_many(np.arange(n, dtype=np.uint64), base, threads=args.threads)
         self.build_seconds = time.perf_counter() - started
-        self.compact = self.index._index  # the very graph the index searches: the floor searches it raw
+        if args.search_dtype == "bf16":
+            self.compact = self.index._index  # the very graph the index searches: the floor searches it raw
+        else:
+            self.compact = Index(ndim=args.dim, metric="cos", dtype="bf16")
+            self.compact.add(np.arange(n, dtype=np.uint64), base, threads=args.threads)
         started = time.perf_counter()
         self.raw = Index(ndim=args.dim, metric="cos", dtype="f32")
         self.raw.add(np.arange(n, dtype=np.uint64), base, threads=args.threads)
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="threads of usearch's add while building")
-    parser.add_argument("--search-dtype", default="bf16", help="the graph's type (bf16, i8, f16, f32)")
+    parser.add_argument("--search-dtype", default=DEFAULT_SEARCH_DTYPE, help="the index graph's type")
     parser.add_argument("--rescore", type=int, default=16, help="candidates rescored exactly per lookup")
     parser.add_argument("--queries", type=int, default=400)
     parser.add_argument("--inserts", type=int, default=200)

@@ -40,8 +40,9 @@ def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_the_scalar_type_is_explicit_f32_by_default() -> None:
     index = VectorIndex(16)
     assert index.dtype == "f32"
-    assert index.search_dtype == "bf16"  # the graph is compact; the similarities reported are exact f32
-    assert "BF16" in str(index._index.dtype)
+    assert index.search_dtype == "i8"  # the graph is compact; the similarities reported are exact f32
+    assert "I8" in str(index._index.dtype)
+    assert "BF16" in str(VectorIndex(16, search_dtype="bf16")._index.dtype)
     assert "F32" in str(VectorIndex(16, search_dtype="f32")._index.dtype)
     assert "F16" in str(VectorIndex(16, dtype="f16")._index.dtype)
     assert VectorIndex(16, dtype="f16").search_dtype == "f16"
@@ -277,13 +278,16 @@ def test_reported_similarities_are_numpys_exact_cosine(seed: int, size: int, dim
 
 
 def test_a_compact_graph_finds_what_exact_f32_finds_on_real_near_duplicates() -> None:
-    """The bf16 graph plus rescoring gives the same top-1 as brute force, with the same similarity."""
+    """The compact graph (i8 or bf16) plus rescoring gives brute force's top-1, with the same similarity."""
     pairs = near_duplicate_texts(400, seed=3)
     embedder = HashingEmbedder()
     stored = embedder([a for a, _ in pairs])
     queries = embedder([b for _, b in pairs])
-    index = VectorIndex(embedder.ndim)
-    assert index.search_dtype == "bf16"
+    for search_dtype in ("i8", "bf16"):
+        check_top1_against_brute_force(VectorIndex(embedder.ndim, search_dtype=search_dtype), stored, queries)
+
+
+def check_top1_against_brute_force(index: VectorIndex, stored: np.ndarray, queries: np.ndarray) -> None:
     index.add_many(range(len(stored)), stored)
     exact = queries.astype(np.float64) @ stored.astype(np.float64).T
     exact /= np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(stored, axis=1))
@@ -332,5 +336,5 @@ def test_a_bare_f32_usearch_index_from_before_still_loads_with_exact_similaritie
     assert found.keys[0] == 5
     assert found.similarities[0] == pytest.approx(1.0, abs=1e-6)
     index.compact()  # the next compaction makes the compact graph
-    assert "BF16" in str(index._index.dtype)
+    assert "I8" in str(index._index.dtype)
     assert index.search(vectors[5], 1).keys == [5]
