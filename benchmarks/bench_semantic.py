@@ -235,7 +235,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 inserts[name].samples.append(time_sync(append, len(fresh)))
                 setup.rows += len(fresh)
     return {"n": n, "build_seconds": setup.build_seconds, "build_f32_seconds": setup.build_f32_seconds,
-            "memory_mib": {"index (bf16 graph + f32 rows)": index.memory_usage / 2**20,
+            "memory_mib": {f"index ({args.search_dtype} graph + f32 rows)": index.memory_usage / 2**20,
                            "usearch f32 graph": raw.memory_usage / 2**20},
             "lookups": lookups, "inserts": inserts,
             "recall": recall, "decorated_computed": setup.computed}
