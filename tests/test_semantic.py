@@ -431,7 +431,7 @@ async def test_a_partition_of_capacity_one_keeps_serving_its_newest_entry() -> N
 def test_vector_index_schemes_are_in_the_one_registry() -> None:
     from cachelayers.backends.registry import registered_schemes
 
-    assert registered_schemes("vector_index") == ["memory", "redis", "rediss", "usearch"]
+    assert registered_schemes("vector_index") == ["memory", "redis", "redis+cluster", "rediss", "usearch"]
 
 
 async def test_removed_keys_are_reused() -> None:

@@ -10,8 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cachelayers.backends.vectors import IndexOptions, VectorIndex, atomic_write
+from cachelayers.backends.vectors.index import RESCORE
 from cachelayers.codec import Codec
 from cachelayers.embedders import HashingEmbedder
 from cachelayers.engines.semantic import SemanticStats as _Stats
@@ -37,8 +40,18 @@ def random_unit(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_the_scalar_type_is_explicit_f32_by_default() -> None:
     index = VectorIndex(16)
     assert index.dtype == "f32"
-    assert "F32" in str(index._index.dtype)
+    assert index.search_dtype == "i8"  # the graph is compact; the similarities reported are exact f32
+    assert "I8" in str(index._index.dtype)
+    assert "BF16" in str(VectorIndex(16, search_dtype="bf16")._index.dtype)
+    assert "F32" in str(VectorIndex(16, search_dtype="f32")._index.dtype)
     assert "F16" in str(VectorIndex(16, dtype="f16")._index.dtype)
+    assert VectorIndex(16, dtype="f16").search_dtype == "f16"
+    with pytest.raises(ConfigError, match="search_dtype"):
+        VectorIndex(16, search_dtype="f64")
+    with pytest.raises(ConfigError, match="search_dtype"):
+        VectorIndex(16, dtype="f16", search_dtype="i8")
+    with pytest.raises(ConfigError, match="rescore"):
+        VectorIndex(16, rescore=0)
     with pytest.raises(ConfigError, match="dtype"):
         VectorIndex(16, dtype="f8")
     with pytest.raises(ConfigError, match="ndim"):
@@ -208,3 +221,120 @@ async def test_top1_recall_on_real_near_duplicates_stays_above_099_after_churn(a
         recalls.append(sum(g == e for g, e in zip(got, exact, strict=True)) / len(exact))
     assert stats.compactions >= 1
     assert min(recalls) >= 0.99, recalls
+
+
+# -- exact similarities from a compact graph ---------------------------------------------------------------
+
+
+def brute_cosine(live: dict[int, np.ndarray], query: np.ndarray) -> dict[int, float]:
+    """numpy's cosine of ``query`` to every live vector, in float64."""
+    q = query.astype(np.float64)
+    return {k: float(v.astype(np.float64) @ q / (np.linalg.norm(v.astype(np.float64)) * np.linalg.norm(q)))
+            for k, v in live.items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(1, 120), dim=st.sampled_from([4, 16, 48]),
+       count=st.integers(1, 20), churn=st.integers(0, 40),
+       search_dtype=st.sampled_from(["bf16", "i8", "f16", "f32"]), roundtrip=st.booleans())
+def test_reported_similarities_are_numpys_exact_cosine(seed: int, size: int, dim: int, count: int, churn: int,
+                                                       search_dtype: str, roundtrip: bool) -> None:
+    """Whatever the graph's type, after adds, replacements and removals (and a save/load or a compaction),
+    every similarity reported is numpy's float64 cosine of the query and the vector stored under that key
+    (to 1e-6), best first; up to `RESCORE` vectors the answer is exactly brute force's top ``count``."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.1, 10.0, (size, 1))  # not unit vectors: the cosine must still be exact
+    vectors = (rng.standard_normal((size, dim)) * scale).astype(np.float32)
+    index = VectorIndex(dim, search_dtype=search_dtype)
+    index.add_many(range(size), vectors)
+    live = {k: vectors[k] for k in range(size)}
+    for _ in range(churn):
+        key = int(rng.integers(0, size + 10))
+        if rng.random() < 0.5:
+            assert index.remove(key) == (key in live)
+            live.pop(key, None)
+        else:
+            live[key] = rng.standard_normal(dim).astype(np.float32)
+            index.add(key, live[key])
+    if roundtrip:
+        index = VectorIndex.from_bytes(index.to_bytes(), dtype="f32")
+    elif live:
+        index.compact()
+    assert len(index) == len(live)
+    assert sorted(index.keys().tolist()) == sorted(live)
+    for _ in range(5):
+        query = (rng.standard_normal(dim) * rng.uniform(0.1, 10.0)).astype(np.float32)
+        found = index.search(query, count)
+        exact = brute_cosine(live, query)
+        assert len(found.keys) == min(count, len(live))
+        assert len(set(found.keys)) == len(found.keys)
+        for key, similarity in zip(found.keys, found.similarities, strict=True):
+            assert similarity == pytest.approx(exact[key], abs=1e-6)
+            np.testing.assert_array_equal(index.get([key])[0], live[key])
+        assert found.similarities == sorted(found.similarities, reverse=True)
+        if len(live) <= max(count, RESCORE):
+            best = sorted(exact.values(), reverse=True)[:count]
+            np.testing.assert_allclose(found.similarities, best, atol=1e-6)
+
+
+def test_a_compact_graph_finds_what_exact_f32_finds_on_real_near_duplicates() -> None:
+    """The compact graph (i8 or bf16) plus rescoring gives brute force's top-1, with the same similarity."""
+    pairs = near_duplicate_texts(400, seed=3)
+    embedder = HashingEmbedder()
+    stored = embedder([a for a, _ in pairs])
+    queries = embedder([b for _, b in pairs])
+    for search_dtype in ("i8", "bf16"):
+        check_top1_against_brute_force(VectorIndex(embedder.ndim, search_dtype=search_dtype), stored, queries)
+
+
+def check_top1_against_brute_force(index: VectorIndex, stored: np.ndarray, queries: np.ndarray) -> None:
+    index.add_many(range(len(stored)), stored)
+    exact = queries.astype(np.float64) @ stored.astype(np.float64).T
+    exact /= np.outer(np.linalg.norm(queries, axis=1), np.linalg.norm(stored, axis=1))
+    agree = 0
+    for i, query in enumerate(queries):
+        found = index.search(query, 1)
+        assert found.similarities[0] == pytest.approx(exact[i, found.keys[0]], abs=1e-6)
+        agree += found.keys[0] == int(np.argmax(exact[i]))
+    assert agree / len(queries) >= 0.99
+
+
+def test_memory_usage_counts_the_exact_vectors_beside_the_graph() -> None:
+    exact, compact = VectorIndex(64), VectorIndex(64, dtype="bf16")
+    vectors = random_unit(500, 64, seed=4)
+    exact.add_many(range(500), vectors)
+    compact.add_many(range(500), vectors)
+    assert exact.memory_usage >= compact.memory_usage + 500 * 64 * 4
+
+
+def test_inconsistent_or_truncated_index_bytes_are_refused() -> None:
+    index = VectorIndex(8)
+    index.add_many(range(30), random_unit(30, 8, seed=5))
+    data = index.to_bytes()
+    for bad in (data[:10], data[:200], data[:-50]):
+        with pytest.raises(ValueError):
+            VectorIndex.from_bytes(bad)
+    other = VectorIndex(8)
+    other.add_many(range(1, 31), random_unit(30, 8, seed=5))  # same count, other keys
+    head = data[:len(data) - len(other._index.save())]
+    with pytest.raises(ValueError, match="keys"):
+        VectorIndex.from_bytes(head + bytes(other._index.save()))
+    with pytest.raises(ValueError, match="f16"):
+        VectorIndex.from_bytes(data, dtype="f16")
+
+
+def test_a_bare_f32_usearch_index_from_before_still_loads_with_exact_similarities() -> None:
+    from usearch.index import Index
+
+    vectors = random_unit(300, 16, seed=6)
+    raw = Index(ndim=16, metric="cos", dtype="f32")
+    raw.add(np.arange(300, dtype=np.uint64), vectors, threads=1)
+    saved = raw.save()
+    assert saved is not None
+    index = VectorIndex.from_bytes(bytes(saved), dtype="f32")
+    found = index.search(vectors[5], 3)
+    assert found.keys[0] == 5
+    assert found.similarities[0] == pytest.approx(1.0, abs=1e-6)
+    index.compact()  # the next compaction makes the compact graph
+    assert "I8" in str(index._index.dtype)
+    assert index.search(vectors[5], 1).keys == [5]

@@ -1,4 +1,5 @@
-"""Shared mode on plain Redis: a write in one process is found by another within 1 s; replicas stay in sync."""
+"""Shared mode on plain Redis and on a 3-node Redis Cluster: a write in one process is found by another within 1 s;
+replicas stay in sync; tenants never meet; on a cluster each partition is one hash slot."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cachelayers import explain, semantic_cached
 from cachelayers.backends.vectors.redis_store import RedisStore
 from cachelayers.engines.semantic import SemanticStore
 from tests.conftest import FakeClock
+from tests.test_redis_backend import redis_cluster  # noqa: F401  (the cluster fixture)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -29,6 +31,41 @@ QUESTIONS = [
     "which river flows through the city of vienna",
     "how many moons does the planet neptune have",
 ]
+
+
+def sync_client(url: str) -> Any:
+    """A synchronous client behind the backend's back (a cluster client for ``redis+cluster://``)."""
+    if url.startswith("redis+cluster://"):
+        return redis.RedisCluster.from_url("redis://" + url.split("://", 1)[1])
+    return redis.Redis.from_url(url)
+
+
+def all_keys(client: Any, pattern: str) -> list[bytes]:
+    """Keys matching ``pattern`` on every node."""
+    if isinstance(client, redis.RedisCluster):
+        found: Any = client.keys(pattern, target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        found = client.keys(pattern)
+    return [k if isinstance(k, bytes) else k.encode() for k in found]
+
+
+def flush(url: str) -> None:
+    client = sync_client(url)
+    if isinstance(client, redis.RedisCluster):
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    else:
+        client.flushall()
+    client.close()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def shared_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The URL of the shared store: the session's redis-server, or a 3-node Redis Cluster (flushed)."""
+    if request.param == "standalone":
+        return redis_url
+    url: str = request.getfixturevalue("redis_cluster")
+    flush(url)
+    return url
 
 
 @pytest.fixture
@@ -72,13 +109,13 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-async def test_a_write_in_another_process_is_found_within_one_second(redis_url: str, tmp_path: Path) -> None:
-    reader = make(redis_url)
+async def test_a_write_in_another_process_is_found_within_one_second(shared_url: str, tmp_path: Path) -> None:
+    reader = make(shared_url)
     await reader("warm up the replica")  # opened and synced before the other process writes
     script = tmp_path / "writer.py"
     script.write_text(CHILD)
     with anyio.fail_after(120):
-        await anyio.run_process([sys.executable, str(script), redis_url, QUESTIONS[0]], cwd=ROOT)
+        await anyio.run_process([sys.executable, str(script), shared_url, QUESTIONS[0]], cwd=ROOT)
     written = time.monotonic()
     found_after = None
     while time.monotonic() - written < 1.0:
@@ -94,12 +131,12 @@ async def test_a_write_in_another_process_is_found_within_one_second(redis_url: 
     await reader.aclose()
 
 
-async def test_a_new_process_rebuilds_its_replica_from_redis(redis_url: str) -> None:
-    writer = make(redis_url)
+async def test_a_new_process_rebuilds_its_replica_from_redis(shared_url: str) -> None:
+    writer = make(shared_url)
     for q in QUESTIONS:
         await writer(q)
     await writer(QUESTIONS[0], tenant="other")
-    newcomer = make(redis_url)
+    newcomer = make(shared_url)
     with explain() as info:
         for q in QUESTIONS:
             assert await newcomer(q + "?") == {"q": q, "tenant": "t"}
@@ -111,9 +148,9 @@ async def test_a_new_process_rebuilds_its_replica_from_redis(redis_url: str) -> 
     await newcomer.aclose()
 
 
-async def test_evictions_and_clears_reach_every_replica(redis_url: str) -> None:
-    a = make(redis_url, sync_interval=0, max_entries=2)
-    b = make(redis_url, sync_interval=0, max_entries=2)
+async def test_evictions_and_clears_reach_every_replica(shared_url: str) -> None:
+    a = make(shared_url, sync_interval=0, max_entries=2)
+    b = make(shared_url, sync_interval=0, max_entries=2)
     await a(QUESTIONS[0])
     await a(QUESTIONS[1])
     await b("sync b", tenant="b")  # b's replica now has both (and its own entry, in another partition)
@@ -134,9 +171,9 @@ async def test_evictions_and_clears_reach_every_replica(redis_url: str) -> None:
     await b.aclose()
 
 
-async def test_an_entry_removed_elsewhere_is_never_served_even_before_the_replica_syncs(redis_url: str) -> None:
-    a = make(redis_url, sync_interval=3600)  # never syncs after opening
-    b = make(redis_url, sync_interval=0)
+async def test_an_entry_removed_elsewhere_is_never_served_even_before_the_replica_syncs(shared_url: str) -> None:
+    a = make(shared_url, sync_interval=3600)  # never syncs after opening
+    b = make(shared_url, sync_interval=0)
     await b(QUESTIONS[0])
     await a("open a")  # a's replica loads b's entry
     assert QUESTIONS[0] in {e.text for e in replica(a).entries.values()}
@@ -149,13 +186,13 @@ async def test_an_entry_removed_elsewhere_is_never_served_even_before_the_replic
     await b.aclose()
 
 
-async def test_a_trimmed_log_makes_a_replica_reload(redis_url: str) -> None:
-    a = make(redis_url, sync_interval=0)
-    b = make(redis_url, sync_interval=0)
+async def test_a_trimmed_log_makes_a_replica_reload(shared_url: str) -> None:
+    a = make(shared_url, sync_interval=0)
+    b = make(shared_url, sync_interval=0)
     await b("open b")
     await a(QUESTIONS[0])
-    client = redis.Redis.from_url(redis_url)
-    [log] = client.keys("*sem:*log")
+    client = sync_client(shared_url)
+    [log] = all_keys(client, "*sem:*log")
     client.xtrim(log, maxlen=0)  # b never saw the insert of QUESTIONS[0]
     client.close()
     await a(QUESTIONS[1])
@@ -167,12 +204,12 @@ async def test_a_trimmed_log_makes_a_replica_reload(redis_url: str) -> None:
     await b.aclose()
 
 
-async def test_ttl_is_absolute_in_shared_mode(redis_url: str) -> None:
+async def test_ttl_is_absolute_in_shared_mode(shared_url: str) -> None:
     clock = FakeClock(time.time())
-    a = make(redis_url, sync_interval=0, ttl=60, clock=clock)
+    a = make(shared_url, sync_interval=0, ttl=60, clock=clock)
     await a(QUESTIONS[0])
-    client = redis.Redis.from_url(redis_url)
-    ttls = [client.pttl(k) for k in client.keys("*sem:*e:*")]
+    client = sync_client(shared_url)
+    ttls = [client.pttl(k) for k in all_keys(client, "*sem:*e:*")]
     client.close()
     assert len(ttls) == 1
     assert 55_000 < ttls[0] <= 60_000  # Redis expires its copy at the same moment
@@ -202,14 +239,12 @@ texts = st.sampled_from(["reset password", "reset my password", "delete account"
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 1), tenants, texts), min_size=1, max_size=12))
-def test_no_call_is_ever_answered_from_another_tenant_in_shared_mode(redis_url: str,
+def test_no_call_is_ever_answered_from_another_tenant_in_shared_mode(shared_url: str,
                                                                      calls: list[tuple[int, str, str]]) -> None:
     async def run() -> None:
-        client = redis.Redis.from_url(redis_url)
-        client.flushall()
-        client.close()
+        flush(shared_url)
         # Threshold 0: any entry of the partition answers, so a leak between tenants would show.
-        processes = [make(redis_url, sync_interval=0, threshold=0.0), make(redis_url, sync_interval=0, threshold=0.0)]
+        processes = [make(shared_url, sync_interval=0, threshold=0.0), make(shared_url, sync_interval=0, threshold=0.0)]
         for process, tenant, text in calls:
             fn = processes[process]
             got = await fn(text, tenant)
@@ -219,3 +254,44 @@ def test_no_call_is_ever_answered_from_another_tenant_in_shared_mode(redis_url: 
 
     cachelayers.reset_settings()
     anyio.run(run)
+
+
+async def test_on_a_cluster_each_partition_is_one_hash_slot_and_partitions_spread(
+        redis_cluster: str) -> None:  # noqa: F811  (the fixture imported above)
+    """Every key of one partition hashes to one slot (its scripts are valid on a cluster); 12 tenants use
+    several slots on several nodes; the function's own keys (id counter, log, live set) share one slot."""
+    from redis.crc import key_slot
+
+    flush(redis_cluster)
+    fn = make(redis_cluster, sync_interval=0)
+    tenants = [f"tenant-{i}" for i in range(12)]
+    for tenant in tenants:
+        for q in QUESTIONS[:2]:
+            await fn(q, tenant)
+    client = sync_client(redis_cluster)
+    keys = [k.decode() for k in all_keys(client, "*sem:*")]
+    by_tag: dict[str, set[int]] = {}
+    for key in keys:
+        tag = key[key.index("{") + 1:key.index("}")]
+        by_tag.setdefault(tag, set()).add(key_slot(key.encode()))
+    function_tags = [t for t in by_tag if ":" not in t]
+    partition_tags = [t for t in by_tag if ":" in t]
+    assert len(function_tags) == 1
+    assert len(partition_tags) == len(tenants)
+    assert all(len(slots) == 1 for slots in by_tag.values())  # one slot per partition (and for the function)
+    partition_slots = {next(iter(by_tag[t])) for t in partition_tags}
+    assert len(partition_slots) == len(tenants)
+    owners = {client.get_node_from_key(f"{{{t}}}").name for t in partition_tags}
+    assert len(owners) >= 2  # spread over the nodes
+    entries = [k for k in keys if ":e:" in k]
+    assert len(entries) == 2 * len(tenants)
+    client.close()
+    with explain() as info:
+        for tenant in tenants:
+            assert await fn(QUESTIONS[1] + "?", tenant) == {"q": QUESTIONS[1], "tenant": tenant}
+    assert [lookup.level for lookup in info] == ["semantic"] * len(tenants)
+    await fn.cache_clear()
+    client = sync_client(redis_cluster)
+    assert [k for k in all_keys(client, "*sem:*") if b":e:" in k or k.endswith(b"}:p")] == []
+    client.close()
+    await fn.aclose()

@@ -116,7 +116,7 @@ register_backend("disk", "cachelayers.backends.disk:DiskBackend", driver="sqlite
 register_backend("memcached", "cachelayers.backends.memcached:MemcachedBackend", driver="aiomcache", extra="memcached")
 register_backend("memory", "cachelayers.backends.vectors.base:in_memory", kind="vector_index")
 register_backend("usearch", "cachelayers.backends.vectors.disk_store:DiskStore", kind="vector_index")
-for _scheme in ("redis", "rediss"):
+for _scheme in ("redis", "rediss", "redis+cluster"):
     register_backend(_scheme, "cachelayers.backends.vectors.redis_store:RedisStore", driver="redis", extra="redis",
                      kind="vector_index")
 register_backend("memory", "cachelayers.backends.limits_storage:memory_limits_url", kind="limits")

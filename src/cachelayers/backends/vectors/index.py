@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
@@ -13,12 +15,26 @@ import numpy as np
 
 from cachelayers.errors import ConfigError, MissingDependencyError
 
-__all__ = ["DTYPES", "Compaction", "Neighbours", "VectorIndex", "atomic_write", "require_usearch"]
+__all__ = ["DEFAULT_SEARCH_DTYPE", "DTYPES", "RESCORE", "SEARCH_DTYPES", "Compaction", "Neighbours", "VectorIndex",
+           "atomic_write", "require_usearch"]
 
 DTYPES: Final = ("f64", "f32", "f16", "bf16", "i8")
 """Scalar types a `VectorIndex` can store. ``f32`` keeps similarities exact to ~1e-7."""
 
+SEARCH_DTYPES: Final = ("f32", "f16", "bf16", "i8")
+"""Scalar types the graph of an ``f32`` index can search in before the exact rescoring."""
+
+DEFAULT_SEARCH_DTYPE: Final = "i8"
+"""The graph of an ``f32`` index: i8 searched faster than bf16 (and both faster than f32) on the AVX2 machine
+of the benchmarks, where usearch has no native bf16 kernel; the rescoring makes the type invisible in the
+similarities. ``search_dtype="bf16"`` may win on CPUs with AVX-512 BF16."""
+
+RESCORE: Final = 16
+"""Candidates the compact graph proposes per search, rescored with exact ``f32`` similarity."""
+
 _KEY: Final = np.uint64
+_MAGIC: Final = b"CLVI\x01"
+_HEADER: Final = struct.Struct("<5sIQ8s")  # magic, ndim, count, graph dtype
 
 
 def _usearch() -> Any:
@@ -27,6 +43,18 @@ def _usearch() -> Any:
     except ImportError:  # pragma: no cover - depends on the environment
         raise MissingDependencyError("vector_index", "usearch", "usearch", "semantic") from None
     return usearch_index
+
+
+def _restore(data: bytes) -> Any:
+    """usearch's index in ``data`` (``None`` when it is not one).
+
+    Raises:
+        ValueError: usearch failed to read it (it raises `RuntimeError` on damaged data).
+    """
+    try:
+        return _usearch().Index.restore(data, view=False)
+    except RuntimeError as exc:
+        raise ValueError(f"damaged usearch index: {exc}") from None
 
 
 def require_usearch() -> None:
@@ -102,6 +130,69 @@ class Compaction:
         return len(self._keys)
 
 
+class _Rows:
+    """The exact float32 vectors of an ``f32`` index, one row per key; a removal moves the last row into its hole."""
+
+    __slots__ = ("inverse", "keys", "matrix", "row_of", "size")
+
+    def __init__(self, ndim: int) -> None:
+        self.matrix = np.empty((0, ndim), dtype=np.float32)
+        self.inverse = np.empty(0, dtype=np.float64)  # 1 / norm of each row (0 for a zero vector)
+        self.keys = np.empty(0, dtype=_KEY)
+        self.row_of: dict[int, int] = {}
+        self.size = 0
+
+    def reserve(self, count: int) -> None:
+        """Make room for ``count`` rows (at least doubling, so appends stay amortised O(1))."""
+        if count <= len(self.matrix):
+            return
+        capacity = max(count, 2 * len(self.matrix), 16)
+        for name in ("matrix", "inverse", "keys"):
+            old = getattr(self, name)
+            new = np.empty((capacity, *old.shape[1:]), dtype=old.dtype)
+            new[:self.size] = old[:self.size]
+            setattr(self, name, new)
+
+    def put_many(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Store ``vectors`` (float32 rows) under ``keys`` (unique), replacing what a key held."""
+        rows = np.empty(len(keys), dtype=np.int64)
+        self.reserve(self.size + len(keys))
+        for i, key in enumerate(keys.tolist()):
+            row = self.row_of.get(key)
+            if row is None:
+                row = self.row_of[key] = self.size
+                self.keys[row] = key
+                self.size += 1
+            rows[i] = row
+        self.matrix[rows] = vectors
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        self.inverse[rows] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+
+    def drop(self, key: int) -> None:
+        """Forget ``key``'s row, if any."""
+        row = self.row_of.pop(key, None)
+        if row is None:
+            return
+        last = self.size - 1
+        if row != last:
+            moved = int(self.keys[last])
+            self.matrix[row] = self.matrix[last]
+            self.inverse[row] = self.inverse[last]
+            self.keys[row] = moved
+            self.row_of[moved] = row
+        self.size = last
+
+    def similarities(self, rows: list[int], query: np.ndarray) -> np.ndarray:
+        """Exact similarities (float64) of ``rows`` to ``query`` (float64), divided by the rows' norms."""
+        out: np.ndarray = (self.matrix.take(rows, axis=0).astype(np.float64) @ query) * self.inverse.take(rows)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (the key-to-row dict not counted)."""
+        return int(self.matrix.nbytes + self.inverse.nbytes + self.keys.nbytes)
+
+
 class VectorIndex:
     """A usearch index of unit vectors under ``uint64`` keys, with cosine similarity.
 
@@ -109,8 +200,15 @@ class VectorIndex:
 
     * **an explicit scalar type** (``f32`` by default): usearch picks ``bf16`` on some CPUs when none is
       given, which moves similarities by up to ~0.01 — enough to flip answers at a threshold;
+    * **fast search, exact similarities** (``f32``): the graph stores the vectors in a compact type
+      (``search_dtype``, ``i8`` by default: faster to search than ``f32``), and the exact ``f32``
+      vectors are kept beside it in a numpy matrix; a search takes the graph's best `RESCORE` candidates (or
+      ``count`` if more) and rescores them exactly, so every similarity it reports is the exact cosine (to
+      ~1e-7) and the order is exact among the candidates. The matrix costs ``4 * ndim`` bytes per vector on
+      top of the graph;
     * **one writer at a time**: concurrent ``add`` calls can leave a node stored but unreachable by search
-      (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1``;
+      (usearch issue #735). Every operation takes one lock, and batch adds run with ``threads=1`` unless
+      asked otherwise;
     * **incremental inserts and removals**: usearch reuses a removed node's slot, so keys can be reused and
       memory does not grow with churn;
     * **compaction**: reused slots slowly degrade the graph; `begin_compaction` snapshots the live vectors,
@@ -120,35 +218,50 @@ class VectorIndex:
 
     Args:
         ndim: Dimension of the vectors.
-        dtype: Scalar type stored: ``"f32"`` (default), ``"f64"``, ``"f16"``, ``"bf16"`` or ``"i8"``. Types
-            below ``f32`` save memory and move similarities slightly; calibrate the threshold with the same
-            type you serve with.
+        dtype: Scalar type of the similarities: ``"f32"`` (default: exact, see above), ``"f64"``, ``"f16"``,
+            ``"bf16"`` or ``"i8"``. Types other than ``f32`` are stored in the graph as they are, with no
+            rescoring: below ``f32`` they save memory and move similarities slightly; calibrate the threshold
+            with the same type you serve with.
         connectivity: HNSW edges per node (usearch's default when omitted).
         expansion_add: Candidate list size while inserting (usearch's default when omitted).
         expansion_search: Candidate list size while searching (usearch's default when omitted).
+        search_dtype: Scalar type of the graph of an ``f32`` index (`DEFAULT_SEARCH_DTYPE` by default;
+            ``"bf16"``, ``"f32"``, ``"f16"`` or ``"i8"``). Only the speed and the candidates change, never the
+            similarities reported.
+        rescore: Candidates rescored exactly per search of an ``f32`` index (`RESCORE` by default).
 
     Raises:
-        ConfigError: ``ndim`` is not positive, or ``dtype`` or a graph parameter is invalid.
+        ConfigError: ``ndim`` is not positive, or ``dtype``, ``search_dtype``, ``rescore`` or a graph parameter
+            is invalid.
     """
 
     def __init__(self, ndim: int, *, dtype: str = "f32", connectivity: int | None = None,
-                 expansion_add: int | None = None, expansion_search: int | None = None) -> None:
+                 expansion_add: int | None = None, expansion_search: int | None = None,
+                 search_dtype: str | None = None, rescore: int = RESCORE) -> None:
         if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim <= 0:
             raise ConfigError("ndim", ndim, "expected a positive integer")
         if dtype not in DTYPES:
             raise ConfigError("dtype", dtype, f"expected one of {', '.join(DTYPES)}")
+        if search_dtype is not None and dtype != "f32":
+            raise ConfigError("search_dtype", search_dtype, "only an f32 index searches in another type")
+        if search_dtype is not None and search_dtype not in SEARCH_DTYPES:
+            raise ConfigError("search_dtype", search_dtype, f"expected one of {', '.join(SEARCH_DTYPES)}")
         for name, value in (("connectivity", connectivity), ("expansion_add", expansion_add),
-                            ("expansion_search", expansion_search)):
+                            ("expansion_search", expansion_search), ("rescore", rescore)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(name, value, "expected a positive integer")
         self.ndim = ndim
         self.dtype = dtype
-        self._options: dict[str, Any] = {"ndim": ndim, "metric": "cos", "dtype": dtype}
+        self.search_dtype = (search_dtype or DEFAULT_SEARCH_DTYPE) if dtype == "f32" else dtype
+        """Scalar type of the graph searched (the candidates of an ``f32`` index are then rescored)."""
+        self.rescore = rescore
+        self._options: dict[str, Any] = {"ndim": ndim, "metric": "cos", "dtype": self.search_dtype}
         for name, value in (("connectivity", connectivity), ("expansion_add", expansion_add),
                             ("expansion_search", expansion_search)):
             if value is not None:
                 self._options[name] = value
         self._index = _usearch().Index(**self._options)
+        self._rows = _Rows(ndim) if dtype == "f32" else None
         self._lock = threading.RLock()
         self._journal: list[tuple[int, np.ndarray | None]] | None = None
         self.removed_since_build = 0
@@ -163,18 +276,52 @@ class VectorIndex:
         if isinstance(key, bool) or not isinstance(key, int | np.integer) or key < 0:
             return False
         with self._lock:
+            if self._rows is not None:
+                return int(key) in self._rows.row_of
             return bool(self._index.contains(int(key)))
 
     def search(self, vector: np.ndarray, count: int = 1) -> Neighbours:
-        """Return up to ``count`` nearest keys to ``vector`` with their cosine similarities, best first."""
+        """Return up to ``count`` nearest keys to ``vector`` with their cosine similarities, best first.
+
+        For an ``f32`` index the similarities are exact (see the class notes).
+        """
         query = self._check(vector)
         with self._lock:
             if not self._index.size:
                 return Neighbours([], [])
+            if self._rows is not None:
+                return self._rescored(query, count)
             matches = self._index.search(query, count, threads=1)
             keys = matches.keys.tolist()
             distances = matches.distances.tolist()
         return Neighbours(keys, [1.0 - d for d in distances])
+
+    def _rescored(self, query: np.ndarray, count: int) -> Neighbours:
+        """The graph's best candidates, rescored with the exact vectors (caller holds the lock).
+
+        The candidates are ranked by a float32 product with the stored rows (a few 1e-8 from exact), then the
+        similarities of the ``count`` best are computed in float64: what is reported is numpy's cosine.
+        """
+        rows = self._rows
+        assert rows is not None
+        wanted = max(count, self.rescore)
+        if rows.size <= wanted:
+            picked: Any = np.arange(rows.size)  # every vector is a candidate: exact, no graph needed
+        else:
+            row_of = rows.row_of
+            picked = [row_of[k] for k in self._index.search(query, wanted, threads=1).keys.tolist()]
+        ranking = (rows.matrix.take(picked, axis=0) @ query) * rows.inverse.take(picked)
+        exact = query.astype(np.float64)
+        norm = math.sqrt(float(exact @ exact))
+        scale = 1.0 / norm if norm else 0.0
+        if count == 1:
+            row = picked[int(np.argmax(ranking))]
+            similarity = float(rows.matrix[row].astype(np.float64) @ exact) * float(rows.inverse[row]) * scale
+            return Neighbours([int(rows.keys[row])], [similarity])
+        best = [picked[i] for i in np.argsort(-ranking, kind="stable")[:count].tolist()]
+        similarities = rows.similarities(best, exact) * scale
+        order = np.argsort(-similarities, kind="stable")  # float32 ranked them; the exact values decide ties
+        return Neighbours(rows.keys.take(best).take(order).tolist(), similarities.take(order).tolist())
 
     def get(self, keys: Sequence[int]) -> np.ndarray:
         """Return the stored vectors of ``keys`` as a ``(len(keys), ndim)`` float32 array.
@@ -185,6 +332,12 @@ class VectorIndex:
         with self._lock:
             out = np.empty((len(keys), self.ndim), dtype=np.float32)
             for i, key in enumerate(keys):
+                if self._rows is not None:
+                    row = self._rows.row_of.get(int(key))
+                    if row is None:
+                        raise KeyError(key)
+                    out[i] = self._rows.matrix[row]
+                    continue
                 vector = self._index.get(int(key))
                 if vector is None:
                     raise KeyError(key)
@@ -194,6 +347,8 @@ class VectorIndex:
     def keys(self) -> np.ndarray:
         """All keys in the index, as ``uint64``."""
         with self._lock:
+            if self._rows is not None:
+                return self._rows.keys[:self._rows.size].copy()
             return np.asarray(self._index.keys[:], dtype=_KEY)
 
     # -- writes -------------------------------------------------------------------------------------------
@@ -206,11 +361,23 @@ class VectorIndex:
                 self._index.remove(key)
                 self.removed_since_build += 1
             self._index.add(key, vec, threads=1)
+            if self._rows is not None:
+                self._rows.put_many(np.array([key], dtype=_KEY), vec[None, :])
             if self._journal is not None:
                 self._journal.append((key, vec))
 
-    def add_many(self, keys: Sequence[int] | np.ndarray, vectors: np.ndarray) -> None:
-        """Store many vectors; equivalent to `add` for each pair, in one call."""
+    def add_many(self, keys: Sequence[int] | np.ndarray, vectors: np.ndarray, *, threads: int = 1) -> None:
+        """Store many vectors; equivalent to `add` for each pair, in one call.
+
+        Args:
+            keys: Unique keys.
+            vectors: One row per key.
+            threads: Threads of usearch's parallel insert (1 by default, see the class notes; the benchmarks
+                build large graphs with more and check their recall).
+
+        Raises:
+            ValueError: The shapes disagree or a key repeats.
+        """
         key_array = np.asarray(keys, dtype=_KEY)
         matrix = np.ascontiguousarray(vectors, dtype=np.float32)
         if matrix.ndim != 2 or matrix.shape != (len(key_array), self.ndim):
@@ -224,7 +391,9 @@ class VectorIndex:
             if present:
                 self._index.remove(np.array(present, dtype=_KEY))
                 self.removed_since_build += len(present)
-            self._index.add(key_array, matrix, threads=1)
+            self._index.add(key_array, matrix, threads=threads)
+            if self._rows is not None:
+                self._rows.put_many(key_array, matrix)
             if self._journal is not None:
                 self._journal.extend((int(k), matrix[i].copy()) for i, k in enumerate(key_array))
 
@@ -234,6 +403,8 @@ class VectorIndex:
             if not self._index.contains(key):
                 return False
             self._index.remove(key)
+            if self._rows is not None:
+                self._rows.drop(int(key))
             self.removed_since_build += 1
             if self._journal is not None:
                 self._journal.append((key, None))
@@ -250,6 +421,8 @@ class VectorIndex:
         """Remove every vector and start a fresh graph."""
         with self._lock:
             self._index = _usearch().Index(**self._options)
+            if self._rows is not None:
+                self._rows = _Rows(self.ndim)
             self.removed_since_build = 0
             if self._journal is not None:
                 self._journal = None  # a pending compaction would resurrect cleared vectors: abandon it
@@ -274,8 +447,12 @@ class VectorIndex:
         with self._lock:
             if self._journal is not None:
                 raise RuntimeError("a compaction is already in progress")
-            keys = np.asarray(self._index.keys[:], dtype=_KEY)
-            vectors = self._index.get(keys) if len(keys) else np.empty((0, self.ndim), dtype=np.float32)
+            if self._rows is not None:  # the exact vectors: a compact graph's are rounded
+                keys = self._rows.keys[:self._rows.size].copy()
+                vectors = self._rows.matrix[:self._rows.size].copy()
+            else:
+                keys = np.asarray(self._index.keys[:], dtype=_KEY)
+                vectors = self._index.get(keys) if len(keys) else np.empty((0, self.ndim), dtype=np.float32)
             self._journal = []
             return Compaction(keys, np.ascontiguousarray(vectors, dtype=np.float32), dict(self._options))
 
@@ -311,26 +488,70 @@ class VectorIndex:
     # -- persistence --------------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """Serialise the index (vectors and graph) to bytes."""
+        """Serialise the index (vectors and graph) to bytes.
+
+        An ``f32`` index writes a header, its keys and exact vectors, then usearch's bytes of the graph; other
+        types write usearch's bytes alone.
+        """
         with self._lock:
-            return bytes(self._index.save())
+            graph = bytes(self._index.save())
+            rows = self._rows
+            if rows is None:
+                return graph
+            head = _HEADER.pack(_MAGIC, self.ndim, rows.size, self.search_dtype.encode())
+            return b"".join((head, rows.keys[:rows.size].astype("<u8").tobytes(),
+                             rows.matrix[:rows.size].astype("<f4").tobytes(), graph))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, dtype: str | None = None,
                    **options: int | None) -> VectorIndex:
-        """Load an index serialised by `to_bytes`.
+        """Load an index serialised by `to_bytes` (or a bare usearch index, as written before rescoring).
 
         Raises:
-            ValueError: The data is not a usearch index, or its scalar type differs from ``dtype``.
+            ValueError: The data is not an index, is inconsistent, or its scalar type differs from ``dtype``.
         """
-        restored = _usearch().Index.restore(bytes(data), view=False)
+        raw = bytes(data)
+        if raw[:len(_MAGIC)] != _MAGIC:
+            return cls._from_usearch(raw, dtype, options)
+        if dtype is not None and dtype != "f32":
+            raise ValueError(f"index stores f32, expected {dtype}")
+        if len(raw) < _HEADER.size:
+            raise ValueError("truncated index")
+        _, ndim, count, graph_dtype = _HEADER.unpack_from(raw)
+        offset = _HEADER.size + count * (8 + 4 * ndim)
+        if ndim <= 0 or len(raw) < offset:
+            raise ValueError("truncated index")
+        keys = np.frombuffer(raw, dtype="<u8", count=count, offset=_HEADER.size).astype(_KEY)
+        vectors = np.frombuffer(raw, dtype="<f4", count=count * ndim, offset=_HEADER.size + 8 * count)
+        graph = _restore(raw[offset:])
+        if graph is None or int(graph.ndim) != ndim or int(graph.size) != count:
+            raise ValueError("the graph does not match the vectors of the index")
+        if not np.array_equal(np.sort(np.asarray(graph.keys[:], dtype=_KEY)), np.sort(keys)):
+            raise ValueError("the graph does not hold the keys of the index")
+        try:
+            index = cls(ndim, dtype="f32", search_dtype=graph_dtype.rstrip(b"\0").decode(), **options)  # type: ignore[arg-type]
+        except (ConfigError, UnicodeDecodeError) as exc:
+            raise ValueError(f"unknown graph type in index: {exc}") from None
+        index._index = graph
+        assert index._rows is not None
+        index._rows.put_many(keys, vectors.reshape(count, ndim).astype(np.float32))
+        return index
+
+    @classmethod
+    def _from_usearch(cls, raw: bytes, dtype: str | None, options: dict[str, int | None]) -> VectorIndex:
+        """A bare usearch index; an ``f32`` one keeps its graph until the next compaction makes a compact one."""
+        restored = _restore(raw)
         if restored is None:
             raise ValueError("data is not a usearch index")
         stored_dtype = str(restored.dtype).rsplit(".", 1)[-1].lower()
         if dtype is not None and stored_dtype != dtype:
             raise ValueError(f"index stores {stored_dtype}, expected {dtype}")
-        index = cls(int(restored.ndim), dtype=stored_dtype, **options)
+        index = cls(int(restored.ndim), dtype=stored_dtype, **options)  # type: ignore[arg-type]
         index._index = restored
+        if index._rows is not None:
+            keys = np.asarray(restored.keys[:], dtype=_KEY)
+            vectors = restored.get(keys) if len(keys) else np.empty((0, index.ndim), dtype=np.float32)
+            index._rows.put_many(keys, np.ascontiguousarray(vectors, dtype=np.float32))
         return index
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -357,9 +578,10 @@ class VectorIndex:
 
     @property
     def memory_usage(self) -> int:
-        """Bytes used by the usearch index."""
-        return int(self._index.memory_usage)
+        """Bytes used by the usearch graph and, for an ``f32`` index, the exact vectors beside it."""
+        return int(self._index.memory_usage) + (self._rows.nbytes if self._rows is not None else 0)
 
     def __repr__(self) -> str:
-        return f"VectorIndex(ndim={self.ndim}, dtype={self.dtype!r}, size={len(self)})"
+        return (f"VectorIndex(ndim={self.ndim}, dtype={self.dtype!r}, search_dtype={self.search_dtype!r}, "
+                f"size={len(self)})")
 

@@ -24,7 +24,8 @@ class IndexOptions(NamedTuple):
 _INDEX_OPTIONS: Final = frozenset({"dtype", "connectivity", "expansion_add", "expansion_search"})
 _MODE_OPTIONS: Final = {"memory": frozenset(), "usearch": frozenset({"save_every"}),
                         "redis": frozenset({"sync_interval", "stream_maxlen"}),
-                        "rediss": frozenset({"sync_interval", "stream_maxlen"})}
+                        "rediss": frozenset({"sync_interval", "stream_maxlen"}),
+                        "redis+cluster": frozenset({"sync_interval", "stream_maxlen"})}
 
 
 def int_option(url: BackendURL, name: str) -> int | None:
@@ -45,7 +46,8 @@ def parse_vector_index(url: str, field: str = "vector_index") -> tuple[BackendUR
     """Parse and check a ``vector_index`` URL (``memory://``, ``usearch:///dir``, ``redis://host:port/db``).
 
     Options: ``dtype``, ``connectivity``, ``expansion_add``, ``expansion_search``; ``save_every`` for
-    ``usearch://``; ``sync_interval`` and ``stream_maxlen`` for ``redis://``. Nothing is imported or opened.
+    ``usearch://``; ``sync_interval`` and ``stream_maxlen`` for ``redis://`` (and ``rediss://``,
+    ``redis+cluster://``). Nothing is imported or opened.
 
     Raises:
         ConfigError: Unknown scheme or option, a bad option value, or ``usearch://`` without a path.

@@ -10,51 +10,62 @@ from cachelayers.errors import MissingDependencyError
 
 __all__ = ["Event", "RedisVectorStore", "StoredEntry"]
 
+# The partition's slot: its LRU set (KEYS[1]) and entries (KEYS[2] is the new one; victims share its slot).
 _INSERT = """
-local base = ARGV[1]
-local part = ARGV[2]
-local expires = ARGV[6]
-local now = tonumber(ARGV[7])
-local cap = tonumber(ARGV[8])
-local maxlen = ARGV[9]
-local replace = ARGV[10]
-local pkey = base .. 'p:' .. part
+local pkey = KEYS[1]
+local ekey = KEYS[2]
+local ebase = ARGV[1]
+local expires = ARGV[5]
+local now = tonumber(ARGV[6])
+local cap = tonumber(ARGV[7])
+local replace = ARGV[8]
+local id = ARGV[9]
 local evicted = {}
 local function drop(victim)
-  redis.call('DEL', base .. 'e:' .. victim)
+  redis.call('DEL', ebase .. victim)
   redis.call('ZREM', pkey, victim)
-  redis.call('ZREM', base .. 'all', victim)
-  redis.call('XADD', base .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'd', 'id', victim, 'p', part)
   table.insert(evicted, victim)
 end
 if replace ~= '' and redis.call('ZSCORE', pkey, replace) then drop(replace) end
-local id = ARGV[11]
-local ekey = base .. 'e:' .. id
-redis.call('HSET', ekey, 'p', part, 't', ARGV[3], 'v', ARGV[4], 'd', ARGV[5], 'x', expires)
+redis.call('HSET', ekey, 'p', ARGV[2], 't', ARGV[3], 'v', ARGV[4], 'd', ARGV[10], 'x', expires)
 if expires ~= '' then redis.call('PEXPIREAT', ekey, expires) end
 redis.call('ZADD', pkey, now, id)
-redis.call('ZADD', base .. 'all', expires == '' and '+inf' or expires, id)
-redis.call('ZREMRANGEBYSCORE', base .. 'all', '-inf', now)
-redis.call('XADD', base .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'a', 'id', id, 'p', part)
 while redis.call('ZCARD', pkey) > cap do
-  local victim = redis.call('ZPOPMIN', pkey)[1]
-  drop(victim)
+  drop(redis.call('ZPOPMIN', pkey)[1])
 end
-return {id, evicted}
+return evicted
 """
 
+# The partition's slot: remove entries (ARGV ids) from its LRU set (KEYS[1]).
 _REMOVE = """
-local base = ARGV[1]
-local maxlen = ARGV[2]
+local ebase = ARGV[1]
 local removed = 0
-for i = 3, #ARGV, 2 do
-  local id, part = ARGV[i], ARGV[i + 1]
-  removed = removed + redis.call('DEL', base .. 'e:' .. id)
-  redis.call('ZREM', base .. 'p:' .. part, id)
-  redis.call('ZREM', base .. 'all', id)
-  redis.call('XADD', base .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'd', 'id', id, 'p', part)
+for i = 2, #ARGV do
+  removed = removed + redis.call('DEL', ebase .. ARGV[i])
+  redis.call('ZREM', KEYS[1], ARGV[i])
 end
 return removed
+"""
+
+# The function's slot: the change log (KEYS[1]), the live ids by expiry (KEYS[2]) and their partitions (KEYS[3]).
+# ARGV: maxlen, now, partition, added id ('' for none), its expiry, then removed ids.
+_LOG = """
+local maxlen, part, added = ARGV[1], ARGV[3], ARGV[4]
+if added ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5] == '' and '+inf' or ARGV[5], added)
+  redis.call('HSET', KEYS[3], added, part)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'a', 'id', added, 'p', part)
+end
+for i = 6, #ARGV do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'd', 'id', ARGV[i], 'p', part)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, 1000)) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+end
+return 1
 """
 
 
@@ -84,30 +95,38 @@ def _str(value: Any) -> str:
 class RedisVectorStore:
     """Commands of the shared semantic store, on a redis-py asyncio client made on first use.
 
-    Keys, all under ``<prefix>sem:{<tag>}:`` (one hash tag, so a cluster keeps them in
-    one slot; the tag digests the function's namespace, the embedder and the scalar type, so vectors of two
-    embedders never meet):
+    Keys of the function (under ``<prefix>sem:{<tag>}:``, one hash slot; the tag digests the function's
+    namespace, the embedder and the scalar type, so vectors of two embedders never meet):
 
     ``seq``
         counter handing out entry ids (never reused, so an id names one entry forever);
-    ``e:<id>``
-        hash of one entry: ``p`` partition (hex), ``t`` text (empty with encryption), ``v`` the sealed row
-        (partition, text, float32 vector and expiry, bound to the id: see `cachelayers.backends.vectors.sealing`),
-        ``x`` expiry in ms (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
-    ``p:<partition>``
-        sorted set of the partition's ids by last use (ms): the LRU order for the per-partition capacity;
     ``all``
         sorted set of every id by expiry (ms, ``+inf`` for never): what a new process loads;
+    ``where``
+        hash of every id in ``all`` to its partition (hex): where a new process finds the entry;
     ``log``
         stream of changes, ``op`` = ``a`` (added), ``d`` (removed) or ``c`` (cleared), with ``id`` and ``p``;
         trimmed to about ``stream_maxlen`` entries. Replicas read it to stay in sync.
 
-    An insert takes its id first (`next_id`: the row and payload are sealed bound to it), then the entry with
-    the evictions it causes is one Lua script: atomic, one round trip.
+    Keys of one partition (under ``<prefix>sem:{<tag>:<partition>}:``: one hash slot per partition, so on a
+    Redis Cluster the partitions spread over the nodes while each one's keys stay together):
+
+    ``e:<id>``
+        hash of one entry: ``p`` partition (hex), ``t`` text (empty with encryption), ``v`` the sealed row
+        (partition, text, float32 vector and expiry, bound to the id: see `cachelayers.backends.vectors.sealing`),
+        ``x`` expiry in ms (empty: never), ``d`` sealed payload; expires with the entry (``PEXPIREAT``);
+    ``p``
+        sorted set of the partition's ids by last use (ms): the LRU order for the per-partition capacity.
+
+    An insert takes its id first (`next_id`: the row and payload are sealed bound to it); then the entry with
+    the evictions it causes is one Lua script in the partition's slot (atomic), and the change is logged by a
+    second script in the function's slot. A process that dies between the two leaves an entry nobody finds
+    (it expires or is evicted like any other); a removal logged late is never served meanwhile, since a hit
+    reads the payload from the partition's keys.
 
     Args:
-        url: A ``redis://`` or ``rediss://`` URL.
-        base: Prefix of every key, ending with ``:``.
+        url: A ``redis://``, ``rediss://`` or ``redis+cluster://`` URL.
+        base: Prefix of the function's keys, ending with ``}:``.
         timeout: Socket timeout of every command, in seconds.
         stream_maxlen: Approximate length the change log is trimmed to.
     """
@@ -120,6 +139,12 @@ class RedisVectorStore:
         self._client: Any = None
         self._insert: Any = None
         self._remove: Any = None
+        self._log: Any = None
+        self._log_keys = [f"{base}log", f"{base}all", f"{base}where"]
+
+    def partition_base(self, partition: str) -> str:
+        """Prefix of the keys of ``partition`` (hex): the function's hash tag extended by the partition."""
+        return f"{self.base[:-2]}:{partition}}}:"
 
     @property
     def client(self) -> Any:
@@ -127,13 +152,20 @@ class RedisVectorStore:
         if self._client is None:
             try:
                 import redis.asyncio as aioredis
+                from redis.asyncio.cluster import RedisCluster
             except ImportError:
                 raise MissingDependencyError(self.url.field, self.url.redacted(), "redis", "redis") from None
             query = self.url.url.split("?", 1)[0]
-            self._client = aioredis.Redis.from_url(query, socket_timeout=self.timeout,
-                                                   socket_connect_timeout=self.timeout)
+            if self.url.scheme == "redis+cluster":
+                self._client = RedisCluster.from_url("redis://" + query.split("://", 1)[1],
+                                                      socket_timeout=self.timeout,
+                                                      socket_connect_timeout=self.timeout)
+            else:
+                self._client = aioredis.Redis.from_url(query, socket_timeout=self.timeout,
+                                                       socket_connect_timeout=self.timeout)
             self._insert = self._client.register_script(_INSERT)
             self._remove = self._client.register_script(_REMOVE)
+            self._log = self._client.register_script(_LOG)
         return self._client
 
     async def next_id(self) -> int:
@@ -145,39 +177,52 @@ class RedisVectorStore:
                      replace: int | None) -> tuple[int, list[int]]:
         """Store entry ``id_`` (from `next_id`), evict beyond ``capacity``; return its id and the evicted ids."""
         _ = self.client
-        result = await self._insert(args=[
-            self.base, partition, text, row, payload, "" if expires_at_ms is None else str(expires_at_ms),
-            str(now_ms), str(capacity), str(self.stream_maxlen), "" if replace is None else str(replace), str(id_)])
-        return int(result[0]), [int(v) for v in result[1]]
+        pbase = self.partition_base(partition)
+        expires = "" if expires_at_ms is None else str(expires_at_ms)
+        evicted = await self._insert(keys=[f"{pbase}p", f"{pbase}e:{id_}"], args=[
+            f"{pbase}e:", partition, text, row, expires, str(now_ms), str(capacity),
+            "" if replace is None else str(replace), str(id_), payload])
+        removed = [int(v) for v in evicted]
+        await self._log(keys=self._log_keys, args=[
+            str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, *map(str, removed)])
+        return id_, removed
 
     async def remove(self, items: Sequence[tuple[int, str]]) -> int:
         """Remove entries given as ``(id, partition)``; return how many existed."""
         if not items:
             return 0
         _ = self.client
-        args: list[str] = [self.base, str(self.stream_maxlen)]
+        by_partition: dict[str, list[str]] = {}
         for id_, partition in items:
-            args += [str(id_), partition]
-        return int(await self._remove(args=args))
+            by_partition.setdefault(partition, []).append(str(id_))
+        removed = 0
+        now = "-inf"
+        for partition, ids in by_partition.items():
+            pbase = self.partition_base(partition)
+            removed += int(await self._remove(keys=[f"{pbase}p"], args=[f"{pbase}e:", *ids]))
+            await self._log(keys=self._log_keys, args=[
+                str(self.stream_maxlen), now, partition, "", "", *ids])
+        return removed
 
     async def payload(self, id_: int, partition: str, now_ms: int) -> bytes | None:
         """The sealed payload of entry ``id_`` (marking it used), or ``None`` when it is gone."""
+        pbase = self.partition_base(partition)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hget(f"{self.base}e:{id_}", "d")
-            pipe.zadd(f"{self.base}p:{partition}", {str(id_): now_ms}, xx=True)
+            pipe.hget(f"{pbase}e:{id_}", "d")
+            pipe.zadd(f"{pbase}p", {str(id_): now_ms}, xx=True)
             blob, _ = await pipe.execute()
         return None if blob is None else bytes(blob)
 
-    async def fetch(self, ids: Sequence[int]) -> list[StoredEntry | None]:
-        """The entries of ``ids`` (``None`` for those gone), without payloads."""
+    async def fetch(self, items: Sequence[tuple[int, str]]) -> list[StoredEntry | None]:
+        """The entries given as ``(id, partition)`` (``None`` for those gone), without payloads."""
         out: list[StoredEntry | None] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+        for start in range(0, len(items), 500):
+            chunk = items[start:start + 500]
             async with self.client.pipeline(transaction=False) as pipe:
-                for id_ in chunk:
-                    pipe.hmget(f"{self.base}e:{id_}", "p", "t", "v", "x")
+                for id_, partition in chunk:
+                    pipe.hmget(f"{self.partition_base(partition)}e:{id_}", "p", "t", "v", "x")
                 rows = await pipe.execute()
-            for id_, row in zip(chunk, rows, strict=True):
+            for (id_, _), row in zip(chunk, rows, strict=True):
                 if row is None or row[0] is None or row[2] is None:
                     out.append(None)
                     continue
@@ -186,10 +231,15 @@ class RedisVectorStore:
                                        int(expires) if expires else None))
         return out
 
-    async def live_ids(self, now_ms: int) -> list[int]:
-        """Ids of every entry not expired at ``now_ms``, oldest first."""
-        ids = await self.client.zrangebyscore(f"{self.base}all", f"({now_ms}", "+inf")
-        return sorted(int(_str(i)) for i in ids)
+    async def live_ids(self, now_ms: int) -> list[tuple[int, str]]:
+        """``(id, partition)`` of every entry not expired at ``now_ms``, oldest first."""
+        ids = [_str(i) for i in await self.client.zrangebyscore(f"{self.base}all", f"({now_ms}", "+inf")]
+        out = []
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            partitions = await self.client.hmget(f"{self.base}where", chunk)
+            out += [(int(i), _str(p)) for i, p in zip(chunk, partitions, strict=True) if i.isdigit() and p]
+        return sorted(out)
 
     async def log_position(self) -> tuple[str, int]:
         """The id of the newest change and the number of changes ever logged (``("0-0", 0)`` without a log)."""
@@ -228,17 +278,28 @@ class RedisVectorStore:
         """Delete every entry (the id counter is kept, so ids are never reused) and log a ``c`` change."""
         client = self.client
         batch: list[Any] = []
-        async for key in client.scan_iter(match=f"{self.base}*", count=500):
+        # Every key of the function and of its partitions starts with the function's base less its "}:".
+        async for key in client.scan_iter(match=f"{self.base[:-2]}*", count=500):
             if _str(key) in (f"{self.base}seq", f"{self.base}log"):
                 continue
             batch.append(key)
             if len(batch) >= 500:
-                await client.delete(*batch)
+                await self._delete(batch)
                 batch = []
         if batch:
-            await client.delete(*batch)
+            await self._delete(batch)
         await client.xadd(f"{self.base}log", {"op": "c", "id": "0", "p": ""}, maxlen=self.stream_maxlen,
                           approximate=True)
+
+    async def _delete(self, keys: list[Any]) -> None:
+        """Delete ``keys`` (one command per key on a cluster, where they span slots)."""
+        if self.url.scheme != "redis+cluster":
+            await self.client.delete(*keys)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.delete(key)
+            await pipe.execute()
 
     async def aclose(self) -> None:
         """Close the connections."""

@@ -45,7 +45,9 @@ class RedisStore:
     never reused. Runs on asyncio (redis-py's asyncio client).
 
     Args:
-        url: The ``redis://`` or ``rediss://`` URL; options ``sync_interval`` and ``stream_maxlen``.
+        url: The ``redis://``, ``rediss://`` or ``redis+cluster://`` URL (on a cluster each partition's
+            entries share one hash slot, see `RedisVectorStore`); options ``sync_interval`` and
+            ``stream_maxlen``.
         namespace: The function's namespace (part of every key).
         codec: Seals the values.
         log: Failure log.
@@ -170,20 +172,19 @@ class RedisStore:
     async def _apply(self, events: Sequence[Any]) -> None:
         assert self.redis is not None
         assert self._replica is not None
-        added: list[int] = []
+        added: dict[int, str] = {}
         for event in events:
             self._last_event = event.event_id
             if event.op == "a":
-                added.append(event.id)
+                added[event.id] = event.partition
             elif event.op == "d":
                 self._replica.forget(event.id)
-                if event.id in added:
-                    added.remove(event.id)
+                added.pop(event.id, None)
             elif event.op == "c":
                 added.clear()
                 self._replica.forget_all()
         if added:
-            await self._adopt([e for e in await self.redis.fetch(added) if e is not None])
+            await self._adopt([e for e in await self.redis.fetch(list(added.items())) if e is not None])
 
     async def read(self, entry: EntryRef) -> Any:
         """Read the payload from Redis and check it; `GONE` when removed or expired elsewhere."""
