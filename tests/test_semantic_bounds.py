@@ -12,6 +12,7 @@ import pytest
 
 from cachelayers import ConfigError, Settings, configure, explain, semantic_cached
 from cachelayers.backends.vectors import VectorIndex
+from cachelayers.backends.vectors.index import GRAPH_FROM
 from cachelayers.engines.semantic import SemanticFunction
 from cachelayers.engines.semantic.budget import budget
 from tests.conftest import FakeClock
@@ -148,15 +149,16 @@ async def test_a_partition_emptied_while_its_graph_is_rebuilt_is_freed() -> None
     async def ask(question: str) -> str:
         return question
 
-    for i in range(200):
+    count = GRAPH_FROM + 200  # a partition large enough to have a graph (see GRAPH_FROM)
+    for i in range(count):
         await ask(f"q{i}")
     store = store_of(ask)
-    assert len(store.entries) == 200
+    assert len(store.entries) == count
     (partition, part), = store.partitions.items()
     entries = list(store.entries.values())
-    await store.remove(entries[:100])  # enough removals to start a rebuild of the graph
+    await store.remove(entries[:count // 2])  # enough removals to start a rebuild of the graph
     assert part.compaction is not None  # started, not committed yet (only a lookup or an insert commits)
-    await store.remove(entries[100:])  # the partition empties while its rebuild is pending
+    await store.remove(entries[count // 2:])  # the partition empties while its rebuild is pending
     assert partition not in store.partitions
     await store.wait_compactions()
     assert store.partitions == {}

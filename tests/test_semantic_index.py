@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachelayers.backends.vectors import IndexOptions, VectorIndex, atomic_write
-from cachelayers.backends.vectors.index import RESCORE
+from cachelayers.backends.vectors.index import GRAPH_FROM, RESCORE
 from cachelayers.codec import Codec
 from cachelayers.embedders import HashingEmbedder
 from cachelayers.engines.semantic import SemanticStats as _Stats
@@ -118,26 +118,53 @@ def test_concurrent_writers_from_threads_never_orphan_a_node() -> None:
 
 
 def test_a_compaction_replays_writes_made_while_it_was_building() -> None:
-    vectors = random_unit(300, 16, seed=1)
+    """(Sizes past GRAPH_FROM: a smaller f32 index keeps no graph, so it has nothing to compact.)"""
+    vectors = random_unit(600, 16, seed=1)
     index = VectorIndex(16)
-    index.add_many(range(200), vectors[:200])
-    index.remove_many(range(100))
+    index.add_many(range(400), vectors[:400])
+    index.remove_many(range(200))
     assert index.needs_compaction(minimum=10)
     job = index.begin_compaction()
     assert index.compacting
     assert not index.needs_compaction(minimum=10)
     with pytest.raises(RuntimeError):
         index.begin_compaction()
-    index.add_many(range(200, 300), vectors[200:])  # written while the new graph builds
-    index.remove_many(range(100, 150))
-    index.add(120, vectors[0])  # a reused key
+    index.add_many(range(400, 600), vectors[400:])  # written while the new graph builds
+    index.remove_many(range(200, 300))
+    index.add(220, vectors[0])  # a reused key
     job.build()
     assert index.commit_compaction(job)
     assert not compacting(index)
-    assert set(index.keys().tolist()) == set(range(150, 300)) | {120}
-    assert index.search(vectors[0], 1).keys == [120]
-    assert index.search(vectors[250], 1).keys == [250]
-    assert index.removed_since_build == 50
+    assert set(index.keys().tolist()) == set(range(300, 600)) | {220}
+    assert index.search(vectors[0], 1).keys == [220]
+    assert index.search(vectors[500], 1).keys == [500]
+    assert index.removed_since_build == 100
+
+
+def test_a_small_f32_index_keeps_no_graph_and_searches_its_exact_vectors() -> None:
+    """Up to GRAPH_FROM vectors the graph stays empty (a partition of a few entries costs no graph nodes);
+    past it every vector is put in the graph, and a save/load keeps either state."""
+    vectors = random_unit(GRAPH_FROM + 1, 16, seed=4)
+    index = VectorIndex(16)
+    index.add_many(range(GRAPH_FROM), vectors[:GRAPH_FROM])
+    assert len(index) == GRAPH_FROM
+    assert index._index.size == 0
+    assert [index.search(vectors[k], 1).keys[0] for k in range(0, GRAPH_FROM, 17)] == list(range(0, GRAPH_FROM, 17))
+    reloaded = VectorIndex.from_bytes(index.to_bytes())
+    assert len(reloaded) == GRAPH_FROM
+    assert reloaded._index.size == 0
+    assert reloaded.search(vectors[5], 1).keys == [5]
+    assert index.remove(3)
+    assert 3 not in index
+    assert len(index) == GRAPH_FROM - 1
+    index.add(3, vectors[3])
+    index.add(GRAPH_FROM, vectors[GRAPH_FROM])
+    assert index._index.size == GRAPH_FROM + 1  # past the bound: the graph holds every vector
+    assert [index.search(vectors[k], 1).keys[0] for k in range(0, GRAPH_FROM + 1, 17)] == list(
+        range(0, GRAPH_FROM + 1, 17))
+    reloaded = VectorIndex.from_bytes(index.to_bytes())
+    assert reloaded._index.size == GRAPH_FROM + 1
+    assert reloaded.search(vectors[GRAPH_FROM], 1).keys == [GRAPH_FROM]
 
 
 def test_clear_abandons_a_running_compaction() -> None:
@@ -308,14 +335,15 @@ def test_memory_usage_counts_the_exact_vectors_beside_the_graph() -> None:
 
 
 def test_inconsistent_or_truncated_index_bytes_are_refused() -> None:
+    count = GRAPH_FROM + 30  # with a graph to check against the vectors
     index = VectorIndex(8)
-    index.add_many(range(30), random_unit(30, 8, seed=5))
+    index.add_many(range(count), random_unit(count, 8, seed=5))
     data = index.to_bytes()
     for bad in (data[:10], data[:200], data[:-50]):
         with pytest.raises(ValueError):
             VectorIndex.from_bytes(bad)
     other = VectorIndex(8)
-    other.add_many(range(1, 31), random_unit(30, 8, seed=5))  # same count, other keys
+    other.add_many(range(1, count + 1), random_unit(count, 8, seed=5))  # same count, other keys
     head = data[:len(data) - len(other._index.save())]
     with pytest.raises(ValueError, match="keys"):
         VectorIndex.from_bytes(head + bytes(other._index.save()))

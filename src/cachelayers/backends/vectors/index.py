@@ -13,10 +13,11 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from cachelayers.backends.vectors.rows import KEY, ExactRows
 from cachelayers.errors import ConfigError, MissingDependencyError
 
-__all__ = ["DEFAULT_SEARCH_DTYPE", "DTYPES", "RESCORE", "SEARCH_DTYPES", "Compaction", "Neighbours", "VectorIndex",
-           "atomic_write", "require_usearch"]
+__all__ = ["DEFAULT_SEARCH_DTYPE", "DTYPES", "GRAPH_FROM", "RESCORE", "SEARCH_DTYPES", "Compaction", "Neighbours",
+           "VectorIndex", "atomic_write", "require_usearch"]
 
 DTYPES: Final = ("f64", "f32", "f16", "bf16", "i8")
 """Scalar types a `VectorIndex` can store. ``f32`` keeps similarities exact to ~1e-7."""
@@ -32,7 +33,11 @@ similarities. ``search_dtype="bf16"`` may win on CPUs with AVX-512 BF16."""
 RESCORE: Final = 16
 """Candidates the compact graph proposes per search, rescored with exact ``f32`` similarity."""
 
-_KEY: Final = np.uint64
+GRAPH_FROM: Final = 256
+"""An ``f32`` index puts its vectors in the graph once it holds more than this many; below, a search scans the
+exact vectors (exact, fast at this size, and a small partition costs no graph nodes: ~45 KiB less each)."""
+
+_KEY: Final = KEY
 _MAGIC: Final = b"CLVI\x01"
 _HEADER: Final = struct.Struct("<5sIQ8s")  # magic, ndim, count, graph dtype
 
@@ -130,69 +135,6 @@ class Compaction:
         return len(self._keys)
 
 
-class _Rows:
-    """The exact float32 vectors of an ``f32`` index, one row per key; a removal moves the last row into its hole."""
-
-    __slots__ = ("inverse", "keys", "matrix", "row_of", "size")
-
-    def __init__(self, ndim: int) -> None:
-        self.matrix = np.empty((0, ndim), dtype=np.float32)
-        self.inverse = np.empty(0, dtype=np.float64)  # 1 / norm of each row (0 for a zero vector)
-        self.keys = np.empty(0, dtype=_KEY)
-        self.row_of: dict[int, int] = {}
-        self.size = 0
-
-    def reserve(self, count: int) -> None:
-        """Make room for ``count`` rows (at least doubling, so appends stay amortised O(1))."""
-        if count <= len(self.matrix):
-            return
-        capacity = max(count, 2 * len(self.matrix), 16)
-        for name in ("matrix", "inverse", "keys"):
-            old = getattr(self, name)
-            new = np.empty((capacity, *old.shape[1:]), dtype=old.dtype)
-            new[:self.size] = old[:self.size]
-            setattr(self, name, new)
-
-    def put_many(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        """Store ``vectors`` (float32 rows) under ``keys`` (unique), replacing what a key held."""
-        rows = np.empty(len(keys), dtype=np.int64)
-        self.reserve(self.size + len(keys))
-        for i, key in enumerate(keys.tolist()):
-            row = self.row_of.get(key)
-            if row is None:
-                row = self.row_of[key] = self.size
-                self.keys[row] = key
-                self.size += 1
-            rows[i] = row
-        self.matrix[rows] = vectors
-        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-        self.inverse[rows] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-
-    def drop(self, key: int) -> None:
-        """Forget ``key``'s row, if any."""
-        row = self.row_of.pop(key, None)
-        if row is None:
-            return
-        last = self.size - 1
-        if row != last:
-            moved = int(self.keys[last])
-            self.matrix[row] = self.matrix[last]
-            self.inverse[row] = self.inverse[last]
-            self.keys[row] = moved
-            self.row_of[moved] = row
-        self.size = last
-
-    def similarities(self, rows: list[int], query: np.ndarray) -> np.ndarray:
-        """Exact similarities (float64) of ``rows`` to ``query`` (float64), divided by the rows' norms."""
-        out: np.ndarray = (self.matrix.take(rows, axis=0).astype(np.float64) @ query) * self.inverse.take(rows)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the arrays (the key-to-row dict not counted)."""
-        return int(self.matrix.nbytes + self.inverse.nbytes + self.keys.nbytes)
-
-
 class VectorIndex:
     """A usearch index of unit vectors under ``uint64`` keys, with cosine similarity.
 
@@ -261,7 +203,8 @@ class VectorIndex:
             if value is not None:
                 self._options[name] = value
         self._index = _usearch().Index(**self._options)
-        self._rows = _Rows(ndim) if dtype == "f32" else None
+        self._rows = ExactRows(ndim) if dtype == "f32" else None
+        self._graphed = self._rows is None  # whether the graph holds the vectors (see `GRAPH_FROM`)
         self._lock = threading.RLock()
         self._journal: list[tuple[int, np.ndarray | None]] | None = None
         self.removed_since_build = 0
@@ -270,7 +213,7 @@ class VectorIndex:
     # -- queries ------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._index.size)
+        return self._rows.size if self._rows is not None else int(self._index.size)
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, bool) or not isinstance(key, int | np.integer) or key < 0:
@@ -287,7 +230,7 @@ class VectorIndex:
         """
         query = self._check(vector)
         with self._lock:
-            if not self._index.size:
+            if not len(self):
                 return Neighbours([], [])
             if self._rows is not None:
                 return self._rescored(query, count)
@@ -305,7 +248,7 @@ class VectorIndex:
         rows = self._rows
         assert rows is not None
         wanted = max(count, self.rescore)
-        if rows.size <= wanted:
+        if rows.size <= wanted or not self._graphed:
             picked: Any = np.arange(rows.size)  # every vector is a candidate: exact, no graph needed
         else:
             row_of = rows.row_of
@@ -357,12 +300,14 @@ class VectorIndex:
         """Store ``vector`` under ``key``, replacing what the key held."""
         vec = self._check(vector)
         with self._lock:
-            if self._index.contains(key):
-                self._index.remove(key)
-                self.removed_since_build += 1
-            self._index.add(key, vec, threads=1)
+            if self._graphed:
+                if self._index.contains(key):
+                    self._index.remove(key)
+                    self.removed_since_build += 1
+                self._index.add(key, vec, threads=1)
             if self._rows is not None:
                 self._rows.put_many(np.array([key], dtype=_KEY), vec[None, :])
+                self._graph_up()
             if self._journal is not None:
                 self._journal.append((key, vec))
 
@@ -387,25 +332,28 @@ class VectorIndex:
         if not len(key_array):
             return
         with self._lock:
-            present = [int(k) for k in key_array if self._index.contains(int(k))]
-            if present:
-                self._index.remove(np.array(present, dtype=_KEY))
-                self.removed_since_build += len(present)
-            self._index.add(key_array, matrix, threads=threads)
+            if self._graphed:
+                present = [int(k) for k in key_array if self._index.contains(int(k))]
+                if present:
+                    self._index.remove(np.array(present, dtype=_KEY))
+                    self.removed_since_build += len(present)
+                self._index.add(key_array, matrix, threads=threads)
             if self._rows is not None:
                 self._rows.put_many(key_array, matrix)
+                self._graph_up(threads)
             if self._journal is not None:
                 self._journal.extend((int(k), matrix[i].copy()) for i, k in enumerate(key_array))
 
     def remove(self, key: int) -> bool:
         """Remove ``key``; return whether it was there."""
         with self._lock:
-            if not self._index.contains(key):
+            if key not in self:
                 return False
-            self._index.remove(key)
+            if self._graphed:
+                self._index.remove(key)
+                self.removed_since_build += 1
             if self._rows is not None:
                 self._rows.drop(int(key))
-            self.removed_since_build += 1
             if self._journal is not None:
                 self._journal.append((key, None))
             return True
@@ -422,7 +370,8 @@ class VectorIndex:
         with self._lock:
             self._index = _usearch().Index(**self._options)
             if self._rows is not None:
-                self._rows = _Rows(self.ndim)
+                self._rows = ExactRows(self.ndim)
+            self._graphed = self._rows is None
             self.removed_since_build = 0
             if self._journal is not None:
                 self._journal = None  # a pending compaction would resurrect cleared vectors: abandon it
@@ -474,6 +423,7 @@ class VectorIndex:
                 if vector is not None:
                     graph.add(key, vector, threads=1)
             self._index = graph
+            self._graphed = True  # built from every vector of the snapshot, and the journal replayed
             self._journal = None
             self.removed_since_build = sum(1 for _, vector in journal if vector is None)
             return True
@@ -524,17 +474,20 @@ class VectorIndex:
         keys = np.frombuffer(raw, dtype="<u8", count=count, offset=_HEADER.size).astype(_KEY)
         vectors = np.frombuffer(raw, dtype="<f4", count=count * ndim, offset=_HEADER.size + 8 * count)
         graph = _restore(raw[offset:])
-        if graph is None or int(graph.ndim) != ndim or int(graph.size) != count:
+        graphed = count > 0 and graph is not None and int(graph.size) > 0  # else vectors only (see GRAPH_FROM)
+        if graph is None or int(graph.ndim) != ndim or (graphed and int(graph.size) != count):
             raise ValueError("the graph does not match the vectors of the index")
-        if not np.array_equal(np.sort(np.asarray(graph.keys[:], dtype=_KEY)), np.sort(keys)):
+        if graphed and not np.array_equal(np.sort(np.asarray(graph.keys[:], dtype=_KEY)), np.sort(keys)):
             raise ValueError("the graph does not hold the keys of the index")
         try:
             index = cls(ndim, dtype="f32", search_dtype=graph_dtype.rstrip(b"\0").decode(), **options)  # type: ignore[arg-type]
         except (ConfigError, UnicodeDecodeError) as exc:
             raise ValueError(f"unknown graph type in index: {exc}") from None
         index._index = graph
+        index._graphed = graphed
         assert index._rows is not None
         index._rows.put_many(keys, vectors.reshape(count, ndim).astype(np.float32))
+        index._graph_up()
         return index
 
     @classmethod
@@ -548,6 +501,7 @@ class VectorIndex:
             raise ValueError(f"index stores {stored_dtype}, expected {dtype}")
         index = cls(int(restored.ndim), dtype=stored_dtype, **options)  # type: ignore[arg-type]
         index._index = restored
+        index._graphed = True
         if index._rows is not None:
             keys = np.asarray(restored.keys[:], dtype=_KEY)
             vectors = restored.get(keys) if len(keys) else np.empty((0, index.ndim), dtype=np.float32)
@@ -569,6 +523,14 @@ class VectorIndex:
         return cls.from_bytes(Path(path).read_bytes(), dtype=dtype)
 
     # -- helpers ------------------------------------------------------------------------------------------
+
+    def _graph_up(self, threads: int = 1) -> None:
+        """Put the exact vectors in the graph once there are more than `GRAPH_FROM` (caller holds the lock)."""
+        rows = self._rows
+        if self._graphed or rows is None or rows.size <= GRAPH_FROM:
+            return
+        self._index.add(rows.keys[:rows.size], rows.matrix[:rows.size], threads=threads)
+        self._graphed = True
 
     def _check(self, vector: np.ndarray) -> np.ndarray:
         vec = np.asarray(vector, dtype=np.float32)
