@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar, final
 
+from cachelayers import audit
 from cachelayers.backends import validate_backend_url
 from cachelayers.backends.vectors.options import parse_vector_index
 from cachelayers.codec.crypto import parse_encryption_keys, require_cryptography
@@ -133,6 +134,14 @@ class Settings:
         vector_index: Where the semantic cache keeps its entries: ``memory://`` (in-process),
             ``usearch:///path`` (on disk, reloaded on start) or ``redis://host:port/db`` (shared by processes).
         limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
+        invalidation_limit: How fast this process may invalidate and clear, e.g. ``"100/second"``
+            (``None``: unlimited); counted by the library's rate limiter.
+        invalidation_limit_wait: Over the limit, wait until admitted instead of raising `RateLimitExceeded`.
+        channel_clear_interval: Clears announced by other processes empty this process's memory tier at most
+            once per interval (seconds or ``"500ms"``; ``0`` applies each at once): a flood of clears is
+            coalesced.
+        audit_sample_rate: Fraction (0 to 1) of cache accesses recorded on the ``cachelayers.audit`` logger
+            (namespace, tenant, level; no payloads). ``0`` (the default) records none and costs nothing.
     """
 
     tiers: Any = DEFAULT_TIERS
@@ -147,6 +156,10 @@ class Settings:
     strict: bool = False
     vector_index: str = "memory://"
     limits: Any = dataclasses.field(default_factory=dict)
+    invalidation_limit: str | None = None
+    invalidation_limit_wait: bool = False
+    channel_clear_interval: Any = 1.0
+    audit_sample_rate: Any = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -186,6 +199,27 @@ class Settings:
                 raise ConfigError(f"limits[{name!r}]", spec,
                                   "expected a limit like '3500/minute' or '10 per 2 seconds'")
         set_(self, "limits", tuple(sorted((str(k), str(v).strip()) for k, v in limits.items())))
+        self._check_audit_and_guard()
+
+    def _check_audit_and_guard(self) -> None:
+        set_ = object.__setattr__
+        limit = self.invalidation_limit
+        if isinstance(limit, str) and limit.strip().lower() in ("", "none"):
+            limit = None
+        if limit is not None and (not isinstance(limit, str) or not _LIMIT.match(limit) or ";" in limit):
+            raise ConfigError("invalidation_limit", limit, "expected one limit like '100/second' or '10 per minute'")
+        set_(self, "invalidation_limit", limit.strip() if limit is not None else None)
+        set_(self, "invalidation_limit_wait", flag(self.invalidation_limit_wait, "invalidation_limit_wait"))
+        set_(self, "channel_clear_interval", parse_duration(self.channel_clear_interval, "channel_clear_interval",
+                                                            allow_zero=True))
+        rate = self.audit_sample_rate
+        try:
+            rate = float(rate)
+        except (TypeError, ValueError):
+            raise ConfigError("audit_sample_rate", rate, "expected a fraction from 0 to 1") from None
+        if isinstance(self.audit_sample_rate, bool) or not 0.0 <= rate <= 1.0:
+            raise ConfigError("audit_sample_rate", self.audit_sample_rate, "expected a fraction from 0 to 1")
+        set_(self, "audit_sample_rate", rate)
 
     @property
     def tier_urls(self) -> dict[str, str]:
@@ -340,9 +374,14 @@ def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes
         if changes:
             new = new.with_(**changes)
     with _lock:
-        _current = new
+        old, _current = _current, new
     tracker.changed()
+    audit.configuration(None if old is None else _audit_view(old), _audit_view(new))
     return new
+
+
+def _audit_view(settings: Settings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
 
 
 def get_settings() -> Settings:
