@@ -219,26 +219,20 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", action="append", default=[], metavar="NS",
                         help="remove every entry of namespace NS, by default a function's module.qualname "
                              "(repeatable)")
+    parser.add_argument("--actor", default=os.environ.get("USER"), metavar="NAME",
+                        help="who invalidates, for the audit records (default: $USER)")
 
 
-async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]) -> list[str]:
+async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str], actor: str | None) -> Any:
+    from cachelayers import audit
     from cachelayers.engines.tiered import TieredCache
-    from cachelayers.errors import InvalidationError
+    from cachelayers.engines.tiered.guard import invalidate_everywhere
     from cachelayers.settings import get_settings
 
     cache = TieredCache(get_settings())
     try:
-        before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
-        missed: set[str] = set()
-        for call, argument in ([(cache.invalidate_tags, tags)] if tags else []) + [
-                (cache.invalidate_namespace, (namespace,)) for namespace in namespaces]:
-            try:
-                await call(*argument)
-            except InvalidationError as exc:  # this process ends now: its replay would never run
-                missed.update(exc.tiers)
-        # Any failure, including those an invalidation does not raise for, and the operator must hear about it.
-        failed = [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
-        return sorted(missed.union(failed))
+        with audit.actor(actor):  # the same guarded, audited path as the admin endpoint
+            return await invalidate_everywhere(cache, tags=tags, namespaces=namespaces)
     finally:
         await cache.aclose()
 
@@ -247,13 +241,18 @@ async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str])
 def _invalidate(args: argparse.Namespace) -> int:
     if not args.tag and not args.namespace:
         raise _UsageError("invalidate needs at least one --tag or --namespace")
-    failed = anyio.run(_invalidate_everywhere, args.tag, args.namespace)
+    outcome = anyio.run(_invalidate_everywhere, args.tag, args.namespace, args.actor)
     from cachelayers.settings import get_settings
 
     tiers = get_settings().tier_urls
     shared = [name for name, url in tiers.items() if not url.lower().startswith("memory:")]
-    if failed:
-        _error(f"invalidation failed on tier(s) {', '.join(failed)}; entries there may still be served")
+    if outcome.refused:
+        wait = "" if outcome.retry_after is None else f"; retry in {outcome.retry_after:.1f}s"
+        _error(f"invalidation_limit reached: not invalidated: {', '.join(outcome.refused)}{wait}")
+        return 1
+    if outcome.failed_tiers:
+        _error(f"invalidation failed on tier(s) {', '.join(outcome.failed_tiers)}; entries there may still be "
+               f"served")
         return 1
     what = ", ".join([f"tag {t!r}" for t in args.tag] + [f"namespace {n!r}" for n in args.namespace])
     if shared:

@@ -8,15 +8,17 @@ the ``cachelayers.audit`` logger with its outcome (see `cachelayers.audit`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from cachelayers import audit
 from cachelayers.engines.limiter import RateLimiter
+from cachelayers.engines.tiered.tier import Tier
 from cachelayers.errors import InvalidationError, RateLimitExceeded
 from cachelayers.settings import Settings
 
-__all__ = ["InvalidationGuard"]
+__all__ = ["Invalidating", "InvalidationGuard", "InvalidationOutcome", "invalidate_everywhere"]
 
 _KINDS: Final = {"t": "tags", "k": "keys", "c": "clear"}
 
@@ -82,3 +84,81 @@ class InvalidationGuard:
             self.record(kind, items, "error", f"{type(exc).__name__}: {exc}")
             raise
         self.record(kind, items, "ok")
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidationOutcome:
+    """What `invalidate_everywhere` did.
+
+    Attributes:
+        done: What was invalidated (``"tag 't'"``, ``"namespace 'ns'"``, ``"everything"``).
+        failed_tiers: Tiers where a step did not land (queued; in a process about to end, lost).
+        refused: What the invalidation limit refused (nothing after it was attempted).
+        retry_after: Seconds after which a refused invalidation may be admitted, when known.
+    """
+
+    done: tuple[str, ...]
+    failed_tiers: tuple[str, ...]
+    refused: tuple[str, ...] = ()
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Everything was invalidated everywhere."""
+        return not self.failed_tiers and not self.refused
+
+
+class Invalidating(Protocol):
+    """What `invalidate_everywhere` needs of an engine (a `TieredCache`)."""
+
+    tiers: list[Tier]
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        """Invalidate user tags."""
+
+    async def invalidate_namespace(self, namespace: str) -> None:
+        """Invalidate a namespace."""
+
+    async def clear(self) -> None:
+        """Remove everything under the key prefix."""
+
+
+async def invalidate_everywhere(cache: Invalidating, *, tags: Sequence[str] = (), namespaces: Sequence[str] = (),
+                                clear: bool = False) -> InvalidationOutcome:
+    """Invalidate tags, namespaces and/or everything through ``cache``'s guard: the one path the
+    ``cachelayers invalidate`` command and the admin endpoint share.
+
+    Every step is limited by ``Settings.invalidation_limit`` and audited (with the actor in force). Steps run
+    in order; the first refused by the limit stops the rest, which are reported as refused.
+
+    Args:
+        cache: The engine to invalidate through.
+        tags: User tags.
+        namespaces: Namespaces (by default a function's ``module.qualname``).
+        clear: Remove everything under the key prefix.
+
+    Returns:
+        The `InvalidationOutcome`.
+    """
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    if tags:
+        steps.append((", ".join(f"tag {t!r}" for t in tags), lambda: cache.invalidate_tags(*tags)))
+    for ns in namespaces:
+        steps.append((f"namespace {ns!r}", lambda ns=ns: cache.invalidate_namespace(ns)))  # type: ignore[misc]
+    if clear:
+        steps.append(("everything", cache.clear))
+    before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
+    done: list[str] = []
+    missed: set[str] = set()
+    for index, (what, step) in enumerate(steps):
+        try:
+            await step()
+        except InvalidationError as exc:
+            missed.update(exc.tiers)
+        except RateLimitExceeded as exc:
+            return InvalidationOutcome(tuple(done), tuple(sorted(missed)), tuple(w for w, _ in steps[index:]),
+                                       exc.retry_after)
+        done.append(what)
+    # Any failure, including those an invalidation does not raise for: the operator must hear about it.
+    failed = {t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]}
+    return InvalidationOutcome(tuple(done), tuple(sorted(missed | failed)))
