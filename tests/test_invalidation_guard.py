@@ -23,8 +23,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.mark.parametrize(("value", "field"), [
     ("lots", "invalidation_limit"), ("5/second;10/minute", "invalidation_limit"), (3, "invalidation_limit"),
-    ("maybe", "invalidation_limit_wait"), (-1, "channel_clear_interval"), (1.5, "audit_sample_rate"),
-    ("x", "audit_sample_rate"), (True, "audit_sample_rate"),
+    ("maybe", "invalidation_limit_wait"), (-1, "channel_clear_interval"), ("soon", "channel_clear_interval"),
 ])
 def test_bad_guard_settings_name_their_field(value: Any, field: str) -> None:
     with pytest.raises(ConfigError) as caught:

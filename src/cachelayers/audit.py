@@ -23,13 +23,13 @@ from typing import Any, Final
 
 from cachelayers.errors import redact_urls
 
-__all__ = ["EVENTS", "access", "actor", "clear", "configuration", "counts", "current_actor", "integrity_failure",
+__all__ = ["EVENTS", "actor", "clear", "configuration", "counts", "current_actor", "integrity_failure",
            "invalidation", "logger", "record", "reset_actor", "set_actor"]
 
 logger: Final = logging.getLogger("cachelayers.audit")
 """The audit logger: attach a handler (a file, syslog, an OpenTelemetry ``LoggingHandler``) to keep records."""
 
-EVENTS: Final = ("invalidate", "clear", "integrity", "config", "access")
+EVENTS: Final = ("invalidate", "clear", "integrity", "config")
 """The values of the ``event`` field."""
 
 _SECRET_FIELDS: Final = frozenset({"secret", "encryption_keys"})
@@ -143,8 +143,3 @@ def configuration(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None
         else:
             changes[name] = redact_urls(repr(value))
     record("config", f"settings changed: {', '.join(sorted(changes)) or 'nothing'}", changes=changes)
-
-
-def access(namespace: str, level: str, partition: str | None = None) -> None:
-    """Record a sampled cache access (see ``Settings.audit_sample_rate``): no key, argument or value."""
-    record("access", f"access {namespace} {level}", namespace=namespace, partition=partition, level=level)

@@ -140,8 +140,6 @@ class Settings:
         channel_clear_interval: Clears announced by other processes empty this process's memory tier at most
             once per interval (seconds or ``"500ms"``; ``0`` applies each at once): a flood of clears is
             coalesced.
-        audit_sample_rate: Fraction (0 to 1) of cache accesses recorded on the ``cachelayers.audit`` logger
-            (namespace, tenant, level; no payloads). ``0`` (the default) records none and costs nothing.
     """
 
     tiers: Any = DEFAULT_TIERS
@@ -159,7 +157,6 @@ class Settings:
     invalidation_limit: str | None = None
     invalidation_limit_wait: bool = False
     channel_clear_interval: Any = 1.0
-    audit_sample_rate: Any = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -212,14 +209,6 @@ class Settings:
         set_(self, "invalidation_limit_wait", flag(self.invalidation_limit_wait, "invalidation_limit_wait"))
         set_(self, "channel_clear_interval", parse_duration(self.channel_clear_interval, "channel_clear_interval",
                                                             allow_zero=True))
-        rate = self.audit_sample_rate
-        try:
-            rate = float(rate)
-        except (TypeError, ValueError):
-            raise ConfigError("audit_sample_rate", rate, "expected a fraction from 0 to 1") from None
-        if isinstance(self.audit_sample_rate, bool) or not 0.0 <= rate <= 1.0:
-            raise ConfigError("audit_sample_rate", self.audit_sample_rate, "expected a fraction from 0 to 1")
-        set_(self, "audit_sample_rate", rate)
 
     @property
     def tier_urls(self) -> dict[str, str]:

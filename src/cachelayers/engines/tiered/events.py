@@ -30,6 +30,8 @@ from typing import Any, Final
 
 import msgpack
 
+from cachelayers import audit
+
 __all__ = ["WINDOW", "ClearGate", "EventStats", "Events"]
 
 WINDOW: Final = 30.0
@@ -187,8 +189,7 @@ class ClearGate:
         now = self.monotonic()
         if now - self.last >= interval and not self.pending:
             self.last = now
-            self.events.stats.clears_applied += 1
-            self.apply()
+            self._apply()
             return
         self.events.stats.clears_coalesced += 1
         if not self.pending:
@@ -203,5 +204,10 @@ class ClearGate:
         finally:
             self.pending = False
         self.last = self.monotonic()
-        self.events.stats.clears_applied += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        stats = self.events.stats
+        stats.clears_applied += 1
         self.apply()
+        audit.clear(["memory"], "ok", prefix=self.events.channel.removesuffix("~events"), origin="remote")
