@@ -27,7 +27,9 @@ __all__ = ["EVENTS", "actor", "clear", "configuration", "counts", "current_actor
            "invalidation", "logger", "record", "reset_actor", "set_actor"]
 
 logger: Final = logging.getLogger("cachelayers.audit")
-"""The audit logger: attach a handler (a file, syslog, an OpenTelemetry ``LoggingHandler``) to keep records."""
+"""The audit logger: attach a handler (a file, syslog, an OpenTelemetry ``LoggingHandler``) to keep records.
+It has a `logging.NullHandler`, so that without any handler configured records are not printed to stderr."""
+logger.addHandler(logging.NullHandler())
 
 EVENTS: Final = ("invalidate", "clear", "integrity", "config")
 """The values of the ``event`` field."""
