@@ -14,7 +14,6 @@ from starlette.requests import Request
 
 import cachelayers
 from cachelayers import ConfigError, RateLimitExceeded, Settings, TieredCache
-from cachelayers.backends.base import MISSING
 from cachelayers.cli import main
 from cachelayers.integrations.fastapi import invalidation_endpoint
 
@@ -149,12 +148,19 @@ async def test_the_admin_endpoint_through_a_real_asgi_app(caplog: pytest.LogCapt
 
 
 async def test_the_default_engine_is_guarded_too() -> None:
+    """A decorated function's ``invalidate_all`` goes through the same limit (the engine of the settings)."""
     cachelayers.configure(invalidation_limit="1/minute")
-    from cachelayers.engines.tiered import default_cache
+    computed: list[int] = []
 
-    cache = default_cache()
-    await cache.invalidate_tags("x")
+    @cachelayers.multilevel_cached
+    async def f(x: int) -> int:
+        computed.append(x)
+        return x
+
+    await f(1)
+    await f.invalidate_all()
+    await f(1)
     with pytest.raises(RateLimitExceeded):
-        await cache.invalidate_tags("y")
-    assert cache.local is not None
-    assert cache.local.lookup("nothing") is MISSING
+        await f.invalidate_all()
+    await f(1)
+    assert computed == [1, 1]  # the refused invalidation removed nothing
