@@ -110,8 +110,7 @@ class TieredCache:
             monotonic = time.monotonic if clock is time.time else clock
         self.local: MemoryBackend | None = None
         """The in-process memory tier, if the first tier is one; the engine uses it only as a `LocalTier`."""
-        self.local_name = ""
-        self.local_stats = TierStats("memory")
+        self.local_name, self.local_stats = "", TierStats("memory")
         if named and isinstance(named[0][1], MemoryBackend):
             self.local_name, local = named.pop(0)
             self.local = cast(MemoryBackend, local)
@@ -196,6 +195,7 @@ class TieredCache:
         Raises:
             InvalidationError: A tier did not take it within the tier timeout: it is queued and replayed, and
                 no process serves the entries it covers once the tier is back (see the invalidation guide).
+            RateLimitExceeded: Over ``Settings.invalidation_limit`` (without its wait): nothing was removed.
         """
         await self.guard.run("t", list(tags), self.invalidated, self.invalidations.run)
 
