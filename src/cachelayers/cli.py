@@ -246,6 +246,8 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", action="append", default=[], metavar="NS",
                         help="remove every entry of namespace NS, by default a function's module.qualname "
                              "(repeatable)")
+    parser.add_argument("--actor", default=os.environ.get("USER"), metavar="NAME",
+                        help="who invalidates, for the audit records (default: $USER)")
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -264,13 +266,15 @@ def _check_name(kind: str, name: str) -> None:
         raise _UsageError(f"--{kind} {name!r} contains a control character")
 
 
-async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]
-                                 ) -> tuple[list[str], dict[str, dict[str, int | None]]]:
-    """Invalidate; return the tiers that failed, and per tier the entries each tag or namespace held."""
+async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str], actor: str | None
+                                 ) -> tuple[Any, dict[str, dict[str, int | None]]]:
+    """Invalidate through the guarded, audited path the admin endpoint uses; return its outcome, and per tier
+    the entries each tag or namespace held just before."""
+    from cachelayers import audit
     from cachelayers.backends.usage import tag_usage
     from cachelayers.engines import namespace_tag
     from cachelayers.engines.tiered import TieredCache
-    from cachelayers.errors import InvalidationError
+    from cachelayers.engines.tiered.guard import invalidate_everywhere
     from cachelayers.settings import get_settings
 
     cache = TieredCache(get_settings())
@@ -287,17 +291,8 @@ async def _invalidate_everywhere(tags: Sequence[str], namespaces: Sequence[str]
                 except Exception:
                     usage = None  # the invalidation below reports the failure
                 counts[tier.name][what] = None if usage is None else usage.get(qualified, (0, 0))[0]
-        before = {t.name: (t.stats.errors, t.stats.timeouts, t.stats.skipped) for t in cache.tiers}
-        missed: set[str] = set()
-        for call, argument in ([(cache.invalidate_tags, tags)] if tags else []) + [
-                (cache.invalidate_namespace, (namespace,)) for namespace in namespaces]:
-            try:
-                await call(*argument)
-            except InvalidationError as exc:  # this process ends now: its replay would never run
-                missed.update(exc.tiers)
-        # Any failure, including those an invalidation does not raise for, and the operator must hear about it.
-        failed = [t.name for t in cache.tiers if (t.stats.errors, t.stats.timeouts, t.stats.skipped) != before[t.name]]
-        return sorted(missed.union(failed)), counts
+        with audit.actor(actor):  # the same guarded, audited path as the admin endpoint
+            return await invalidate_everywhere(cache, tags=tags, namespaces=namespaces), counts
     finally:
         await cache.aclose()
 
@@ -310,13 +305,18 @@ def _invalidate(args: argparse.Namespace) -> int:
         _check_name("tag", tag)
     for namespace in args.namespace:
         _check_name("namespace", namespace)
-    failed, counts = anyio.run(_invalidate_everywhere, args.tag, args.namespace)
+    outcome, counts = anyio.run(_invalidate_everywhere, args.tag, args.namespace, args.actor)
     from cachelayers.settings import get_settings
 
     tiers = get_settings().tier_urls
     shared = [name for name, url in tiers.items() if not url.lower().startswith("memory:")]
-    if failed:
-        _error(f"invalidation failed on tier(s) {', '.join(failed)}; entries there may still be served")
+    if outcome.refused:
+        wait = "" if outcome.retry_after is None else f"; retry in {outcome.retry_after:.1f}s"
+        _error(f"invalidation_limit reached: not invalidated: {', '.join(outcome.refused)}{wait}")
+        return 1
+    if outcome.failed_tiers:
+        _error(f"invalidation failed on tier(s) {', '.join(outcome.failed_tiers)}; entries there may still be "
+               f"served")
         return 1
     what = ", ".join([f"tag {t!r}" for t in args.tag] + [f"namespace {n!r}" for n in args.namespace])
     if shared:

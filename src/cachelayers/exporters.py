@@ -12,6 +12,8 @@ kind           source                                    labels
 ``semantic``   a ``@semantic_cached`` function           ``function``
 ``batch``      a ``@batched`` function                   ``function``
 ``limiter``    a rate limiter                            ``limiter``
+``audit``      records made on the ``cachelayers.audit``  ``event`` (``invalidate``, ``clear``, ``integrity``,
+               logger (``cachelayers_audit_events``)      ``config``)
 =============  ========================================  ==============================================
 
 Counts that only grow (hits, misses, errors, evictions, cost saved, ...) are counters; the rest (hit rate,
@@ -39,10 +41,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple
 
+from cachelayers import audit
 from cachelayers.engines.batcher import Batcher, BatchInfo
 from cachelayers.engines.limiter import LimiterInfo, RateLimiter
 from cachelayers.engines.semantic import SemanticCacheInfo, SemanticFunction
 from cachelayers.engines.tiered import FunctionCache, TieredCache
+from cachelayers.engines.tiered.events import EventStats
 from cachelayers.metrics import CacheInfo, StateLog, TierStats, live_sources
 
 __all__ = ["PrometheusCollector", "Sample", "catalogue", "instrument_opentelemetry", "register_prometheus",
@@ -60,13 +64,17 @@ _COUNTERS: Final = frozenset({
     "calls", "deduplicated", "dropped", "rejected", "batches", "items", "failed_batches",  # batching
     "admitted", "immediate", "waited", "cancelled", "storage_calls", "pause_reads", "refusals", "refunds",  # limits
     "rate_limit_errors", "retries", "pauses",
+    "events_received", "events_forged", "events_unsigned", "events_replayed", "events_expired",  # the channel
+    "events_dropped", "clears_applied", "clears_coalesced",
+    "events",  # audit records
 })
 
 # Figures in seconds: their metric names end in ``_seconds``, as Prometheus names units.
 _SECONDS: Final = frozenset({"cached_p50", "cached_p95", "computed_p50", "computed_p95", "time_saved", "wait_p50",
                              "wait_p99", "batch_p50", "batch_p99"})
 
-_TIER_FIELDS: Final = (*(f for f in TierStats.__slots__ if f != "name"), "entries", "bytes", "breaker_open")
+_TIER_FIELDS: Final = (*(f for f in TierStats.__slots__ if f != "name"), "entries", "bytes", "breaker_open",
+                       *EventStats.__slots__, "events_dropped")
 
 
 class Sample(NamedTuple):
@@ -89,6 +97,7 @@ def catalogue() -> dict[str, bool]:
         "semantic": SemanticCacheInfo._fields,
         "batch": BatchInfo._fields,
         "limiter": LimiterInfo._fields,
+        "audit": ("events",),
     }
     return {_metric(kind, field): field in _COUNTERS for kind, names in fields.items() for field in names}
 
@@ -150,6 +159,9 @@ def samples(sources: Iterable[Any] | None = None) -> list[Sample]:
                     out.extend(_numbers(kind, {label: value, "tier": tier}, fields))
             else:
                 out.extend(_numbers(kind, {label: value}, figures))
+    if sources is None:
+        out.extend(Sample(_metric("audit", "events"), {"event": event}, float(count), True)
+                   for event, count in sorted(audit.counts().items()))
     return out
 
 
@@ -158,7 +170,7 @@ _log = StateLog()
 
 _HELP: Final = {"function": "a @multilevel_cached function", "tier": "a tier of a cache engine",
                 "semantic": "a @semantic_cached function", "batch": "a @batched function",
-                "limiter": "a rate limiter"}
+                "limiter": "a rate limiter", "audit": "cachelayers.audit records, by event"}
 
 
 def _help(name: str) -> str:

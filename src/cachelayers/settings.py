@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar, final
 
+from cachelayers import audit
 from cachelayers.backends import validate_backend_url
 from cachelayers.backends.vectors.options import parse_vector_index
 from cachelayers.codec.crypto import parse_encryption_keys, require_cryptography
@@ -135,6 +136,12 @@ class Settings:
         limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
         semantic_max_entries: Entries of every semantically cached function of the process together (all
             functions, all partitions) before the least recently used of them is evicted; 500,000 by default.
+        invalidation_limit: How fast this process may invalidate and clear, e.g. ``"100/second"``
+            (``None``: unlimited); counted by the library's rate limiter.
+        invalidation_limit_wait: Over the limit, wait until admitted instead of raising `RateLimitExceeded`.
+        channel_clear_interval: Clears announced by other processes empty this process's memory tier at most
+            once per interval (seconds or ``"500ms"``; ``0`` applies each at once): a flood of clears is
+            coalesced.
     """
 
     tiers: Any = DEFAULT_TIERS
@@ -150,6 +157,9 @@ class Settings:
     vector_index: str = "memory://"
     limits: Any = dataclasses.field(default_factory=dict)
     semantic_max_entries: int = 500_000
+    invalidation_limit: str | None = None
+    invalidation_limit_wait: bool = False
+    channel_clear_interval: Any = 1.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -190,6 +200,19 @@ class Settings:
                                   "expected a limit like '3500/minute' or '10 per 2 seconds'")
         set_(self, "semantic_max_entries", positive_int(self.semantic_max_entries, "semantic_max_entries", text=True))
         set_(self, "limits", tuple(sorted((str(k), str(v).strip()) for k, v in limits.items())))
+        self._check_audit_and_guard()
+
+    def _check_audit_and_guard(self) -> None:
+        set_ = object.__setattr__
+        limit = self.invalidation_limit
+        if isinstance(limit, str) and limit.strip().lower() in ("", "none"):
+            limit = None
+        if limit is not None and (not isinstance(limit, str) or not _LIMIT.match(limit) or ";" in limit):
+            raise ConfigError("invalidation_limit", limit, "expected one limit like '100/second' or '10 per minute'")
+        set_(self, "invalidation_limit", limit.strip() if limit is not None else None)
+        set_(self, "invalidation_limit_wait", flag(self.invalidation_limit_wait, "invalidation_limit_wait"))
+        set_(self, "channel_clear_interval", parse_duration(self.channel_clear_interval, "channel_clear_interval",
+                                                            allow_zero=True))
 
     @property
     def tier_urls(self) -> dict[str, str]:
@@ -344,9 +367,14 @@ def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes
         if changes:
             new = new.with_(**changes)
     with _lock:
-        _current = new
+        old, _current = _current, new
     tracker.changed()
+    audit.configuration(None if old is None else _audit_view(old), _audit_view(new))
     return new
+
+
+def _audit_view(settings: Settings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
 
 
 def get_settings() -> Settings:

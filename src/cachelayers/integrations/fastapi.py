@@ -8,12 +8,16 @@ without this module (see `cachelayers.keys.ignore_type`).
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from cachelayers import audit
 from cachelayers.engines.semantic.lookups import Explanation, explain
+from cachelayers.engines.tiered import TieredCache, default_cache
+from cachelayers.engines.tiered.guard import invalidate_everywhere
 from cachelayers.errors import MissingDependencyError, RateLimitExceeded
 
 try:
@@ -22,8 +26,8 @@ try:
 except ImportError:  # pragma: no cover - exercised only without starlette
     raise MissingDependencyError("cachelayers.integrations.fastapi", None, "starlette", "fastapi") from None
 
-__all__ = ["CacheStatus", "add_exception_handlers", "cache_status", "mark_computed", "rate_limit_exceeded_handler",
-           "retry_after_header"]
+__all__ = ["CacheStatus", "add_exception_handlers", "cache_status", "invalidation_endpoint", "mark_computed",
+           "rate_limit_exceeded_handler", "retry_after_header"]
 
 
 def retry_after_header(retry_after: float | None) -> str | None:
@@ -139,3 +143,63 @@ def mark_computed() -> None:
     status = _status.get()
     if status is not None:
         status.computed += 1
+
+
+Authorize = Callable[[Request], "str | Awaitable[str | None] | None"]
+
+
+def invalidation_endpoint(authorize: Authorize, cache: TieredCache | None = None,
+                          ) -> Callable[[Request], Awaitable[Response]]:
+    """An admin endpoint that invalidates through the guarded, audited path the CLI uses.
+
+    Mount it on a FastAPI or Starlette app for ``POST`` with a JSON body
+    ``{"tags": [...], "namespaces": [...], "clear": false}``::
+
+        app.add_route("/admin/cache/invalidate", invalidation_endpoint(authorize=check_admin), methods=["POST"])
+
+    Answers 200 ``{"done": [...], "failed_tiers": [], "refused": []}`` when everything landed, 502 with the same
+    body when a tier did not take it (queued and replayed by this process), 429 with ``Retry-After`` when
+    ``Settings.invalidation_limit`` refused it, 400 for a malformed body, 403 when ``authorize`` refuses.
+
+    Args:
+        authorize: Called with the request (sync or async): the actor's name for the audit records, or
+            ``None`` to refuse with 403. Nothing is invalidated without it.
+        cache: The engine to invalidate through; the engine of the settings in force when omitted.
+
+    Returns:
+        The endpoint: ``async (request) -> response``.
+    """
+    async def endpoint(request: Request) -> Response:
+        actor = authorize(request)
+        if inspect.isawaitable(actor):
+            actor = await actor
+        if actor is None:
+            return JSONResponse({"detail": "forbidden"}, status_code=403)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        tags, namespaces = _names(body, "tags"), _names(body, "namespaces")
+        clear = body.get("clear", False) if isinstance(body, dict) else None
+        if tags is None or namespaces is None or not isinstance(clear, bool) or not (tags or namespaces or clear):
+            return JSONResponse({"detail": "expected {'tags': [str], 'namespaces': [str], 'clear': bool}, "
+                                           "with something to invalidate"}, status_code=400)
+        with audit.actor(str(actor)):
+            outcome = await invalidate_everywhere(cache if cache is not None else default_cache(), tags=tags,
+                                                  namespaces=namespaces, clear=clear)
+        result = {"done": list(outcome.done), "failed_tiers": list(outcome.failed_tiers),
+                  "refused": list(outcome.refused), "retry_after": outcome.retry_after}
+        if outcome.refused:
+            header = retry_after_header(outcome.retry_after)
+            return JSONResponse(result, status_code=429,
+                                headers={"Retry-After": header} if header is not None else None)
+        return JSONResponse(result, status_code=200 if outcome.ok else 502)
+
+    return endpoint
+
+
+def _names(body: Any, field: str) -> list[str] | None:
+    value = body.get(field, []) if isinstance(body, dict) else None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return None
+    return value

@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol, TypeAlias, cast
 
 import anyio
 
+from cachelayers import audit
 from cachelayers.backends import Backend, StoreItem, create_backend
 from cachelayers.backends.base import MISSING, Clock, LockSupport, PubSubSupport
 from cachelayers.backends.memory import MemoryBackend
@@ -31,6 +32,8 @@ from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.channel import Listener
 from cachelayers.engines.tiered.epochs import Invalidations
+from cachelayers.engines.tiered.events import ClearGate, Events
+from cachelayers.engines.tiered.guard import InvalidationGuard
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG, namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Stale, Tier
 from cachelayers.errors import SerializationError
@@ -98,8 +101,7 @@ class TieredCache:
             monotonic = time.monotonic if clock is time.time else clock
         self.local: MemoryBackend | None = None
         """The in-process memory tier, if the first tier is one; the engine uses it only as a `LocalTier`."""
-        self.local_name = ""
-        self.local_stats = TierStats("memory")
+        self.local_name, self.local_stats = "", TierStats("memory")
         if named and isinstance(named[0][1], MemoryBackend):
             self.local_name, local = named.pop(0)
             self.local = cast(MemoryBackend, local)
@@ -115,14 +117,18 @@ class TieredCache:
         self.lock_prefix = prefix + "~lock:"
         self.channel = prefix + "~events"
         self.sender = os.urandom(8)
+        self.events = Events(self.channel, self.sender, self.settings.secret, self.settings.channel_clear_interval)
         self.epoch = 0
         """Bumped by every invalidation this process makes or hears of; see `invalidated_since`."""
         self._recent: deque[tuple[int, str, list[str]]] = deque(maxlen=_RECENT_INVALIDATIONS)
         self.background = BackgroundTasks(f"TieredCache@{id(self):x}")
+        self.clears = ClearGate(self.events, lambda: self.invalidated("c", []), self.background.start_soon,
+                                anyio.sleep)
         self.lock_tier = next((t for t in self.tiers if isinstance(t.backend, LockSupport)), None)
         pubsub = next((t for t in self.tiers if isinstance(t.backend, PubSubSupport)), None)
         self.listener = Listener(self, pubsub) if pubsub is not None else None
         self.invalidations = Invalidations(self, pubsub, prefix)
+        self.guard = InvalidationGuard(self.settings, [self.local_name, *(t.name for t in self.tiers)])
         self.epochs = self.invalidations.epochs
         """The invalidation epochs entries read below memory are checked against (``None``: no epoch tier)."""
         self._following: dict[int, _Following] = {}
@@ -180,9 +186,9 @@ class TieredCache:
         Raises:
             InvalidationError: A tier did not take it within the tier timeout: it is queued and replayed, and
                 no process serves the entries it covers once the tier is back (see the invalidation guide).
+            RateLimitExceeded: Over ``Settings.invalidation_limit`` (without its wait): nothing was removed.
         """
-        self.invalidated("t", list(tags))
-        await self.invalidations.run("t", tags)
+        await self.guard.run("t", list(tags), self.invalidated, self.invalidations.run)
 
     async def invalidate_namespace(self, namespace: str) -> None:
         """Remove every entry of ``namespace`` (by default, of one function) from every tier.
@@ -198,8 +204,7 @@ class TieredCache:
         Raises:
             InvalidationError: As `invalidate_tags`.
         """
-        self.invalidated("c", [])
-        await self.invalidations.run("c", ())
+        await self.guard.run("c", [], self.invalidated, self.invalidations.run)
 
     async def aclose(self) -> None:
         """Stop background work, then close the backends' connections and files."""
@@ -229,6 +234,8 @@ class TieredCache:
             evictions = getattr(tier.backend, "evictions", None)
             if isinstance(evictions, int):
                 tier_snap["evictions"] = evictions
+            if self.listener is not None and tier is self.listener.tier:
+                tier_snap.update(self.events.stats.snapshot())
             out[tier.name] = tier_snap
         return out
 
@@ -332,8 +339,7 @@ class TieredCache:
         (not back-filled into memory). With ``epoch``, nothing is back-filled when an invalidation covering the
         entry went by since.
         """
-        keys = (storage_key,)
-        epochs = self.epochs
+        keys, epochs = (storage_key,), self.epochs
         if epochs is not None and not epochs.ready:
             await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
@@ -382,8 +388,7 @@ class TieredCache:
         found: dict[int, Any] = {}
         pending = list(range(len(storage_keys)))
         open_ = (codec or self.codec).open
-        local = self.local
-        epochs = self.epochs
+        local, epochs = self.local, self.epochs
         if epochs is not None and not epochs.ready:
             await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
@@ -446,6 +451,7 @@ class TieredCache:
         """Entries that failed their integrity check: count, log once, delete (and raise in strict mode)."""
         tier.stats.corrupt += len(storage_keys)
         self.log.failure(f"integrity of tier {tier.name!r}", exc)
+        audit.integrity_failure(tier.name, storage_keys[0], reason=str(exc), count=len(storage_keys))
         await tier.delete(storage_keys)
         if self.strict:
             raise exc
@@ -477,8 +483,7 @@ class TieredCache:
 
         Nothing below needs the encoding, so a scalar, string or bytes value is not encoded at all: the codec
         computes the size it would have; the memory tier is charged the live size of the entry, at least that.
-        Returns ``False`` when the value cannot be encoded (counted, logged
-        once, nothing stored).
+        Returns ``False`` when the value cannot be encoded (counted, logged once, nothing stored).
         """
         try:
             size = (codec or self.codec).body_size(value, tags)
@@ -571,11 +576,11 @@ class TieredCache:
         Raises:
             InvalidationError: As `invalidate_tags`.
         """
-        if self.local is not None:
-            for key in local_keys:
-                self.local.remove(key)
-        self.invalidated("k", list(storage_keys))
-        await self.invalidations.run("k", storage_keys)
+        def local(kind: str, items: list[str]) -> None:
+            for key in local_keys if self.local is not None else ():
+                self.local.remove(key)  # type: ignore[union-attr]
+            self.invalidated(kind, items)
+        await self.guard.run("k", list(storage_keys), local, self.invalidations.run)
 
 
 _default: Final = PerSettings(TieredCache)

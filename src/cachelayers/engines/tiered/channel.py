@@ -1,8 +1,10 @@
 """The invalidation channel: one pub/sub subscription per event loop that keeps memory tiers in step.
 
-Messages are msgpack ``[sender, kind, items]`` on ``<prefix>~events``, with kind ``"k"`` (storage keys),
-``"t"`` (tags), ``"c"`` (clear) or ``"l"`` (a lock was released). An invalidation published with its epoch
-(see `epochs`) is prefixed with ``#<sequence number>:``; they arrive in sequence order.
+Messages are msgpack ``[sender, kind, items]`` on ``<prefix>~events`` (signed with ``Settings.secret``:
+see `events`), with kind ``"k"`` (storage keys), ``"t"`` (tags), ``"c"`` (clear) or ``"l"`` (a lock was
+released). Refused messages are counted and never applied; other processes' clears are coalesced. An
+invalidation published with its epoch (see `epochs`) is prefixed with ``#<sequence number>:``; they arrive
+in sequence order.
 
 Once subscribed, the listener loads the epochs (messages published meanwhile wait on the subscription) and
 only then calls itself subscribed. When the subscription is lost the memory tier is cleared at once and again
@@ -15,11 +17,12 @@ from collections.abc import Hashable
 from typing import Final, Protocol, cast
 
 import anyio
-import msgpack
 
+from cachelayers import audit
 from cachelayers.backends.base import EpochSupport, LocalTier, PubSubSupport
 from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.tiered.epochs import Epochs, Invalidations, fields_of
+from cachelayers.engines.tiered.events import ClearGate, Events
 from cachelayers.engines.tiered.tier import Tier
 from cachelayers.loops import current_loop_token
 from cachelayers.metrics import StateLog
@@ -38,6 +41,8 @@ class ListenerHost(Protocol):
     sender: bytes
     epochs: Epochs | None
     invalidations: Invalidations
+    events: Events
+    clears: ClearGate
 
     @property
     def local(self) -> LocalTier | None:
@@ -157,14 +162,22 @@ class Listener:
 
     def _on_message(self, data: bytes) -> None:
         seq = 0
+        events = self.cache.events
         try:
             if data[:1] == b"#":
                 head, _, data = data.partition(b":")
                 seq = int(head[1:])
-            sender, kind, items = msgpack.unpackb(data, raw=False)
+            opened = events.open(data)
         except Exception as exc:
             self.cache.log.failure("decoding invalidation messages", exc)
             return
+        if opened is None:  # unsigned, forged, expired or replayed (with a secret): counted, never applied
+            dropped = events.stats.events_dropped
+            self.cache.log.failure("authenticating invalidation messages", f"{dropped} refused so far")
+            audit.integrity_failure("channel", self.cache.channel, reason="invalidation message refused",
+                                    count=dropped)
+            return
+        sender, kind, items = opened
         epochs = self.cache.epochs
         if seq and epochs is not None and kind in ("k", "t", "c"):
             epochs.heard(seq, fields_of(kind, items))  # before the memory tier drops them: see `Epochs`
@@ -174,6 +187,7 @@ class Listener:
             event = self.waiters.pop(items, None)
             if event is not None:
                 event.set()
-        elif kind in ("k", "t", "c"):
+        elif kind == "c":
+            self.cache.clears.clear()
+        elif kind in ("k", "t"):
             self.cache.invalidated(kind, items)
-

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import anyio
-import msgpack
 
 from cachelayers.backends.base import EpochSupport, PubSubSupport
 from cachelayers.engines.background import BackgroundTasks
+from cachelayers.engines.tiered.events import Events
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG
 from cachelayers.engines.tiered.tier import Tier
 from cachelayers.errors import InvalidationError
@@ -136,6 +136,7 @@ class InvalidationHost(Protocol):
     channel: str
     sender: bytes
     tiers: list[Tier]
+    events: Events
 
     def tier_tags(self, tags: Iterable[str]) -> tuple[str, ...]:
         """The names tags have in the tiers below memory."""
@@ -304,7 +305,7 @@ class Invalidations:
 
     def _announcing(self, op: _Pending, items: list[str]) -> Callable[[], Coroutine[Any, Any, None]] | None:
         host = self.host
-        payload = msgpack.packb([host.sender, op.kind, items], use_bin_type=True)
+        payload = host.events.seal(op.kind, items)  # signed here: the script publishes it as it is
         epoch_tier, epochs = self.epoch_tier, self.epochs
         if epoch_tier is not None and epochs is not None and _EPOCHS in op.left:
             backend = epoch_tier.backend

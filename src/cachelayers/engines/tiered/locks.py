@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
 import anyio
-import msgpack
 
 from cachelayers.backends.base import MISSING, LockSupport
 from cachelayers.engines.tiered.cache import TieredCache
@@ -72,7 +71,7 @@ async def compute_locked(cache: TieredCache, storage_key: str, lease: float, rea
         value = await read()
         if value is not MISSING:
             return value
-    release = msgpack.packb([cache.sender, "l", name], use_bin_type=True)
+    release = cache.events.seal("l", name)
     try:
         # A second look now that we hold the lock: the previous holder may have stored it just before.
         value = await read()
@@ -116,6 +115,6 @@ async def refresh_locked(cache: TieredCache, storage_key: str, lease: float,
         return await compute()
     finally:
         if acquired:
-            release = msgpack.packb([cache.sender, "l", name], use_bin_type=True)
+            release = cache.events.seal("l", name)
             with anyio.CancelScope(shield=True):
                 await tier.call(lambda: backend.release_lock(name, token, (cache.channel, release)), False)
