@@ -34,7 +34,7 @@ from cachelayers.engines.tiered.channel import Listener
 from cachelayers.engines.tiered.epochs import Invalidations
 from cachelayers.engines.tiered.events import ClearGate, Events
 from cachelayers.engines.tiered.guard import InvalidationGuard
-from cachelayers.engines.tiered.tags import NAMESPACE_TAG, namespace_tag, user_tags
+from cachelayers.engines.tiered.tags import NAMESPACE_TAG, covered_since, namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Stale, Tier
 from cachelayers.errors import SerializationError
 from cachelayers.loops import current_loop_token
@@ -298,18 +298,7 @@ class TieredCache:
     def invalidated_since(self, epoch: int, storage_key: str, tags: Iterable[str]) -> bool:
         """Whether an invalidation since ``epoch`` covers this entry (then a value read or computed across it
         is returned but not stored: it may be what was just invalidated)."""
-        if epoch == self.epoch:
-            return False
-        recent = self._recent
-        if not recent or recent[0][0] > epoch + 1:
-            return True  # the record no longer reaches back that far
-        tags = tuple(tags)
-        for serial, kind, items in reversed(recent):
-            if serial <= epoch:
-                break
-            if kind == "c" or (kind == "k" and storage_key in items) or (kind == "t" and any(t in items for t in tags)):
-                return True
-        return False
+        return epoch != self.epoch and covered_since(self._recent, epoch, storage_key, tags)
 
     def store_local(self, local_key: Hashable, value: Any, size: int, expires_at: float | None,
                      tags: tuple[str, ...], storage_key: str | None) -> bool:

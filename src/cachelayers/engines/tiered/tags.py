@@ -1,11 +1,12 @@
-"""Tags as the exact cache names them: a namespace is invalidated as the tag its entries carry first."""
+"""Tags as the exact cache names them (a namespace is invalidated as the tag its entries carry first), and
+which recent invalidations cover an entry."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-__all__ = ["NAMESPACE_TAG", "namespace_tag", "user_tags"]
+__all__ = ["NAMESPACE_TAG", "covered_since", "namespace_tag", "user_tags"]
 
 NAMESPACE_TAG: Final = "ns\x1f"
 """The start of every namespace tag; user tags may not take this form."""
@@ -40,3 +41,18 @@ def user_tags(tags: Iterable[Any], origin: str) -> tuple[str, ...]:
             raise ValueError(f"{origin}: tag {tag!r} starts with {NAMESPACE_TAG!r}, reserved for namespace tags")
         checked.append(tag)
     return tuple(checked)
+
+
+def covered_since(recent: Sequence[tuple[int, str, list[str]]], epoch: int, storage_key: str,
+                  tags: Iterable[str]) -> bool:
+    """Whether an invalidation in ``recent`` (``(serial, kind, items)``, oldest first) made after ``epoch`` covers
+    the entry of ``storage_key`` with ``tags``; also when ``recent`` no longer reaches back that far."""
+    if not recent or recent[0][0] > epoch + 1:
+        return True
+    tags = tuple(tags)
+    for serial, kind, items in reversed(recent):
+        if serial <= epoch:
+            break
+        if kind == "c" or (kind == "k" and storage_key in items) or (kind == "t" and any(t in items for t in tags)):
+            return True
+    return False
