@@ -176,6 +176,8 @@ def test_the_calibrate_command_prints_replay_rates(tmp_path: Path, capsys: pytes
     (["--replay", "{replay}", "--plot", "x.png"], "--plot draws the labelled pairs' curve: give PAIRS too"),
     (["--replay", "{bad}"], "[1]: expected {\"origin\": str, \"similar\": str}"),
     (["--replay", "{missing}"], "No such file"),
+    (["{pairs}", "--plot", "{nowhere}"], "is in a directory that does not exist"),
+    (["{pairs}", "--plot", "{here}"], "is a directory"),
 ])
 def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    arguments: list[str], message: str) -> None:
@@ -183,7 +185,10 @@ def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytes
     replay.write_text(json.dumps([{"origin": "a", "similar": "b"}]))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"origin": "a", "similar": "b"}, {"origin": "a"}]))
-    paths = {"replay": str(replay), "bad": str(bad), "missing": str(tmp_path / "missing.json")}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"a": "x", "b": "y", "duplicate": True}) + "\n")
+    paths = {"replay": str(replay), "bad": str(bad), "missing": str(tmp_path / "missing.json"), "pairs": str(pairs),
+             "nowhere": str(tmp_path / "no" / "such" / "dir" / "curve.png"), "here": str(tmp_path)}
     assert cli.main(["calibrate", *[a.format(**paths) for a in arguments]]) == 2
     out = capsys.readouterr().out
     assert "cachelayers calibrate: error:" in out

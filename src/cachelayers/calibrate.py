@@ -361,6 +361,9 @@ def check_calibrate_arguments(args: argparse.Namespace) -> str | None:
         return "give labelled PAIRS, --replay REPLAY.json, or both"
     if args.plot is not None and args.pairs is None:
         return "--plot draws the labelled pairs' curve: give PAIRS too"
+    if args.plot is not None and (Path(args.plot).is_dir() or not Path(args.plot).resolve().parent.is_dir()):
+        where = "is a directory" if Path(args.plot).is_dir() else "is in a directory that does not exist"
+        return f"--plot {str(args.plot)!r} {where}: give the path of a PNG file to write"
     if not 0 < args.target_precision <= 1:
         return f"--target-precision must be in (0, 1], got {args.target_precision:g}"
     if args.margin is not None and not 0 <= args.margin <= 1:
@@ -432,6 +435,9 @@ def _print_pairs(pairs: list[Pair], model: Callable[[list[str]], Any], args: arg
             written = result.plot(args.plot, target_precision=args.target_precision, min_support=args.min_support)
         except MissingDependencyError as exc:
             print(f"cachelayers calibrate: error: {exc}")
+            return 2
+        except OSError as exc:
+            print(f"cachelayers calibrate: error: --plot {str(args.plot)!r}: cannot write it: {exc.strerror or exc}")
             return 2
         print(f"plot written to {written}")
     return 0 if chosen is not None else 1
