@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec
 from cachelayers.embedders import validate_embeddings
 from tests.conftest import FakeClock
+from tests.memcached_server import MemcachedServer
 
 K1 = os.urandom(32)
 K2 = os.urandom(32)
@@ -132,6 +134,25 @@ async def test_disk_tier_holds_no_plaintext_with_keys(tmp_path: Path, encrypted:
                                             **protection(encrypted)))
     await cache.aclose()
     raw = file_bytes(tmp_path)
+    assert (b"MARKER-ANSWER" in raw, b"MARKER-PROMPT" in raw) == (not encrypted, not encrypted)
+
+
+def memcached_bytes(server: MemcachedServer) -> bytes:
+    """Every key and stored byte of a memcached, listed with ``lru_crawler metadump`` and read with ``get``."""
+    dump = server.command("lru_crawler metadump all").decode()
+    keys = [unquote(part[4:]) for line in dump.splitlines() for part in line.split() if part.startswith("key=")]
+    assert keys, "the memcached holds no entry: the scan would prove nothing"
+    return b"\x00".join(key.encode() + b"\x00" + server.command(f"get {key}") for key in keys)
+
+
+@pytest.mark.memcached
+@ENCRYPTED
+async def test_memcached_tier_holds_no_plaintext_with_keys(memcached_server: MemcachedServer, memcached_url: str,
+                                                           encrypted: bool) -> None:
+    cache = await exact_round_trip(Settings(tiers={"memory": "memory://", "memcached": memcached_url},
+                                            **protection(encrypted)))
+    await cache.aclose()
+    raw = memcached_bytes(memcached_server)
     assert (b"MARKER-ANSWER" in raw, b"MARKER-PROMPT" in raw) == (not encrypted, not encrypted)
 
 
