@@ -42,7 +42,7 @@ import numpy as np
 from _util import make_parser, render_table, to_json
 from cachelayers import explain, semantic_cached
 from cachelayers.calibrate import Calibration, Pair, load_pairs
-from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.embedders import PairVerifier, embed, embedder_name, resolve_embedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -169,12 +169,17 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     vectors = await embed_all(model, texts, args.cache_dir)
     embedder = Precomputed(model, vectors)
     options: dict[str, Any] = {} if args.threshold is None else {"threshold": args.threshold}
+    if args.margin is not None:
+        options["margin"] = args.margin
+    if args.verifier is not None:
+        options["verifier"] = PairVerifier(args.verifier)
     rows = []
     for protocol in ("realistic", "pre-loaded"):
         for split in ("all", "tune", "held"):
             pairs = mock if split == "all" else [r for r in mock if half_of(r["origin"]) == split]
             rows.append({"protocol": protocol, "split": split, **await replay(embedder, pairs, protocol, options)})
     report: dict[str, Any] = {"embedder": embedder_name(model), "spec": spec, "replay": rows,
+                              "options": {k: v for k, v in options.items() if k != "threshold"},
                               "threshold": args.threshold if args.threshold is not None else
                               getattr(model, "default_threshold", None)}
     if qqp:
@@ -183,7 +188,8 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(r: dict[str, Any], target: float) -> None:
-    print(f"\n## {r['embedder']} (threshold {r['threshold']})\n")
+    extra = "".join(f", {k} {v}" for k, v in r["options"].items())
+    print(f"\n## {r['embedder']} (threshold {r['threshold']}{extra})\n")
     print("(a) GPTCache replay through @semantic_cached")
     print(render_table(["protocol", "pairs", "true hit", "false hit", "miss", "origins wrong", "semantic hit p50"],
                        [[row["protocol"] + ("" if row["split"] == "all" else f" ({row['split']} half)"),
@@ -214,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--embedders", nargs="+", default=["minilm", "default"])
     parser.add_argument("--threshold", type=float, default=None, help="override the embedder's default")
+    parser.add_argument("--margin", type=float, default=None, help="override the embedder's default margin")
+    parser.add_argument("--verifier", type=float, default=None, metavar="P",
+                        help="add a PairVerifier accepting at probability >= P")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N replay pairs")
     parser.add_argument("--qqp", action=argparse.BooleanOptionalAction, default=True, help="run (b) too")

@@ -166,7 +166,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
             its index (a partition per tenant stays bounded however many tenants come and go). All functions
             together are bounded by ``Settings.semantic_max_entries`` (500,000 by default, process-wide).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
-            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
+            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected. The
+            embedder's ``default_verifier`` (if any) when neither ``threshold`` nor ``verifier`` is given.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
         namespace: Group of entries; the function's identity by default.
         version: Bump it to stop serving entries stored by older code.
