@@ -40,7 +40,7 @@ import anyio
 import numpy as np
 
 from _util import make_parser, render_table, to_json
-from cachelayers import explain, semantic_cached
+from cachelayers import Candidate, explain, semantic_cached
 from cachelayers.calibrate import Calibration, Pair, load_pairs
 from cachelayers.embedders import PairVerifier, embed, embedder_name, resolve_embedder
 
@@ -152,6 +152,22 @@ def qqp_check(vectors: dict[str, np.ndarray], qqp: list[Pair], target: float, na
     return out
 
 
+async def verified_precision(vectors: dict[str, np.ndarray], qqp: list[Pair], threshold: float,
+                       verifier: Any) -> dict[str, tuple[float, float, int]]:
+    """Precision, recall and pairs accepted per half when a pair needs the threshold and ``verifier``'s yes."""
+    out: dict[str, tuple[float, float, int]] = {}
+    for half in ("tune", "held"):
+        rows = [p for p in qqp if half_of(p.a + "\x00" + p.b) == half]
+        accepted = hits = 0
+        for p in rows:
+            similarity = float(np.dot(vectors[p.a], vectors[p.b]))
+            if similarity >= threshold and await verifier(p.a, Candidate(p.b, None, similarity)):
+                accepted += 1
+                hits += p.duplicate
+        out[half] = (hits / max(accepted, 1), hits / max(sum(p.duplicate for p in rows), 1), accepted)
+    return out
+
+
 def point_at(calibration: Calibration, threshold: float) -> Any:
     return min(calibration.points, key=lambda p: abs(p.threshold - threshold))
 
@@ -184,6 +200,9 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                               getattr(model, "default_threshold", None)}
     if qqp:
         report["qqp"] = qqp_check(vectors, qqp, args.target_precision, embedder_name(model))
+        verifier = options.get("verifier", getattr(model, "default_verifier", None) if not options else None)
+        if verifier is not None and report["threshold"] is not None:
+            report["qqp"]["verified"] = await verified_precision(vectors, qqp, report["threshold"], verifier)
     return report
 
 
@@ -208,6 +227,9 @@ def print_report(r: dict[str, Any], target: float) -> None:
         print(f"threshold for precision >= {target:g} on the tune half: {chosen.threshold:.2f} "
               f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f}); on the held half: precision "
               f"{held.precision if held.precision is not None else float('nan'):.3f}, recall {held.recall:.3f}")
+    for half, (precision, recall, accepted) in qqp.get("verified", {}).items():
+        print(f"at the operating threshold {r['threshold']:.2f} with the verifier, {half} half: precision "
+              f"{precision:.3f}, recall {recall:.3f} ({accepted} pairs accepted)")
     if r["threshold"] is not None:
         for half in ("tune", "held"):
             p = point_at(qqp[half], r["threshold"])

@@ -19,7 +19,7 @@ import numpy as np
 
 from _util import make_parser
 from cachelayers.calibrate import load_pairs
-from cachelayers.embedders import PAIR_FEATURES, pair_features, resolve_embedder
+from cachelayers.embedders import PAIR_FEATURES, PairVerifier, pair_features, resolve_embedder
 from eval_semantic import DATA, embed_all, half_of
 
 
@@ -64,6 +64,19 @@ async def run(args: argparse.Namespace) -> int:
             at = [recall[np.nonzero(prec >= t)[0][-1]] if (prec >= t).any() else 0.0 for t in (0.85, 0.9, 0.95)]
             print(f"{half} half ({len(y)} pairs), {name}: recall at precision 0.85/0.90/0.95 = "
                   + " / ".join(f"{r:.3f}" for r in at))
+    verifier = PairVerifier(args.min_probability)
+    for half in ("tune", "held"):
+        rows = [p for p in pairs if half_of(p.a + "\x00" + p.b) == half]
+        sims = [float(np.dot(vectors[p.a], vectors[p.b])) for p in rows]
+        y = np.array([p.duplicate for p in rows])
+        for name, accepted in (
+                (f"cosine >= {args.threshold:g}", np.array([s >= args.threshold for s in sims])),
+                (f"cosine >= {args.threshold:g} and shipped PairVerifier({args.min_probability:g})",
+                 np.array([s >= args.threshold and verifier.probability(p.a, p.b, s) >= args.min_probability
+                           for p, s in zip(rows, sims, strict=True)]))):
+            hits = int((accepted & y).sum())
+            print(f"{half} half, {name}: precision {hits / max(accepted.sum(), 1):.3f}, recall {hits / y.sum():.3f} "
+                  f"({int(accepted.sum())} pairs accepted)")
     return 0
 
 
@@ -73,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--qqp-limit", type=int, default=4000)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--threshold", type=float, default=0.85, help="report precision at this threshold...")
+    parser.add_argument("--min-probability", type=float, default=0.7, help="...with the shipped verifier at this")
     return anyio.run(run, parser.parse_args(argv))
 
 
