@@ -70,8 +70,23 @@ class Precomputed:
         return np.stack([self.vectors[t] for t in texts])
 
 
+class Concatenated:
+    """Several embedders as one: their unit vectors side by side, so a similarity is the mean of theirs."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.name = "+".join(embedder_name(p) for p in parts)
+        self.blocking = False
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        return np.hstack([await embed(p, texts) for p in self.parts])
+
+
 async def embed_all(embedder: Any, texts: list[str], cache_dir: Path | None) -> dict[str, np.ndarray]:
     """Vectors of ``texts``; with ``cache_dir``, kept per embedder in an ``.npz`` that grows with new texts."""
+    if isinstance(embedder, Concatenated):
+        parts = [await embed_all(p, texts, cache_dir) for p in embedder.parts]
+        return {t: np.hstack([part[t] for part in parts]) / np.sqrt(len(parts)) for t in texts}
     name = embedder_name(embedder)
     known: dict[str, np.ndarray] = {}
     path = cache_dir / (hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + ".npz") if cache_dir else None
@@ -173,7 +188,8 @@ def point_at(calibration: Calibration, threshold: float) -> Any:
 
 
 async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
-    model = resolve_embedder(spec)
+    model: Any = Concatenated([resolve_embedder(part) for part in spec.split("+")]) if "+" in spec else \
+        resolve_embedder(spec)
     mock = json.loads((args.data / "gptcache-mock-pairs.json").read_text(encoding="utf-8"))
     if args.limit:
         mock = mock[:args.limit]
