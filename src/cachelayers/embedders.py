@@ -1,12 +1,14 @@
 """Embedders: what turns the semantic text of a call into a vector.
 
 An embedder is any callable, sync or async, from a list of strings to an ``(n, d)`` array of floats. It may
-carry four optional attributes the semantic cache reads:
+carry optional attributes the semantic cache reads:
 
 * ``name`` — a stable identity, used in the keys of cached embeddings (so two models never share them);
 * ``ndim`` — the dimension it produces, checked on every call;
 * ``default_threshold`` — the similarity threshold calibrated for it (used when the decorator gives none);
 * ``blocking`` — ``True`` when a sync call is slow (a neural model): it then runs in a worker thread.
+* ``default_margin`` and ``default_verifier`` — the ambiguity margin and the verifier measured with
+  ``default_threshold`` (used with it only; see `PairVerifier`).
 
 Adapters here wrap a sentence-transformers model (`SentenceTransformerEmbedder`, extra
 ``sentence-transformers``), a model2vec static model (`Model2VecEmbedder`, extra ``model2vec``) and any
