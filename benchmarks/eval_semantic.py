@@ -211,7 +211,7 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
             pairs = mock if split == "all" else [r for r in mock if half_of(r["origin"]) == split]
             rows.append({"protocol": protocol, "split": split, **await replay(embedder, pairs, protocol, options)})
     report: dict[str, Any] = {"embedder": embedder_name(model), "spec": spec, "replay": rows,
-                              "options": {k: v for k, v in options.items() if k != "threshold"},
+                              "options": {k: str(v) for k, v in options.items() if k != "threshold"},
                               "threshold": args.threshold if args.threshold is not None else
                               getattr(model, "default_threshold", None)}
     if qqp:
