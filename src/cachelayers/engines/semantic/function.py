@@ -98,6 +98,8 @@ class SemanticFunction(Generic[P, T]):
         self.max_total_entries = positive_int(options.get("max_total_entries", DEFAULT_MAX_TOTAL_ENTRIES),
                                               "max_total_entries")
         verifier = options.get("verifier")
+        if verifier is None and threshold_given is None:  # a measured default comes with its threshold
+            verifier = getattr(self._embedder, "default_verifier", None)
         if verifier is not None and not callable(verifier):
             raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
         self._verifier = verifier
