@@ -476,7 +476,7 @@ class FunctionCache(Generic[P, T]):
 
     async def _answer(self, local_key: Hashable, args: Any, kwargs: Any, mode: Mode | None) -> T:
         """Answer a call as ``mode`` asks (``None``: as usual), reporting how to `report`."""
-        trace = Trace(self.identity, self._keys.storage_digest(local_key), mode)
+        trace = Trace(self.identity, self._keys.storage_digest(local_key), mode, self._keys.namespace)
         if mode == "bypass":
             self.bypassed += 1
             trace.computing()
