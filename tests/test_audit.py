@@ -298,3 +298,23 @@ async def test_a_tampered_semantic_row_is_an_integrity_record(tmp_path: Any, cap
     assert [(r["source"], r["count"]) for r in records] == [("semantic", 1)]
     assert QUESTION not in repr(records)
     assert PAYLOAD not in repr(records)
+
+
+async def test_sampling_and_an_explain_block_together_report_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    draws = iter([0.0, 0.99])  # rate 0.5: the first call is sampled, the second is not
+    audit.set_random(lambda: next(draws))
+    try:
+        cachelayers.configure(audit_sample_rate=0.5)
+
+        @cachelayers.multilevel_cached(namespace="audit.explained", ttl=60)
+        async def exact(argument: str) -> str:
+            return PAYLOAD
+
+        with cachelayers.explain() as info:
+            await exact(ARGUMENT)
+            await exact(ARGUMENT)
+    finally:
+        audit.set_random(None)
+    assert [(lookup.level, lookup.tier) for lookup in info] == [("computed", None), ("exact", "memory")]
+    assert [r["level"] for r in _records(caplog, "access")] == ["computed"]

@@ -30,7 +30,7 @@ from cachelayers.errors import redact_urls
 
 __all__ = ["EVENTS", "SAMPLING", "access", "actor", "clear", "configuration", "counts", "current_actor",
            "integrity_failure", "invalidation", "logger", "on_sampling", "record", "reset_actor", "sample_rate",
-           "set_actor", "set_random", "set_sample_rate"]
+           "sampled", "set_actor", "set_random", "set_sample_rate"]
 
 logger: Final = logging.getLogger("cachelayers.audit")
 """The audit logger: attach a handler (a file, syslog, an OpenTelemetry ``LoggingHandler``) to keep records.
@@ -202,9 +202,15 @@ def set_random(source: Callable[[], float] | None) -> None:
     _random[0] = source if source is not None else random.random
 
 
+def sampled() -> bool:
+    """Draw whether this access is in the sample (always ``False`` when sampling is off)."""
+    rate = SAMPLING[0]
+    return rate > 0 and (rate >= 1 or _random[0]() < rate)
+
+
 def access(namespace: str, level: str, decorator: str, *, partition: str | None = None,
            function: str | None = None, tier: str | None = None) -> None:
-    """Record one cache access if it falls in the sample (nothing when sampling is off).
+    """Record one sampled cache access (the caller drew it with `sampled`).
 
     Args:
         namespace: The function's namespace (the tenant boundary of the exact cache).
@@ -215,8 +221,5 @@ def access(namespace: str, level: str, decorator: str, *, partition: str | None 
         function: The function's identity.
         tier: The tier that answered, when one did.
     """
-    rate = SAMPLING[0]
-    if rate <= 0 or (rate < 1 and _random[0]() >= rate):
-        return
     record("access", f"{decorator} {namespace!r}: {level}", namespace=namespace, partition=partition,
            level=level, decorator=decorator, function=function, tier=tier)

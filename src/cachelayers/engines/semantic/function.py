@@ -249,7 +249,7 @@ class SemanticFunction(Generic[P, T]):
     def _record(self, lookup: Lookup) -> None:
         """Report ``lookup`` (`record`) and, when access sampling is on, make its sampled audit record."""
         record(lookup)
-        if audit.SAMPLING[0]:
+        if audit.SAMPLING[0] and audit.sampled():
             audit.access(self._keys.namespace, lookup.level, "semantic_cached", partition=lookup.partition or None,
                          function=self.identity)
 

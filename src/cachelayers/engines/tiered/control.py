@@ -18,8 +18,8 @@ from typing import Final, Literal
 
 from cachelayers import audit
 
-__all__ = ["WATCHING", "Mode", "Trace", "bypass", "current_mode", "on_switch", "refresh", "report", "set_reporter",
-           "switch_now", "unwatch", "watch"]
+__all__ = ["WATCHING", "Mode", "Trace", "bypass", "current_mode", "on_switch", "only_sampling", "refresh", "report",
+           "set_reporter", "switch_now", "unwatch", "watch"]
 
 Mode = Literal["bypass", "refresh"]
 
@@ -128,6 +128,12 @@ def report(function: str, level: str, tier: str | None, partition: str, reason: 
         reporter(function, level, tier, partition, reason)
 
 
+def only_sampling() -> bool:
+    """Whether access sampling is the one reason calls are watched (no block open anywhere): then a call
+    not drawn for a record can skip reporting altogether."""
+    return WATCHING[0] == 1 and audit.SAMPLING[0] > 0
+
+
 def _sampling(on: bool) -> None:
     (watch if on else unwatch)()
 
@@ -142,17 +148,18 @@ class Trace:
     __slots__ = ("digest", "identity", "mode", "namespace")
 
     def __init__(self, identity: str, digest: str, mode: Mode | None, namespace: str | None = None) -> None:
+        """``namespace``: the function's, when the call was drawn for an access record (`audit.sampled`)."""
         self.identity, self.digest, self.mode, self.namespace = identity, digest, mode, namespace
 
     def hit(self, tier: str) -> None:
         """A tier answered."""
         report(self.identity, "exact", tier, self.digest)
-        if audit.SAMPLING[0] and self.namespace is not None:
+        if self.namespace is not None:
             audit.access(self.namespace, tier, "multilevel_cached", function=self.identity, tier=tier)
 
     def computing(self) -> None:
         """The function runs now (before it does, so that lookups of calls it makes come after this one)."""
         level = "uncached" if self.mode == "bypass" else "computed"
         report(self.identity, level, None, self.digest, self.mode)
-        if audit.SAMPLING[0] and self.namespace is not None:
+        if self.namespace is not None:
             audit.access(self.namespace, level, "multilevel_cached", function=self.identity)
