@@ -159,3 +159,162 @@ async def test_nothing_is_built_when_the_logger_is_off(monkeypatch: pytest.Monke
         await cache.aclose()
     assert calls == []
 
+
+
+# -- sampled access records ---------------------------------------------------------------------------------
+
+ARGUMENT = "argument-value-4242"
+PAYLOAD = "payload-answer-9191"
+QUESTION = "what is the private question of tenant acme"
+
+
+def _access_texts(caplog: pytest.LogCaptureFixture) -> str:
+    """Everything the access records hold, fields and message."""
+    return " ".join(repr(getattr(r, "audit", None)) + r.getMessage() for r in caplog.records
+                    if r.name == "cachelayers.audit" and getattr(r, "audit", {}).get("event") == "access")
+
+
+async def test_rate_one_records_every_access_with_its_fields_and_no_payload(caplog: pytest.LogCaptureFixture) -> None:
+    from cachelayers.engines.tiered.control import WATCHING
+
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    cachelayers.configure(audit_sample_rate=1.0)
+    assert WATCHING[0] >= 1  # callers moved to the watched path while sampling is on
+
+    @cachelayers.multilevel_cached(namespace="audit.exact", ttl=60)
+    async def exact(argument: str) -> str:
+        return PAYLOAD + argument
+
+    @cachelayers.semantic_cached(threshold=0.8, name="audit.semantic", partition=lambda question, tenant: tenant)
+    async def ask(question: str, tenant: str) -> str:
+        return PAYLOAD
+
+    with audit.actor("carol"):
+        assert await exact(ARGUMENT) == PAYLOAD + ARGUMENT
+        assert await exact(ARGUMENT) == PAYLOAD + ARGUMENT
+        assert await ask(QUESTION, "acme") == PAYLOAD
+        assert await ask(QUESTION, "acme") == PAYLOAD
+    await ask.aclose()
+    records = _records(caplog, "access")
+    assert [(r["decorator"], r["level"]) for r in records] == [
+        ("multilevel_cached", "computed"), ("multilevel_cached", "memory"),
+        ("semantic_cached", "computed"), ("semantic_cached", "exact")]
+    for r in records:
+        assert set(r) == {"event", "actor", "namespace", "partition", "level", "decorator", "function", "tier"}
+        assert r["actor"] == "carol"
+    assert [r["namespace"] for r in records[:2]] == ["audit.exact"] * 2
+    assert records[0]["partition"] is None
+    assert records[1]["tier"] == "memory"
+    partitions = {r["partition"] for r in records[2:]}
+    assert len(partitions) == 1
+    assert all(isinstance(p, str) and len(p) >= 16 for p in partitions)
+    texts = _access_texts(caplog)
+    for secret in (ARGUMENT, PAYLOAD, QUESTION, "acme"):
+        assert secret not in texts
+    assert audit.counts().get("access", 0) >= 4
+
+
+async def test_rate_zero_records_nothing_and_leaves_the_hit_path_compiled(caplog: pytest.LogCaptureFixture,
+                                                                         ) -> None:
+    from cachelayers.engines.tiered.control import WATCHING
+
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    cachelayers.configure(audit_sample_rate=0.5)
+    cachelayers.configure(audit_sample_rate=0)
+    assert WATCHING[0] == 0
+
+    @cachelayers.multilevel_cached(namespace="audit.off", ttl=60)
+    async def exact(argument: str) -> str:
+        return PAYLOAD
+
+    @cachelayers.semantic_cached(threshold=0.8, name="audit.off.semantic")
+    async def ask(question: str) -> str:
+        return PAYLOAD
+
+    for _ in range(3):
+        await exact(ARGUMENT)
+        await ask(QUESTION)
+    await ask.aclose()
+    assert _records(caplog, "access") == []
+
+
+async def test_a_rate_in_between_records_the_sampled_accesses(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    draws = iter([0.1, 0.9, 0.29, 0.3, 0.7, 0.0])  # under 0.3: the 1st, 3rd and 6th accesses are sampled
+    audit.set_random(lambda: next(draws))
+    try:
+        cachelayers.configure(audit_sample_rate=0.3)
+
+        @cachelayers.multilevel_cached(namespace="audit.sampled", ttl=60)
+        async def exact(argument: int) -> int:
+            return argument
+
+        for i in range(6):
+            await exact(i % 2)  # computed, computed, then memory hits
+    finally:
+        audit.set_random(None)
+    assert [r["level"] for r in _records(caplog, "access")] == ["computed", "memory", "memory"]
+
+
+def test_a_bad_sample_rate_is_a_config_error_naming_the_field() -> None:
+    for bad in (1.5, -0.1, "often", True, float("nan"), None):
+        with pytest.raises(cachelayers.ConfigError) as info:
+            Settings(audit_sample_rate=bad)
+        assert info.value.field == "audit_sample_rate"
+    with pytest.raises(cachelayers.ConfigError) as info:
+        Settings.from_env({"CACHELAYERS_AUDIT_SAMPLE_RATE": "2"})
+    assert info.value.field == "CACHELAYERS_AUDIT_SAMPLE_RATE"
+    assert Settings.from_env({"CACHELAYERS_AUDIT_SAMPLE_RATE": "0.25"}).audit_sample_rate == 0.25
+    assert Settings().audit_sample_rate == 0.0
+
+
+async def test_a_tampered_semantic_row_is_an_integrity_record(tmp_path: Any, caplog: pytest.LogCaptureFixture,
+                                                               ) -> None:
+    import sqlite3
+
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+
+    def make() -> Any:
+        cachelayers.configure(secret=SECRET, vector_index=f"usearch://{tmp_path}")
+
+        @cachelayers.semantic_cached(threshold=0.8, name="audit.tamper")
+        async def ask(question: str) -> str:
+            return PAYLOAD
+
+        return ask
+
+    ask = make()
+    await ask(QUESTION)
+    await ask.aclose()
+    db = sqlite3.connect(next(tmp_path.glob("*.sqlite")))
+    db.execute("UPDATE entries SET expires_at = 4102444800")
+    db.commit()
+    db.close()
+    again = make()
+    await again(QUESTION)
+    await again.aclose()
+    assert again.cache_info().corrupt == 1
+    records = _records(caplog, "integrity")
+    assert [(r["source"], r["count"]) for r in records] == [("semantic", 1)]
+    assert QUESTION not in repr(records)
+    assert PAYLOAD not in repr(records)
+
+
+async def test_sampling_and_an_explain_block_together_report_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    draws = iter([0.0, 0.99])  # rate 0.5: the first call is sampled, the second is not
+    audit.set_random(lambda: next(draws))
+    try:
+        cachelayers.configure(audit_sample_rate=0.5)
+
+        @cachelayers.multilevel_cached(namespace="audit.explained", ttl=60)
+        async def exact(argument: str) -> str:
+            return PAYLOAD
+
+        with cachelayers.explain() as info:
+            await exact(ARGUMENT)
+            await exact(ARGUMENT)
+    finally:
+        audit.set_random(None)
+    assert [(lookup.level, lookup.tier) for lookup in info] == [("computed", None), ("exact", "memory")]
+    assert [r["level"] for r in _records(caplog, "access")] == ["computed"]

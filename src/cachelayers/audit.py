@@ -9,6 +9,10 @@ it. The actor is taken from a context variable the application sets::
 
 Records are built only when the logger is enabled for their level, and counted by event in `counts` (exported
 as ``cachelayers_audit_events`` by `cachelayers.exporters`).
+
+With ``Settings.audit_sample_rate`` above 0, a sample of cache accesses is recorded too (`access`): the engines
+then answer calls through their watched path (see `cachelayers.engines.tiered.control`), which is what makes
+sampling free when it is off.
 """
 
 from __future__ import annotations
@@ -16,28 +20,36 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import random
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from cachelayers.errors import redact_urls
 
-__all__ = ["EVENTS", "actor", "clear", "configuration", "counts", "current_actor", "integrity_failure",
-           "invalidation", "logger", "record", "reset_actor", "set_actor"]
+__all__ = ["EVENTS", "SAMPLING", "access", "actor", "clear", "configuration", "counts", "current_actor",
+           "integrity_failure", "invalidation", "logger", "on_sampling", "record", "reset_actor", "sample_rate",
+           "sampled", "set_actor", "set_random", "set_sample_rate"]
 
 logger: Final = logging.getLogger("cachelayers.audit")
 """The audit logger: attach a handler (a file, syslog, an OpenTelemetry ``LoggingHandler``) to keep records.
 It has a `logging.NullHandler`, so that without any handler configured records are not printed to stderr."""
 logger.addHandler(logging.NullHandler())
 
-EVENTS: Final = ("invalidate", "clear", "integrity", "config")
+EVENTS: Final = ("invalidate", "clear", "integrity", "config", "access")
 """The values of the ``event`` field."""
 
 _SECRET_FIELDS: Final = frozenset({"secret", "encryption_keys"})
 _actor: contextvars.ContextVar[str | None] = contextvars.ContextVar("cachelayers_audit_actor", default=None)
 _counts: Counter[str] = Counter()
 _counts_lock: Final = threading.Lock()
+
+SAMPLING: Final[list[float]] = [0.0]
+"""The access sample rate in force (a one-item list, read by the engines' watched paths): 0 when off."""
+_random: list[Callable[[], float]] = [random.random]
+_sampling_lock: Final = threading.Lock()
+_sampling_listeners: list[Callable[[bool], None]] = []
 
 
 def set_actor(name: str | None) -> contextvars.Token[str | None]:
@@ -145,3 +157,69 @@ def configuration(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None
         else:
             changes[name] = redact_urls(repr(value))
     record("config", f"settings changed: {', '.join(sorted(changes)) or 'nothing'}", changes=changes)
+
+
+def sample_rate() -> float:
+    """The share of cache accesses recorded (0: none; see `set_sample_rate`)."""
+    return SAMPLING[0]
+
+
+def set_sample_rate(rate: float) -> None:
+    """Record ``rate`` of cache accesses from now on (``Settings.audit_sample_rate`` sets it on `configure`).
+
+    When sampling turns on or off, the `on_sampling` listeners are told (the exact cache then switches its
+    callers to, or back from, its watched path).
+
+    Args:
+        rate: A share in [0, 1].
+
+    Raises:
+        ValueError: ``rate`` is outside [0, 1].
+    """
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"audit sample rate must be in [0, 1], got {rate!r}")
+    with _sampling_lock:
+        was = SAMPLING[0] > 0
+        SAMPLING[0] = rate
+        if was != (rate > 0):
+            for listener in list(_sampling_listeners):
+                listener(rate > 0)
+
+
+def on_sampling(listener: Callable[[bool], None]) -> None:
+    """Call ``listener(True)`` when access sampling turns on, ``listener(False)`` when it turns off (and
+    ``listener(True)`` at once if it is on now)."""
+    with _sampling_lock:
+        _sampling_listeners.append(listener)
+        if SAMPLING[0] > 0:
+            listener(True)
+
+
+def set_random(source: Callable[[], float] | None) -> None:
+    """Draw the sampling decisions from ``source`` (a ``random.Random(seed).random``, for tests); ``None``
+    restores `random.random`."""
+    _random[0] = source if source is not None else random.random
+
+
+def sampled() -> bool:
+    """Draw whether this access is in the sample (always ``False`` when sampling is off)."""
+    rate = SAMPLING[0]
+    return rate > 0 and (rate >= 1 or _random[0]() < rate)
+
+
+def access(namespace: str, level: str, decorator: str, *, partition: str | None = None,
+           function: str | None = None, tier: str | None = None) -> None:
+    """Record one sampled cache access (the caller drew it with `sampled`).
+
+    Args:
+        namespace: The function's namespace (the tenant boundary of the exact cache).
+        level: How the call was answered: a tier name (``"memory"``, ``"redis"``...), ``"stale"``,
+            ``"in-flight"``, ``"exact"``, ``"semantic"``, ``"computed"`` or ``"uncached"``.
+        decorator: ``"multilevel_cached"`` or ``"semantic_cached"``.
+        partition: For a semantic call, the hex digest of its partition; never a value or an argument.
+        function: The function's identity.
+        tier: The tier that answered, when one did.
+    """
+    record("access", f"{decorator} {namespace!r}: {level}", namespace=namespace, partition=partition,
+           level=level, decorator=decorator, function=function, tier=tier)

@@ -142,6 +142,9 @@ class Settings:
         channel_clear_interval: Clears announced by other processes empty this process's memory tier at most
             once per interval (seconds or ``"500ms"``; ``0`` applies each at once): a flood of clears is
             coalesced.
+        audit_sample_rate: Share of cache accesses recorded on the ``cachelayers.audit`` logger (namespace,
+            partition digest, level, decorator, actor; never a value): a float in [0, 1], 0 (off) by default.
+            Process-wide, taken from the settings in force (`configure`).
     """
 
     tiers: Any = DEFAULT_TIERS
@@ -160,6 +163,7 @@ class Settings:
     invalidation_limit: str | None = None
     invalidation_limit_wait: bool = False
     channel_clear_interval: Any = 1.0
+    audit_sample_rate: Any = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -213,6 +217,16 @@ class Settings:
         set_(self, "invalidation_limit_wait", flag(self.invalidation_limit_wait, "invalidation_limit_wait"))
         set_(self, "channel_clear_interval", parse_duration(self.channel_clear_interval, "channel_clear_interval",
                                                             allow_zero=True))
+        rate = self.audit_sample_rate
+        try:
+            if isinstance(rate, bool):
+                raise ValueError
+            rate = float(rate.strip() if isinstance(rate, str) else rate)
+        except (TypeError, ValueError):
+            raise ConfigError("audit_sample_rate", rate, "expected a number between 0 and 1") from None
+        if not 0.0 <= rate <= 1.0:  # NaN fails this too
+            raise ConfigError("audit_sample_rate", rate, "expected a number between 0 and 1")
+        set_(self, "audit_sample_rate", rate)
 
     @property
     def tier_urls(self) -> dict[str, str]:
@@ -369,6 +383,7 @@ def configure(settings: Settings | Mapping[str, Any] | None = None, /, **changes
     with _lock:
         old, _current = _current, new
     tracker.changed()
+    audit.set_sample_rate(new.audit_sample_rate)
     audit.configuration(None if old is None else _audit_view(old), _audit_view(new))
     return new
 
@@ -386,6 +401,7 @@ def get_settings() -> Settings:
             if _current is None:
                 _current = Settings.from_env()
                 tracker.generation += 1
+                audit.set_sample_rate(_current.audit_sample_rate)
             current = _current
     return current
 
@@ -396,3 +412,4 @@ def reset_settings() -> None:
     with _lock:
         _current = None
     tracker.changed()
+    audit.set_sample_rate(0.0)

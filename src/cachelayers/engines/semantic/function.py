@@ -17,6 +17,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, Unpack, cast
 import anyio
 import numpy as np
 
+from cachelayers import audit
 from cachelayers.backends.vectors import GONE, parse_vector_index
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
@@ -247,6 +248,13 @@ class SemanticFunction(Generic[P, T]):
         functools.update_wrapper(wrapper, self._fn)
         return wrapper
 
+    def _record(self, lookup: Lookup) -> None:
+        """Report ``lookup`` (`record`) and, when access sampling is on, make its sampled audit record."""
+        record(lookup)
+        if audit.SAMPLING[0] and audit.sampled():
+            audit.access(self._keys.namespace, lookup.level, "semantic_cached", partition=lookup.partition or None,
+                         function=self.identity)
+
     def _failed(self, what: str, exc: BaseException) -> None:
         self.log.failure(what, exc)
         if get_settings().strict:
@@ -255,7 +263,7 @@ class SemanticFunction(Generic[P, T]):
     async def _uncached(self, args: tuple[Any, ...], kwargs: dict[str, Any], text: str | None, partition: bytes,
                         reason: str) -> T:
         self.stats.uncached += 1
-        record(Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, reason))
+        self._record(Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, reason))
         return await self._fn(*args, **kwargs)
 
     async def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
@@ -272,7 +280,7 @@ class SemanticFunction(Generic[P, T]):
         except Exception as exc:  # a failing partition= or text= function must not fail the call
             self.stats.uncached += 1
             self._failed(f"partition/text functions of {self.identity}", exc)
-            record(Lookup(self.identity, "uncached", None, None, None, "", 0, f"{type(exc).__name__}: {exc}"))
+            self._record(Lookup(self.identity, "uncached", None, None, None, "", 0, f"{type(exc).__name__}: {exc}"))
             return await self._fn(*args, **kwargs)
         if not text.strip():
             return await self._uncached(args, kwargs, text, partition, "empty text")
@@ -291,7 +299,7 @@ class SemanticFunction(Generic[P, T]):
             await flight.wait()
             if flight.done and flight.error is None:
                 self.stats.exact_hits += 1
-                record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
+                self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
                 return cast(T, flight.value)
             flight = self._inflight.get(flight_key)
         entry = store.find_exact(partition, text)
@@ -301,7 +309,7 @@ class SemanticFunction(Generic[P, T]):
                 store.touch(entry)
                 self.stats.exact_hits += 1
                 self.stats.cached_latency.add(time.perf_counter() - started)
-                record(Lookup(self.identity, "exact", 1.0, entry.text, text, partition.hex()))
+                self._record(Lookup(self.identity, "exact", 1.0, entry.text, text, partition.hex()))
                 return cast(T, value)
         flight = self._inflight[flight_key] = Flight()
         try:
@@ -368,7 +376,7 @@ class SemanticFunction(Generic[P, T]):
             store.touch(entry)
             self.stats.semantic_hits += 1
             self.stats.cached_latency.add(time.perf_counter() - started)
-            record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected))
+            self._record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected))
             return cast(T, value)
         self.stats.misses += 1
         began = time.perf_counter()
@@ -381,7 +389,7 @@ class SemanticFunction(Generic[P, T]):
         except (SerializationError, BackendError, OSError, RuntimeError, ValueError) as exc:
             self.stats.index_errors += 1
             self._failed(f"semantic store of {self.identity}", exc)
-        record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
+        self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
         return result
 
     async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:

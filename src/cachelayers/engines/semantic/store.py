@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from cachelayers import audit
 from cachelayers.backends import registry
 from cachelayers.backends.vectors import (
     GONE,
@@ -367,6 +368,8 @@ class SemanticStore:
         """Count stored entries that failed their integrity check (the persistence dropped them); log once."""
         self.stats.corrupt += count
         self.log.failure(what, exc)
+        # The reason names the error's type only: its message may quote what was read.
+        audit.integrity_failure("semantic", what, reason=f"entries dropped ({type(exc).__name__})", count=count)
 
     def forget_all(self) -> None:
         """Forget every entry locally."""

@@ -4,7 +4,8 @@
 process. When it leaves or returns to zero, the callbacks given to `on_switch` are told, and each cached
 function's callers switch between its compiled hit path, which checks nothing, and the path's *watched*
 twin, which reads the context (a context variable read costs more than a whole memory hit, so the hit path
-never does it).
+never does it). While access sampling is on (``Settings.audit_sample_rate`` > 0) the switch counts as one
+more open block, so the sampled records cost nothing when it is off.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Final, Literal
 
-__all__ = ["WATCHING", "Mode", "Trace", "bypass", "current_mode", "on_switch", "refresh", "report", "set_reporter",
-           "switch_now", "unwatch", "watch"]
+from cachelayers import audit
+
+__all__ = ["WATCHING", "Mode", "Trace", "bypass", "current_mode", "on_switch", "only_sampling", "refresh", "report",
+           "set_reporter", "switch_now", "unwatch", "watch"]
 
 Mode = Literal["bypass", "refresh"]
 
@@ -125,18 +128,38 @@ def report(function: str, level: str, tier: str | None, partition: str, reason: 
         reporter(function, level, tier, partition, reason)
 
 
+def only_sampling() -> bool:
+    """Whether access sampling is the one reason calls are watched (no block open anywhere): then a call
+    not drawn for a record can skip reporting altogether."""
+    return WATCHING[0] == 1 and audit.SAMPLING[0] > 0
+
+
+def _sampling(on: bool) -> None:
+    (watch if on else unwatch)()
+
+
+audit.on_sampling(_sampling)
+
+
 class Trace:
-    """Reports how one call under a control block was answered (see `report`), as soon as that is known."""
+    """Reports how one call under a control block was answered (see `report`), as soon as that is known, and
+    makes its sampled access record (`audit.access`) when sampling is on."""
 
-    __slots__ = ("digest", "identity", "mode")
+    __slots__ = ("digest", "identity", "mode", "namespace")
 
-    def __init__(self, identity: str, digest: str, mode: Mode | None) -> None:
-        self.identity, self.digest, self.mode = identity, digest, mode
+    def __init__(self, identity: str, digest: str, mode: Mode | None, namespace: str | None = None) -> None:
+        """``namespace``: the function's, when the call was drawn for an access record (`audit.sampled`)."""
+        self.identity, self.digest, self.mode, self.namespace = identity, digest, mode, namespace
 
     def hit(self, tier: str) -> None:
         """A tier answered."""
         report(self.identity, "exact", tier, self.digest)
+        if self.namespace is not None:
+            audit.access(self.namespace, tier, "multilevel_cached", function=self.identity, tier=tier)
 
     def computing(self) -> None:
         """The function runs now (before it does, so that lookups of calls it makes come after this one)."""
-        report(self.identity, "uncached" if self.mode == "bypass" else "computed", None, self.digest, self.mode)
+        level = "uncached" if self.mode == "bypass" else "computed"
+        report(self.identity, level, None, self.digest, self.mode)
+        if self.namespace is not None:
+            audit.access(self.namespace, level, "multilevel_cached", function=self.identity)

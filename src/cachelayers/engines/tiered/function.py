@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, cast
 
+from cachelayers import audit
 from cachelayers.backends.base import MISSING
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec, allowed_types
@@ -23,7 +24,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.sync import is_async, run, to_async
 from cachelayers.engines.tiered.cache import TieredCache, default_cache
-from cachelayers.engines.tiered.control import Mode, Trace, current_mode, on_switch, switch_now
+from cachelayers.engines.tiered.control import Mode, Trace, current_mode, on_switch, only_sampling, switch_now
 from cachelayers.engines.tiered.hitpath import compile_hit_path
 from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
 from cachelayers.engines.tiered.options import CacheOptions, lease, ttl_options
@@ -472,11 +473,21 @@ class FunctionCache(Generic[P, T]):
 
     async def _controlled(self, local_key: Hashable, args: Any, kwargs: Any) -> T:
         """Answer a call while a bypass, refresh or explain block is open somewhere in the process."""
-        return await self._answer(local_key, args, kwargs, current_mode())
+        mode = current_mode()
+        if mode is None and only_sampling():  # watched for access sampling only: draw first
+            if not audit.sampled():
+                return await self._miss(local_key, args, kwargs, False)
+            return await self._answer(local_key, args, kwargs, None, True)
+        return await self._answer(local_key, args, kwargs, mode)
 
-    async def _answer(self, local_key: Hashable, args: Any, kwargs: Any, mode: Mode | None) -> T:
-        """Answer a call as ``mode`` asks (``None``: as usual), reporting how to `report`."""
-        trace = Trace(self.identity, self._keys.storage_digest(local_key), mode)
+    async def _answer(self, local_key: Hashable, args: Any, kwargs: Any, mode: Mode | None,
+                      sampled: bool | None = None) -> T:
+        """Answer a call as ``mode`` asks (``None``: as usual), reporting how to `report` (and to the audit log
+        when ``sampled``; ``None``: draw it)."""
+        if sampled is None:
+            sampled = audit.sampled()
+        trace = Trace(self.identity, self._keys.storage_digest(local_key), mode,
+                      self._keys.namespace if sampled else None)
         if mode == "bypass":
             self.bypassed += 1
             trace.computing()
