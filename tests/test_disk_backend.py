@@ -189,8 +189,9 @@ async def test_a_thousand_concurrent_callers_through_the_decorator_time_out_on_n
 
 async def test_a_thousand_concurrent_backend_callers_time_out_on_nothing(tmp_path: Path) -> None:
     """1,000 callers at once on the backend, each doing 5 operations (70 % ``get_many``, 30 % ``set_many``, of
-    1-3 keys), each bounded by 1 s as the engine bounds a tier call: none times out or fails, and every entry
-    whose ``set_many`` returned is stored. (Before, most of the 5,000 operations timed out.)"""
+    1-3 keys), each bounded as the engine bounds a tier call (``within``, at the default 250 ms): none times out
+    or fails, and every entry whose ``set_many`` returned is stored. (Before, most of the 5,000 operations timed
+    out; with a wall-clock bound of 1 s, a loaded machine still timed out a dozen.)"""
     disk = DiskBackend(f"disk://{tmp_path}/mix")
     rng = random.Random(11)
     failures: list[BaseException] = []
@@ -200,7 +201,7 @@ async def test_a_thousand_concurrent_backend_callers_time_out_on_nothing(tmp_pat
         for _ in range(5):
             keys = [f"k{rng.randrange(3 * CALLERS)}" for _ in range(rng.randint(1, 3))]
             try:
-                with anyio.fail_after(1):
+                with disk.within(0.25):
                     if rng.random() < 0.7:
                         await disk.get_many(keys)
                     else:

@@ -322,8 +322,10 @@ class TestBatch:
             reads.append(len(keys))
             return await original(keys, *rest)
 
-        monkeypatch.setattr(tier, "read_within" if tier.read_within else "backend", counted if tier.read_within
-                            else type("B", (), {"get_many": staticmethod(counted)})())
+        if tier.read_within:
+            monkeypatch.setattr(tier, "read_within", counted)
+        else:
+            monkeypatch.setattr(lower, "get_many", counted)
         assert await double(list(range(60))) == [2 * x for x in range(60)]
         assert reads == [60]
 

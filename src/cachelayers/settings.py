@@ -126,7 +126,8 @@ class Settings:
             Needs the ``encryption`` extra. Never printed.
         allow_pickle: Store values msgpack cannot encode with pickle. Needs ``secret`` or ``encryption_keys``
             (unpickling an entry anyone could write runs their code).
-        tier_timeout: Longest wait for one tier operation before it counts as a miss (seconds or ``"250ms"``).
+        tier_timeout: Longest wait for one tier operation before it counts as a miss (seconds or ``"250ms"``);
+            Redis and disk count the time their server or thread was silent, not time lost to a busy loop.
         breaker_threshold: Consecutive failures of a tier that open its circuit breaker.
         breaker_cooldown: How long an open breaker skips its tier before one probe call (2s: a probe of a
             tier that is still down costs one call a failed attempt; a tier back up is used again quickly).

@@ -11,7 +11,7 @@ import abc
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple
 
@@ -154,6 +154,18 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files. The default does nothing."""
+
+    def within(self, seconds: float) -> AbstractContextManager[object]:
+        """The scope the engine runs one operation of this tier in, given its tier timeout.
+
+        The default is a cancel scope that raises `TimeoutError` after ``seconds``. A backend whose operations
+        can tell a stuck store from a congested one overrides it (the disk tier's deadline counts its progress,
+        not the clock), raising `TimeoutError` when the store stops answering and `BackendBusyError` when it
+        was busy with other callers for too long.
+        """
+        import anyio
+
+        return anyio.fail_after(seconds)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url.redacted()!r})"

@@ -19,7 +19,7 @@ import anyio.to_thread
 
 from cachelayers.backends.base import Backend, BackendURL, ClearPrefixSupport, Clock, StoreItem
 from cachelayers.backends.disk import database
-from cachelayers.backends.disk.lanes import Job, Lane, submit_and_wait
+from cachelayers.backends.disk.lanes import PATIENCE, Job, Lane, submit_and_wait
 from cachelayers.durations import parse_duration, parse_size
 from cachelayers.errors import BackendError, ConfigError
 
@@ -85,6 +85,21 @@ class _WriteBatch:
         self.tick = tick
         self.now: float | None = None
         self.evicted = 0
+
+
+class _Patience:
+    """`DiskBackend.within`: the tier timeout its waits count progress against (see `lanes.wait_for`)."""
+
+    __slots__ = ("seconds", "token")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        self.token = PATIENCE.set(self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        PATIENCE.reset(self.token)
 
 
 class DiskBackend(Backend, ClearPrefixSupport):
@@ -498,6 +513,12 @@ class DiskBackend(Backend, ClearPrefixSupport):
             db.execute("DELETE FROM entries")
 
         await self._write(op)
+
+    def within(self, seconds: float) -> _Patience:
+        """Bound the operations run inside by progress: `TimeoutError` once a lane went ``seconds`` without
+        finishing a batch or using CPU (another process holds the lock, the disk stalled), `BackendBusyError`
+        (skipped, not a failure) once an operation waited eight times ``seconds`` behind other callers."""
+        return _Patience(seconds)
 
     # -- introspection ------------------------------------------------------------------------------------
 

@@ -7,25 +7,40 @@ are woken with one thread-safe callback per event loop and batch, which works un
 
 A lane's thread ends after a few idle seconds (closing its connection) and starts again on the next job, so an
 unused backend holds no thread and no file.
+
+Waiting has a deadline measured in progress, not in wall-clock time (see `wait_for`): a thousand callers queued
+behind each other on a busy event loop wait as long as the lane keeps finishing batches or using CPU, and a lane
+stuck on another process's lock times out after the engine's tier timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 import anyio
 
+from cachelayers.backends.base import BackendBusyError
 from cachelayers.loops import current_loop_token
 
-__all__ = ["Job", "Lane", "submit_and_wait"]
+__all__ = ["PATIENCE", "Job", "Lane", "submit_and_wait"]
 
 IDLE_SECONDS: Final = 2.0
+BUSY_ROUNDS: Final = 8
+"""A job that waited this many timeouts while its lane made progress for others is given up as congestion."""
+WORKING_CPU: Final = 0.001
+"""CPU seconds a lane's thread must have used during one timeout to count as working (not blocked on a lock)."""
+
+PATIENCE: Final[contextvars.ContextVar[float | None]] = contextvars.ContextVar("cachelayers_disk_patience",
+                                                                               default=None)
+"""The engine's tier timeout for the operation being run (set by `DiskBackend.within`); ``None``: no deadline."""
 
 
 class Job:
@@ -36,7 +51,7 @@ class Job:
     ``done`` is fire-and-forget.
     """
 
-    __slots__ = ("done", "error", "result", "size", "token", "work")
+    __slots__ = ("done", "error", "finished", "result", "size", "token", "work")
 
     def __init__(self, work: Any, size: int = 0, *, token: object = None, done: anyio.Event | None = None) -> None:
         self.work = work
@@ -45,6 +60,8 @@ class Job:
         self.done = done
         self.result: Any = None
         self.error: BaseException | None = None
+        self.finished = False
+        """Set by the lane's thread once ``result``/``error`` hold the outcome (before ``done`` is set)."""
 
 
 class Lane:
@@ -53,6 +70,7 @@ class Lane:
     Attributes:
         db: The lane's connection (opened and replaced by ``run_batch``; closed here when the thread ends).
         generation: Which opening of the database file ``db`` belongs to (see `DiskBackend`).
+        batches: Batches the lane has finished (its progress, as waiters see it).
     """
 
     def __init__(self, name: str, run_batch: Callable[[Lane, list[Job]], None], *, max_jobs: int,
@@ -67,6 +85,22 @@ class Lane:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._clock: int | None = None
+        self.batches = 0
+
+    def progress(self) -> tuple[int, float]:
+        """``(batches finished, CPU seconds of the thread)``: what tells a working lane from a stuck one.
+
+        A lane waiting on another process's lock (SQLite's busy handler sleeps) finishes nothing and uses no
+        CPU; a lane working through a long queue does one or the other. The CPU time is 0 where the platform
+        cannot read another thread's clock.
+        """
+        clock = self._clock
+        cpu = 0.0
+        if clock is not None:
+            with contextlib.suppress(OSError):
+                cpu = time.clock_gettime(clock)
+        return self.batches, cpu
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; start the thread if it is not running."""
@@ -108,6 +142,10 @@ class Lane:
                 db.close()
 
     def _loop(self) -> None:
+        self._clock = None
+        if hasattr(time, "pthread_getcpuclockid"):
+            with contextlib.suppress(OSError):
+                self._clock = time.pthread_getcpuclockid(threading.get_ident())
         while True:
             with self._cond:
                 while not self._jobs:
@@ -122,6 +160,9 @@ class Lane:
                 for job in batch:
                     if job.error is None:
                         job.error = exc
+            for job in batch:
+                job.finished = True
+            self.batches += 1
             _wake(batch)
 
     def _take(self) -> list[Job]:
@@ -156,14 +197,42 @@ def _wake(batch: list[Job]) -> None:
 
 
 async def submit_and_wait(lane: Lane, work: Any, size: int = 0) -> Any:
-    """Run ``work`` in ``lane`` and return its result (or raise its error).
+    """Run ``work`` in ``lane`` and return its result (or raise its error), within `PATIENCE` if it is set.
 
     Cancelled while waiting, the caller returns at once; the job still runs (its outcome is dropped).
     """
     done = anyio.Event()
     job = Job(work, size, token=current_loop_token(), done=done)
     lane.submit(job)
-    await done.wait()
+    seconds = PATIENCE.get()
+    if seconds is None:
+        await done.wait()
+    else:
+        await wait_for(lane, job, done, seconds)
     if job.error is not None:
         raise job.error
     return job.result
+
+
+async def wait_for(lane: Lane, job: Job, done: anyio.Event, seconds: float) -> None:
+    """Wait for ``job`` with a deadline in progress: `TimeoutError` once ``lane`` went ``seconds`` without
+    finishing a batch or using CPU; `BackendBusyError` once the job waited `BUSY_ROUNDS` times ``seconds`` while
+    the lane worked for others.
+
+    A wall-clock deadline fails under a burst: a thousand callers on one event loop wake late, and the lane
+    (which needs the interpreter lock between statements) runs slower, though nothing is wrong. Neither is a
+    failure of the tier; a lane that stops moving (a lock held by another process, a stalled disk) is.
+    """
+    seen = lane.progress()
+    for _ in range(BUSY_ROUNDS):
+        with anyio.move_on_after(seconds):
+            await done.wait()
+            return
+        if job.finished:  # answered; the wake-up is still queued behind other callbacks of a busy loop
+            return
+        now = lane.progress()
+        if now[0] == seen[0] and now[1] - seen[1] < WORKING_CPU:
+            raise TimeoutError(f"the disk tier's {lane.name} made no progress for {seconds:g}s")
+        seen = now
+    raise BackendBusyError(f"the disk tier's {lane.name} was busy with other callers for "
+                           f"{BUSY_ROUNDS * seconds:g}s")

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-import anyio
-
 from cachelayers.backends import Backend, StoreItem
 from cachelayers.backends.base import BackendBusyError, ClearPrefixSupport, DeadlineSupport
 from cachelayers.engines.breaker import CircuitBreaker
@@ -38,8 +36,8 @@ class FailureCounter(Protocol):
 class Tier:
     """A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
 
-    __slots__ = ("backend", "breaker", "cache", "failure_serial", "log", "name", "read_within", "stats", "strict",
-                 "timeout", "write_within")
+    __slots__ = ("backend", "breaker", "busy_reads", "cache", "failure_serial", "log", "name", "read_within", "stats",
+                 "strict", "timeout", "write_within")
 
     def __init__(self, name: str, backend: Backend, settings: Settings, log: StateLog,
                  monotonic: Callable[[], float], cache: FailureCounter) -> None:
@@ -57,21 +55,23 @@ class Tier:
         # Such a backend bounds its writes too, and tells waiting for a connection (congestion: the write is
         # skipped, BackendBusyError) from a failure.
         self.write_within = backend.set_many_within if isinstance(backend, DeadlineSupport) else None
+        self.busy_reads = f"reads of tier {name!r}"
         self.failure_serial = 0
         """`TieredCache.failures` when this tier last failed: a call that started before skips its writes."""
 
     async def call(self, op: Callable[[], Awaitable[T]], default: T, *, scoped: bool = True) -> T:
         """Run ``op`` under the tier's timeout and breaker; on failure count, log and return ``default``.
 
-        ``scoped=False`` when ``op`` bounds itself by the tier timeout. A `BackendBusyError` (the backend had
-        no connection free in time) is counted as ``skipped``: not a failure, the breaker does not move.
+        ``scoped=False`` when ``op`` bounds itself by the tier timeout; otherwise it runs in the backend's
+        `Backend.within` scope. A `BackendBusyError` (the backend was congested: no connection free in time, or
+        busy with other callers) is counted as ``skipped``: not a failure, the breaker does not move.
         """
         if not self.breaker.allow():
             self.stats.skipped += 1
             return default
         try:
             if scoped:
-                with anyio.fail_after(self.timeout):
+                with self.backend.within(self.timeout):
                     result = await op()
             else:
                 result = await op()
@@ -81,7 +81,7 @@ class Tier:
             return default
         except TimeoutError as exc:
             self.stats.timeouts += 1
-            self._failed(exc, f"timed out after {self.timeout:g}s")
+            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""))
         except Exception as exc:
             self.stats.errors += 1
             self._failed(exc, f"{type(exc).__name__}: {exc}")
@@ -110,11 +110,15 @@ class Tier:
             if read is not None:
                 blobs = await read(keys, self.timeout)
             else:
-                with anyio.fail_after(self.timeout):
+                with self.backend.within(self.timeout):
                     blobs = await self.backend.get_many(keys)
+        except BackendBusyError as exc:
+            self.stats.skipped += 1
+            self.log.failure(self.busy_reads, f"skipped, the tier is congested: {exc}")
+            return None
         except TimeoutError as exc:
             self.stats.timeouts += 1
-            self._failed(exc, f"timed out after {self.timeout:g}s")
+            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""))
             return None
         except Exception as exc:
             self.stats.errors += 1
@@ -122,6 +126,7 @@ class Tier:
             return None
         if self.breaker.success():
             self.log.recovered(f"tier {self.name!r}")
+        self.log.recovered(self.busy_reads)
         return blobs
 
     async def set(self, items: Sequence[StoreItem]) -> None:

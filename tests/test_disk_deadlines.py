@@ -1,0 +1,199 @@
+"""The disk tier's deadline counts progress, not the clock: a burst on a loaded process is not a failure, a lane
+stuck on another process's lock is, and a job kept waiting behind others for too long is skipped, counted."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cachelayers import Settings, StoreItem, TieredCache, multilevel_cached
+from cachelayers.backends.base import BackendBusyError
+from cachelayers.backends.disk import DiskBackend
+from cachelayers.backends.disk.lanes import BUSY_ROUNDS, PATIENCE, Job, Lane, submit_and_wait
+
+pytestmark = [pytest.mark.disk, pytest.mark.anyio]
+
+
+def lane_running(run_batch: object) -> Lane:
+    return Lane("test", run_batch, max_jobs=10, max_size=1 << 30)  # type: ignore[arg-type]
+
+
+class TestWaitFor:
+    async def test_a_lane_blocked_without_progress_times_out_after_the_timeout(self) -> None:
+        """A batch that sleeps (as SQLite's busy handler does behind another process's lock) finishes nothing
+        and uses no CPU: the waiter gets TimeoutError after one timeout, not after the batch."""
+        release = threading.Event()
+
+        def blocked(lane: Lane, jobs: list[Job]) -> None:
+            release.wait(10)
+
+        lane = lane_running(blocked)
+        token = PATIENCE.set(0.1)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError, match=r"no progress for 0\.1s"):
+                await submit_and_wait(lane, "job")
+        finally:
+            PATIENCE.reset(token)
+            release.set()
+        assert time.monotonic() - started < 2  # one timeout and the loop's lateness, far from the batch's 10 s
+
+    async def test_a_lane_working_for_others_is_waited_for_then_skipped_as_busy(self) -> None:
+        """A lane that keeps using CPU (a long batch for other callers) is not stuck: the waiter waits
+        ``BUSY_ROUNDS`` timeouts, then gives up with BackendBusyError (congestion, not a failure)."""
+        release = threading.Event()
+
+        def spinning(lane: Lane, jobs: list[Job]) -> None:
+            while not release.is_set():
+                sum(range(1000))
+
+        lane = lane_running(spinning)
+        token = PATIENCE.set(0.05)
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendBusyError, match="busy with other callers"):
+                await submit_and_wait(lane, "job")
+        finally:
+            PATIENCE.reset(token)
+            release.set()
+        assert time.monotonic() - started >= BUSY_ROUNDS * 0.05
+
+    async def test_a_slow_batch_that_finishes_is_answered_past_the_timeout(self) -> None:
+        """A batch that works (CPU) for three timeouts and then answers: the waiter gets its result."""
+        def slow(lane: Lane, jobs: list[Job]) -> None:
+            until = time.monotonic() + 0.3
+            while time.monotonic() < until:
+                sum(range(1000))
+            for job in jobs:
+                job.result = job.work * 2
+
+        lane = lane_running(slow)
+        token = PATIENCE.set(0.1)
+        try:
+            assert await submit_and_wait(lane, 21) == 42
+        finally:
+            PATIENCE.reset(token)
+
+    async def test_without_a_bound_the_wait_is_unbounded(self) -> None:
+        def slow(lane: Lane, jobs: list[Job]) -> None:
+            time.sleep(0.2)
+            for job in jobs:
+                job.result = "done"
+
+        assert await submit_and_wait(lane_running(slow), None) == "done"
+
+
+def gil_hogs(count: int) -> tuple[list[threading.Thread], threading.Event]:
+    stop = threading.Event()
+
+    def hog() -> None:
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    threads = [threading.Thread(target=hog, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, stop
+
+
+async def test_a_burst_on_a_loaded_process_lands_every_write(tmp_path: Path) -> None:
+    """1,000 concurrent misses on memory + disk at the default 250 ms tier timeout while two other threads of
+    the process compete for the interpreter lock (as leftover threads do on a loaded server): every write lands,
+    nothing times out. (With a wall-clock bound, all 1,000 reads timed out and every write was skipped.)"""
+    threads, stop = gil_hogs(2)
+    try:
+        cache = TieredCache(Settings(tiers={"memory": "memory://", "disk": f"disk://{tmp_path}/loaded"}))
+
+        @multilevel_cached(cache=cache, name="loaded-burst")
+        async def double(x: int) -> int:
+            await anyio.lowlevel.checkpoint()
+            return 2 * x
+
+        results: dict[int, int] = {}
+
+        async def call(x: int) -> None:
+            results[x] = await double(x)
+
+        async with anyio.create_task_group() as tg:
+            for x in range(1_000):
+                tg.start_soon(call, x)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    stats = cache.tier_stats()["disk"]
+    assert results == {x: 2 * x for x in range(1_000)}
+    assert (stats["writes"], stats["skipped"], stats["errors"], stats["timeouts"]) == (1_000, 0, 0, 0), stats
+    await cache.aclose()
+    disk = DiskBackend(f"disk://{tmp_path}/loaded")
+    assert (await disk.usage())[0] == 1_000
+    await disk.aclose()
+
+
+async def test_a_write_behind_another_process_lock_times_out_after_the_tier_timeout(tmp_path: Path) -> None:
+    """Another connection (another process, say) holds the write lock for longer than the tier timeout: the
+    write times out after about the tier timeout, not after the 10 s ``busy_timeout``; the call returns its
+    value, the timeout is counted, and once the lock is released the next write lands."""
+    url = f"disk://{tmp_path}/held"
+    cache = TieredCache(Settings(tiers={"memory": "memory://", "disk": url}, tier_timeout="200ms"))
+    calls = 0
+
+    @multilevel_cached(cache=cache, name="held")
+    async def f(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x + 1
+
+    assert await f(0) == 1  # creates the file
+    other = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        assert await f(1) == 2
+        elapsed = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    stats = cache.tier_stats()["disk"]
+    assert (stats["timeouts"], stats["writes"]) == (1, 1), stats
+    assert elapsed < 5, elapsed  # the tier timeout plus a loaded machine's slack, well under busy_timeout
+    assert await f(2) == 3
+    assert cache.tier_stats()["disk"]["writes"] == 2
+    await cache.aclose()
+
+
+async def test_a_read_skipped_as_busy_is_a_miss_not_a_failure(tmp_path: Path) -> None:
+    """A read that gives up with BackendBusyError is counted ``skipped``; the breaker and the engine's failure
+    count do not move, and the call computes its value."""
+    cache = TieredCache(Settings(tiers={"memory": "memory://", "disk": f"disk://{tmp_path}/busy"}))
+    disk_tier = cache.tiers[-1]
+
+    async def busy(keys: object) -> list[bytes | None]:
+        raise BackendBusyError("busy")
+
+    disk_tier.backend.get_many = busy  # type: ignore[method-assign]
+
+    @multilevel_cached(cache=cache, name="busy")
+    async def f(x: int) -> int:
+        return x * 3
+
+    assert await f(4) == 12
+    stats = cache.tier_stats()["disk"]
+    assert stats["skipped"] >= 1, stats
+    assert (stats["timeouts"], stats["errors"]) == (0, 0), stats
+    assert cache.failures == 0
+    await cache.aclose()
+
+
+async def test_a_stored_item_round_trips_within_the_bound(tmp_path: Path) -> None:
+    disk = DiskBackend(f"disk://{tmp_path}/plain")
+    with disk.within(0.25):
+        await disk.set_many([StoreItem("k", b"v", None)])
+        assert await disk.get_many(["k"]) == [b"v"]
+    await disk.aclose()
