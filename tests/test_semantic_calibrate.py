@@ -145,6 +145,58 @@ async def test_replay_rates_count_true_and_false_hits_and_misses_per_threshold()
     assert with_margin[0.8][1:] == pytest.approx((0.75, 0.0, 0.25))  # the ambiguous a@15 is not served
 
 
+async def test_replay_rates_apply_the_verifier_as_the_decorator_does() -> None:
+    """Best first, the first candidate the verifier accepts answers if it reaches the threshold: rejecting
+    a@0 for a@15 lets its own origin a@40 (0.906) answer it, at 0.8 and 0.9 but not at 0.97."""
+    from cachelayers.calibrate import replay_rates
+    from cachelayers.engines.semantic.lookups import Candidate
+
+    seen: list[tuple[str, Candidate]] = []
+
+    async def verifier(text: str, candidate: Candidate) -> bool:
+        seen.append((text, candidate))
+        return not (text == "a@15" and candidate.text == "a@0")
+
+    points = {p.threshold: p for p in await replay_rates(REPLAY, AngleEmbedder(), thresholds=[0.8, 0.9, 0.97],
+                                                          verifier=verifier)}
+    assert points[0.8][1:] == pytest.approx((1.0, 0.0, 0.0))
+    assert points[0.9][1:] == pytest.approx((0.75, 0.0, 0.25))
+    assert points[0.97][1:] == pytest.approx((0.5, 0.0, 0.5))
+    asked = [(text, c.text, c.value) for text, c in seen]
+    assert asked == [("a@5", "a@0", "a@0"), ("a@15", "a@0", "a@0"), ("a@15", "a@40", "a@40"),
+                     ("b@30", "b@0", "b@0"), ("c@1", "c@0", "c@0")]
+    assert seen[2][1].similarity == pytest.approx(np.cos(np.radians(25)))
+    # With the margin, a@15 is ambiguous: no candidate is offered to the verifier, nothing answers it.
+    seen.clear()
+    with_margin = await replay_rates(REPLAY, AngleEmbedder(), thresholds=[0.8], margin=0.06, verifier=verifier)
+    assert with_margin[0][1:] == pytest.approx((0.75, 0.0, 0.25))
+    assert "a@15" not in [text for text, _ in seen]
+
+
+def test_the_calibrate_command_replays_with_the_embedders_default_verifier(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``calibrate --replay`` answers as ``@semantic_cached(embed=...)`` does: with the embedder's
+    ``default_verifier``, unless ``--no-verifier``."""
+    import cachelayers.calibrate as calibrate_module
+    from cachelayers.embedders import PairVerifier
+
+    class Verified(AngleEmbedder):
+        default_margin = 0.0
+        default_verifier = PairVerifier(1.0)  # accepts nothing: every answer is a miss
+
+    monkeypatch.setattr(calibrate_module, "resolve_embedder", lambda name: Verified())
+    replay = tmp_path / "mock.json"
+    replay.write_text(json.dumps([{"origin": "a@0", "similar": "a@5"}, {"origin": "b@0", "similar": "b@1"}]))
+    assert cli.main(["calibrate", "--replay", str(replay), "--every", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "verifier PairVerifier(min_probability=1.0)" in out
+    assert "     0.50      0.0%       0.0%  100.0%\n" in out
+    assert cli.main(["calibrate", "--replay", str(replay), "--every", "0.5", "--no-verifier"]) == 0
+    out = capsys.readouterr().out
+    assert "verifier None" in out
+    assert "     0.50    100.0%       0.0%    0.0%\n" in out
+
+
 async def test_replay_rates_reject_bad_margins_and_empty_pairs() -> None:
     from cachelayers.calibrate import replay_rates
 

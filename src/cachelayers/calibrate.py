@@ -35,6 +35,8 @@ import anyio
 import numpy as np
 
 from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.engines.semantic.lookups import Candidate, Verifier
+from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES
 from cachelayers.errors import ConfigError, MissingDependencyError
 from cachelayers.validation import similarity as check_similarity
 
@@ -278,14 +280,17 @@ def load_replay(path: str | Path) -> list[tuple[str, str]]:
 
 async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[list[str]], Any] | None = None, *,
                        thresholds: Sequence[float] = DEFAULT_GRID, margin: float = 0.0,
+                       verifier: Verifier | None = None, max_candidates: int = DEFAULT_MAX_CANDIDATES,
                        batch_size: int = 256) -> list[ReplayPoint]:
     """The answers a cache pre-loaded with every ``origin`` gives to every ``similar``, per threshold.
 
-    The nearest origin (exact cosine similarity) answers a ``similar`` when its similarity is at least the
-    threshold and exceeds the second nearest's by at least ``margin`` (`semantic_cached`'s ``margin``): a
-    *true hit* when it is the similar's own origin, a *false hit* (a wrong answer served) otherwise, else a
-    *miss*. This is GPTCache's pre-loaded protocol; ``benchmarks/eval_semantic.py`` also replays the
-    realistic one (origins asked first, through the decorator).
+    As `semantic_cached` answers: the ``max_candidates`` nearest origins (exact cosine similarity), none when
+    the nearest exceeds the second nearest by less than ``margin``; then, best first, the first one the
+    ``verifier`` accepts (every one without a verifier) answers when its similarity is at least the threshold.
+    The verifier is given ``Candidate(origin, origin, similarity)``: the origin stands for its answer. An answer
+    is a *true hit* when it comes from the similar's own origin, a *false hit* (a wrong answer served)
+    otherwise, else a *miss*. This is GPTCache's pre-loaded protocol; ``benchmarks/eval_semantic.py`` also
+    replays the realistic one (origins asked first, through the decorator).
 
     Raises:
         ConfigError: ``margin`` or a threshold is outside [0, 1].
@@ -305,11 +310,22 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
     stored = vectors[[position[o] for o in origins]]
     asked = vectors[[position[s] for _, s in pairs]]
     sims = asked @ stored.T
-    order = np.argsort(-sims, axis=1)[:, :2]
-    best = sims[np.arange(len(pairs)), order[:, 0]]
-    runner_up = sims[np.arange(len(pairs)), order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
-    own = np.array([origins[order[i, 0]] == origin for i, (origin, _) in enumerate(pairs)])
-    clear = best - runner_up >= margin - 1e-9
+    order = np.argsort(-sims, axis=1)[:, :max(2, max_candidates)]
+    rows = np.arange(len(pairs))
+    runner_up = sims[rows, order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
+    clear = sims[rows, order[:, 0]] - runner_up >= margin - 1e-9
+    chosen = order[:, 0].copy()  # the candidate that answers, if its similarity reaches the threshold
+    if verifier is not None:
+        for i, (_, similar) in enumerate(pairs):
+            chosen[i] = -1
+            for j in order[i, :max_candidates] if clear[i] else ():
+                candidate = Candidate(origins[j], origins[j], float(sims[i, j]))
+                if await verifier(similar, candidate):
+                    chosen[i] = j
+                    break
+    answered = chosen >= 0
+    best = np.where(answered, sims[rows, np.maximum(chosen, 0)], -np.inf)
+    own = np.array([chosen[i] >= 0 and origins[chosen[i]] == origin for i, (origin, _) in enumerate(pairs)])
     out = []
     for t in grid:
         served = (best >= t - 1e-9) & clear
@@ -344,6 +360,8 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                              "true/false hit rates a cache pre-loaded with the origins would give at each threshold")
     parser.add_argument("--margin", type=float, default=None,
                         help="ambiguity margin for --replay (the embedder's default_margin when omitted)")
+    parser.add_argument("--no-verifier", action="store_true",
+                        help="replay without the embedder's default_verifier (used by default, as the decorator does)")
     parser.add_argument("--target-precision", type=float, default=0.9,
                         help="precision to reach: 1 - the share of cache answers that may be wrong (default 0.9)")
     parser.add_argument("--embedder", default="default",
@@ -403,13 +421,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def _print_replay(replay: list[tuple[str, str]], model: Callable[[list[str]], Any], args: argparse.Namespace) -> int:
     margin = args.margin if args.margin is not None else (getattr(model, "default_margin", None) or 0.0)
     default = getattr(model, "default_threshold", None)
+    verifier = None if args.no_verifier else getattr(model, "default_verifier", None)
     try:
-        points = anyio.run(lambda: replay_rates(replay, model, margin=margin))
+        points = anyio.run(lambda: replay_rates(replay, model, margin=margin, verifier=verifier))
     except (ValueError, ConfigError) as exc:
         print(f"cachelayers calibrate: error: {exc}")
         return 2
     print(f"{len(replay)} replay pairs, {len({o for o, _ in replay})} origins pre-loaded, embedder "
-          f"{embedder_name(model)}, margin {margin:g}: answers to the paraphrases per threshold")
+          f"{embedder_name(model)}, margin {margin:g}, verifier {verifier!r}: answers to the paraphrases per "
+          "threshold")
     print(replay_table(points, every=args.every, highlight=default))
     return 0
 
