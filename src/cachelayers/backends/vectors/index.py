@@ -33,6 +33,10 @@ similarities. ``search_dtype="bf16"`` may win on CPUs with AVX-512 BF16."""
 RESCORE: Final = 16
 """Candidates the compact graph proposes per search, rescored with exact ``f32`` similarity."""
 
+DIRECT_RESCORE: Final = 64
+"""Up to this many candidates, a search scores every one exactly (float64) and sorts once; beyond (an index
+scanned without a graph), a float32 product ranks them first and only the best are scored exactly."""
+
 GRAPH_FROM: Final = 256
 """An ``f32`` index puts its vectors in the graph once it holds more than this many; below, a search scans the
 exact vectors (exact, fast at this size, and a small partition costs no graph nodes: ~45 KiB less each)."""
@@ -242,8 +246,10 @@ class VectorIndex:
     def _rescored(self, query: np.ndarray, count: int) -> Neighbours:
         """The graph's best candidates, rescored with the exact vectors (caller holds the lock).
 
-        The candidates are ranked by a float32 product with the stored rows (a few 1e-8 from exact), then the
-        similarities of the ``count`` best are computed in float64: what is reported is numpy's cosine.
+        What is reported is numpy's cosine, computed in float64. With few candidates (the graph's best, or a
+        small index) every one is scored that way and sorted once; with many (an index scanned without a
+        graph), they are ranked by a float32 product with the stored rows (a few 1e-8 from exact) and only
+        the ``count`` best are scored in float64.
         """
         rows = self._rows
         assert rows is not None
@@ -252,19 +258,27 @@ class VectorIndex:
             picked: Any = np.arange(rows.size)  # every vector is a candidate: exact, no graph needed
         else:
             row_of = rows.row_of
-            picked = [row_of[k] for k in self._index.search(query, wanted, threads=1).keys.tolist()]
-        ranking = (rows.matrix.take(picked, axis=0) @ query) * rows.inverse.take(picked)
+            picked = np.fromiter((row_of[k] for k in self._index.search(query, wanted, threads=1).keys.tolist()),
+                                 dtype=np.intp)
         exact = query.astype(np.float64)
         norm = math.sqrt(float(exact @ exact))
         scale = 1.0 / norm if norm else 0.0
+        if len(picked) <= DIRECT_RESCORE:
+            sims = rows.similarities(picked, exact) * scale
+            if count == 1:
+                best = int(np.argmax(sims))  # the first of equal maxima, as the stable sort below
+                return Neighbours([int(rows.keys[picked[best]])], [float(sims[best])])
+            order = np.argsort(-sims, kind="stable")[:count]
+            return Neighbours(rows.keys.take(picked.take(order)).tolist(), sims.take(order).tolist())
+        ranking = (rows.matrix.take(picked, axis=0) @ query) * rows.inverse.take(picked)
         if count == 1:
             row = picked[int(np.argmax(ranking))]
             similarity = float(rows.matrix[row].astype(np.float64) @ exact) * float(rows.inverse[row]) * scale
             return Neighbours([int(rows.keys[row])], [similarity])
-        best = [picked[i] for i in np.argsort(-ranking, kind="stable")[:count].tolist()]
-        similarities = rows.similarities(best, exact) * scale
+        best_rows = picked.take(np.argsort(-ranking, kind="stable")[:count])
+        similarities = rows.similarities(best_rows, exact) * scale
         order = np.argsort(-similarities, kind="stable")  # float32 ranked them; the exact values decide ties
-        return Neighbours(rows.keys.take(best).take(order).tolist(), similarities.take(order).tolist())
+        return Neighbours(rows.keys.take(best_rows).take(order).tolist(), similarities.take(order).tolist())
 
     def get(self, keys: Sequence[int]) -> np.ndarray:
         """Return the stored vectors of ``keys`` as a ``(len(keys), ndim)`` float32 array.

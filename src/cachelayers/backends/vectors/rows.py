@@ -64,7 +64,7 @@ class ExactRows:
             self.row_of[moved] = row
         self.size = last
 
-    def similarities(self, rows: list[int], query: np.ndarray) -> np.ndarray:
+    def similarities(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
         """Exact similarities (float64) of ``rows`` to ``query`` (float64), divided by the rows' norms."""
         out: np.ndarray = (self.matrix.take(rows, axis=0).astype(np.float64) @ query) * self.inverse.take(rows)
         return out
