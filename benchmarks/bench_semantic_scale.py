@@ -1,8 +1,8 @@
 """One partition of the semantic index at scale (1,000,000 entries by default): build time, lookup p50/p99, RSS.
 
 The index is cachelayers' `VectorIndex` as the semantic engine makes it (``f32``: a compact graph, ``i8`` by
-default, searched, the best candidates rescored with the exact ``f32`` vectors kept beside it). The vectors are random unit
-vectors (``--dim``, 384 by default: the dimension of MiniLM), the worst case of HNSW; the queries are
+default, searched, the best candidates rescored with the exact ``f32`` vectors kept beside it). The vectors are
+random unit vectors (``--dim``, 384 by default: the dimension of MiniLM), the worst case of HNSW; the queries are
 near-duplicates of stored vectors (cosine about 0.99), so each has a known right answer (its top-1 recall is
 printed). The graph is built in chunks with usearch's multi-threaded add (``--threads``); when the build
 exceeds ``--max-build-seconds`` it stops there and the report gives the size reached and an extrapolation.
