@@ -8,13 +8,13 @@ import threading
 import time
 from pathlib import Path
 
-import anyio
 import pytest
 
 from cachelayers import Settings, StoreItem, TieredCache, multilevel_cached
 from cachelayers.backends.base import BackendBusyError
 from cachelayers.backends.disk import DiskBackend
 from cachelayers.backends.disk.lanes import BUSY_ROUNDS, PATIENCE, Job, Lane, submit_and_wait
+from tests.bursts import burst
 
 pytestmark = [pytest.mark.disk, pytest.mark.anyio]
 
@@ -109,26 +109,13 @@ async def test_a_burst_on_a_loaded_process_lands_every_write(tmp_path: Path) -> 
     threads, stop = gil_hogs(2)
     try:
         cache = TieredCache(Settings(tiers={"memory": "memory://", "disk": f"disk://{tmp_path}/loaded"}))
-
-        @multilevel_cached(cache=cache, name="loaded-burst")
-        async def double(x: int) -> int:
-            await anyio.lowlevel.checkpoint()
-            return 2 * x
-
-        results: dict[int, int] = {}
-
-        async def call(x: int) -> None:
-            results[x] = await double(x)
-
-        async with anyio.create_task_group() as tg:
-            for x in range(1_000):
-                tg.start_soon(call, x)
+        results, _ = await burst(cache, 1_000, [], name="loaded-burst")
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     stats = cache.tier_stats()["disk"]
-    assert results == {x: 2 * x for x in range(1_000)}
+    assert results == [2 * x for x in range(1_000)]
     assert (stats["writes"], stats["skipped"], stats["errors"], stats["timeouts"]) == (1_000, 0, 0, 0), stats
     await cache.aclose()
     disk = DiskBackend(f"disk://{tmp_path}/loaded")

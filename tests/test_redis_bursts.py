@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -26,6 +25,7 @@ from cachelayers.backends.base import BackendBusyError, DeadlineSupport
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.backends.redis import RedisBackend
 from cachelayers.backends.redis.writes import MAX_WRITERS
+from tests.bursts import burst
 from tests.redis_server import RedisServer
 
 PREFIX = "burst:"
@@ -58,17 +58,6 @@ def calls(client: redis.Redis, command: str) -> int:
 
 def engine(url: str) -> TieredCache:
     return TieredCache(Settings(tiers={"memory": "memory://?max_entries=20000", "redis": url}, key_prefix=PREFIX))
-
-
-async def burst(cache: TieredCache, n: int, computed: list[int]) -> tuple[list[int], Any]:
-    @multilevel_cached(cache=cache, name="burst")
-    async def double(x: int) -> int:
-        computed.append(x)
-        await asyncio.sleep(0)
-        return 2 * x
-
-    results = await asyncio.gather(*(double(x) for x in range(n)))
-    return results, double.cache_info()
 
 
 @pytest.mark.redis
@@ -279,27 +268,10 @@ async def test_a_thousand_concurrent_misses_land_on_disk(tmp_path: Path) -> None
     def make() -> TieredCache:
         return TieredCache(Settings(tiers={"memory": "memory://", "disk": url}))
 
-    async def run(cache: TieredCache, computed: list[int]) -> Any:
-        @multilevel_cached(cache=cache, name="disk-burst")
-        async def double(x: int) -> int:
-            computed.append(x)
-            await anyio.lowlevel.checkpoint()
-            return 2 * x
-
-        results: dict[int, int] = {}
-
-        async def call(x: int) -> None:
-            results[x] = await double(x)
-
-        async with anyio.create_task_group() as tg:
-            for x in range(1_000):
-                tg.start_soon(call, x)
-        assert results == {x: 2 * x for x in range(1_000)}
-        return double.cache_info()
-
     first = make()
     computed: list[int] = []
-    await run(first, computed)
+    results, _ = await burst(first, 1_000, computed, name="disk-burst")
+    assert results == [2 * x for x in range(1_000)]
     stats = first.tier_stats()["disk"]
     assert (stats["writes"], stats["skipped"], stats["errors"], stats["timeouts"]) == (1_000, 0, 0, 0), stats
     assert first.failures == 0
@@ -307,7 +279,8 @@ async def test_a_thousand_concurrent_misses_land_on_disk(tmp_path: Path) -> None
 
     second = make()
     again: list[int] = []
-    info = await run(second, again)
+    results, info = await burst(second, 1_000, again, name="disk-burst")
+    assert results == [2 * x for x in range(1_000)]
     assert again == []
     assert info.hits_by_tier == {"disk": 1_000}
     await second.aclose()
