@@ -3,12 +3,14 @@
 It prints one JSON object on stdout when done (``{"event": "done", ...}``). Modes:
 
 * ``churn``: from ``start_at`` for ``seconds``, 8 tasks writing (``set_many`` of 1-3 entries of 100-4,000 bytes,
-  with tags) and reading (``get_many``) random keys as fast as they can; report operations and failures;
+  with tags) and reading (``get_many``) random keys as fast as they can, each operation bounded as the engine
+  bounds a tier call (``within(bound)``, when ``bound`` is given); report operations and failures (by type);
 * ``write-read``: write the ``write`` entries (key -> text), then read the ``read`` keys; report what was found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -28,7 +30,8 @@ def say(**event: Any) -> None:
 async def churn(options: dict[str, Any]) -> None:
     disk = DiskBackend(f"disk://{options['dir']}?max_bytes={options['max_bytes']}")
     rng = random.Random(options["seed"])
-    counts = {"ops": 0, "failures": 0}
+    counts: dict[str, Any] = {"ops": 0, "failures": 0, "errors": {}}
+    bound = options.get("bound")
     await anyio.sleep(max(0.0, options["start_at"] - time.time()))
     deadline = time.time() + options["seconds"]
 
@@ -36,13 +39,15 @@ async def churn(options: dict[str, Any]) -> None:
         while time.time() < deadline:
             keys = [f"k{rng.randrange(3000)}" for _ in range(rng.randint(1, 3))]
             try:
-                if rng.random() < 0.5:
-                    await disk.get_many(keys)
-                else:
-                    await disk.set_many([StoreItem(k, rng.randbytes(rng.randrange(100, 4000)), None,
-                                                   (f"t{int(k[1:]) % 5}",)) for k in keys])
-            except Exception:
+                with disk.within(bound) if bound is not None else contextlib.nullcontext():
+                    if rng.random() < 0.5:
+                        await disk.get_many(keys)
+                    else:
+                        await disk.set_many([StoreItem(k, rng.randbytes(rng.randrange(100, 4000)), None,
+                                                       (f"t{int(k[1:]) % 5}",)) for k in keys])
+            except Exception as exc:
                 counts["failures"] += 1
+                counts["errors"][str(exc)] = counts["errors"].get(str(exc), 0) + 1
             counts["ops"] += 1
 
     async with anyio.create_task_group() as tg:

@@ -54,13 +54,15 @@ def file_and_log_size(path: Path) -> int:
 
 def test_four_writer_processes_keep_the_file_and_its_log_within_twice_the_bound(tmp_path: Path) -> None:
     """Four processes, 8 tasks each, write and read as fast as they can for 8 s on one directory with
-    ``max_bytes=1MiB``: the database file plus its ``-wal``, sampled every few milliseconds, never exceeds 2 MiB,
-    the byte bound holds, and no operation failed. (Before, the log alone reached 15-340 MB: automatic
-    checkpoints cannot shrink a log that other processes keep reading.)"""
+    ``max_bytes=1MiB``, each operation bounded as the engine bounds a tier call (``within``, the default 250 ms):
+    the database file plus its ``-wal``, sampled every few milliseconds, never exceeds 2 MiB, the byte bound
+    holds, and no operation failed or timed out. (Before, the log alone reached 15-340 MB: automatic checkpoints
+    cannot shrink a log that other processes keep reading. And 3-4 % of writes timed out: SQLite's busy handler
+    polls with sleeps, so a process waited seconds for the write lock while the others took turns.)"""
     directory = tmp_path / "shared"
     path = directory / "cachelayers.sqlite3"
     start_at = time.time() + 2  # time for every interpreter to start
-    workers = [start("churn", dir=str(directory), max_bytes=MiB, seconds=8, seed=i, start_at=start_at)
+    workers = [start("churn", dir=str(directory), max_bytes=MiB, seconds=8, seed=i, start_at=start_at, bound=0.25)
                for i in range(4)]
     peak = 0
     while any(w.poll() is None for w in workers):
@@ -69,7 +71,7 @@ def test_four_writer_processes_keep_the_file_and_its_log_within_twice_the_bound(
     reports = [result(w) for w in workers]
     print(f"peak database + log: {peak:,} bytes; reports: {reports}")
     assert all(r["ops"] > 100 for r in reports), reports
-    assert [r["failures"] for r in reports] == [0, 0, 0, 0]
+    assert [r["failures"] for r in reports] == [0, 0, 0, 0], [r["errors"] for r in reports]
     assert max(r["used"] for r in reports) <= MiB
     assert peak <= 2 * MiB, f"database + log reached {peak:,} bytes for max_bytes={MiB:,}"
 

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Final, TypeVar
@@ -37,6 +37,7 @@ MAX_BATCH_JOBS: Final = 4096  # jobs per transaction (writes) or per snapshot (r
 SMALL_PAGES_UP_TO: Final = 64 * 1024**2  # a new database for a bound up to this gets 1 KiB pages
 WAL_LIMIT_MAX: Final = 4 * 1024 * 1024  # bytes of write-ahead log at most between two full checkpoints
 CHECKPOINT_WAIT: Final = 0.5  # seconds a forced checkpoint waits for other processes' readers and writers
+CHECKPOINT_RETRY: Final = (1.0, 32.0)  # seconds before a checkpoint that readers kept from finishing is tried again
 _CHUNK: Final = 500  # keys per statement, well below SQLite's limit on bound parameters (999 before 3.32)
 _ROWS: Final = 150  # rows per multi-row INSERT (5 parameters each)
 _PREFIX_END: Final = "\U0010ffff"
@@ -135,6 +136,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
         self.evictions = 0
         self.reopened = 0
         self.checkpoints = 0
+        self._checkpoint_retry = (0.0, 0, 0.0)  # after busy checkpoints: (time, log size) to wait for, the backoff
         # The log is truncated by a full checkpoint in the writer's thread, which holds up the writes queued
         # behind it: a 64 MiB checkpoint took 0.36 s, longer than a tier's timeout, so the limit stays a few MiB.
         wal_limit = min(max(self.max_bytes // 4, 256 * 1024), WAL_LIMIT_MAX)
@@ -319,8 +321,30 @@ class DiskBackend(Backend, ClearPrefixSupport):
         lane.close_db()
 
     def _transaction(self, jobs: list[Job], db: sqlite3.Connection) -> int:
-        """The writes of ``jobs`` in order, one LRU tick each, consecutive stores merged; return evictions."""
-        db.execute("BEGIN IMMEDIATE")
+        """One transaction for the writes of ``jobs``; return evictions.
+
+        Writers of every process queue on the lock file before they take SQLite's write lock: the kernel hands
+        the file to the next waiter when it is released, where SQLite's busy handler polls with sleeps of up to
+        100 ms, and a process could wait seconds while the others took turns (four processes writing flat out:
+        3-4 % of writes waited past a 250 ms tier timeout). That wait is marked `Lane.locked_out`: it is the one
+        a tier timeout ends.
+        """
+        with self._write_turn():
+            with self._writer.locked_out():  # another program's connection may hold SQLite's lock all the same
+                db.execute("BEGIN IMMEDIATE")
+            evicted = self._write_jobs(jobs, db)
+        return evicted
+
+    @contextlib.contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        """Hold the lock file: this process's turn to write or checkpoint. Waiting for it is `Lane.locked_out`."""
+        with contextlib.ExitStack() as held:
+            with self._writer.locked_out():
+                held.enter_context(database.locked(self._lock_path))
+            yield
+
+    def _write_jobs(self, jobs: list[Job], db: sqlite3.Connection) -> int:
+        """The writes of ``jobs`` in order, one LRU tick each, consecutive stores merged; commit; return evictions."""
         try:
             db.execute("UPDATE meta SET value = value + ? WHERE name = 'tick'", (len(jobs),))
             (tick,) = db.execute("SELECT value FROM meta WHERE name = 'tick'").fetchone()
@@ -451,18 +475,30 @@ class DiskBackend(Backend, ClearPrefixSupport):
 
         Automatic checkpoints never shrink the log while another process reads from it, so with several busy
         processes it grew without bound (hundreds of MB for a 1 MiB bound). A ``TRUNCATE`` checkpoint blocks
-        writers and waits (up to `CHECKPOINT_WAIT`) for readers to leave the log. Every writer that finds the log
-        past its limit, before or after its transaction, first takes the lock file: one of them checkpoints, the
-        others wait for it and then find the log short, instead of growing it while the checkpoint waits for the
-        write lock. If readers stay longer, the next write tries again.
+        writers and waits (up to `CHECKPOINT_WAIT`) for readers to leave the log. It takes the lock file, as every
+        transaction does: one writer checkpoints, the others wait for it and then find the log short, instead of
+        growing it while the checkpoint waits for the write lock. If readers stay longer, the checkpoint is tried
+        again once the log has doubled or after a backoff (`CHECKPOINT_RETRY`: one second, doubling to 32), not
+        on every write: a reader that kept its snapshot open cost each write half a second.
         """
-        if self._wal_size() <= self._pragmas.wal_limit:
+        size, limit = self._wal_size(), self._pragmas.wal_limit
+        if size <= limit:
             return
-        with database.locked(self._lock_path):
-            if self._wal_size() > self._pragmas.wal_limit:  # unless another process just did it
-                self._truncate_wal(db)
+        retry_at, retry_size, backoff = self._checkpoint_retry
+        if time.monotonic() < retry_at and size < retry_size:
+            return
+        with self._write_turn():
+            size = self._wal_size()
+            if size <= limit:  # another process just did it
+                return
+            if self._truncate_wal(db):
+                backoff = min(max(CHECKPOINT_RETRY[0], 2 * backoff), CHECKPOINT_RETRY[1])
+                self._checkpoint_retry = (time.monotonic() + backoff, 2 * size, backoff)
+            else:
+                self._checkpoint_retry = (0.0, 0, 0.0)
 
-    def _truncate_wal(self, db: sqlite3.Connection) -> None:
+    def _truncate_wal(self, db: sqlite3.Connection) -> bool:
+        """Copy the log into the database and truncate it; return whether readers kept it from finishing."""
         db.execute(f"PRAGMA busy_timeout = {int(CHECKPOINT_WAIT * 1000)}")
         try:
             (busy, _, _) = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -470,6 +506,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         if not busy:
             self.checkpoints += 1
+        return bool(busy)
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Remove the keys."""
@@ -515,9 +552,10 @@ class DiskBackend(Backend, ClearPrefixSupport):
         await self._write(op)
 
     def within(self, seconds: float) -> _Patience:
-        """Bound the operations run inside by progress: `TimeoutError` once a lane went ``seconds`` without
-        finishing a batch or using CPU (another process holds the lock, the disk stalled), `BackendBusyError`
-        (skipped, not a failure) once an operation waited eight times ``seconds`` behind other callers."""
+        """Bound the operations run inside: `TimeoutError` once a write has waited ``seconds`` for another
+        process's write lock, or a lane went eight times ``seconds`` without finishing a batch or using CPU (a
+        stalled disk); `BackendBusyError` (skipped, not a failure) once an operation waited eight times
+        ``seconds`` behind other callers."""
         return _Patience(seconds)
 
     # -- introspection ------------------------------------------------------------------------------------

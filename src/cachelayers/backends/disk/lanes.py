@@ -8,9 +8,9 @@ are woken with one thread-safe callback per event loop and batch, which works un
 A lane's thread ends after a few idle seconds (closing its connection) and starts again on the next job, so an
 unused backend holds no thread and no file.
 
-Waiting has a deadline measured in progress, not in wall-clock time (see `wait_for`): a thousand callers queued
-behind each other on a busy event loop wait as long as the lane keeps finishing batches or using CPU, and a lane
-stuck on another process's lock times out after the engine's tier timeout.
+Waiting has a deadline that tells a tier that fails from one that is busy (see `wait_for`): a lane refused a lock
+by another connection for the engine's tier timeout has failed; a thousand callers queued behind each other on a
+busy event loop, or a batch waiting for a checkpoint, have not, and wait while the lane makes progress.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, cast
 
 import anyio
@@ -34,9 +34,9 @@ __all__ = ["PATIENCE", "Job", "Lane", "submit_and_wait"]
 
 IDLE_SECONDS: Final = 2.0
 BUSY_ROUNDS: Final = 8
-"""A job that waited this many timeouts while its lane made progress for others is given up as congestion."""
+"""A job is given up after waiting this many timeouts: as congestion if its lane made progress meanwhile."""
 WORKING_CPU: Final = 0.001
-"""CPU seconds a lane's thread must have used during one timeout to count as working (not blocked on a lock)."""
+"""CPU seconds a lane's thread must have used during a wait to count as working (not stalled)."""
 
 PATIENCE: Final[contextvars.ContextVar[float | None]] = contextvars.ContextVar("cachelayers_disk_patience",
                                                                                default=None)
@@ -87,13 +87,15 @@ class Lane:
         self._stopping = False
         self._clock: int | None = None
         self.batches = 0
+        self.locked_out_since: float | None = None
+        """While the lane waits for a lock another connection holds: when it began (`time.monotonic`)."""
 
     def progress(self) -> tuple[int, float]:
         """``(batches finished, CPU seconds of the thread)``: what tells a working lane from a stuck one.
 
-        A lane waiting on another process's lock (SQLite's busy handler sleeps) finishes nothing and uses no
-        CPU; a lane working through a long queue does one or the other. The CPU time is 0 where the platform
-        cannot read another thread's clock.
+        A stalled lane (a disk that does not answer) finishes nothing and uses no CPU; a lane working through
+        a long queue does one or the other. The CPU time is 0 where the platform cannot read another thread's
+        clock.
         """
         clock = self._clock
         cpu = 0.0
@@ -101,6 +103,15 @@ class Lane:
             with contextlib.suppress(OSError):
                 cpu = time.clock_gettime(clock)
         return self.batches, cpu
+
+    @contextlib.contextmanager
+    def locked_out(self) -> Iterator[None]:
+        """Mark the statement run inside as waiting for another connection's lock (SQLite's busy handler)."""
+        self.locked_out_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.locked_out_since = None
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; start the thread if it is not running."""
@@ -215,24 +226,34 @@ async def submit_and_wait(lane: Lane, work: Any, size: int = 0) -> Any:
 
 
 async def wait_for(lane: Lane, job: Job, done: anyio.Event, seconds: float) -> None:
-    """Wait for ``job`` with a deadline in progress: `TimeoutError` once ``lane`` went ``seconds`` without
-    finishing a batch or using CPU; `BackendBusyError` once the job waited `BUSY_ROUNDS` times ``seconds`` while
-    the lane worked for others.
+    """Wait for ``job``: `TimeoutError` once ``lane`` has waited ``seconds`` for a lock another connection holds,
+    or went `BUSY_ROUNDS` times ``seconds`` without finishing a batch or using CPU (a stalled disk);
+    `BackendBusyError` once the job waited that long while the lane worked for others.
 
-    A wall-clock deadline fails under a burst: a thousand callers on one event loop wake late, and the lane
-    (which needs the interpreter lock between statements) runs slower, though nothing is wrong. Neither is a
-    failure of the tier; a lane that stops moving (a lock held by another process, a stalled disk) is.
+    A wall-clock deadline fails under load though nothing is wrong: a thousand callers on one event loop wake
+    late, the lane (which needs the interpreter lock between statements) runs slower, and a checkpoint waits
+    (up to half a second) for readers to leave the log, sleeping without CPU. A lane that another process's lock
+    keeps from writing has failed, and says so by `Lane.locked_out`.
     """
+    started = time.monotonic()
     seen = lane.progress()
-    for _ in range(BUSY_ROUNDS):
-        with anyio.move_on_after(seconds):
+    rounds, wait = 0, seconds
+    while True:
+        with anyio.move_on_after(wait):
             await done.wait()
             return
         if job.finished:  # answered; the wake-up is still queued behind other callbacks of a busy loop
             return
-        now = lane.progress()
-        if now[0] == seen[0] and now[1] - seen[1] < WORKING_CPU:
-            raise TimeoutError(f"the disk tier's {lane.name} made no progress for {seconds:g}s")
-        seen = now
-    raise BackendBusyError(f"the disk tier's {lane.name} was busy with other callers for "
-                           f"{BUSY_ROUNDS * seconds:g}s")
+        since = lane.locked_out_since
+        locked = 0.0 if since is None else time.monotonic() - since
+        if locked >= seconds:
+            raise TimeoutError(f"the disk tier's {lane.name} waited {locked:.2g}s for a lock another connection "
+                               f"holds (tier timeout {seconds:g}s)")
+        rounds += 1  # rounds of this waiter's timer, not seconds: a late event loop is not the lane's doing
+        if rounds >= BUSY_ROUNDS:
+            batches, cpu = lane.progress()
+            waited = time.monotonic() - started
+            if batches == seen[0] and cpu - seen[1] < WORKING_CPU:
+                raise TimeoutError(f"the disk tier's {lane.name} made no progress for {waited:.2g}s")
+            raise BackendBusyError(f"the disk tier's {lane.name} was busy with other callers for {waited:.2g}s")
+        wait = seconds - locked  # a lock wait under way times out when it reaches ``seconds``
