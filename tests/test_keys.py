@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import inspect
 import json
 import math
 import os
@@ -313,6 +314,28 @@ def test_function_identity_version_and_namespace_change_the_key() -> None:
     # A function moved to another module keeps its entries when it keeps its name=.
     assert key_of(KeyBuilder(f, name="pipeline.answer"), 1) == key_of(KeyBuilder(other, name="pipeline.answer"), 1)
     assert function_identity(f) == "tests.test_keys.f"
+
+
+async def _positional(a: Any, b: Any, c: Any = "c", d: Any = None) -> Any:
+    return a
+
+
+@given(args=st.lists(keyable_values, max_size=5), kwargs=st.dictionaries(st.sampled_from("abcde"), keyable_values,
+                                                                          max_size=2))
+def test_arguments_are_what_the_signature_binds(args: list[Any], kwargs: dict[str, Any]) -> None:
+    """`KeyBuilder.arguments` (which skips `inspect.Signature.bind` for positional calls) returns what ``bind`` and
+    ``apply_defaults`` return, in the same order, and raises TypeError exactly when ``bind`` does."""
+    signature = inspect.signature(_positional)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        with pytest.raises(TypeError):
+            KeyBuilder(_positional).arguments(tuple(args), kwargs)
+        return
+    bound.apply_defaults()
+    got = KeyBuilder(_positional).arguments(tuple(args), kwargs)
+    assert list(got.items()) == list(bound.arguments.items())
+    assert all(got[name] is bound.arguments[name] for name in got)
 
 
 def test_key_function_replaces_the_arguments() -> None:

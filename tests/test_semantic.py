@@ -25,7 +25,7 @@ from cachelayers import (
     semantic_cached,
 )
 from cachelayers.backends.vectors import VectorIndex
-from cachelayers.engines.semantic import SemanticFunction
+from cachelayers.engines.semantic import SemanticFunction, arguments
 from tests.conftest import FakeClock
 from tests.semantic_helpers import AngleEmbedder, CountingEmbedder
 
@@ -195,6 +195,29 @@ def test_no_call_is_ever_answered_from_another_partition_or_tenant(calls: list[t
                 assert lookup.matched_text == got[2]
 
     anyio.run(run)
+
+
+async def test_partitions_of_equal_looking_scalars_never_share_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partition digest of plain scalar arguments is remembered per function: ``1``, ``True``, ``1.0``,
+    ``"1"``, ``b"1"`` (equal or alike to Python) stay distinct partitions, also after the memo fills and starts
+    again (its size is made 2 here), and each digest is the one computed without the memo."""
+    monkeypatch.setattr(arguments, "_MEMO_SIZE", 2)
+
+    @semantic_cached(threshold=0.0, cache_embeddings=False)
+    async def ask(question: str, model: Any) -> tuple[str, Any]:
+        return question, model
+
+    models: list[Any] = [1, True, 1.0, "1", b"1", None, 0, False, 2**70]
+    for round_ in range(2):
+        for model in models:
+            got = await ask(f"question {round_}", model)
+            assert type(got[1]) is type(model), (model, got)
+            assert got[1] == model, (model, got)
+    splitter = ask.cache._split
+    for model in models:
+        expected = splitter._digest({"model": model})
+        assert splitter.split({"question": "q", "model": model})[1] == expected
+    assert len(splitter._memo) <= 2
 
 
 async def test_an_unkeyable_partition_argument_raises_a_type_error_naming_it() -> None:

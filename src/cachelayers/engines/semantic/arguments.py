@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
-from cachelayers.keys import KeyBuilder, canonical_bytes
+from cachelayers.keys import FAST_TYPES, KeyBuilder, canonical_bytes
 
 __all__ = ["CallSplitter"]
+
+_MEMO_ARGUMENTS: Final = 4  # partitions of at most this many scalar arguments have their digest remembered
+_MEMO_SIZE: Final = 4096  # digests remembered per function (the memo starts again when full)
 
 
 class CallSplitter:
@@ -63,6 +66,8 @@ class CallSplitter:
         self._partition_exclude = frozenset({self._text_arg} if self._text_arg else ()) | self.keys.ignored
         self._token = self.keys.token.encode()
         self._signature = inspect.signature(fn)
+        self._memo: dict[tuple[tuple[str, Any], ...], bytes] = {}
+        """Partition digests of calls whose partition arguments are a few plain scalars (most calls)."""
 
     def prefill_arguments(self, text: str, partition_arguments: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments of a call with semantic text ``text`` and ``partition_arguments`` (for `split`).
@@ -123,10 +128,17 @@ class CallSplitter:
             raise TypeError(f"semantic_cached {self.identity}(): the semantic text ({where}) must be a str, "
                             f"got {type(text).__name__}")
         if self._partition_fn is not None:
-            value: Any = ("partition=", self._partition_fn(**arguments))
-        else:
-            value = {k: v for k, v in arguments.items() if k not in self._partition_exclude}
-        return text, self._digest(value)
+            return text, self._digest(("partition=", self._partition_fn(**arguments)))
+        value = {k: v for k, v in arguments.items() if k not in self._partition_exclude}
+        if len(value) > _MEMO_ARGUMENTS or any(type(v) not in FAST_TYPES for v in value.values()):
+            return text, self._digest(value)
+        memo_key = tuple(value.items())  # values of these types never equal one of another type (1 == True)
+        digest = self._memo.get(memo_key)
+        if digest is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            digest = self._memo[memo_key] = self._digest(value)
+        return text, digest
 
     def _digest(self, value: Any) -> bytes:
         try:

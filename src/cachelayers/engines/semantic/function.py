@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -213,7 +214,8 @@ class SemanticFunction(Generic[P, T]):
                 self.log.failure("embedding cache", exc)
                 cached = _NO_VECTOR
             if (isinstance(cached, np.ndarray) and cached.dtype == np.float32 and cached.ndim == 1
-                    and (self._ndim is None or cached.shape[0] == self._ndim) and np.isfinite(cached).all()):
+                    and (self._ndim is None or cached.shape[0] == self._ndim)
+                    and math.isfinite(float(np.dot(cached, cached)))):  # finite iff every element is
                 return cached
         try:
             vector = await self._batcher.submit(text)
