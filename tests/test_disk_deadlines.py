@@ -23,6 +23,24 @@ def lane_running(run_batch: object) -> Lane:
     return Lane("test", run_batch, max_jobs=10, max_size=1 << 30)  # type: ignore[arg-type]
 
 
+async def wait_on(run_batch: object, seconds: float, work: object = "job",
+                  release: threading.Event | None = None) -> tuple[object, float]:
+    """Submit ``work`` to a lane running ``run_batch``, waiting within ``seconds`` (`PATIENCE`); return its result
+    or the exception raised, and the seconds waited. ``release`` is set afterwards (it ends a blocked batch)."""
+    lane = lane_running(run_batch)
+    token = PATIENCE.set(seconds)
+    started = time.monotonic()
+    try:
+        outcome: object = await submit_and_wait(lane, work)
+    except Exception as exc:
+        outcome = exc
+    finally:
+        PATIENCE.reset(token)
+        if release is not None:
+            release.set()
+    return outcome, time.monotonic() - started
+
+
 class TestWaitFor:
     async def test_a_lane_locked_out_times_out_after_the_timeout(self) -> None:
         """A batch waiting for another connection's lock (SQLite's busy handler sleeps) has failed: the waiter
@@ -33,16 +51,10 @@ class TestWaitFor:
             with lane.locked_out():
                 release.wait(10)
 
-        lane = lane_running(locked_out)
-        token = PATIENCE.set(0.1)
-        started = time.monotonic()
-        try:
-            with pytest.raises(TimeoutError, match="for a lock another connection holds"):
-                await submit_and_wait(lane, "job")
-        finally:
-            PATIENCE.reset(token)
-            release.set()
-        assert 0.1 <= time.monotonic() - started < 2  # one timeout and the loop's lateness, far from 10 s
+        outcome, waited = await wait_on(locked_out, 0.1, release=release)
+        assert isinstance(outcome, TimeoutError)
+        assert "for a lock another connection holds" in str(outcome)
+        assert 0.1 <= waited < 2  # one timeout and the loop's lateness, far from 10 s
 
     async def test_a_batch_sleeping_without_a_lock_wait_is_answered_past_the_timeout(self) -> None:
         """A batch that sleeps for three timeouts without CPU and without waiting for a lock (a checkpoint
@@ -53,12 +65,7 @@ class TestWaitFor:
             for job in jobs:
                 job.result = job.work * 2
 
-        lane = lane_running(checkpointing)
-        token = PATIENCE.set(0.1)
-        try:
-            assert await submit_and_wait(lane, 21) == 42
-        finally:
-            PATIENCE.reset(token)
+        assert (await wait_on(checkpointing, 0.1, 21))[0] == 42
 
     async def test_a_stalled_lane_times_out_after_the_busy_rounds(self) -> None:
         """A batch that neither finishes nor uses CPU nor waits for a lock (a disk that does not answer):
@@ -68,16 +75,10 @@ class TestWaitFor:
         def stalled(lane: Lane, jobs: list[Job]) -> None:
             release.wait(10)
 
-        lane = lane_running(stalled)
-        token = PATIENCE.set(0.05)
-        started = time.monotonic()
-        try:
-            with pytest.raises(TimeoutError, match="made no progress"):
-                await submit_and_wait(lane, "job")
-        finally:
-            PATIENCE.reset(token)
-            release.set()
-        assert BUSY_ROUNDS * 0.05 <= time.monotonic() - started < 5
+        outcome, waited = await wait_on(stalled, 0.05, release=release)
+        assert isinstance(outcome, TimeoutError)
+        assert "made no progress" in str(outcome)
+        assert BUSY_ROUNDS * 0.05 <= waited < 5
 
     async def test_a_lane_working_for_others_is_waited_for_then_skipped_as_busy(self) -> None:
         """A lane that keeps using CPU (a long batch for other callers) is not stuck: the waiter waits
@@ -88,16 +89,10 @@ class TestWaitFor:
             while not release.is_set():
                 sum(range(1000))
 
-        lane = lane_running(spinning)
-        token = PATIENCE.set(0.05)
-        started = time.monotonic()
-        try:
-            with pytest.raises(BackendBusyError, match="busy with other callers"):
-                await submit_and_wait(lane, "job")
-        finally:
-            PATIENCE.reset(token)
-            release.set()
-        assert time.monotonic() - started >= BUSY_ROUNDS * 0.05
+        outcome, waited = await wait_on(spinning, 0.05, release=release)
+        assert isinstance(outcome, BackendBusyError)
+        assert "busy with other callers" in str(outcome)
+        assert waited >= BUSY_ROUNDS * 0.05
 
     async def test_a_slow_batch_that_finishes_is_answered_past_the_timeout(self) -> None:
         """A batch that works (CPU) for three timeouts and then answers: the waiter gets its result."""
@@ -108,12 +103,7 @@ class TestWaitFor:
             for job in jobs:
                 job.result = job.work * 2
 
-        lane = lane_running(slow)
-        token = PATIENCE.set(0.1)
-        try:
-            assert await submit_and_wait(lane, 21) == 42
-        finally:
-            PATIENCE.reset(token)
+        assert (await wait_on(slow, 0.1, 21))[0] == 42
 
     async def test_without_a_bound_the_wait_is_unbounded(self) -> None:
         def slow(lane: Lane, jobs: list[Job]) -> None:
