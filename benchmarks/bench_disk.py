@@ -11,6 +11,10 @@ default ``tier_timeout`` (250 ms):
 * **backend mix**: 1,000 callers on `DiskBackend` directly, each doing 5 operations (70 % ``get_many`` of 1-3
   keys, 30 % ``set_many`` of 1-3 entries), each bounded by 250 ms as the engine bounds a tier call
   (``DiskBackend.within``).
+* **4 processes**: ``--processes`` processes (4) on one directory with ``max_bytes=1MiB`` (so the log is
+  checkpointed often), 8 tasks each writing (``set_many`` of 1-3 entries of 100-4,000 bytes, 50 %) and reading
+  (``get_many``) random keys as fast as they can for ``--process-seconds`` (5), every operation bounded like the
+  backend mix. Calls = operations of all processes; landed = operations that returned / operations.
 
 Reported per scenario (median over ``--rounds``): wall time and calls per second; **failures** = the disk
 tier's timeouts + errors + skipped calls (skipped: its circuit breaker was open after failures; for the
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from _util import environment, environment_line, render_table
 from cachelayers import Settings, StoreItem, TieredCache, multilevel_cached
@@ -143,13 +148,59 @@ async def backend_mix(directory: Path, seed: int) -> dict[str, Any]:
             "computed": 0, "calls": CALLERS * OPS_PER_CALLER, "wanted": len(written)}
 
 
-async def run(rounds: int) -> dict[str, Any]:
+async def churn(options: dict[str, Any]) -> dict[str, int]:
+    """One process of the **4 processes** scenario (run as ``bench_disk.py --worker '<json>'``)."""
+    disk = DiskBackend(f"disk://{options['dir']}?max_bytes=1MiB")
+    bound = getattr(disk, "within", anyio.fail_after)
+    rng = random.Random(options["seed"])
+    counts = {"ops": 0, "failures": 0}
+    await anyio.sleep(max(0.0, options["start_at"] - time.time()))
+    deadline = time.time() + options["seconds"]
+
+    async def client() -> None:
+        while time.time() < deadline:
+            keys = [f"k{rng.randrange(3000)}" for _ in range(rng.randint(1, 3))]
+            try:
+                with bound(OP_TIMEOUT):
+                    if rng.random() < 0.5:
+                        await disk.get_many(keys)
+                    else:
+                        await disk.set_many([StoreItem(k, rng.randbytes(rng.randrange(100, 4000)), None,
+                                                       (f"t{int(k[1:]) % 5}",)) for k in keys])
+            except Exception:
+                counts["failures"] += 1
+            counts["ops"] += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(client)
+    await disk.aclose()
+    return counts
+
+
+def processes(directory: Path, count: int, seconds: float) -> dict[str, Any]:
+    """The **4 processes** scenario: ``count`` worker processes started together on ``directory``."""
+    start_at = time.time() + 2  # time for every interpreter to start
+    workers = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(
+        {"dir": str(directory), "seed": i, "start_at": start_at, "seconds": seconds})],
+        stdout=subprocess.PIPE, text=True) for i in range(count)]
+    reports = [json.loads(worker.communicate()[0]) for worker in workers]
+    ops = sum(r["ops"] for r in reports)
+    failures = sum(r["failures"] for r in reports)
+    return {"scenario": f"{count} processes", "seconds": seconds, "failures": failures, "landed": ops - failures,
+            "computed": 0, "calls": ops, "wanted": ops}
+
+
+async def run(rounds: int, process_count: int, process_seconds: float) -> dict[str, Any]:
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-disk-") as tmp:
         for round_ in range(rounds):
             found = [*await engine_rounds(Path(tmp, f"md{round_}"), True, f"md{round_}"),
                      *await engine_rounds(Path(tmp, f"d{round_}"), False, f"d{round_}"),
                      await backend_mix(Path(tmp, f"mix{round_}"), round_)]
+            if process_count:
+                found.append(await anyio.to_thread.run_sync(processes, Path(tmp, f"p{round_}"), process_count,
+                                                            process_seconds))
             for result in found:
                 by_scenario.setdefault(result["scenario"], []).append(result)
     return {"environment": environment(["cachelayers", "anyio"]), "rounds": rounds,
@@ -160,7 +211,7 @@ def summary_rows(document: dict[str, Any]) -> list[list[str]]:
     rows = []
     for scenario, results in document["scenarios"].items():
         seconds = statistics.median(r["seconds"] for r in results)
-        calls = results[0]["calls"]
+        calls = round(statistics.median(r["calls"] for r in results))
         failures = [r["failures"] for r in results]
         # landed / wanted of the median round by landed (for the backend mix, each round wants other keys)
         landed = sorted(results, key=lambda r: r["landed"])[len(results) // 2]
@@ -184,14 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     parser.add_argument("--before", type=Path, default=None,
                         help="an older checkout's src directory, measured first in a subprocess")
+    parser.add_argument("--processes", type=int, default=4, help="processes of the last scenario (0: skip it)")
+    parser.add_argument("--process-seconds", type=float, default=5.0)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(anyio.run(churn, json.loads(args.worker))))
+        return 0
     before = None
     if args.before is not None:
         env = {**os.environ, "PYTHONPATH": str(args.before)}
-        out = subprocess.run([sys.executable, __file__, "--json", "--rounds", str(args.rounds)], env=env,
+        out = subprocess.run([sys.executable, __file__, "--json", "--rounds", str(args.rounds), "--processes",
+                              str(args.processes), "--process-seconds", str(args.process_seconds)], env=env,
                              check=True, capture_output=True, text=True).stdout
         before = json.loads(out)
-    document = anyio.run(run, args.rounds)
+    document = anyio.run(run, args.rounds, args.processes, args.process_seconds)
     if args.json:
         print(json.dumps(document, indent=1))
         return 0
