@@ -114,6 +114,28 @@ class TestWaitFor:
         assert await submit_and_wait(lane_running(slow), None) == "done"
 
 
+def locked_since(lane: Lane) -> float | None:
+    return lane.locked_out_since
+
+
+async def test_a_forked_child_does_not_inherit_its_parents_lock_wait() -> None:
+    """At a fork the parent's writer may be waiting for another process's lock; the child has no such thread,
+    so its lane must not look locked out (every write of the child would time out at once)."""
+    def answer(lane: Lane, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.result = "done"
+
+    lane = lane_running(answer)
+    lane.locked_out_since = time.monotonic() - 10  # as the parent's thread left it
+    lane.forget()  # what `os.register_at_fork(after_in_child=...)` runs
+    assert locked_since(lane) is None
+    token = PATIENCE.set(0.05)
+    try:
+        assert await submit_and_wait(lane, "job") == "done"
+    finally:
+        PATIENCE.reset(token)
+
+
 def gil_hogs(count: int) -> tuple[list[threading.Thread], threading.Event]:
     stop = threading.Event()
 

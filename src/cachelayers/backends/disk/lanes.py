@@ -142,6 +142,7 @@ class Lane:
         self._jobs = deque()
         self._thread = None
         self._stopping = False
+        self.locked_out_since = None  # the parent's thread may have been waiting for a lock at the fork
         _INHERITED.append(self.db)  # never closed here: closing would release the parent's locks
         self.db = None
         self.generation = -1
