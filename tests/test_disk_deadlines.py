@@ -15,6 +15,7 @@ from cachelayers.backends.base import BackendBusyError
 from cachelayers.backends.disk import DiskBackend
 from cachelayers.backends.disk.lanes import BUSY_ROUNDS, PATIENCE, Job, Lane, submit_and_wait
 from tests.bursts import burst
+from tests.conftest import FakeClock
 
 pytestmark = [pytest.mark.disk, pytest.mark.anyio]
 
@@ -241,6 +242,49 @@ async def test_a_reader_holding_its_snapshot_neither_fails_writes_nor_makes_each
     assert 1 <= attempts <= 12, attempts
     assert await disk.get_many(["k399"]) == [blob]
     await disk.aclose()
+
+
+async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_reads_go_on(tmp_path: Path) -> None:
+    """Another process hangs holding the disk tier's write lock while reads still work: after
+    ``breaker_threshold`` write timeouts the write breaker opens, and later misses skip the write instead of
+    paying a timeout each, while reads still go to the disk (a hit included). Once the holder is gone and the
+    cool-down has passed (a fake clock), a probe write lands and closes the breaker. (Before, reads and writes
+    shared one breaker: each successful read closed it again, so every miss paid a write timeout for as long
+    as the holder hung: 40 timeouts in 40 calls.)"""
+    clock = FakeClock()
+    url = f"disk://{tmp_path}/hung"
+    cache = TieredCache(Settings(tiers={"disk": url}, tier_timeout="100ms", breaker_threshold=3,
+                                 breaker_cooldown="2s"), monotonic=clock)
+    calls = 0
+
+    @multilevel_cached(cache=cache, name="hung")
+    async def f(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x + 1
+
+    assert await f(0) == 1  # stored on disk before the holder takes the lock
+    holder = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for x in range(1, 9):
+            assert await f(x) == x + 1
+        assert await f(0) == 1  # a read hit from the disk all the same
+        stats = cache.tier_stats()["disk"]
+        assert (stats["timeouts"], stats["skipped"]) == (3, 5), stats
+        assert (stats["breaker"], stats["write_breaker"]) == ("closed", "open"), stats
+        assert stats["hits"] == 1, stats
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert calls == 9
+    clock.advance(2.5)
+    assert await f(100) == 101  # the probe write lands
+    stats = cache.tier_stats()["disk"]
+    assert (stats["writes"], stats["write_breaker"]) == (2, "closed"), stats
+    assert await f(100) == 101
+    assert calls == 10
+    await cache.aclose()
 
 
 async def test_a_read_skipped_as_busy_is_a_miss_not_a_failure(tmp_path: Path) -> None:

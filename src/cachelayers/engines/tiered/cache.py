@@ -231,6 +231,7 @@ class TieredCache:
         for tier in self.tiers:
             tier_snap: dict[str, Any] = tier.stats.snapshot()
             tier_snap["breaker"] = tier.breaker.state
+            tier_snap["write_breaker"] = tier.write_breaker.state
             evictions = getattr(tier.backend, "evictions", None)
             if isinstance(evictions, int):
                 tier_snap["evictions"] = evictions

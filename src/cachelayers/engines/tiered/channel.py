@@ -140,7 +140,7 @@ class Listener:
         async def load() -> dict[str, int] | None:
             return await backend.load_epochs(key, tier.timeout)  # a crowded loop is not a silent Redis
 
-        table = await tier.call(load, None, scoped=False)
+        table = await tier.call(load, None, scoped=False, write=False)
         if table is None:
             raise ConnectionError(f"loading the invalidation epochs from tier {tier.name!r} failed")
         epochs.loaded(table)

@@ -36,8 +36,8 @@ class FailureCounter(Protocol):
 class Tier:
     """A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
 
-    __slots__ = ("backend", "breaker", "busy_reads", "cache", "failure_serial", "log", "name", "read_within", "stats",
-                 "strict", "timeout", "write_within")
+    __slots__ = ("backend", "breaker", "busy_reads", "cache", "failure_serial", "label", "log", "name", "read_within",
+                 "stats", "strict", "timeout", "write_breaker", "write_within")
 
     def __init__(self, name: str, backend: Backend, settings: Settings, log: StateLog,
                  monotonic: Callable[[], float], cache: FailureCounter) -> None:
@@ -46,6 +46,10 @@ class Tier:
         self.cache = cache
         self.timeout: float = settings.tier_timeout
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown, monotonic)
+        # Writes have a breaker of their own: a tier may answer reads while its writes keep failing (another
+        # process holds the disk tier's write lock and hangs; a Redis out of memory refuses writes), and a read
+        # that succeeds must not keep every miss paying a write timeout. A failed read counts against both.
+        self.write_breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown, monotonic)
         self.stats = TierStats(name)
         self.log = log
         self.strict = settings.strict
@@ -56,17 +60,21 @@ class Tier:
         # skipped, BackendBusyError) from a failure.
         self.write_within = backend.set_many_within if isinstance(backend, DeadlineSupport) else None
         self.busy_reads = f"reads of tier {name!r}"
+        self.label = f"tier {name!r}"
         self.failure_serial = 0
         """`TieredCache.failures` when this tier last failed: a call that started before skips its writes."""
 
-    async def call(self, op: Callable[[], Awaitable[T]], default: T, *, scoped: bool = True) -> T:
+    async def call(self, op: Callable[[], Awaitable[T]], default: T, *, scoped: bool = True,
+                   write: bool = True) -> T:
         """Run ``op`` under the tier's timeout and breaker; on failure count, log and return ``default``.
 
         ``scoped=False`` when ``op`` bounds itself by the tier timeout; otherwise it runs in the backend's
-        `Backend.within` scope. A `BackendBusyError` (the backend was congested: no connection free in time, or
-        busy with other callers) is counted as ``skipped``: not a failure, the breaker does not move.
+        `Backend.within` scope. ``write=False`` for an ``op`` that only reads: it answers to the read breaker.
+        A `BackendBusyError` (the backend was congested: no connection free in time, or busy with other callers)
+        is counted as ``skipped``: not a failure, the breaker does not move.
         """
-        if not self.breaker.allow():
+        breaker = self.write_breaker if write else self.breaker
+        if not breaker.allow():
             self.stats.skipped += 1
             return default
         try:
@@ -81,22 +89,31 @@ class Tier:
             return default
         except TimeoutError as exc:
             self.stats.timeouts += 1
-            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""))
+            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""), write=write)
         except Exception as exc:
             self.stats.errors += 1
-            self._failed(exc, f"{type(exc).__name__}: {exc}")
+            self._failed(exc, f"{type(exc).__name__}: {exc}", write=write)
         else:
-            if self.breaker.success():
-                self.log.recovered(f"tier {self.name!r}")
+            breaker.success()
+            self._recovered()
             return result
         return default
 
-    def _failed(self, exc: BaseException, message: str) -> None:
+    def _recovered(self) -> None:
+        """Log the tier's recovery once both breakers are closed (never between a good read and a bad write)."""
+        if self.breaker.state == "closed" and self.write_breaker.state == "closed":
+            self.log.recovered(self.label)
+
+    def _failed(self, exc: BaseException, message: str, *, write: bool) -> None:
+        """Count a failure: a write's against the write breaker, a read's against both (a tier that cannot
+        answer a read is not written to either)."""
         cache = self.cache
         cache.failures += 1
         self.failure_serial = cache.failures
-        opened = self.breaker.failure()
-        self.log.failure(f"tier {self.name!r}", message + (" (circuit breaker open)" if opened else ""))
+        opened = self.write_breaker.failure()
+        if not write:
+            opened = self.breaker.failure() or opened
+        self.log.failure(self.label, message + (" (circuit breaker open)" if opened else ""))
         if self.strict:
             raise BackendError(f"tier {self.name!r} {message}") from exc
 
@@ -118,14 +135,14 @@ class Tier:
             return None
         except TimeoutError as exc:
             self.stats.timeouts += 1
-            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""))
+            self._failed(exc, f"timed out after {self.timeout:g}s" + (f" ({exc})" if str(exc) else ""), write=False)
             return None
         except Exception as exc:
             self.stats.errors += 1
-            self._failed(exc, f"{type(exc).__name__}: {exc}")
+            self._failed(exc, f"{type(exc).__name__}: {exc}", write=False)
             return None
-        if self.breaker.success():
-            self.log.recovered(f"tier {self.name!r}")
+        self.breaker.success()
+        self._recovered()
         self.log.recovered(self.busy_reads)
         return blobs
 
