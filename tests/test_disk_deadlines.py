@@ -3,6 +3,7 @@ stuck on another process's lock is, and a job kept waiting behind others for too
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -244,13 +245,15 @@ async def test_a_reader_holding_its_snapshot_neither_fails_writes_nor_makes_each
     await disk.aclose()
 
 
-async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_reads_go_on(tmp_path: Path) -> None:
+async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_reads_go_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Another process hangs holding the disk tier's write lock while reads still work: after
     ``breaker_threshold`` write timeouts the write breaker opens, and later misses skip the write instead of
     paying a timeout each, while reads still go to the disk (a hit included). Once the holder is gone and the
     cool-down has passed (a fake clock), a probe write lands and closes the breaker. (Before, reads and writes
     shared one breaker: each successful read closed it again, so every miss paid a write timeout for as long
-    as the holder hung: 40 timeouts in 40 calls.)"""
+    as the holder hung: 40 timeouts in 40 calls, and the log said "failing" and "recovered" by turns.) The
+    outage is logged once when it starts and once when it ends."""
     clock = FakeClock()
     url = f"disk://{tmp_path}/hung"
     cache = TieredCache(Settings(tiers={"disk": url}, tier_timeout="100ms", breaker_threshold=3,
@@ -266,6 +269,7 @@ async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_rea
     assert await f(0) == 1  # stored on disk before the holder takes the lock
     holder = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
+    caplog.set_level(logging.WARNING, logger="cachelayers")
     try:
         for x in range(1, 9):
             assert await f(x) == x + 1
@@ -284,6 +288,8 @@ async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_rea
     assert (stats["writes"], stats["write_breaker"]) == (2, "closed"), stats
     assert await f(100) == 101
     assert calls == 10
+    messages = [r.getMessage() for r in caplog.records if "tier 'disk'" in r.getMessage()]
+    assert [m.split(": ")[1].split()[-1] for m in messages] == ["failing", "recovered"], messages
     await cache.aclose()
 
 

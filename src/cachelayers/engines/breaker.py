@@ -60,6 +60,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def trip(self) -> None:
+        """Open now, for a full cool-down (another breaker of the same tier just opened)."""
+        self.state = _OPEN
+        self._opened_at = self._clock()
+        self._probing = False
+
     def failure(self) -> bool:
         """Record a failure; return ``True`` when this opened the breaker."""
         self._failures += 1

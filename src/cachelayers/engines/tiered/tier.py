@@ -37,7 +37,7 @@ class Tier:
     """A tier below memory as the engine uses it: timeout, circuit breaker, counters, fail-open."""
 
     __slots__ = ("backend", "breaker", "busy_reads", "cache", "failure_serial", "label", "log", "name", "read_within",
-                 "stats", "strict", "timeout", "write_breaker", "write_within")
+                 "stats", "strict", "timeout", "write_breaker", "write_within", "writes_failing")
 
     def __init__(self, name: str, backend: Backend, settings: Settings, log: StateLog,
                  monotonic: Callable[[], float], cache: FailureCounter) -> None:
@@ -61,6 +61,8 @@ class Tier:
         self.write_within = backend.set_many_within if isinstance(backend, DeadlineSupport) else None
         self.busy_reads = f"reads of tier {name!r}"
         self.label = f"tier {name!r}"
+        self.writes_failing = False
+        """Whether the last write that reached the tier failed (reads working do not close the write breaker)."""
         self.failure_serial = 0
         """`TieredCache.failures` when this tier last failed: a call that started before skips its writes."""
 
@@ -94,14 +96,22 @@ class Tier:
             self.stats.errors += 1
             self._failed(exc, f"{type(exc).__name__}: {exc}", write=write)
         else:
-            breaker.success()
-            self._recovered()
+            if write:
+                self.writes_failing = False
+                breaker.success()
+                if self.breaker.state == "closed":
+                    self.log.recovered(self.label)
+            else:
+                self._read_succeeded()
             return result
         return default
 
-    def _recovered(self) -> None:
-        """Log the tier's recovery once both breakers are closed (never between a good read and a bad write)."""
-        if self.breaker.state == "closed" and self.write_breaker.state == "closed":
+    def _read_succeeded(self) -> None:
+        """A read worked: close the read breaker, and the write breaker too unless writes themselves failed
+        (then only a write that lands closes it, and only then is the tier logged as recovered)."""
+        self.breaker.success()
+        if not self.writes_failing:
+            self.write_breaker.success()
             self.log.recovered(self.label)
 
     def _failed(self, exc: BaseException, message: str, *, write: bool) -> None:
@@ -110,9 +120,15 @@ class Tier:
         cache = self.cache
         cache.failures += 1
         self.failure_serial = cache.failures
-        opened = self.write_breaker.failure()
-        if not write:
-            opened = self.breaker.failure() or opened
+        if write:
+            self.writes_failing = True
+            opened = self.write_breaker.failure()
+        else:
+            opened = self.breaker.failure()
+            if opened:  # and writes wait as long as reads do: a hung tier costs a call at most one timeout
+                self.write_breaker.trip()
+            else:
+                self.write_breaker.failure()
         self.log.failure(self.label, message + (" (circuit breaker open)" if opened else ""))
         if self.strict:
             raise BackendError(f"tier {self.name!r} {message}") from exc
@@ -141,8 +157,7 @@ class Tier:
             self.stats.errors += 1
             self._failed(exc, f"{type(exc).__name__}: {exc}", write=False)
             return None
-        self.breaker.success()
-        self._recovered()
+        self._read_succeeded()
         self.log.recovered(self.busy_reads)
         return blobs
 
