@@ -375,12 +375,7 @@ class KeyBuilder:
             p.default for p in self._params[self._first_default(self._params):]) if simple else ()
         if key is None and simple and not self._ignore:
             self._fast_arity = len(self._params)
-            defaults: list[Any] = []
-            for p in reversed(self._params):
-                if p.default is p.empty:
-                    break
-                defaults.insert(0, p.default)
-            self._defaults_tail = tuple(defaults)
+            self._defaults_tail = self._positional_defaults
         else:
             self._fast_arity = -1
             self._defaults_tail = ()
