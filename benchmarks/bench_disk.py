@@ -14,7 +14,8 @@ default ``tier_timeout`` (250 ms):
 * **4 processes**: ``--processes`` processes (4) on one directory with ``max_bytes=1MiB`` (so the log is
   checkpointed often), 8 tasks each writing (``set_many`` of 1-3 entries of 100-4,000 bytes, 50 %) and reading
   (``get_many``) random keys as fast as they can for ``--process-seconds`` (5), every operation bounded like the
-  backend mix. Calls = operations of all processes; landed = operations that returned / operations.
+  backend mix (the workload of ``tests/disk_worker.py churn``, which the multi-process tests run). Calls =
+  operations of all processes; landed = operations that returned / operations.
 
 Reported per scenario (median over ``--rounds``): wall time and calls per second; **failures** = the disk
 tier's timeouts + errors + skipped calls (skipped: its circuit breaker was open after failures; for the
@@ -52,6 +53,7 @@ CALLERS = 1000
 PAD = "v" * 1000
 OPS_PER_CALLER = 5
 OP_TIMEOUT = 0.25
+ROOT = Path(__file__).resolve().parent.parent  # the processes run the multi-process tests' worker from here
 
 
 def value_of(x: int) -> dict[str, Any]:
@@ -148,43 +150,15 @@ async def backend_mix(directory: Path, seed: int) -> dict[str, Any]:
             "computed": 0, "calls": CALLERS * OPS_PER_CALLER, "wanted": len(written)}
 
 
-async def churn(options: dict[str, Any]) -> dict[str, int]:
-    """One process of the **4 processes** scenario (run as ``bench_disk.py --worker '<json>'``)."""
-    disk = DiskBackend(f"disk://{options['dir']}?max_bytes=1MiB")
-    bound = getattr(disk, "within", anyio.fail_after)
-    rng = random.Random(options["seed"])
-    counts = {"ops": 0, "failures": 0}
-    await anyio.sleep(max(0.0, options["start_at"] - time.time()))
-    deadline = time.time() + options["seconds"]
-
-    async def client() -> None:
-        while time.time() < deadline:
-            keys = [f"k{rng.randrange(3000)}" for _ in range(rng.randint(1, 3))]
-            try:
-                with bound(OP_TIMEOUT):
-                    if rng.random() < 0.5:
-                        await disk.get_many(keys)
-                    else:
-                        await disk.set_many([StoreItem(k, rng.randbytes(rng.randrange(100, 4000)), None,
-                                                       (f"t{int(k[1:]) % 5}",)) for k in keys])
-            except Exception:
-                counts["failures"] += 1
-            counts["ops"] += 1
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(8):
-            tg.start_soon(client)
-    await disk.aclose()
-    return counts
-
-
 def processes(directory: Path, count: int, seconds: float) -> dict[str, Any]:
     """The **4 processes** scenario: ``count`` worker processes started together on ``directory``."""
     start_at = time.time() + 2  # time for every interpreter to start
-    workers = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(
-        {"dir": str(directory), "seed": i, "start_at": start_at, "seconds": seconds})],
-        stdout=subprocess.PIPE, text=True) for i in range(count)]
-    reports = [json.loads(worker.communicate()[0]) for worker in workers]
+    options = {"dir": str(directory), "max_bytes": 1024**2, "seconds": seconds, "start_at": start_at,
+               "bound": OP_TIMEOUT}
+    command = [sys.executable, "-m", "tests.disk_worker", "churn"]
+    workers = [subprocess.Popen([*command, json.dumps({**options, "seed": i})], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True) for i in range(count)]
+    reports = [json.loads(worker.communicate()[0].strip().splitlines()[-1]) for worker in workers]
     ops = sum(r["ops"] for r in reports)
     failures = sum(r["failures"] for r in reports)
     return {"scenario": f"{count} processes", "seconds": seconds, "failures": failures, "landed": ops - failures,
@@ -237,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an older checkout's src directory, measured first in a subprocess")
     parser.add_argument("--processes", type=int, default=4, help="processes of the last scenario (0: skip it)")
     parser.add_argument("--process-seconds", type=float, default=5.0)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(anyio.run(churn, json.loads(args.worker))))
-        return 0
     before = None
     if args.before is not None:
         env = {**os.environ, "PYTHONPATH": str(args.before)}
