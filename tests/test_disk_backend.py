@@ -19,6 +19,7 @@ from cachelayers import BackendError, ConfigError, Settings, StoreItem, TieredCa
 from cachelayers.backends import create_backend
 from cachelayers.backends.disk import ENTRY_OVERHEAD, DiskBackend
 from tests.conftest import FakeClock
+from tests.test_disk_deadlines import write_lock_held
 
 pytestmark = [pytest.mark.disk, pytest.mark.anyio]
 
@@ -245,15 +246,10 @@ async def test_reads_are_answered_while_another_connection_holds_the_write_lock(
     """While another connection (another process, say) holds the database's write lock for seconds, reads
     answer at once — hits included: marking them used is queued for the writer, which waits for the lock on
     its own. (Before, a hit took the write lock itself to mark the entry used, and waited ``busy_timeout``.)"""
-    disk = DiskBackend(f"disk://{tmp_path}/held?busy_timeout=5s")
+    url = f"disk://{tmp_path}/held?busy_timeout=5s"
+    disk = DiskBackend(url)
     await disk.set_many([StoreItem("k", b"v", None)])
-    other = sqlite3.connect(disk.path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        with anyio.fail_after(1):
-            assert await disk.get_many(["k", "missing"]) == [b"v", None]
-            assert await disk.get_many(["k"]) == [b"v"]
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
+    with write_lock_held(url), anyio.fail_after(1):
+        assert await disk.get_many(["k", "missing"]) == [b"v", None]
+        assert await disk.get_many(["k"]) == [b"v"]
     await disk.aclose()

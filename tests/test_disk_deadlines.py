@@ -3,10 +3,12 @@ stuck on another process's lock is, and a job kept waiting behind others for too
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,30 @@ async def test_a_forked_child_does_not_inherit_its_parents_lock_wait() -> None:
         PATIENCE.reset(token)
 
 
+@contextlib.contextmanager
+def write_lock_held(url: str) -> Iterator[None]:
+    """Another connection (another process, say) holds the disk tier's write lock inside."""
+    holder = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def plus_one(cache: TieredCache, name: str) -> tuple[Callable[[int], Awaitable[int]], list[int]]:
+    """``x + 1`` under ``@multilevel_cached`` on ``cache``, and the list of the arguments it computed."""
+    computed: list[int] = []
+
+    @multilevel_cached(cache=cache, name=name)
+    async def f(x: int) -> int:
+        computed.append(x)
+        return x + 1
+
+    return f, computed
+
+
 def gil_hogs(count: int) -> tuple[list[threading.Thread], threading.Event]:
     stop = threading.Event()
 
@@ -179,24 +205,12 @@ async def test_a_write_behind_another_process_lock_times_out_after_the_tier_time
     value, the timeout is counted, and once the lock is released the next write lands."""
     url = f"disk://{tmp_path}/held"
     cache = TieredCache(Settings(tiers={"memory": "memory://", "disk": url}, tier_timeout="200ms"))
-    calls = 0
-
-    @multilevel_cached(cache=cache, name="held")
-    async def f(x: int) -> int:
-        nonlocal calls
-        calls += 1
-        return x + 1
-
+    f, _ = plus_one(cache, "held")
     assert await f(0) == 1  # creates the file
-    other = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
+    with write_lock_held(url):
         started = time.monotonic()
         assert await f(1) == 2
         elapsed = time.monotonic() - started
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
     stats = cache.tier_stats()["disk"]
     assert (stats["timeouts"], stats["writes"]) == (1, 1), stats
     assert elapsed < 5, elapsed  # the tier timeout plus a loaded machine's slack, well under busy_timeout
@@ -258,19 +272,10 @@ async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_rea
     url = f"disk://{tmp_path}/hung"
     cache = TieredCache(Settings(tiers={"disk": url}, tier_timeout="100ms", breaker_threshold=3,
                                  breaker_cooldown="2s"), monotonic=clock)
-    calls = 0
-
-    @multilevel_cached(cache=cache, name="hung")
-    async def f(x: int) -> int:
-        nonlocal calls
-        calls += 1
-        return x + 1
-
+    f, computed = plus_one(cache, "hung")
     assert await f(0) == 1  # stored on disk before the holder takes the lock
-    holder = sqlite3.connect(DiskBackend(url).path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    caplog.set_level(logging.WARNING, logger="cachelayers")
-    try:
+    with write_lock_held(url):
+        caplog.set_level(logging.WARNING, logger="cachelayers")
         for x in range(1, 9):
             assert await f(x) == x + 1
         assert await f(0) == 1  # a read hit from the disk all the same
@@ -278,16 +283,13 @@ async def test_writes_behind_a_hung_lock_holder_open_the_write_breaker_while_rea
         assert (stats["timeouts"], stats["skipped"]) == (3, 5), stats
         assert (stats["breaker"], stats["write_breaker"]) == ("closed", "open"), stats
         assert stats["hits"] == 1, stats
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert calls == 9
+    assert len(computed) == 9
     clock.advance(2.5)
     assert await f(100) == 101  # the probe write lands
     stats = cache.tier_stats()["disk"]
     assert (stats["writes"], stats["write_breaker"]) == (2, "closed"), stats
     assert await f(100) == 101
-    assert calls == 10
+    assert len(computed) == 10
     messages = [r.getMessage() for r in caplog.records if "tier 'disk'" in r.getMessage()]
     assert [m.split(": ")[1].split()[-1] for m in messages] == ["failing", "recovered"], messages
     await cache.aclose()
