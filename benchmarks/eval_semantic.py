@@ -40,7 +40,7 @@ import anyio
 import numpy as np
 
 from _util import make_parser, render_table, to_json
-from cachelayers import Candidate, explain, semantic_cached
+from cachelayers import AnswerAgreement, Candidate, explain, semantic_cached
 from cachelayers.calibrate import Calibration, Pair, load_pairs
 from cachelayers.embedders import PairVerifier, embed, embedder_name, resolve_embedder
 
@@ -119,6 +119,11 @@ async def replay(embedder: Any, pairs: list[dict[str, str]], protocol: str,
     for row in pairs:
         truth.setdefault(row["similar"], group[row["origin"]])
 
+    options = dict(options)
+    agreement = options.pop("agreement", None)
+    if agreement is not None:  # one policy per function, each run from the same seed
+        options["agreement"] = AnswerAgreement(**agreement)
+
     @semantic_cached(embed=embedder, name=f"eval-{uuid.uuid4().hex}", cache_embeddings=False, **options)
     async def answer(question: str) -> int:
         return truth[question]
@@ -183,6 +188,23 @@ async def verified_precision(vectors: dict[str, np.ndarray], qqp: list[Pair], th
     return out
 
 
+def text_only_bounds(vectors: dict[str, np.ndarray], pairs: list[dict[str, str]]) -> dict[str, float]:
+    """What the replay allows a rule that sees only the two texts (their embeddings): see the guide."""
+    origins = list(dict.fromkeys(row["origin"] for row in pairs))
+    first = {origin: next(row["similar"] for row in pairs if row["origin"] == origin) for origin in origins}
+    o = np.stack([vectors[t] for t in origins])
+    q = np.stack([vectors[first[t]] for t in origins])
+    o /= np.linalg.norm(o, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    own = np.einsum("ij,ij->i", q, o)
+    p10 = float(np.quantile(own, 0.10))
+    between = o @ o.T
+    earlier = np.array([between[i, :i].max() if i else -1.0 for i in range(len(origins))])
+    return {"nearest_origin_right": 100 * float(np.mean((q @ o.T).argmax(axis=1) == np.arange(len(origins)))),
+            "paraphrase_p10": p10, "paraphrase_p50": float(np.median(own)),
+            "origins_with_earlier_twin_at_p10": 100 * float(np.mean(earlier >= p10))}
+
+
 def point_at(calibration: Calibration, threshold: float) -> Any:
     return min(calibration.points, key=lambda p: abs(p.threshold - threshold))
 
@@ -205,7 +227,12 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         options["margin"] = args.margin
     if args.verifier is not None:
         options["verifier"] = PairVerifier(args.verifier)
+    if args.agreement is not None:
+        options["agreement"] = {"max_error": args.agreement, "window": args.agreement_window,
+                                "min_rate": args.agreement_min_rate, "seed": args.seed}
     rows = []
+    if args.bounds:
+        return {"embedder": embedder_name(model), "bounds": text_only_bounds(vectors, mock)}
     for protocol in ("realistic", "pre-loaded"):
         for split in ("all", "tune", "held"):
             pairs = mock if split == "all" else [r for r in mock if half_of(r["origin"]) == split]
@@ -223,6 +250,17 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_report(r: dict[str, Any], target: float) -> None:
+    if "bounds" in r:
+        b = r["bounds"]
+        print(f"\n## {r['embedder']}: what a rule of texts alone can reach on the replay\n")
+        print(f"pre-loaded, the nearest origin is the right one for {b['nearest_origin_right']:.1f} % of the "
+              f"paraphrases")
+        print(f"a paraphrase's similarity to its origin: 10th percentile {b['paraphrase_p10']:.3f}, median "
+              f"{b['paraphrase_p50']:.3f}")
+        print(f"origins with an earlier, distinct origin at least as similar as that 10th percentile: "
+              f"{b['origins_with_earlier_twin_at_p10']:.1f} % (realistic: answered by their twin at a threshold "
+              f"that serves 90 % of paraphrases)")
+        return
     extra = "".join(f", {k} {v}" for k, v in r["options"].items())
     print(f"\n## {r['embedder']} (threshold {r['threshold']}{extra})\n")
     print("(a) GPTCache replay through @semantic_cached")
@@ -261,12 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=None, help="override the embedder's default margin")
     parser.add_argument("--verifier", type=float, default=None, metavar="P",
                         help="add a PairVerifier accepting at probability >= P")
+    parser.add_argument("--agreement", type=float, default=None, metavar="MAX_ERROR",
+                        help="add an AnswerAgreement with this max_error")
+    parser.add_argument("--agreement-window", type=int, default=None)
+    parser.add_argument("--agreement-min-rate", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the agreement's draws")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N replay pairs")
     parser.add_argument("--qqp", action=argparse.BooleanOptionalAction, default=True, help="run (b) too")
     parser.add_argument("--qqp-limit", type=int, default=None, help="use a fixed random sample of N QQP pairs")
     parser.add_argument("--target-precision", type=float, default=0.9)
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache embeddings here (.npy)")
+    parser.add_argument("--bounds", action="store_true",
+                        help="print what a rule of texts alone can reach on the replay, and stop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not (args.data / "gptcache-mock-pairs.json").exists():

@@ -42,6 +42,7 @@ from cachelayers.engines import (
     with_fallbacks,
 )
 from cachelayers.engines.semantic import (
+    AnswerAgreement,
     Candidate,
     Explanation,
     Lookup,
@@ -75,6 +76,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adaptive",
     "AllAttemptsFailedError",
+    "AnswerAgreement",
     "Backend",
     "BackendError",
     "BackendURL",

@@ -168,6 +168,9 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
         verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
             is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected. The
             embedder's ``default_verifier`` (if any) when neither ``threshold`` nor ``verifier`` is given.
+        agreement: An `AnswerAgreement`: compute some would-be hits instead of serving them and compare the
+            answers, as often as the disagreements seen require to keep wrong answers near its ``max_error``
+            (see the semantic caching guide). Off by default: it fits functions whose answers can be compared.
         max_candidates: Candidates above the threshold offered to the verifier, best first (4 by default).
         namespace: Group of entries; the function's identity by default.
         version: Bump it to stop serving entries stored by older code.
@@ -184,7 +187,7 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
     Raises:
         ConfigError: At decoration time: ``threshold`` or ``margin`` outside [0, 1] (or missing with an uncalibrated
             embedder), ``text`` naming no parameter, a ``text`` function without ``partition``, a bad
-            ``ttl``, ``max_entries``, ``max_total_entries`` or ``vector_index``.
+            ``ttl``, ``max_entries``, ``max_total_entries``, ``vector_index`` or ``agreement``.
         TypeError: An unknown option (at once); the function is not callable. At call time, a semantic text
             that is not a ``str``, or a partition argument that cannot be keyed (`UnkeyableArgumentError`).
     """

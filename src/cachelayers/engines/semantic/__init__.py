@@ -4,6 +4,7 @@
 `lookups` reports how each call was answered, `arguments` splits a call into text and partition.
 """
 
+from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.function import SemanticFunction
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
 from cachelayers.engines.semantic.lookups import (
@@ -18,6 +19,6 @@ from cachelayers.engines.semantic.lookups import (
 from cachelayers.engines.semantic.options import DEFAULT_MAX_ENTRIES, SemanticOptions
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "Candidate", "Entry", "Explanation", "Level", "Lookup", "SemanticCacheInfo",
-           "SemanticFunction", "SemanticOptions", "SemanticStats", "SemanticStore", "Verifier", "explain",
-           "last_lookup", "open_store"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "AnswerAgreement", "Candidate", "Entry", "Explanation", "Level", "Lookup",
+           "SemanticCacheInfo", "SemanticFunction", "SemanticOptions", "SemanticStats", "SemanticStore", "Verifier",
+           "explain", "last_lookup", "open_store"]

@@ -25,6 +25,7 @@ from cachelayers.durations import parse_duration
 from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
+from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.arguments import CallSplitter
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
 from cachelayers.engines.semantic.lookups import Candidate, Lookup, record
@@ -105,6 +106,10 @@ class SemanticFunction(Generic[P, T]):
         if verifier is not None and not callable(verifier):
             raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
         self._verifier = verifier
+        agreement = options.get("agreement")
+        if agreement is not None and not isinstance(agreement, AnswerAgreement):
+            raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
+        self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
         self._explicit_cache = options.get("cache")
         self._cache_embeddings = bool(options.get("cache_embeddings", True))
@@ -375,11 +380,20 @@ class SemanticFunction(Generic[P, T]):
             if self._verifier is not None and not await self._verify(text, entry, value, similarity):
                 rejected += 1
                 continue
+            agreement = self._agreement
+            if agreement is not None and agreement.should_check():
+                return await self._check(store, args, kwargs, text, partition, vector, value, similarity)
             store.touch(entry)
             self.stats.semantic_hits += 1
             self.stats.cached_latency.add(time.perf_counter() - started)
             self._record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected))
             return cast(T, value)
+        result = await self._compute_and_store(store, args, kwargs, text, partition, vector)
+        self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
+        return result
+
+    async def _compute_and_store(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                 text: str, partition: bytes, vector: np.ndarray) -> T:
         self.stats.misses += 1
         began = time.perf_counter()
         result = await self._fn(*args, **kwargs)
@@ -391,7 +405,19 @@ class SemanticFunction(Generic[P, T]):
         except (SerializationError, BackendError, OSError, RuntimeError, ValueError) as exc:
             self.stats.index_errors += 1
             self._failed(f"semantic store of {self.identity}", exc)
-        self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
+        return result
+
+    async def _check(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any], text: str,
+                     partition: bytes, vector: np.ndarray, cached: Any, similarity: float) -> T:
+        """Compute a would-be hit instead of serving it, and tell the agreement policy whether it was right."""
+        assert self._agreement is not None
+        result = await self._compute_and_store(store, args, kwargs, text, partition, vector)
+        agreed = self._agreement.observe(result, cached)
+        self.stats.answer_checks += 1
+        if not agreed:
+            self.stats.answer_disagreements += 1
+        self._record(Lookup(self.identity, "computed", similarity, None, text, partition.hex(), 0,
+                            "checked: the cached answer " + ("agreed" if agreed else "disagreed")))
         return result
 
     async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:
@@ -487,7 +513,7 @@ class SemanticFunction(Generic[P, T]):
             index_errors=s.index_errors, verifier_rejections=s.verifier_rejections,
             verifier_errors=s.verifier_errors, unstorable=s.unstorable, compactions=s.compactions,
             cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50),
-            corrupt=s.corrupt)
+            corrupt=s.corrupt, answer_checks=s.answer_checks, answer_disagreements=s.answer_disagreements)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""

@@ -34,14 +34,18 @@ class SemanticCacheInfo(NamedTuple):
     computed_p50: float | None
     corrupt: int = 0
     """Stored entries (rows, vectors, payloads) dropped because they failed their integrity check."""
+    answer_checks: int = 0
+    """Would-be semantic hits computed instead, to check them (``agreement=``); counted in ``misses`` too."""
+    answer_disagreements: int = 0
+    """Checks whose cached answer disagreed with the function's: wrong answers the checks kept from serving."""
 
 
 class SemanticStats:
     """The counters of one semantically cached function, bumped by its engine and its store."""
 
-    __slots__ = ("cached_latency", "compactions", "computed_latency", "corrupt", "embed_errors", "evictions",
-                 "exact_hits", "expirations", "index_errors", "misses", "semantic_hits", "uncached", "unstorable",
-                 "verifier_errors", "verifier_rejections")
+    __slots__ = ("answer_checks", "answer_disagreements", "cached_latency", "compactions", "computed_latency",
+                 "corrupt", "embed_errors", "evictions", "exact_hits", "expirations", "index_errors", "misses",
+                 "semantic_hits", "uncached", "unstorable", "verifier_errors", "verifier_rejections")
 
     def __init__(self) -> None:
         self.exact_hits = 0
@@ -57,6 +61,8 @@ class SemanticStats:
         self.unstorable = 0
         self.compactions = 0
         self.corrupt = 0
+        self.answer_checks = 0
+        self.answer_disagreements = 0
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
 

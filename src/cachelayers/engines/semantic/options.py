@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
 
+from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.lookups import Verifier
 from cachelayers.engines.tiered import TieredCache
 
@@ -37,6 +38,7 @@ class SemanticOptions(TypedDict, total=False):
     max_entries: int
     max_total_entries: int
     verifier: Verifier | None
+    agreement: AnswerAgreement | None
     max_candidates: int
     namespace: str | None
     version: str | int

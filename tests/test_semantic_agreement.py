@@ -1,0 +1,184 @@
+"""Answer agreement: would-be hits checked by computing them, as often as the disagreements seen require."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from cachelayers import AnswerAgreement, ConfigError, explain, semantic_cached
+from tests.semantic_helpers import AngleEmbedder
+
+pytestmark = pytest.mark.anyio
+
+
+def test_a_cold_policy_checks_nearly_everything() -> None:
+    policy = AnswerAgreement(0.02)
+    assert policy.estimated_error == 0.5  # one agreeing and one disagreeing check assumed
+    assert policy.rate == pytest.approx(0.96)
+    assert (policy.window, policy.min_rate) == (50, 0.01)
+    assert AnswerAgreement(0.5).window == 10
+    assert AnswerAgreement(0.02, window=49).window == 49  # 1/51 < 0.02: the shortest window allowed
+
+
+def test_agreements_lower_the_rate_to_the_floor_and_disagreements_raise_it() -> None:
+    policy = AnswerAgreement(0.02, window=50, min_rate=0.05, seed=1)
+    for _ in range(50):
+        policy.observe("same", "same")
+    assert policy.estimated_error == pytest.approx(1 / 52)
+    assert policy.rate == 0.05  # 1 - 0.02 / (1/52) < 0: the floor keeps a few checks
+    for _ in range(3):
+        policy.observe("new", "old")
+    assert policy.estimated_error == pytest.approx(4 / 52)  # the window slid: 47 agreeing, 3 not
+    assert policy.rate == pytest.approx(1 - 0.02 / (4 / 52))
+    assert (policy.checks, policy.disagreements) == (53, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(outcomes=st.lists(st.booleans(), max_size=120), window=st.integers(1, 120),
+       max_error=st.floats(0.01, 0.5), min_rate=st.floats(0.0, 1.0))
+def test_property_the_rate_follows_the_window_and_a_disagreement_never_lowers_it(
+        outcomes: list[bool], window: int, max_error: float, min_rate: float) -> None:
+    assume(window + 2 > 1 / max_error)
+    policy = AnswerAgreement(max_error, window=window, min_rate=min_rate, seed=0)
+    for agreed in outcomes:
+        policy.observe(1, 1 if agreed else 2)
+    recent = outcomes[-window:]
+    error = (recent.count(False) + 1) / (len(recent) + 2)
+    assert policy.estimated_error == pytest.approx(error)
+    assert min_rate <= policy.rate <= 1.0
+    assert policy.rate == pytest.approx(min(1.0, max(min_rate, 1 - max_error / error)))
+    disagreeing, agreeing = AnswerAgreement(max_error, window=window, min_rate=min_rate), \
+        AnswerAgreement(max_error, window=window, min_rate=min_rate)
+    for agreed in outcomes:
+        disagreeing.observe(1, 1 if agreed else 2)
+        agreeing.observe(1, 1 if agreed else 2)
+    disagreeing.observe(1, 2)
+    agreeing.observe(1, 1)
+    assert disagreeing.rate >= agreeing.rate
+
+
+@pytest.mark.parametrize(("field", "kwargs"), [
+    ("max_error", {"max_error": 0.0}), ("max_error", {"max_error": 1.0}), ("max_error", {"max_error": math.nan}),
+    ("max_error", {"max_error": "2%"}), ("max_error", {"max_error": True}), ("window", {"window": 0}),
+    ("window", {"window": 2.5}), ("window", {"max_error": 0.02, "window": 48}), ("min_rate", {"min_rate": -0.1}),
+    ("min_rate", {"min_rate": 1.5}), ("agree", {"agree": "equal"}),
+])
+def test_bad_arguments_are_config_errors_naming_the_field(field: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=field):
+        AnswerAgreement(**kwargs)
+
+
+def test_an_agreement_that_is_not_a_policy_is_refused_at_decoration() -> None:
+    with pytest.raises(ConfigError, match="agreement"):
+        @semantic_cached(embed=AngleEmbedder(), threshold=0.9, agreement=0.02)  # type: ignore[arg-type]
+        async def ask(question: str) -> str:
+            return question
+
+
+async def test_a_checked_would_be_hit_that_disagrees_is_computed_stored_and_counted() -> None:
+    calls: list[str] = []
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, cache_embeddings=False,
+                     agreement=AnswerAgreement(0.02, seed=0))
+    async def ask(question: str) -> str:
+        calls.append(question)
+        return f"answer to {question}"  # every question has its own answer
+
+    await ask.prefill([("a@0", "answer to a@0")])
+    with explain() as info:
+        assert await ask("a@3") == "answer to a@3"  # cos 3 degrees = 0.9986: a would-be hit, checked (rate 0.96)
+        assert await ask("a@3") == "answer to a@3"  # now an entry of its own
+    assert [(lookup.level, lookup.reason) for lookup in info] == [
+        ("computed", "checked: the cached answer disagreed"), ("exact", None)]
+    assert info[0].similarity == pytest.approx(math.cos(math.radians(3)), abs=1e-6)
+    assert calls == ["a@3"]
+    stats = ask.cache_info()
+    assert (stats.answer_checks, stats.answer_disagreements, stats.misses, stats.semantic_hits) == (1, 1, 1, 0)
+    assert stats.entries == 2
+
+
+async def test_a_function_whose_answers_never_agree_serves_about_max_error_of_its_would_be_hits() -> None:
+    policy = AnswerAgreement(0.02, seed=7)
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.5, cache_embeddings=False, agreement=policy,
+                     max_entries=10_000)
+    async def ask(question: str) -> str:
+        return f"answer to {question}"
+
+    await ask.prefill([("a@0", "answer to a@0")])
+    served_wrong = 0
+    for i in range(1, 601):
+        question = f"a@{i / 100}"  # each new question is near the entries before it, and has its own answer
+        if await ask(question) != f"answer to {question}":
+            served_wrong += 1
+    # Every check disagreed, so the estimate is about 1 and the rate about 1 - 0.02: ~2 % of 600 were served.
+    assert policy.checks + served_wrong == 600
+    assert policy.disagreements == policy.checks
+    assert served_wrong <= 30
+    assert ask.cache_info().semantic_hits == served_wrong
+
+
+async def test_a_function_whose_answers_agree_checks_less_and_less() -> None:
+    policy = AnswerAgreement(0.1, window=20, min_rate=0.1, seed=3)
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.5, cache_embeddings=False, agreement=policy)
+    async def ask(question: str) -> str:
+        return "the one answer"
+
+    await ask.prefill([("a@0", "the one answer")])
+    for i in range(1, 401):
+        assert await ask(f"a@{i / 10}") == "the one answer"
+    assert policy.disagreements == 0
+    assert policy.rate == 0.1  # the estimate (1/22) fell below max_error: the floor
+    # The first would-be hits were mostly checked, the rest at 10 %: far fewer than 400 computed.
+    assert 20 <= policy.checks <= 100
+    assert ask.cache_info().semantic_hits == 400 - policy.checks
+
+
+async def test_an_agree_that_raises_is_a_disagreement_and_the_call_still_answers() -> None:
+    def agree(new: Any, cached: Any) -> bool:
+        raise RuntimeError("cannot compare")
+
+    policy = AnswerAgreement(0.02, agree=agree, seed=0)
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, cache_embeddings=False, agreement=policy)
+    async def ask(question: str) -> str:
+        return "answer"
+
+    await ask.prefill([("a@0", "answer")])
+    assert await ask("a@2") == "answer"
+    assert (policy.checks, policy.disagreements) == (1, 1)
+
+
+async def test_a_custom_agree_compares_what_matters() -> None:
+    policy = AnswerAgreement(0.1, window=10, agree=lambda new, cached: new["text"] == cached["text"], seed=2)
+    counter = 0
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.5, cache_embeddings=False, agreement=policy)
+    async def ask(question: str) -> dict[str, Any]:
+        nonlocal counter
+        counter += 1
+        return {"id": counter, "text": "same words"}  # a completion: a new id every time, the same message
+
+    await ask("a@0")
+    for i in range(1, 101):
+        assert (await ask(f"a@{i / 10}"))["text"] == "same words"
+    assert policy.disagreements == 0
+    assert counter < 60  # equality of whole objects would have checked nearly every call
+
+
+def test_the_sync_decorator_takes_the_policy_too() -> None:
+    policy = AnswerAgreement(0.02, seed=0)
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, cache_embeddings=False, agreement=policy)
+    def ask(question: str) -> str:
+        return f"answer to {question}"
+
+    ask.prefill([("a@0", "answer to a@0")])
+    assert ask("a@1") == "answer to a@1"
+    assert policy.checks == 1
+
