@@ -11,8 +11,10 @@ estimated over the whole function rather than per entry, so that questions asked
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -29,33 +31,43 @@ def _equal(new: Any, cached: Any) -> bool:
 class AnswerAgreement:
     """Check would-be semantic hits by running the function, often enough to keep wrong answers rare.
 
-    Pass one as ``semantic_cached(check=...)``. A would-be hit (a candidate that passed the threshold, the
-    margin and the verifier) is *checked* with probability `rate`: the function runs, its result is returned
-    and stored as an entry of its own, and ``agree(result, cached_value)`` tells whether the cached answer would
-    have been right. The rate is ``1 - max_error / e``, where ``e`` estimates the share of would-be hits that
-    disagree over the last ``window`` checks (with one agreeing and one disagreeing check assumed a priori), so a
-    cold cache checks nearly everything and a cache that keeps agreeing checks ``min_rate`` of its hits.
+    Pass one as ``semantic_cached(agreement=...)``. A would-be hit (a candidate that passed the threshold, the
+    margin and the verifier) is *checked* with probability `rate`: the function runs and its result is returned,
+    and ``agree(result, cached_value)`` tells whether the cached answer would have been right. A result that
+    disagrees is stored as an entry of its own; one that agrees is not (the entry that agreed is marked used).
+    The rate is ``1 - max_error / e``, where ``e`` estimates the share of would-be hits that disagree, over the
+    last ``window`` checks with one agreeing and one disagreeing check assumed a priori: a cold cache checks
+    nearly everything (96 % at ``max_error=0.02``), a cache whose checks keep agreeing checks ``min_rate``.
+
+    What is bounded is the share of *would-be hits* served wrongly, about ``max_error`` once the estimate has
+    settled: checks are drawn at random, so the answers served are wrong as often as would-be hits are (where
+    half of them are wrong, about 4 % of would-be hits are served and half of those are wrong).
 
     Use it where the function's answers can be compared: a deterministic function, or an ``agree`` that compares
     what matters (the message text of a completion, not its id and timestamp). With an ``agree`` that never
-    holds, every would-be hit is checked, so the cache answers nothing semantically (it stays correct).
+    holds, about 98 % of would-be hits are checked and the other ~2 % are still served (wrongly, by that
+    ``agree``): the cache then saves next to nothing.
 
-    The state is one estimate per instance: give each decorated function its own.
+    The estimate is the instance's state, in this process: a new process starts cold. An instance serves one
+    decorated function (a second is refused).
 
     Args:
         max_error: The share of would-be hits allowed to disagree when served, in ``(0, 1)``.
-        window: How many of the latest checks the estimate looks at; ``1 / max_error`` by default (at least 10),
-            the fewest that let a window of agreements bring the rate down to ``min_rate``.
+        window: How many of the latest checks the estimate looks at: ``max(10, ceil(1 / max_error))`` by
+            default. At least ``1 / max_error - 2``, so that a window of agreements brings the rate down to
+            ``min_rate``.
         min_rate: The least probability of checking a would-be hit, in ``[0, 1]`` (1 % by default): keeps the
             estimate fresh when the answers change.
-        agree: ``(result, cached_value) -> bool``; ``==`` by default. If it raises, the answers disagree.
+        agree: ``(result, cached_value) -> bool``, a plain function; ``==`` by default. If it raises, the
+            answers disagree.
         seed: Seed of the random draws (tests); the system's entropy by default.
 
     Raises:
-        ConfigError: An argument is out of range, naming it.
+        ConfigError: An argument is out of range, or ``agree`` is an async function, naming it.
     """
 
-    __slots__ = ("_agree", "_outcomes", "_random", "checks", "disagreements", "max_error", "min_rate", "window")
+    __slots__ = ("_agree", "_outcomes", "_owner", "_random", "checks", "disagreements", "max_error", "min_rate",
+                 "window")
 
     def __init__(self, max_error: float = 0.02, *, window: int | None = None, min_rate: float = 0.01,
                  agree: Callable[[Any, Any], bool] | None = None, seed: int | None = None) -> None:
@@ -66,24 +78,37 @@ class AnswerAgreement:
             window = max(10, math.ceil(1.0 / max_error))
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError("window", window, "expected a positive number of checks")
-        if window + 2 <= 1.0 / max_error:  # even a window of agreements would keep the estimate above max_error
+        if window + 2 < 1.0 / max_error:  # even a window of agreements would keep the estimate above max_error
             raise ConfigError("window", window, f"too short for max_error={max_error}: a window of n agreeing "
-                              f"checks estimates 1/(n+2), so it needs at least {math.floor(1.0 / max_error) - 1}")
+                              f"checks estimates 1/(n+2), so it needs at least {math.ceil(1.0 / max_error) - 2}")
         if (isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not math.isfinite(min_rate)
                 or not 0.0 <= min_rate <= 1.0):
             raise ConfigError("min_rate", min_rate, "expected a probability in [0, 1]")
         if agree is not None and not callable(agree):
             raise ConfigError("agree", agree, "expected a function (result, cached_value) -> bool")
+        if agree is not None and (inspect.iscoroutinefunction(agree)
+                                  or inspect.iscoroutinefunction(type(agree).__call__)):
+            raise ConfigError("agree", agree, "expected a plain function (result, cached_value) -> bool, "
+                              "not an async one")
         self.max_error = float(max_error)
         self.window = window
         self.min_rate = float(min_rate)
         self._agree = agree if agree is not None else _equal
         self._random = random.Random(seed)
         self._outcomes: deque[bool] = deque(maxlen=window)
+        self._owner: weakref.ref[Any] | None = None
         self.checks = 0
         """Would-be hits checked so far."""
         self.disagreements = 0
         """Checks whose cached answer disagreed with the function's."""
+
+    def claim(self, owner: Any, name: str) -> None:
+        """Bind this policy to ``owner`` (a decorated function); refuse a second live one."""
+        current = self._owner() if self._owner is not None else None
+        if current is not None and current is not owner:
+            raise ConfigError("agreement", self, f"already used by {current!r}: give {name} an "
+                              "AnswerAgreement of its own (the estimate is per function)")
+        self._owner = weakref.ref(owner)
 
     @property
     def estimated_error(self) -> float:
@@ -104,7 +129,12 @@ class AnswerAgreement:
     def observe(self, result: Any, cached: Any) -> bool:
         """Record a check: whether ``cached`` (the would-be answer) agrees with ``result`` (the function's)."""
         try:
-            agreed = bool(self._agree(result, cached))
+            verdict: Any = self._agree(result, cached)
+            if inspect.isawaitable(verdict):  # an async agree slipped through (a lambda returning a coroutine)
+                getattr(verdict, "close", lambda: None)()
+                agreed = False
+            else:
+                agreed = bool(verdict)
         except Exception:  # an answer that cannot be compared is not one to serve
             agreed = False
         self._outcomes.append(agreed)

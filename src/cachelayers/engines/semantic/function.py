@@ -109,6 +109,8 @@ class SemanticFunction(Generic[P, T]):
         agreement = options.get("agreement")
         if agreement is not None and not isinstance(agreement, AnswerAgreement):
             raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
+        if agreement is not None:
+            agreement.claim(self, self.identity)
         self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
         self._explicit_cache = options.get("cache")
@@ -382,7 +384,8 @@ class SemanticFunction(Generic[P, T]):
                 continue
             agreement = self._agreement
             if agreement is not None and agreement.should_check():
-                return await self._check(store, args, kwargs, text, partition, vector, value, similarity)
+                return await self._check(store, args, kwargs, text, partition, vector, entry, value, similarity,
+                                         rejected)
             store.touch(entry)
             self.stats.semantic_hits += 1
             self.stats.cached_latency.add(time.perf_counter() - started)
@@ -398,6 +401,11 @@ class SemanticFunction(Generic[P, T]):
         began = time.perf_counter()
         result = await self._fn(*args, **kwargs)
         self.stats.computed_latency.add(time.perf_counter() - began)
+        await self._store_result(store, text, partition, vector, result)
+        return result
+
+    async def _store_result(self, store: SemanticStore, text: str, partition: bytes, vector: np.ndarray,
+                            result: Any) -> None:
         ttl = self._ttl if self._ttl is not None else get_settings().default_ttl
         expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
         try:
@@ -405,18 +413,28 @@ class SemanticFunction(Generic[P, T]):
         except (SerializationError, BackendError, OSError, RuntimeError, ValueError) as exc:
             self.stats.index_errors += 1
             self._failed(f"semantic store of {self.identity}", exc)
-        return result
 
     async def _check(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any], text: str,
-                     partition: bytes, vector: np.ndarray, cached: Any, similarity: float) -> T:
-        """Compute a would-be hit instead of serving it, and tell the agreement policy whether it was right."""
+                     partition: bytes, vector: np.ndarray, entry: Entry, cached: Any, similarity: float,
+                     rejected: int) -> T:
+        """Compute a would-be hit instead of serving it, and tell the agreement policy whether it was right.
+
+        A result that disagrees is stored as an entry of its own; one that agrees is not (the entry that agreed
+        still answers this text, and a twin of it would make the margin see two entries where there is one).
+        """
         assert self._agreement is not None
-        result = await self._compute_and_store(store, args, kwargs, text, partition, vector)
+        self.stats.misses += 1
+        began = time.perf_counter()
+        result = await self._fn(*args, **kwargs)
+        self.stats.computed_latency.add(time.perf_counter() - began)
         agreed = self._agreement.observe(result, cached)
         self.stats.answer_checks += 1
-        if not agreed:
+        if agreed:
+            store.touch(entry)
+        else:
             self.stats.answer_disagreements += 1
-        self._record(Lookup(self.identity, "computed", similarity, None, text, partition.hex(), 0,
+            await self._store_result(store, text, partition, vector, result)
+        self._record(Lookup(self.identity, "computed", similarity, None, text, partition.hex(), rejected,
                             "checked: the cached answer " + ("agreed" if agreed else "disagreed")))
         return result
 
