@@ -302,3 +302,26 @@ def test_the_process_bound_is_validated_and_read_from_the_environment() -> None:
         Settings.from_env({"CACHELAYERS_SEMANTIC_MAX_ENTRIES": "-5"})
     assert Settings.from_env({"CACHELAYERS_SEMANTIC_MAX_ENTRIES": "2500"}).semantic_max_entries == 2500
     assert Settings().semantic_max_entries == 500_000
+
+
+async def test_a_full_partition_evicts_its_least_recently_used_in_a_batch() -> None:
+    from cachelayers.engines.semantic.store import eviction_batch
+
+    assert [eviction_batch(c) for c in (1, 999, 1000, 5000, 10_000, 64_000, 10**6)] == [1, 1, 1, 5, 10, 64, 64]
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.99999, max_entries=5000, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask.prefill([(f"a@{i / 1000}", f"v{i}") for i in range(5000)])
+    store = store_of(ask)
+    assert len(store.entries) == 5000 and ask.cache_info().evictions == 0
+    await ask.prefill([("b@0", "new 0")])  # full: the 5 least recently used go together
+    texts = {entry.text for entry in store.entries.values()}
+    assert len(store.entries) == 4996
+    assert not {f"a@{i / 1000}" for i in range(5)} & texts and "a@0.005" in texts and "b@0" in texts
+    await ask.prefill([(f"b@{i}", f"new {i}") for i in range(1, 5)])  # room for four more: no eviction
+    assert len(store.entries) == 5000 and ask.cache_info().evictions == 5
+    assert sum(len(p.index) for p in store.partitions.values()) == 5000
+    await ask.prefill([("c@0", "new")])
+    assert len(store.entries) == 4996 and ask.cache_info().evictions == 10
