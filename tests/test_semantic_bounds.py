@@ -315,13 +315,18 @@ async def test_a_full_partition_evicts_its_least_recently_used_in_a_batch() -> N
 
     await ask.prefill([(f"a@{i / 1000}", f"v{i}") for i in range(5000)])
     store = store_of(ask)
-    assert len(store.entries) == 5000 and ask.cache_info().evictions == 0
+    assert len(store.entries) == 5000
+    assert ask.cache_info().evictions == 0
     await ask.prefill([("b@0", "new 0")])  # full: the 5 least recently used go together
     texts = {entry.text for entry in store.entries.values()}
     assert len(store.entries) == 4996
-    assert not {f"a@{i / 1000}" for i in range(5)} & texts and "a@0.005" in texts and "b@0" in texts
+    assert not {f"a@{i / 1000}" for i in range(5)} & texts
+    assert "a@0.005" in texts
+    assert "b@0" in texts
     await ask.prefill([(f"b@{i}", f"new {i}") for i in range(1, 5)])  # room for four more: no eviction
-    assert len(store.entries) == 5000 and ask.cache_info().evictions == 5
+    assert len(store.entries) == 5000
+    assert ask.cache_info().evictions == 5
     assert sum(len(p.index) for p in store.partitions.values()) == 5000
     await ask.prefill([("c@0", "new")])
-    assert len(store.entries) == 4996 and ask.cache_info().evictions == 10
+    assert len(store.entries) == 4996
+    assert ask.cache_info().evictions == 10
