@@ -20,7 +20,13 @@ Reads ``../shared/data`` (see its README) at run time; nothing is copied into th
     halves of the pairs (split by a hash of the pair): the threshold is chosen on ``tune`` by
     `cachelayers.calibrate`'s rule for the target precision and its precision is reported on ``held``.
 
+Options beyond the default configuration: ``--threshold``, ``--margin``, ``--verifier P`` (a `PairVerifier`),
+``--agreement MAX_ERROR`` (an `AnswerAgreement` per replay, its draws seeded by ``--seed``); ``--bounds``
+prints what a rule that sees only the two texts can reach on the replay, and stops.
+
     python benchmarks/eval_semantic.py --embedders minilm default --cache-dir /tmp/eval-vectors
+    python benchmarks/eval_semantic.py --embedders minilm --no-qqp --threshold 0.80 --margin 0.05 --agreement 0.02
+    python benchmarks/eval_semantic.py --embedders minilm --no-qqp --bounds
 """
 
 from __future__ import annotations
