@@ -295,3 +295,23 @@ async def test_on_a_cluster_each_partition_is_one_hash_slot_and_partitions_sprea
     assert [k for k in all_keys(client, "*sem:*") if b":e:" in k or k.endswith(b"}:p")] == []
     client.close()
     await fn.aclose()
+
+
+async def test_a_checked_answer_that_disagrees_is_stored_for_the_other_processes(shared_url: str) -> None:
+    flush(shared_url)  # nothing an earlier test stored under this name can answer first
+    policy = cachelayers.AnswerAgreement(0.02, seed=0)
+    checker = make(shared_url, threshold=0.5, agreement=policy)
+    first, second = "How do I reset my password?", "How do I reset my password now?"
+    assert await checker(first) == {"q": first, "tenant": "t"}
+    with explain() as info:
+        assert await checker(second) == {"q": second, "tenant": "t"}  # a would-be hit on `first`, checked
+    assert info.last is not None
+    assert info.last.reason == "checked: the cached answer disagreed"
+    assert (policy.checks, policy.disagreements) == (1, 1)
+    other = make(shared_url, threshold=0.5)  # another 'process', no checks: finds the checked answer in Redis
+    with explain() as info:
+        assert await other(second) == {"q": second, "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "exact"
+    await checker.aclose()
+    await other.aclose()
