@@ -197,7 +197,9 @@ async def verified_precision(vectors: dict[str, np.ndarray], qqp: list[Pair], th
 def text_only_bounds(vectors: dict[str, np.ndarray], pairs: list[dict[str, str]]) -> dict[str, float]:
     """What the replay allows a rule that sees only the two texts (their embeddings): see the guide."""
     origins = list(dict.fromkeys(row["origin"] for row in pairs))
-    first = {origin: next(row["similar"] for row in pairs if row["origin"] == origin) for origin in origins}
+    first: dict[str, str] = {}
+    for row in pairs:
+        first.setdefault(row["origin"], row["similar"])
     o = np.stack([vectors[t] for t in origins])
     q = np.stack([vectors[first[t]] for t in origins])
     o /= np.linalg.norm(o, axis=1, keepdims=True)

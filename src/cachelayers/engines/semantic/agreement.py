@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cachelayers.errors import ConfigError
+from cachelayers.validation import positive_int
 
 __all__ = ["AnswerAgreement"]
 
@@ -74,10 +75,7 @@ class AnswerAgreement:
         if (isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not math.isfinite(max_error)
                 or not 0.0 < max_error < 1.0):
             raise ConfigError("max_error", max_error, "expected a share in (0, 1), e.g. 0.02")
-        if window is None:
-            window = max(10, math.ceil(1.0 / max_error))
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigError("window", window, "expected a positive number of checks")
+        window = max(10, math.ceil(1.0 / max_error)) if window is None else positive_int(window, "window")
         if window + 2 < 1.0 / max_error:  # even a window of agreements would keep the estimate above max_error
             raise ConfigError("window", window, f"too short for max_error={max_error}: a window of n agreeing "
                               f"checks estimates 1/(n+2), so it needs at least {math.ceil(1.0 / max_error) - 2}")

@@ -107,9 +107,9 @@ class SemanticFunction(Generic[P, T]):
             raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
         self._verifier = verifier
         agreement = options.get("agreement")
-        if agreement is not None and not isinstance(agreement, AnswerAgreement):
-            raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
         if agreement is not None:
+            if not isinstance(agreement, AnswerAgreement):
+                raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
             agreement.claim(self, self.identity)
         self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
@@ -395,12 +395,17 @@ class SemanticFunction(Generic[P, T]):
         self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
         return result
 
-    async def _compute_and_store(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
-                                 text: str, partition: bytes, vector: np.ndarray) -> T:
+    async def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        """Run the function for a call the cache does not answer: a miss, timed."""
         self.stats.misses += 1
         began = time.perf_counter()
         result = await self._fn(*args, **kwargs)
         self.stats.computed_latency.add(time.perf_counter() - began)
+        return result
+
+    async def _compute_and_store(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                 text: str, partition: bytes, vector: np.ndarray) -> T:
+        result = await self._compute(args, kwargs)
         await self._store_result(store, text, partition, vector, result)
         return result
 
@@ -423,10 +428,7 @@ class SemanticFunction(Generic[P, T]):
         still answers this text, and a twin of it would make the margin see two entries where there is one).
         """
         assert self._agreement is not None
-        self.stats.misses += 1
-        began = time.perf_counter()
-        result = await self._fn(*args, **kwargs)
-        self.stats.computed_latency.add(time.perf_counter() - began)
+        result = await self._compute(args, kwargs)
         agreed = self._agreement.observe(result, cached)
         self.stats.answer_checks += 1
         if agreed:
