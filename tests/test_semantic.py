@@ -621,6 +621,63 @@ async def test_identical_concurrent_calls_run_the_function_once() -> None:
     assert results == [1] * 5
 
 
+async def test_identical_concurrent_calls_that_fail_run_the_function_once_and_all_fail() -> None:
+    calls = 0
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> int:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.05)
+        raise LookupError(f"no answer, call {calls}")
+
+    errors: list[str] = []
+
+    async def one() -> None:
+        try:
+            await ask("same failing question")
+        except LookupError as exc:
+            errors.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+    assert calls == 1  # the waiters share the failure rather than retrying one after another
+    assert errors == ["no answer, call 1"] * 50
+    with pytest.raises(LookupError, match="call 2"):  # a failure is not cached: the next call runs again
+        await ask("same failing question")
+
+
+async def test_a_cancelled_call_hands_the_computation_to_a_waiter() -> None:
+    calls: list[str] = []
+    first_started = anyio.Event()
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        calls.append(question)
+        if len(calls) == 1:
+            first_started.set()
+            await anyio.sleep(10)
+        return "answer"
+
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def leader() -> None:
+            with scope:
+                await ask("slow question")
+
+        tg.start_soon(leader)
+        await first_started.wait()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as waiters:
+                waiters.start_soon(ask, "slow question")
+                await anyio.sleep(0.01)
+                scope.cancel()
+    assert calls == ["slow question", "slow question"]
+    assert ask.cache_info().entries == 1
+
+
 async def test_async_embedders_are_awaited() -> None:
     inner = HashingEmbedder(64)
 

@@ -6,6 +6,7 @@ import math
 from typing import Any, cast
 
 import anyio
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -66,12 +67,87 @@ def test_property_the_rate_follows_the_window_and_a_disagreement_never_lowers_it
     ("max_error", {"max_error": 0.0}), ("max_error", {"max_error": 1.0}), ("max_error", {"max_error": math.nan}),
     ("max_error", {"max_error": "2%"}), ("max_error", {"max_error": True}), ("window", {"window": 0}),
     ("window", {"window": 2.5}), ("window", {"max_error": 0.02, "window": 47}), ("min_rate", {"min_rate": -0.1}),
-    ("min_rate", {"min_rate": 1.5}), ("agree", {"agree": "equal"}),
+    ("min_rate", {"min_rate": 1.5}), ("agree", {"agree": "equal"}), ("seed", {"seed": [1]}),
+    ("seed", {"seed": object()}), ("seed", {"seed": True}),
 ])
 def test_bad_arguments_are_config_errors_naming_the_field(field: str, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError) as error:
         AnswerAgreement(**kwargs)
     assert error.value.field == field
+
+
+def test_numpy_numbers_are_accepted_as_shares() -> None:
+    policy = AnswerAgreement(cast(float, np.float32(0.02)), min_rate=np.float64(0.05), seed="run 1")
+    assert policy.max_error == pytest.approx(0.02)
+    assert policy.min_rate == 0.05
+    assert isinstance(policy.max_error, float)
+
+
+@pytest.mark.parametrize(("new", "cached", "agreed"), [
+    (np.arange(4.0), np.arange(4.0), True),
+    (np.arange(4.0), np.arange(4.0) + 1, False),
+    (np.arange(4.0), np.arange(5.0), False),  # another shape
+    (np.array([1.0, np.nan]), np.array([1.0, np.nan]), True),  # NaN is NaN in a value read back
+    (np.array(["a", "b"]), np.array(["a", "b"]), True),  # no NaN in strings: compared without it
+    ({"vector": np.ones(3), "label": "x"}, {"vector": np.ones(3), "label": "x"}, True),
+    ({"vector": np.ones(3), "label": "x"}, {"vector": np.zeros(3), "label": "x"}, False),
+    ({"vector": np.ones(3)}, {"other": np.ones(3)}, False),
+    ([np.ones(2), 1], [np.ones(2), 1], True),
+    ((np.ones(2),), [np.ones(2)], False),  # a tuple is not a list
+    (math.nan, math.nan, True),
+    ({"a": 1}, {"a": 1.0}, True),
+    ("answer", "answer", True),
+    ("answer", "other", False),
+])
+def test_the_default_agree_compares_arrays_and_containers_of_them_whole(new: Any, cached: Any,
+                                                                         agreed: bool) -> None:
+    policy = AnswerAgreement(0.02)
+    assert policy.observe(new, cached) is agreed
+    assert policy.error is None
+
+
+def test_an_ambiguous_comparison_is_a_disagreement_that_keeps_its_error() -> None:
+    class Elementwise:  # == answers element by element, like a pandas object without .equals
+        def __eq__(self, other: object) -> Any:
+            return np.array([True, False])
+
+    policy = AnswerAgreement(0.02)
+    assert policy.observe(Elementwise(), Elementwise()) is False
+    assert isinstance(policy.error, ValueError)
+    assert policy.observe(1, 1) is True
+    assert policy.error is None
+
+
+async def test_array_answers_that_agree_are_served_rather_than_stored_again() -> None:
+    policy = AnswerAgreement(0.02, seed=3)
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, cache_embeddings=False, agreement=policy)
+    async def ask(question: str) -> np.ndarray:
+        return np.ones(8)  # every question of the topic has this answer
+
+    await ask.prefill([("a@0", np.ones(8))])
+    for i in range(200):
+        np.testing.assert_array_equal(await ask(f"a@{1 + (i % 20) / 10}"), np.ones(8))
+    assert policy.disagreements == 0
+    assert 20 <= policy.checks <= 100
+    stats = ask.cache_info()
+    assert stats.entries == 1  # an agreeing answer is not stored again
+    assert stats.semantic_hits == 200 - policy.checks
+
+
+def test_a_refused_decoration_leaves_the_policy_and_the_name_free() -> None:
+    policy = AnswerAgreement(0.02)
+
+    async def ask(question: str) -> str:
+        return question
+
+    with pytest.raises(ConfigError) as error:
+        semantic_cached(embed=AngleEmbedder(), threshold=0.9, agreement=policy, max_candidates=0)(ask)
+    assert error.value.field == "max_candidates"
+    kept = error.value  # a traceback still referencing the refused engine (pytest.raises, a notebook)
+    fixed = semantic_cached(embed=AngleEmbedder(), threshold=0.9, agreement=policy)(ask)
+    assert fixed.cache._agreement is policy
+    assert kept is error.value
 
 
 def test_an_async_agree_is_refused_and_a_coroutine_returned_anyway_is_a_disagreement() -> None:

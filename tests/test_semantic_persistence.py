@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import textwrap
@@ -132,6 +133,34 @@ async def test_unstorable_values_are_returned_and_counted(tmp_path: Path) -> Non
     assert first is not await ask("something nobody can encode")
     assert ask.cache_info().unstorable == 2
     await ask.aclose()
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str
+    sources: tuple[str, ...]
+
+
+async def test_classes_the_return_annotation_names_are_stored_without_registration(tmp_path: Path) -> None:
+    cachelayers.configure(vector_index=f"usearch://{tmp_path}")
+
+    @semantic_cached(threshold=0.8, name="persist.typed")
+    async def ask(question: str) -> Answer:
+        return Answer(question.upper(), ("manual",))
+
+    assert await ask(QUESTIONS[0]) == Answer(QUESTIONS[0].upper(), ("manual",))
+    assert ask.cache_info().unstorable == 0
+    await ask.aclose()
+
+    @semantic_cached(threshold=0.8, name="persist.typed")
+    async def again(question: str) -> Answer:
+        raise AssertionError("answered from the disk")
+
+    with explain() as info:
+        assert await again(PARAPHRASES[QUESTIONS[0]]) == Answer(QUESTIONS[0].upper(), ("manual",))
+    assert info.last is not None
+    assert info.last.level == "semantic"
+    await again.aclose()
 
 
 # -- crashes --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from cachelayers import explain, semantic_cached
 from cachelayers.backends.vectors.redis_store import RedisStore
 from cachelayers.engines.semantic import SemanticStore
 from tests.conftest import FakeClock
+from tests.redis_server import RedisServer
 from tests.test_redis_backend import redis_cluster  # noqa: F401  (the cluster fixture)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -314,4 +315,61 @@ async def test_a_checked_answer_that_disagrees_is_stored_for_the_other_processes
     assert info.last is not None
     assert info.last.level == "exact"
     await checker.aclose()
+    await other.aclose()
+
+
+async def test_redis_killed_while_the_function_runs_still_returns_its_result() -> None:
+    """The store fails at the insert (after the function ran): the caller gets the result, the error is counted."""
+    server = RedisServer().start()
+    try:
+        @semantic_cached(threshold=0.8, name="shared.killed", vector_index=f"{server.url}?sync_interval=0.1")
+        async def ask(question: str) -> dict[str, str]:
+            if question == QUESTIONS[1]:
+                server.kill()  # Redis goes away between the lookup and the insert
+            return {"q": question}
+
+        assert await ask(QUESTIONS[0]) == {"q": QUESTIONS[0]}
+        assert await ask(QUESTIONS[1]) == {"q": QUESTIONS[1]}
+        assert ask.cache_info().index_errors >= 1
+        assert await ask(QUESTIONS[2]) == {"q": QUESTIONS[2]}  # and the calls after it proceed uncached
+        await ask.aclose()
+    finally:
+        server.kill()
+
+
+async def test_a_burst_of_misses_waits_for_connections_instead_of_failing(shared_url: str) -> None:
+    """More concurrent misses than the client has connections: each call returns its result and each computed
+    result is stored (another process finds it as an exact hit)."""
+    computed: list[str] = []
+
+    @semantic_cached(threshold=0.8, name="shared.burst", vector_index=f"{shared_url}?sync_interval=0.1")
+    async def ask(question: str) -> str:
+        computed.append(question)
+        await anyio.sleep(0.01)  # the calls overlap: many inserts at once
+        return question.upper()
+
+    questions = [f"burst question {i} about {QUESTIONS[i % 4]}" for i in range(300)]
+    results: dict[str, str] = {}
+
+    async def one(question: str) -> None:
+        results[question] = await ask(question)
+
+    async with anyio.create_task_group() as tg:
+        for question in questions:
+            tg.start_soon(one, question)
+    assert set(results) == set(questions)
+    assert all(results[q] == q.upper() for q in computed)
+    assert ask.cache_info().index_errors == 0
+    assert len(computed) > 100  # a burst of misses, not of hits
+
+    @semantic_cached(threshold=0.8, name="shared.burst", vector_index=f"{shared_url}?sync_interval=0.1")
+    async def other(question: str) -> str:
+        raise AssertionError("every question was stored by the first process")
+
+    for question in computed[::10]:
+        with explain() as info:
+            assert await other(question) == question.upper()
+        assert info.last is not None
+        assert info.last.level == "exact"
+    await ask.aclose()
     await other.aclose()

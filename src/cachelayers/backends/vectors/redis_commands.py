@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar
+
+import anyio
 
 from cachelayers.backends.base import BackendURL
+from cachelayers.backends.redis.options import DEFAULT_MAX_CONNECTIONS
 from cachelayers.errors import MissingDependencyError
 
 __all__ = ["Event", "RedisVectorStore", "StoredEntry"]
@@ -92,6 +95,27 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+COMMANDS_IN_FLIGHT: Final = 50
+"""Operations one store runs on Redis at once; more wait their turn. Each holds at most one connection per node,
+so a burst of misses stays within redis-py's 100 connections per node of a cluster client, which raises rather
+than waits when they are all in use."""
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _gated(method: Callable[Concatenate[RedisVectorStore, _P], Coroutine[Any, Any, _R]],
+           ) -> Callable[Concatenate[RedisVectorStore, _P], Coroutine[Any, Any, _R]]:
+    """Run ``method`` within the store's `COMMANDS_IN_FLIGHT`."""
+
+    async def run(self: RedisVectorStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        async with self.gate:
+            return await method(self, *args, **kwargs)
+
+    run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return run
+
+
 class RedisVectorStore:
     """Commands of the shared semantic store, on a redis-py asyncio client made on first use.
 
@@ -137,6 +161,8 @@ class RedisVectorStore:
         self.timeout = timeout
         self.stream_maxlen = stream_maxlen
         self._client: Any = None
+        self.gate = anyio.Semaphore(COMMANDS_IN_FLIGHT)
+        """Bounds the operations in flight (see `COMMANDS_IN_FLIGHT`)."""
         self._insert: Any = None
         self._remove: Any = None
         self._log: Any = None
@@ -160,18 +186,22 @@ class RedisVectorStore:
                 self._client = RedisCluster.from_url("redis://" + query.split("://", 1)[1],
                                                       socket_timeout=self.timeout,
                                                       socket_connect_timeout=self.timeout)
-            else:
-                self._client = aioredis.Redis.from_url(query, socket_timeout=self.timeout,
-                                                       socket_connect_timeout=self.timeout)
+            else:  # a pool that waits for a free connection under a burst rather than raising (as the tiers do)
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    query, max_connections=DEFAULT_MAX_CONNECTIONS, timeout=self.timeout,
+                    socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+                self._client = aioredis.Redis(connection_pool=pool)
             self._insert = self._client.register_script(_INSERT)
             self._remove = self._client.register_script(_REMOVE)
             self._log = self._client.register_script(_LOG)
         return self._client
 
+    @_gated
     async def next_id(self) -> int:
         """A new entry id (never handed out before)."""
         return int(await self.client.incr(f"{self.base}seq"))
 
+    @_gated
     async def insert(self, id_: int, partition: str, text: str, row: bytes, payload: bytes,
                      expires_at_ms: int | None, now_ms: int, capacity: int,
                      replace: int | None) -> tuple[int, list[int]]:
@@ -187,6 +217,7 @@ class RedisVectorStore:
             str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, *map(str, removed)])
         return id_, removed
 
+    @_gated
     async def remove(self, items: Sequence[tuple[int, str]]) -> int:
         """Remove entries given as ``(id, partition)``; return how many existed."""
         if not items:
@@ -204,6 +235,7 @@ class RedisVectorStore:
                 str(self.stream_maxlen), now, partition, "", "", *ids])
         return removed
 
+    @_gated
     async def payload(self, id_: int, partition: str, now_ms: int) -> bytes | None:
         """The sealed payload of entry ``id_`` (marking it used), or ``None`` when it is gone."""
         pbase = self.partition_base(partition)
@@ -213,6 +245,7 @@ class RedisVectorStore:
             blob, _ = await pipe.execute()
         return None if blob is None else bytes(blob)
 
+    @_gated
     async def fetch(self, items: Sequence[tuple[int, str]]) -> list[StoredEntry | None]:
         """The entries given as ``(id, partition)`` (``None`` for those gone), without payloads."""
         out: list[StoredEntry | None] = []
@@ -231,6 +264,7 @@ class RedisVectorStore:
                                        int(expires) if expires else None))
         return out
 
+    @_gated
     async def live_ids(self, now_ms: int) -> list[tuple[int, str]]:
         """``(id, partition)`` of every entry not expired at ``now_ms``, oldest first."""
         ids = [_str(i) for i in await self.client.zrangebyscore(f"{self.base}all", f"({now_ms}", "+inf")]
@@ -241,6 +275,7 @@ class RedisVectorStore:
             out += [(int(i), _str(p)) for i, p in zip(chunk, partitions, strict=True) if i.isdigit() and p]
         return sorted(out)
 
+    @_gated
     async def log_position(self) -> tuple[str, int]:
         """The id of the newest change and the number of changes ever logged (``("0-0", 0)`` without a log)."""
         try:
@@ -251,6 +286,7 @@ class RedisVectorStore:
             raise
         return _str(info["last-generated-id"]), int(info["entries-added"])
 
+    @_gated
     async def events(self, after: str, count: int = 1000) -> tuple[list[Event], int]:
         """Changes after ``after`` (up to ``count``) and, read atomically with them, the number of changes
         ever logged — with which a reader tells whether changes it never saw were trimmed away."""
@@ -274,6 +310,7 @@ class RedisVectorStore:
                                     values.get("p", "")))
         return events, added
 
+    @_gated
     async def clear(self) -> None:
         """Delete every entry (the id counter is kept, so ids are never reused) and log a ``c`` change."""
         client = self.client
@@ -305,4 +342,7 @@ class RedisVectorStore:
         """Close the connections."""
         if self._client is not None:
             client, self._client = self._client, None
-            await client.aclose()
+            if hasattr(client, "connection_pool"):  # a pool given to the client is not closed with it otherwise
+                await client.aclose(close_connection_pool=True)
+            else:
+                await client.aclose()

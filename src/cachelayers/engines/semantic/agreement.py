@@ -19,14 +19,44 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from cachelayers.errors import ConfigError
 from cachelayers.validation import positive_int
 
 __all__ = ["AnswerAgreement"]
 
 
+_REAL = (int, float, np.integer, np.floating)
+
+
 def _equal(new: Any, cached: Any) -> bool:
-    return bool(new == cached)
+    """``new == cached`` as one verdict: arrays (numpy, pandas) whole, containers of them item by item, NaN
+    equal to NaN (a result read back from a store is a new object holding the same value)."""
+    if new is cached:
+        return True
+    if isinstance(new, np.ndarray) or isinstance(cached, np.ndarray):
+        return _arrays_equal(new, cached)
+    if type(new) is dict and type(cached) is dict:
+        return new.keys() == cached.keys() and all(_equal(v, cached[k]) for k, v in new.items())
+    if type(new) in (list, tuple) and type(cached) is type(new):
+        return len(new) == len(cached) and all(_equal(a, b) for a, b in zip(new, cached, strict=True))
+    if isinstance(new, float) and isinstance(cached, float) and math.isnan(new) and math.isnan(cached):
+        return True
+    verdict = new == cached
+    if isinstance(verdict, (bool, np.bool_)):
+        return bool(verdict)
+    equals = getattr(new, "equals", None)  # pandas: == compares element by element
+    if callable(equals):
+        return bool(equals(cached))
+    return bool(verdict)  # an ambiguous verdict raises: `AnswerAgreement.observe` counts a disagreement
+
+
+def _arrays_equal(new: Any, cached: Any) -> bool:
+    try:
+        return bool(np.array_equal(new, cached, equal_nan=True))
+    except TypeError:  # equal_nan on a dtype without NaN (strings, objects)
+        return bool(np.array_equal(new, cached))
 
 
 class AnswerAgreement:
@@ -59,29 +89,32 @@ class AnswerAgreement:
             ``min_rate``.
         min_rate: The least probability of checking a would-be hit, in ``[0, 1]`` (1 % by default): keeps the
             estimate fresh when the answers change.
-        agree: ``(result, cached_value) -> bool``, a plain function; ``==`` by default. If it raises, the
-            answers disagree.
+        agree: ``(result, cached_value) -> bool``, a plain function. By default ``==``, with numpy arrays and
+            pandas objects compared whole (also inside dicts, lists and tuples) and NaN equal to NaN. If it
+            raises, the answers disagree and the error is logged (`error` keeps the latest).
         seed: Seed of the random draws (tests); the system's entropy by default.
 
     Raises:
         ConfigError: An argument is out of range, or ``agree`` is an async function, naming it.
     """
 
-    __slots__ = ("_agree", "_outcomes", "_owner", "_random", "checks", "disagreements", "max_error", "min_rate",
-                 "window")
+    __slots__ = ("_agree", "_outcomes", "_owner", "_random", "checks", "disagreements", "error", "max_error",
+                 "min_rate", "window")
 
     def __init__(self, max_error: float = 0.02, *, window: int | None = None, min_rate: float = 0.01,
-                 agree: Callable[[Any, Any], bool] | None = None, seed: int | None = None) -> None:
-        if (isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not math.isfinite(max_error)
+                 agree: Callable[[Any, Any], bool] | None = None, seed: int | str | bytes | None = None) -> None:
+        if (isinstance(max_error, bool) or not isinstance(max_error, _REAL) or not math.isfinite(max_error)
                 or not 0.0 < max_error < 1.0):
             raise ConfigError("max_error", max_error, "expected a share in (0, 1), e.g. 0.02")
         window = max(10, math.ceil(1.0 / max_error)) if window is None else positive_int(window, "window")
         if window + 2 < 1.0 / max_error:  # even a window of agreements would keep the estimate above max_error
             raise ConfigError("window", window, f"too short for max_error={max_error}: a window of n agreeing "
                               f"checks estimates 1/(n+2), so it needs at least {math.ceil(1.0 / max_error) - 2}")
-        if (isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not math.isfinite(min_rate)
+        if (isinstance(min_rate, bool) or not isinstance(min_rate, _REAL) or not math.isfinite(min_rate)
                 or not 0.0 <= min_rate <= 1.0):
             raise ConfigError("min_rate", min_rate, "expected a probability in [0, 1]")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str, bytes))):
+            raise ConfigError("seed", seed, "expected an int, a str or bytes (or None for the system's entropy)")
         if agree is not None and not callable(agree):
             raise ConfigError("agree", agree, "expected a function (result, cached_value) -> bool")
         if agree is not None and (inspect.iscoroutinefunction(agree)
@@ -99,6 +132,8 @@ class AnswerAgreement:
         """Would-be hits checked so far."""
         self.disagreements = 0
         """Checks whose cached answer disagreed with the function's."""
+        self.error: Exception | None = None
+        """What ``agree`` raised at the latest check, if it raised (that check counted as a disagreement)."""
 
     def claim(self, owner: Any, name: str) -> None:
         """Bind this policy to ``owner`` (a decorated function); refuse a second live one."""
@@ -126,14 +161,15 @@ class AnswerAgreement:
 
     def observe(self, result: Any, cached: Any) -> bool:
         """Record a check: whether ``cached`` (the would-be answer) agrees with ``result`` (the function's)."""
+        self.error = None
         try:
             verdict: Any = self._agree(result, cached)
             if inspect.isawaitable(verdict):  # an async agree slipped through (a lambda returning a coroutine)
                 getattr(verdict, "close", lambda: None)()
-                agreed = False
-            else:
-                agreed = bool(verdict)
-        except Exception:  # an answer that cannot be compared is not one to serve
+                raise TypeError("agree returned an awaitable: it must be a plain function returning a bool")
+            agreed = bool(verdict)
+        except Exception as exc:  # an answer that cannot be compared is not one to serve
+            self.error = exc
             agreed = False
         self._outcomes.append(agreed)
         self.checks += 1

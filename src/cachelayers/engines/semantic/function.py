@@ -20,7 +20,7 @@ import numpy as np
 
 from cachelayers import audit
 from cachelayers.backends.vectors import GONE, parse_vector_index
-from cachelayers.codec import Codec
+from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_duration
 from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
@@ -37,7 +37,7 @@ from cachelayers.engines.semantic.options import (
 )
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
-from cachelayers.errors import BackendError, BatchError, ConfigError, EmbeddingError, SerializationError
+from cachelayers.errors import BatchError, ConfigError, EmbeddingError
 from cachelayers.keys import claim_identity
 from cachelayers.metrics import StateLog, register_stats_source
 from cachelayers.settings import Settings, get_settings
@@ -75,6 +75,7 @@ class SemanticFunction(Generic[P, T]):
         if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(inspect.unwrap(fn)):
             raise TypeError(f"semantic_cached needs an async function, got {fn!r}")
         self._fn = fn
+        self._types = allowed_types(fn)
         embedder = options.get("embed")
         self._embedder = embedder if embedder is not None else HashingEmbedder()
         if not callable(self._embedder):
@@ -93,8 +94,6 @@ class SemanticFunction(Generic[P, T]):
         self._split = CallSplitter(fn, options)
         self._keys = self._split.keys
         self.identity = self._keys.identity
-        if options.get("name") is None:
-            claim_identity(self._keys.token, fn, scope="semantic")
         ttl = options.get("ttl")
         self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
         self.max_entries = positive_int(options.get("max_entries", DEFAULT_MAX_ENTRIES), "max_entries")
@@ -107,10 +106,8 @@ class SemanticFunction(Generic[P, T]):
             raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
         self._verifier = verifier
         agreement = options.get("agreement")
-        if agreement is not None:
-            if not isinstance(agreement, AnswerAgreement):
-                raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
-            agreement.claim(self, self.identity)
+        if agreement is not None and not isinstance(agreement, AnswerAgreement):
+            raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
         self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
         self._explicit_cache = options.get("cache")
@@ -132,6 +129,11 @@ class SemanticFunction(Generic[P, T]):
         self._store_url: str | None = None
         self._opening: Flight | None = None
         self._inflight: dict[tuple[bytes, str], Flight] = {}
+        # Claims last: a decoration refused for a bad option must not hold the identity or the policy.
+        if options.get("name") is None:
+            claim_identity(self._keys.token, fn, scope="semantic")
+        if agreement is not None:
+            agreement.claim(self, self.identity)
         _functions.add(self)
         register_stats_source(self)
 
@@ -181,6 +183,8 @@ class SemanticFunction(Generic[P, T]):
             clock = self._clock or time.time
             codec = Codec(secret=settings.secret, allow_pickle=settings.allow_pickle,
                           encryption_keys=settings.encryption_keys)
+            if self._types:  # the classes the return annotation names decode without registration
+                codec = codec.with_types(self._types)
             new = open_store(url, namespace=f"{settings.key_prefix}{self._keys.namespace}",
                              max_entries=self.max_entries, clock=clock, stats=self.stats, log=self.log, codec=codec,
                              max_total_entries=self.max_total_entries)
@@ -306,11 +310,13 @@ class SemanticFunction(Generic[P, T]):
         flight = self._inflight.get(flight_key)
         while flight is not None:
             await flight.wait()
-            if flight.done and flight.error is None:
+            if flight.done:
+                if flight.error is not None:  # the call failed: its waiters fail with it, as with multilevel_cached
+                    raise flight.error
                 self.stats.exact_hits += 1
                 self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
                 return cast(T, flight.value)
-            flight = self._inflight.get(flight_key)
+            flight = self._inflight.get(flight_key)  # the computing caller was cancelled: one waiter takes over
         entry = store.find_exact(partition, text)
         if entry is not None:
             value = await self._read(store, entry)
@@ -323,8 +329,9 @@ class SemanticFunction(Generic[P, T]):
         flight = self._inflight[flight_key] = Flight()
         try:
             value = await self._lookup_or_compute(store, args, kwargs, text, partition, started)
-        except BaseException as exc:
+        except Exception as exc:
             flight.error = exc
+            flight.done = True
             raise
         else:
             flight.value = value
@@ -415,7 +422,7 @@ class SemanticFunction(Generic[P, T]):
         expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
         try:
             await store.insert(partition, text, vector, result, expires_at)
-        except (SerializationError, BackendError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # whatever the store raised (a Redis or SQLite error too), the result is returned
             self.stats.index_errors += 1
             self._failed(f"semantic store of {self.identity}", exc)
 
@@ -430,6 +437,8 @@ class SemanticFunction(Generic[P, T]):
         assert self._agreement is not None
         result = await self._compute(args, kwargs)
         agreed = self._agreement.observe(result, cached)
+        if self._agreement.error is not None:
+            self.log.failure(f"agree of {self.identity}", self._agreement.error)
         self.stats.answer_checks += 1
         if agreed:
             store.touch(entry)
