@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 from typing import Any, cast
 
@@ -330,3 +333,37 @@ async def test_a_full_partition_evicts_its_least_recently_used_in_a_batch() -> N
     await ask.prefill([("c@0", "new")])
     assert len(store.entries) == 4996
     assert ask.cache_info().evictions == 10
+
+
+EXIT_DURING_COMPACTION = textwrap.dedent('''
+    import asyncio, threading
+    import numpy as np
+    from cachelayers import semantic_cached
+
+    def embed(texts):
+        rows = np.random.default_rng(abs(hash(tuple(texts))) % 2**32).standard_normal((len(texts), 64))
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+    @semantic_cached(embed=embed, threshold=0.99, max_entries=1000, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return "computed"
+
+    async def main():
+        for i in range(4000):
+            await ask(f"question {i}")
+        builds = [t for t in threading.enumerate() if t.name == "cachelayers-compaction"]
+        print(ask.cache_info().compactions, len(builds), all(not t.daemon for t in builds), flush=True)
+
+    asyncio.run(main())  # then exit at once, compactions possibly still building
+''')
+
+
+def test_the_process_exits_cleanly_while_an_index_compaction_is_building() -> None:
+    """usearch killed mid-build at interpreter exit aborts the process (SIGABRT): builds are not daemons."""
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", EXIT_DURING_COMPACTION], capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        compactions, _, non_daemon = done.stdout.split()
+        assert int(compactions) > 0
+        assert non_daemon == "True"

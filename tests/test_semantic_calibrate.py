@@ -230,6 +230,8 @@ def test_the_calibrate_command_prints_replay_rates(tmp_path: Path, capsys: pytes
     (["--replay", "{missing}"], "No such file"),
     (["{pairs}", "--plot", "{nowhere}"], "is in a directory that does not exist"),
     (["{pairs}", "--plot", "{here}"], "is a directory"),
+    (["{pairs}", "--embedder", "st:/nonexistent"], "st:/nonexistent failed"),  # an embedder that cannot load
+    (["--replay", "{replay}", "--embedder", "st:/nonexistent"], "st:/nonexistent failed"),
 ])
 def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    arguments: list[str], message: str) -> None:

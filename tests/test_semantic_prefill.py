@@ -55,6 +55,36 @@ async def test_a_partition_function_decides_the_partition_of_prefilled_entries_t
     assert await chat("large", ["a@2"]) == "computed a@2 by large"
 
 
+async def test_a_chat_function_is_prefilled_with_a_whole_call_s_messages() -> None:
+    """The documented way for a text= function whose partition drops the last message."""
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.95, cache_embeddings=False,
+                     text=lambda messages, **_: messages[-1]["content"],
+                     partition=lambda model, messages, **_: (model, messages[:-1]))
+    async def chat(messages: list[dict[str, str]], model: str) -> str:
+        return f"computed {messages[-1]['content']}"
+
+    system = {"role": "system", "content": "be brief"}
+    stand_in = {"role": "user", "content": ""}
+    assert await chat.prefill([("a@0", "prefilled")], model="m", messages=[system, stand_in]) == 1
+    with explain() as info:
+        assert await chat([system, {"role": "user", "content": "a@1"}], "m") == "prefilled"
+        assert await chat([{"role": "system", "content": "be long"}, {"role": "user", "content": "a@1"}],
+                          "m") == "computed a@1"  # another system message: another partition
+    assert [lookup.level for lookup in info] == ["semantic", "computed"]
+
+
+async def test_positional_only_parameters_are_given_by_name_to_prefill() -> None:
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.95, cache_embeddings=False)
+    async def ask(question: str, tenant: str, /, lang: str = "en") -> str:
+        return f"computed {question}/{tenant}/{lang}"
+
+    assert await ask.prefill([("a@0", "acme's answer")], tenant="acme") == 1
+    assert await ask("a@1", "acme") == "acme's answer"
+    assert await ask("a@1", "globex") == "computed a@1/globex/en"
+    with pytest.raises(TypeError, match="missing partition argument"):
+        await ask.prefill([("a@0", "nobody's answer")])
+
+
 async def test_bad_entries_and_arguments_are_type_errors_and_store_nothing() -> None:
     @semantic_cached(embed=AngleEmbedder(), threshold=0.95, cache_embeddings=False)
     async def ask(question: str, tenant: str) -> str:

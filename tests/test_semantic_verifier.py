@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachelayers import ConfigError, explain, semantic_cached
-from cachelayers.embedders import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features
+from cachelayers import Candidate, ConfigError, explain, semantic_cached
+from cachelayers.embedders import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features, same_words
 from tests.semantic_helpers import AngleEmbedder
 
 pytestmark = pytest.mark.anyio
@@ -104,3 +108,54 @@ async def test_the_embedder_default_verifier_comes_with_its_default_threshold_on
     assert await defaults("a@1") == "computed a@1"
     assert defaults.cache_info().verifier_rejections == 1
     assert await own_threshold("a@1") == "zero"
+
+
+@pytest.mark.parametrize(("text", "other", "same"), [
+    ("How do I reset my password? ", "how do I reset my password", True),
+    ("How do I  reset my password?", "HOW DO I RESET MY PASSWORD!", True),
+    ("\uff30\uff41\uff53\uff53\uff57\uff4f\uff52\uff44 reset", "password reset", True),  # full-width (NFKC)
+    ("how do I reset my password", "how can I reset my password", False),
+    ("reset my password", "my password reset", False),  # the order of the words is kept
+    ("costs 2.5 dollars", "costs 25 dollars", False),
+    ("I can't log in", "I cant log in", False),
+    ("", "", True),
+])
+def test_same_words_ignores_case_spacing_and_punctuation_only(text: str, other: str, same: bool) -> None:
+    assert same_words(text, other) is same
+    assert same_words(other, text) is same
+
+
+async def test_the_default_verifier_accepts_a_candidate_with_the_same_words_the_model_would_reject() -> None:
+    verifier = PairVerifier(0.70)
+    text, other = "How do I reset my password? ", "how do I reset my password?"
+    assert verifier.probability(text, other, 1.0) < 0.70  # the model alone would reject the same question
+    assert await verifier(text, Candidate(other, None, 1.0))
+    assert not await verifier("How do I reset my password?", Candidate("How do I delete my account?", None, 0.95))
+
+    reject = PairVerifier(0.5, weights=(-1.0,) + (0.0,) * len(PAIR_FEATURES))
+
+    @semantic_cached(embed=WordsEmbedder(), threshold=0.9, verifier=reject, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return f"computed {question}"
+
+    await ask.prefill([("How do I reset my password?", "answer")])
+    with explain() as info:
+        assert await ask("how do I reset my password ") == "answer"  # same words: served
+        assert await ask("how do I reset the password") == "computed how do I reset the password"
+    assert [lookup.level for lookup in info] == ["semantic", "computed"]
+
+
+class WordsEmbedder:
+    """Texts with the same words (case and punctuation apart) get the same vector; others a near one."""
+
+    ndim = 8
+    name = "words"
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            words = " ".join(re.findall(r"[a-z0-9']+", text.casefold()))
+            seed = int.from_bytes(hashlib.blake2b(words.encode(), digest_size=4).digest(), "big")
+            row = np.ones(self.ndim) + 0.05 * np.random.default_rng(seed).standard_normal(self.ndim)
+            rows.append(row / np.linalg.norm(row))
+        return np.asarray(rows, dtype=np.float32)

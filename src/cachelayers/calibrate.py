@@ -37,7 +37,7 @@ import numpy as np
 from cachelayers.embedders import embed, embedder_name, resolve_embedder
 from cachelayers.engines.semantic.lookups import Candidate, Verifier
 from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES
-from cachelayers.errors import ConfigError, MissingDependencyError
+from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
 from cachelayers.validation import similarity as check_similarity
 
 __all__ = ["Calibration", "Pair", "ReplayPoint", "ThresholdPoint", "add_calibrate_arguments", "calibrate",
@@ -424,7 +424,7 @@ def _print_replay(replay: list[tuple[str, str]], model: Callable[[list[str]], An
     verifier = None if args.no_verifier else getattr(model, "default_verifier", None)
     try:
         points = anyio.run(lambda: replay_rates(replay, model, margin=margin, verifier=verifier))
-    except (ValueError, ConfigError) as exc:
+    except (ValueError, ConfigError, EmbeddingError) as exc:
         print(f"cachelayers calibrate: error: {exc}")
         return 2
     print(f"{len(replay)} replay pairs, {len({o for o, _ in replay})} origins pre-loaded, embedder "
@@ -437,7 +437,7 @@ def _print_replay(replay: list[tuple[str, str]], model: Callable[[list[str]], An
 def _print_pairs(pairs: list[Pair], model: Callable[[list[str]], Any], args: argparse.Namespace) -> int:
     try:
         result = anyio.run(lambda: calibrate(pairs, model))
-    except ValueError as exc:
+    except (ValueError, ConfigError, EmbeddingError) as exc:
         print(f"cachelayers calibrate: error: {exc}")
         return 2
     chosen = result.threshold_for(args.target_precision, min_support=args.min_support)

@@ -272,8 +272,9 @@ class DiskStore:
         if self._writes >= self.save_every and (self._saving is None or not self._saving.is_alive()):
             self._writes = 0
             payload = self._snapshot()
+            # Not a daemon: at exit the interpreter lets the snapshot finish rather than kill usearch mid-write.
             self._saving = threading.Thread(target=self._write_snapshot, args=payload,
-                                            name="cachelayers-snapshot", daemon=True)
+                                            name="cachelayers-snapshot", daemon=False)
             self._saving.start()
 
     def _snapshot(self) -> tuple[list[PartitionSnapshot], dict[str, str]]:

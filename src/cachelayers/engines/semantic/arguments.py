@@ -84,8 +84,18 @@ class CallSplitter:
                 raise TypeError(f"prefill of {self.identity}: {self._text_arg!r} is the semantic text; give it "
                                 "in the entries, not as a partition argument")
             given[self._text_arg] = text
+        positional: list[Any] = []  # positional-only parameters are bound by position, up to the first missing
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is not parameter.POSITIONAL_ONLY:
+                break
+            if name in given:
+                positional.append(given.pop(name))
+            elif parameter.default is not parameter.empty:
+                positional.append(parameter.default)
+            else:
+                break
         try:
-            bound = self._signature.bind_partial(**given)
+            bound = self._signature.bind_partial(*positional, **given)
         except TypeError as exc:
             raise TypeError(f"prefill of {self.identity}: {exc}") from None
         bound.apply_defaults()

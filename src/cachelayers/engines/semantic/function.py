@@ -472,8 +472,15 @@ class SemanticFunction(Generic[P, T]):
         text of an existing one replaces it. Entries with an empty text are skipped, as such calls are never
         cached. The TTL is the function's, and the bounds apply.
 
+        With a ``text=`` function the entry's text is not an argument, so give the arguments of a whole call:
+        ``partition=`` sees them as given. A chat function whose partition is ``messages[:-1]`` then takes
+        ``messages`` ending with a stand-in for the message each entry's text is
+        (``messages=[system, {"role": "user", "content": ""}]``); without it, the partition would drop the
+        system message and no call would find the entries.
+
         Returns:
-            How many entries were stored.
+            How many entries were stored (an entry replaced or evicted by a later one of the same prefill
+            counts).
 
         Raises:
             TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.

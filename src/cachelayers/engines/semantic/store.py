@@ -461,7 +461,8 @@ class SemanticStore:
 
     def _start_compaction(self, part: Partition) -> None:
         job = part.index.begin_compaction()
-        thread = threading.Thread(target=job.build, name="cachelayers-compaction", daemon=True)
+        # Not a daemon: the interpreter waits for the build at exit rather than killing usearch mid-build (SIGABRT).
+        thread = threading.Thread(target=job.build, name="cachelayers-compaction", daemon=False)
         part.compaction = (job, thread)
         thread.start()
 
