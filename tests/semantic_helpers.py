@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATA_DIR", "AngleEmbedder", "CountingEmbedder", "near_duplicate_texts"]
+__all__ = ["DATA_DIR", "AngleEmbedder", "CountingEmbedder", "WordsEmbedder", "near_duplicate_texts"]
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The shared evaluation data (``../shared/data`` beside the repository), present in CI and development."""
@@ -45,6 +47,22 @@ class AngleEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         self.calls.append(list(texts))
         return np.stack([self.vector(t) for t in texts])
+
+
+class WordsEmbedder:
+    """Texts with the same words (case and punctuation apart) get the same vector; others a near one."""
+
+    ndim = 8
+    name = "words"
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for text in texts:
+            words = " ".join(re.findall(r"[a-z0-9']+", text.casefold()))
+            seed = int.from_bytes(hashlib.blake2b(words.encode(), digest_size=4).digest(), "big")
+            row = np.ones(self.ndim) + 0.05 * np.random.default_rng(seed).standard_normal(self.ndim)
+            rows.append(row / np.linalg.norm(row))
+        return np.asarray(rows, dtype=np.float32)
 
 
 class CountingEmbedder:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cachelayers import ConfigError, explain, semantic_cached
 from cachelayers.embedders import MINILM_MARGIN, MINILM_THRESHOLD, MINILM_VERIFIER, PairVerifier, minilm
-from tests.semantic_helpers import AngleEmbedder
+from tests.semantic_helpers import AngleEmbedder, WordsEmbedder
 
 pytestmark = pytest.mark.anyio
 
@@ -113,3 +113,22 @@ def test_minilm_carries_its_measured_threshold_and_margin(monkeypatch: pytest.Mo
     assert (emb.default_threshold, emb.default_margin) == (MINILM_THRESHOLD, MINILM_MARGIN) == (0.90, 0.06)
     assert isinstance(emb.default_verifier, PairVerifier)
     assert emb.default_verifier.min_probability == MINILM_VERIFIER == 0.70
+
+
+async def test_a_question_stored_twice_in_another_case_is_not_ambiguous_with_itself() -> None:
+    @semantic_cached(embed=WordsEmbedder(), threshold=0.9, margin=0.06, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return f"computed {question}"
+
+    await ask.prefill([("How do I reset my password?", "reset"), ("how do I reset my password", "reset")])
+    with explain() as info:
+        assert await ask("HOW DO I RESET MY PASSWORD") == "reset"  # both copies tie: one question, served
+    assert [lookup.level for lookup in info] == ["semantic"]
+
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, margin=0.02, cache_embeddings=False)
+    async def near(question: str) -> str:
+        return f"computed {question}"
+
+    # the copy of the nearest is passed over, and the next entry within the margin is still ambiguous
+    await near.prefill([("a@0", "zero"), ("a@0 ", "zero"), ("a@20", "twenty")])
+    assert await near("a@10") == "computed a@10"

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachelayers import Candidate, ConfigError, explain, semantic_cached
 from cachelayers.embedders import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features, same_words
-from tests.semantic_helpers import AngleEmbedder
+from tests.semantic_helpers import AngleEmbedder, WordsEmbedder
 
 pytestmark = pytest.mark.anyio
 
@@ -143,19 +139,3 @@ async def test_the_default_verifier_accepts_a_candidate_with_the_same_words_the_
         assert await ask("how do I reset my password ") == "answer"  # same words: served
         assert await ask("how do I reset the password") == "computed how do I reset the password"
     assert [lookup.level for lookup in info] == ["semantic", "computed"]
-
-
-class WordsEmbedder:
-    """Texts with the same words (case and punctuation apart) get the same vector; others a near one."""
-
-    ndim = 8
-    name = "words"
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        rows = []
-        for text in texts:
-            words = " ".join(re.findall(r"[a-z0-9']+", text.casefold()))
-            seed = int.from_bytes(hashlib.blake2b(words.encode(), digest_size=4).digest(), "big")
-            row = np.ones(self.ndim) + 0.05 * np.random.default_rng(seed).standard_normal(self.ndim)
-            rows.append(row / np.linalg.norm(row))
-        return np.asarray(rows, dtype=np.float32)

@@ -150,7 +150,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
             when omitted. Measure yours with ``cachelayers calibrate`` (``--replay`` for a replay's false hits).
         margin: Ambiguity margin in [0, 1]: the nearest entry is served only when its similarity exceeds the
             second nearest's by at least this much (two entries about as near as each other: neither is
-            served). The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
+            served; an entry with the same words as the nearest, one question stored twice, is passed over).
+            The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
             (`cachelayers.embedders.minilm` carries 0.06 with its 0.90), else 0.
         text: Name of the argument holding the text (the first parameter by default), or a function of the
             arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
