@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 
-from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.embedders import embed, embedder_name, resolve_embedder, same_words
 from cachelayers.engines.semantic.lookups import Candidate, Verifier
 from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES
 from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
@@ -285,7 +285,8 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
     """The answers a cache pre-loaded with every ``origin`` gives to every ``similar``, per threshold.
 
     As `semantic_cached` answers: the ``max_candidates`` nearest origins (exact cosine similarity), none when
-    the nearest exceeds the second nearest by less than ``margin``; then, best first, the first one the
+    the nearest exceeds the second nearest by less than ``margin`` (a runner-up with the nearest's words,
+    `cachelayers.embedders.same_words`, is passed over for the next); then, best first, the first one the
     ``verifier`` accepts (every one without a verifier) answers when its similarity is at least the threshold.
     The verifier is given ``Candidate(origin, origin, similarity)``: the origin stands for its answer. An answer
     is a *true hit* when it comes from the similar's own origin, a *false hit* (a wrong answer served)
@@ -314,6 +315,13 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
     rows = np.arange(len(pairs))
     runner_up = sims[rows, order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
     clear = sims[rows, order[:, 0]] - runner_up >= margin - 1e-9
+    for i in np.flatnonzero(~clear):  # as the engine: a runner-up with the nearest's words is not another question
+        nearest = origins[order[i, 0]]
+        clear[i] = True
+        for j in order[i, 1:max_candidates]:
+            if not (nearest and origins[j] and same_words(nearest, origins[j])):
+                clear[i] = sims[i, order[i, 0]] - sims[i, j] >= margin - 1e-9
+                break
     chosen = order[:, 0].copy()  # the candidate that answers, if its similarity reaches the threshold
     if verifier is not None:
         for i, (_, similar) in enumerate(pairs):
