@@ -315,12 +315,12 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
     rows = np.arange(len(pairs))
     runner_up = sims[rows, order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
     clear = sims[rows, order[:, 0]] - runner_up >= margin - 1e-9
-    for i in np.flatnonzero(~clear):  # as the engine: a runner-up with the nearest's words is not another question
-        nearest = origins[order[i, 0]]
-        clear[i] = True
-        for j in order[i, 1:max_candidates]:
+    for row in np.flatnonzero(~clear).tolist():  # as the engine: a runner-up with the nearest's words is the
+        nearest = origins[order[row, 0]]         # same question, the next one decides
+        clear[row] = True
+        for j in order[row, 1:max_candidates]:
             if not (nearest and origins[j] and same_words(nearest, origins[j])):
-                clear[i] = sims[i, order[i, 0]] - sims[i, j] >= margin - 1e-9
+                clear[row] = sims[row, order[row, 0]] - sims[row, j] >= margin - 1e-9
                 break
     chosen = order[:, 0].copy()  # the candidate that answers, if its similarity reaches the threshold
     if verifier is not None:
