@@ -112,7 +112,7 @@ def test_minilm_carries_its_measured_threshold_and_margin(monkeypatch: pytest.Mo
     emb = minilm()
     assert (emb.default_threshold, emb.default_margin) == (MINILM_THRESHOLD, MINILM_MARGIN) == (0.90, 0.06)
     assert isinstance(emb.default_verifier, PairVerifier)
-    assert emb.default_verifier.min_probability == MINILM_VERIFIER == 0.70
+    assert emb.default_verifier.min_probability == MINILM_VERIFIER == 0.72
 
 
 async def test_a_question_stored_twice_in_another_case_is_not_ambiguous_with_itself() -> None:
