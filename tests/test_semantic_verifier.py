@@ -114,7 +114,16 @@ async def test_the_embedder_default_verifier_comes_with_its_default_threshold_on
     ("reset my password", "my password reset", False),  # the order of the words is kept
     ("costs 2.5 dollars", "costs 25 dollars", False),
     ("I can't log in", "I cant log in", False),
-    ("", "", True),
+    ("The `columns` method", "the columns method", True),  # backticks around a word
+    ("如何重置密码\uff1f", "如何重置密码", True),  # a full-width question mark
+    ("如何重置密码", "如何删除账户", False),  # other words, not "no words on both sides"
+    ("Привет, мир!", "привет мир", True),
+    ("What is -5 squared?", "What is 5 squared?", False),  # a sign is a word of its own
+    ("Is $100 enough?", "Is €100 enough?", False),
+    ("is x > 5", "is x < 5", False),
+    ("2+2", "2-2", False),
+    ("???", "!!!", False),  # no words: never the same words
+    ("", "", False),
 ])
 def test_same_words_ignores_case_spacing_and_punctuation_only(text: str, other: str, same: bool) -> None:
     assert same_words(text, other) is same
