@@ -7,6 +7,7 @@ calls is certain rather than a matter of timing.
 from __future__ import annotations
 
 import random
+import traceback
 from typing import Any
 
 import anyio
@@ -263,3 +264,44 @@ async def test_an_invalidation_during_a_computation_wins(clock: FakeClock, how: 
     assert results == [1]
     assert await price(7) == 2
     assert await price(7) == 2
+
+
+class Refused(Exception):
+    """An error with extra state, as SDK errors carry (a status code)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, status)
+        self.status = status
+
+
+@pytest.mark.parametrize("error", [LookupError("no answer"), Refused("refused", 429)])
+async def test_a_failure_reaches_every_waiter_as_its_own_copy(clock: FakeClock, error: Exception) -> None:
+    """N concurrent callers of a failing key: one computation, N failures of its type and message, each with a
+    traceback of its own (one shared exception object would gather every waiter's frames)."""
+    gate = Gate()
+
+    @multilevel_cached(cache=TieredCache(Settings(), clock=clock))
+    async def failing(x: int) -> int:
+        await gate.run(x)
+        raise error
+
+    caught: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await failing(3)
+        except Exception as exc:
+            caught.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(WAITERS):
+                tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            gate.opened.set()
+    assert gate.started == [3]
+    assert len(caught) == WAITERS
+    assert {(type(exc), exc.args) for exc in caught} == {(type(error), error.args)}
+    assert all(getattr(exc, "status", None) == getattr(error, "status", None) for exc in caught)
+    assert len({id(exc) for exc in caught}) == WAITERS  # the computing caller's error and one copy per waiter
+    assert max(len(traceback.extract_tb(exc.__traceback__)) for exc in caught) < 25

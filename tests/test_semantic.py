@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import traceback
 from typing import Any
 
 import anyio
@@ -631,19 +632,21 @@ async def test_identical_concurrent_calls_that_fail_run_the_function_once_and_al
         await anyio.sleep(0.05)
         raise LookupError(f"no answer, call {calls}")
 
-    errors: list[str] = []
+    errors: list[LookupError] = []
 
     async def one() -> None:
         try:
             await ask("same failing question")
         except LookupError as exc:
-            errors.append(str(exc))
+            errors.append(exc)
 
     async with anyio.create_task_group() as tg:
         for _ in range(50):
             tg.start_soon(one)
     assert calls == 1  # the waiters share the failure rather than retrying one after another
-    assert errors == ["no answer, call 1"] * 50
+    assert [str(exc) for exc in errors] == ["no answer, call 1"] * 50
+    assert len({id(exc) for exc in errors}) == 50  # a copy each: one traceback does not gather every waiter
+    assert max(len(traceback.extract_tb(exc.__traceback__)) for exc in errors) < 25
     with pytest.raises(LookupError, match="call 2"):  # a failure is not cached: the next call runs again
         await ask("same failing question")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import OrderedDict
 from typing import Any, cast
 
 import anyio
 import numpy as np
+import pydantic
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -83,6 +86,18 @@ def test_numpy_numbers_are_accepted_as_shares() -> None:
     assert isinstance(policy.max_error, float)
 
 
+@dataclasses.dataclass
+class Embedded:
+    text: str
+    vector: np.ndarray
+
+
+class EmbeddedModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+    text: str
+    vector: list[Any]
+
+
 @pytest.mark.parametrize(("new", "cached", "agreed"), [
     (np.arange(4.0), np.arange(4.0), True),
     (np.arange(4.0), np.arange(4.0) + 1, False),
@@ -96,6 +111,15 @@ def test_numpy_numbers_are_accepted_as_shares() -> None:
     ((np.ones(2),), [np.ones(2)], False),  # a tuple is not a list
     (math.nan, math.nan, True),
     ({"a": 1}, {"a": 1.0}, True),
+    ([1, 2, 3], np.array([1, 2, 3]), False),  # an array only equals an array
+    (OrderedDict(v=np.ones(2)), OrderedDict(v=np.ones(2)), True),
+    ({(1, "a"): 2}, {(1, "a"): 2}, True),
+    (np.float32("nan"), np.float32("nan"), True),
+    (complex("nan+1j"), complex("nan+1j"), True),
+    (Embedded("x", np.ones(3)), Embedded("x", np.ones(3)), True),  # a dataclass holding an array
+    (Embedded("x", np.ones(3)), Embedded("x", np.zeros(3)), False),
+    (EmbeddedModel(text="x", vector=[np.ones(2)]), EmbeddedModel(text="x", vector=[np.ones(2)]), True),
+    (EmbeddedModel(text="x", vector=[np.ones(2)]), EmbeddedModel(text="y", vector=[np.ones(2)]), False),
     ("answer", "answer", True),
     ("answer", "other", False),
 ])

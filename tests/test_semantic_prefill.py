@@ -84,6 +84,13 @@ async def test_positional_only_parameters_are_given_by_name_to_prefill() -> None
     with pytest.raises(TypeError, match="missing partition argument"):
         await ask.prefill([("a@0", "nobody's answer")])
 
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.95, cache_embeddings=False, ignore=["client"], text="q")
+    async def with_client(client: object, q: str, /, model: str = "m") -> str:
+        return f"computed {q}/{model}"
+
+    assert await with_client.prefill([("b@0", "b's answer")], model="m") == 1  # the ignored client left out
+    assert await with_client(object(), "b@1") == "b's answer"
+
 
 async def test_bad_entries_and_arguments_are_type_errors_and_store_nothing() -> None:
     @semantic_cached(embed=AngleEmbedder(), threshold=0.95, cache_embeddings=False)

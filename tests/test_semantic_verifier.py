@@ -122,6 +122,10 @@ async def test_the_embedder_default_verifier_comes_with_its_default_threshold_on
     ("Is $100 enough?", "Is €100 enough?", False),
     ("is x > 5", "is x < 5", False),
     ("2+2", "2-2", False),
+    ("take .5 mg", "take 5 mg", False),  # a leading decimal point belongs to the number
+    ("WHERE a != b", "WHERE a = b", False),  # a run of marks is one word: != is not =
+    ("a == b", "a = b", False),
+    ("jax.devices()[0]", "`jax.devices()[0]`", True),  # brackets and backticks only
     ("???", "!!!", False),  # no words: never the same words
     ("", "", False),
 ])

@@ -367,24 +367,27 @@ def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-_SAME_TOKEN: Final = re.compile(r"\w+(?:[.'\u2019]\w+)*|[^\w\s]")
+_SAME_TOKEN: Final = re.compile(r"\.?\d+(?:[.,]\d+)*|\w+(?:[.'\u2019]\w+)*|[^\w\s]+")
 _SENTENCE_MARKS: Final = frozenset(".,;:!?¿¡'\"`\u2018\u2019\u201c\u201d()[]«»…")
 
 
 def _words(text: str) -> list[str]:
+    """Numbers (``.5``, ``2.5``, ``1,000``), words and runs of marks; a run of sentence marks only is left out
+    (``?``, ``"`` or ``)[`` go, ``!=``, ``-`` and ``$`` stay)."""
     normal = unicodedata.normalize("NFKC", text).casefold()
-    return [t for t in _SAME_TOKEN.findall(normal) if t not in _SENTENCE_MARKS]
+    return [t for t in _SAME_TOKEN.findall(normal) if not set(t) <= _SENTENCE_MARKS]
 
 
 def same_words(text: str, other: str) -> bool:
     """Whether two texts are the same words in the same order, apart from case, spacing and the marks around
     words that do not change a question (``.,;:!?`` quotes, backticks, brackets): ``"How do I reset my
     password? "`` and ``"how do i reset my password"``. Words are Unicode (a run of CJK characters is one word);
-    numbers keep their decimal point (``2.5`` is not ``25``), contractions their apostrophe, and every other
-    mark counts as a word of its own (``-5`` is not ``5``, ``$100`` not ``€100``, ``x > 5`` not ``x < 5``).
+    numbers keep their decimal point (``2.5`` is not ``25``, ``.5`` not ``5``), contractions their apostrophe,
+    and every other run of marks counts as a word of its own (``-5`` is not ``5``, ``$100`` not ``€100``,
+    ``a != b`` not ``a = b``).
     Texts without a word are never the same words."""
     a = _words(text)
-    return any(t[0].isalnum() or t[0] == "_" for t in a) and a == _words(other)
+    return any(t[-1].isalnum() or t[-1] == "_" for t in a) and a == _words(other)
 
 
 def pair_features(text: str, other: str, similarity: float) -> tuple[float, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import anyio
@@ -34,3 +35,19 @@ class Flight:
         """Wake every waiter (whether or not the computation succeeded)."""
         if self.event is not None:
             self.event.set()
+
+    def waiter_error(self) -> BaseException:
+        """The computation's failure for one waiter to raise: a copy of `error` with its traceback and cause, so
+        that each waiter's frames join its own copy rather than one traceback growing with every waiter (the
+        error itself when it cannot be copied)."""
+        error = self.error
+        assert error is not None
+        try:
+            clone = copy.copy(error)
+        except Exception:  # an exception whose constructor does not take its args back
+            return error
+        if type(clone) is not type(error) or clone.args != error.args:
+            return error
+        clone.__cause__, clone.__context__ = error.__cause__, error.__context__
+        clone.__suppress_context__ = error.__suppress_context__
+        return clone.with_traceback(error.__traceback__)

@@ -11,12 +11,14 @@ estimated over the whole function rather than per entry, so that questions asked
 
 from __future__ import annotations
 
+import cmath
+import dataclasses
 import inspect
 import math
 import random
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,25 +33,43 @@ _REAL = (int, float, np.integer, np.floating)
 
 
 def _equal(new: Any, cached: Any) -> bool:
-    """``new == cached`` as one verdict: arrays (numpy, pandas) whole, containers of them item by item, NaN
+    """``new == cached`` as one verdict: arrays (numpy, pandas) whole and only against arrays, mappings, lists and
+    tuples item by item, dataclasses and pydantic models whose ``==`` meets arrays inside field by field, NaN
     equal to NaN (a result read back from a store is a new object holding the same value)."""
     if new is cached:
         return True
-    if isinstance(new, np.ndarray) or isinstance(cached, np.ndarray):
-        return _arrays_equal(new, cached)
-    if type(new) is dict and type(cached) is dict:
+    new_array, cached_array = isinstance(new, np.ndarray), isinstance(cached, np.ndarray)
+    if new_array or cached_array:
+        return new_array and cached_array and _arrays_equal(new, cached)
+    if isinstance(new, Mapping) and type(new) is type(cached):
         return new.keys() == cached.keys() and all(_equal(v, cached[k]) for k, v in new.items())
     if type(new) in (list, tuple) and type(cached) is type(new):
         return len(new) == len(cached) and all(_equal(a, b) for a, b in zip(new, cached, strict=True))
-    if isinstance(new, float) and isinstance(cached, float) and math.isnan(new) and math.isnan(cached):
+    if _is_nan(new) and _is_nan(cached):
         return True
-    verdict = new == cached
-    if isinstance(verdict, (bool, np.bool_)):
-        return bool(verdict)
-    equals = getattr(new, "equals", None)  # pandas: == compares element by element
-    if callable(equals):
-        return bool(equals(cached))
-    return bool(verdict)  # an ambiguous verdict raises: `AnswerAgreement.observe` counts a disagreement
+    if type(new) is type(cached) and type(new).__module__.partition(".")[0] == "pandas" \
+            and callable(getattr(new, "equals", None)):
+        return bool(new.equals(cached))  # == compares pandas objects element by element (or raises)
+    try:
+        return bool(new == cached)
+    except (ValueError, TypeError):  # an ambiguous verdict: arrays compared inside an object
+        if type(new) is not type(cached):
+            raise
+        if dataclasses.is_dataclass(new):
+            return all(_equal(getattr(new, f.name), getattr(cached, f.name))
+                       for f in dataclasses.fields(new) if f.compare)
+        if hasattr(type(new), "model_fields") and hasattr(new, "__dict__"):  # a pydantic model: what its == compares
+            return all(_equal(getattr(new, part, None), getattr(cached, part, None))
+                       for part in ("__dict__", "__pydantic_extra__", "__pydantic_private__"))
+        raise  # `AnswerAgreement.observe` counts a disagreement
+
+
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    if isinstance(value, (complex, np.complexfloating)):
+        return cmath.isnan(value)
+    return False
 
 
 def _arrays_equal(new: Any, cached: Any) -> bool:
@@ -90,8 +110,9 @@ class AnswerAgreement:
         min_rate: The least probability of checking a would-be hit, in ``[0, 1]`` (1 % by default): keeps the
             estimate fresh when the answers change.
         agree: ``(result, cached_value) -> bool``, a plain function. By default ``==``, with numpy arrays and
-            pandas objects compared whole (also inside dicts, lists and tuples) and NaN equal to NaN. If it
-            raises, the answers disagree and the error is logged (`error` keeps the latest).
+            pandas objects compared whole (also inside mappings, lists, tuples, dataclasses and pydantic
+            models), an array equal only to an array, and NaN equal to NaN. If it raises, the answers disagree
+            and the error is logged (`error` keeps the latest).
         seed: Seed of the random draws (tests); the system's entropy by default.
 
     Raises:

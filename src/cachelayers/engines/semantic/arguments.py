@@ -85,6 +85,7 @@ class CallSplitter:
                                 "in the entries, not as a partition argument")
             given[self._text_arg] = text
         positional: list[Any] = []  # positional-only parameters are bound by position, up to the first missing
+        stand_ins: list[str] = []  # ignored ones left out hold a place, then are dropped (they key nothing)
         for name, parameter in self._signature.parameters.items():
             if parameter.kind is not parameter.POSITIONAL_ONLY:
                 break
@@ -92,12 +93,17 @@ class CallSplitter:
                 positional.append(given.pop(name))
             elif parameter.default is not parameter.empty:
                 positional.append(parameter.default)
+            elif name in self.keys.ignored:
+                positional.append(None)
+                stand_ins.append(name)
             else:
                 break
         try:
             bound = self._signature.bind_partial(*positional, **given)
         except TypeError as exc:
             raise TypeError(f"prefill of {self.identity}: {exc}") from None
+        for name in stand_ins:
+            del bound.arguments[name]
         bound.apply_defaults()
         if self._partition_fn is None:
             missing = [name for name, p in self._signature.parameters.items()

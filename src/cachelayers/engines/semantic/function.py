@@ -312,7 +312,7 @@ class SemanticFunction(Generic[P, T]):
             await flight.wait()
             if flight.done:
                 if flight.error is not None:  # the call failed: its waiters fail with it, as with multilevel_cached
-                    raise flight.error
+                    raise flight.waiter_error()
                 self.stats.exact_hits += 1
                 self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
                 return cast(T, flight.value)
@@ -449,6 +449,8 @@ class SemanticFunction(Generic[P, T]):
         agreed = self._agreement.observe(result, cached)
         if self._agreement.error is not None:
             self.log.failure(f"agree of {self.identity}", self._agreement.error)
+        else:
+            self.log.recovered(f"agree of {self.identity}")
         self.stats.answer_checks += 1
         if agreed:
             store.touch(entry)

@@ -273,7 +273,7 @@ class FunctionCache(Generic[P, T]):
             await flight.wait()
             if flight.done:
                 if flight.error is not None:
-                    raise flight.error
+                    raise flight.waiter_error()
                 self._served(flight.value, "in-flight", trace)
                 return flight.value  # type: ignore[no-any-return]
             # The computing caller was cancelled: one of the waiters takes over.
