@@ -492,7 +492,9 @@ class SemanticFunction(Generic[P, T]):
 
         Returns:
             How many entries were stored (an entry replaced or evicted by a later one of the same prefill
-            counts).
+            counts). A value the store cannot encode (a class neither registered nor named by the return
+            annotation, with a disk or Redis index) is skipped, logged and counted in
+            ``cache_info().unstorable``, not in this number.
 
         Raises:
             TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
