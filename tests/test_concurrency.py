@@ -97,8 +97,18 @@ async def test_a_waiter_takes_over_when_the_computing_caller_is_cancelled(clock:
     assert gate.started == [1, 1]
 
 
-async def test_an_exception_reaches_every_waiter_and_is_not_cached(clock: FakeClock) -> None:
-    """Concurrent callers share one failed computation; the next call computes again."""
+class Refused(Exception):
+    """An error with extra state, as SDK errors carry (a status code)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, status)
+        self.status = status
+
+
+@pytest.mark.parametrize("error", [LookupError("no result for 3"), Refused("no result for 3", 429)])
+async def test_an_exception_reaches_every_waiter_and_is_not_cached(clock: FakeClock, error: Exception) -> None:
+    """Concurrent callers share one failed computation, each raising its own copy of the failure (one shared
+    exception object would gather every waiter's frames in its traceback); the next call computes again."""
     gate = Gate()
     fail = True
 
@@ -106,7 +116,7 @@ async def test_an_exception_reaches_every_waiter_and_is_not_cached(clock: FakeCl
     async def flaky(x: int) -> int:
         await gate.run(x)
         if fail:
-            raise LookupError(f"no result for {x}")
+            raise error
         return x
 
     errors: list[BaseException] = []
@@ -114,7 +124,7 @@ async def test_an_exception_reaches_every_waiter_and_is_not_cached(clock: FakeCl
     async def call() -> None:
         try:
             await flaky(3)
-        except LookupError as exc:
+        except (LookupError, Refused) as exc:
             errors.append(exc)
 
     with anyio.fail_after(10):
@@ -124,7 +134,10 @@ async def test_an_exception_reaches_every_waiter_and_is_not_cached(clock: FakeCl
             await anyio.wait_all_tasks_blocked()
             gate.opened.set()
     assert len(errors) == WAITERS
-    assert {str(exc) for exc in errors} == {"no result for 3"}
+    assert {(type(exc), exc.args, getattr(exc, "status", None)) for exc in errors} == {
+        (type(error), error.args, getattr(error, "status", None))}
+    assert len({id(exc) for exc in errors}) == WAITERS
+    assert max(len(traceback.extract_tb(exc.__traceback__)) for exc in errors) < 25
     assert gate.started == [3]
     fail = False
     assert await flaky(3) == 3
@@ -265,43 +278,3 @@ async def test_an_invalidation_during_a_computation_wins(clock: FakeClock, how: 
     assert await price(7) == 2
     assert await price(7) == 2
 
-
-class Refused(Exception):
-    """An error with extra state, as SDK errors carry (a status code)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, status)
-        self.status = status
-
-
-@pytest.mark.parametrize("error", [LookupError("no answer"), Refused("refused", 429)])
-async def test_a_failure_reaches_every_waiter_as_its_own_copy(clock: FakeClock, error: Exception) -> None:
-    """N concurrent callers of a failing key: one computation, N failures of its type and message, each with a
-    traceback of its own (one shared exception object would gather every waiter's frames)."""
-    gate = Gate()
-
-    @multilevel_cached(cache=TieredCache(Settings(), clock=clock))
-    async def failing(x: int) -> int:
-        await gate.run(x)
-        raise error
-
-    caught: list[BaseException] = []
-
-    async def call() -> None:
-        try:
-            await failing(3)
-        except Exception as exc:
-            caught.append(exc)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            for _ in range(WAITERS):
-                tg.start_soon(call)
-            await anyio.wait_all_tasks_blocked()
-            gate.opened.set()
-    assert gate.started == [3]
-    assert len(caught) == WAITERS
-    assert {(type(exc), exc.args) for exc in caught} == {(type(error), error.args)}
-    assert all(getattr(exc, "status", None) == getattr(error, "status", None) for exc in caught)
-    assert len({id(exc) for exc in caught}) == WAITERS  # the computing caller's error and one copy per waiter
-    assert max(len(traceback.extract_tb(exc.__traceback__)) for exc in caught) < 25
