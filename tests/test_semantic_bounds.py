@@ -367,3 +367,27 @@ def test_the_process_exits_cleanly_while_an_index_compaction_is_building() -> No
         compactions, _, non_daemon = done.stdout.split()
         assert int(compactions) > 0
         assert non_daemon == "True"
+
+
+WORKERS_AT_EXIT = textwrap.dedent('''
+    import time
+    from cachelayers import workers
+
+    finished = []
+    thread = workers.start_worker(lambda: (time.sleep(0.3), finished.append("build")), name="cachelayers-test")
+    assert thread is not None and not thread.daemon
+    workers.join_at_exit()  # what atexit runs, after the interpreter joined its non-daemon threads
+    assert finished == ["build"], finished  # the running worker was waited for
+    assert workers.start_worker(lambda: finished.append("late"), name="cachelayers-test") is None
+    time.sleep(0.1)
+    print(finished)
+''')
+
+
+def test_at_exit_running_workers_are_joined_and_new_ones_refused() -> None:
+    """A worker started after the interpreter's own join (from the sync decorators' daemon loop) is joined by
+    the atexit hook, and none starts after it: no usearch build is cut off at exit."""
+    done = subprocess.run([sys.executable, "-c", WORKERS_AT_EXIT], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['build']"

@@ -47,6 +47,8 @@ def test_the_probability_rises_with_similarity_and_falls_with_a_changed_number()
 @pytest.mark.parametrize(("arguments", "field"), [
     ({"min_probability": 1.5}, "min_probability"),
     ({"min_probability": -0.1}, "min_probability"),
+    ({"min_probability": True}, "min_probability"),  # a bool is not a probability
+    ({"min_probability": float("nan")}, "min_probability"),
     ({"weights": (1.0, 2.0)}, "weights"),
     ({"weights": (float("nan"),) * (len(PAIR_FEATURES) + 1)}, "weights"),
 ])

@@ -439,7 +439,8 @@ class PairVerifier:
 
     def __init__(self, min_probability: float = 0.5, *,
                  weights: Sequence[float] | None = None) -> None:
-        if not isinstance(min_probability, (int, float)) or not 0.0 <= min_probability <= 1.0:
+        if (isinstance(min_probability, bool) or not isinstance(min_probability, (int, float))
+                or not 0.0 <= min_probability <= 1.0):
             raise ConfigError("min_probability", min_probability, "expected a probability in [0, 1]")
         chosen = tuple(PAIR_VERIFIER_WEIGHTS if weights is None else weights)
         if len(chosen) != len(PAIR_FEATURES) + 1 or not all(math.isfinite(w) for w in chosen):

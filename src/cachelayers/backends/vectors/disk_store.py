@@ -34,6 +34,7 @@ from cachelayers.backends.vectors.sealing import open_row, seal_row
 from cachelayers.codec import Codec
 from cachelayers.errors import IntegrityError, SerializationError
 from cachelayers.metrics import StateLog
+from cachelayers.workers import start_worker
 
 __all__ = ["DiskStore"]
 
@@ -272,10 +273,9 @@ class DiskStore:
         if self._writes >= self.save_every and (self._saving is None or not self._saving.is_alive()):
             self._writes = 0
             payload = self._snapshot()
-            # Not a daemon: at exit the interpreter lets the snapshot finish rather than kill usearch mid-write.
-            self._saving = threading.Thread(target=self._write_snapshot, args=payload,
-                                            name="cachelayers-snapshot", daemon=False)
-            self._saving.start()
+            # A worker the interpreter waits for at exit rather than killing usearch mid-write (None once exiting:
+            # the snapshot is skipped, the rows are on disk and the graph is rebuilt from them on load).
+            self._saving = start_worker(self._write_snapshot, *payload, name="cachelayers-snapshot")
 
     def _snapshot(self) -> tuple[list[PartitionSnapshot], dict[str, str]]:
         assert self._replica is not None

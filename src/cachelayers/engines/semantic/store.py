@@ -35,6 +35,7 @@ from cachelayers.engines.semantic.options import DEFAULT_MAX_TOTAL_ENTRIES
 from cachelayers.errors import SerializationError
 from cachelayers.metrics import StateLog
 from cachelayers.settings import get_settings
+from cachelayers.workers import start_worker
 
 __all__ = ["Entry", "Partition", "SemanticStore", "enforce_process_bound", "open_store"]
 
@@ -461,10 +462,10 @@ class SemanticStore:
 
     def _start_compaction(self, part: Partition) -> None:
         job = part.index.begin_compaction()
-        # Not a daemon: the interpreter waits for the build at exit rather than killing usearch mid-build (SIGABRT).
-        thread = threading.Thread(target=job.build, name="cachelayers-compaction", daemon=False)
-        part.compaction = (job, thread)
-        thread.start()
+        # A worker the interpreter waits for at exit rather than killing usearch mid-build (SIGABRT).
+        thread = start_worker(job.build, name="cachelayers-compaction")
+        if thread is not None:  # None: the interpreter is exiting, the rebuild is skipped
+            part.compaction = (job, thread)
 
     def _maybe_compact(self, part: Partition) -> None:
         if part.compaction is None and part.index.needs_compaction():
