@@ -366,3 +366,32 @@ def test_a_bare_f32_usearch_index_from_before_still_loads_with_exact_similaritie
     index.compact()  # the next compaction makes the compact graph
     assert "I8" in str(index._index.dtype)
     assert index.search(vectors[5], 1).keys == [5]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_compaction_refused_at_exit_is_abandoned_not_left_journaling(anyio_backend: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the interpreter exits, no worker starts (`cachelayers.workers`): the rebuild that was due is
+    abandoned, so the index stops journaling writes for it and a later compaction can begin."""
+    from cachelayers.engines.semantic import store as store_module
+
+    monkeypatch.setattr(store_module, "start_worker", lambda *args, **kwargs: None)
+    embedder = HashingEmbedder()
+    texts = [f"question number {i} about topic {i % 7}" for i in range(400)]
+    stats = _Stats()
+    store = SemanticStore(max_entries=10**6, options=IndexOptions(), clock=lambda: 0.0,
+                          stats=stats, log=StateLog(), codec=Codec())
+    await store.open(embedder.name, embedder.ndim)
+    partition = b"p" * 16
+    for text, vector in zip(texts, embedder(texts), strict=True):
+        await store.insert(partition, text, vector, text, None)
+    await store.remove(list(store.entries.values())[:300])  # enough removals for a rebuild
+    part = store.partitions[partition]
+    assert part.compaction is None
+    assert not part.index.compacting
+    assert part.index.needs_compaction()  # still due: a process that goes on would rebuild next time
+    monkeypatch.undo()
+    await store.insert(partition, "one more question", embedder(["one more question"])[0], "x", None)
+    await store.wait_compactions()
+    assert stats.compactions == 1

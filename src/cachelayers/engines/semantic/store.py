@@ -464,8 +464,10 @@ class SemanticStore:
         job = part.index.begin_compaction()
         # A worker the interpreter waits for at exit rather than killing usearch mid-build (SIGABRT).
         thread = start_worker(job.build, name="cachelayers-compaction")
-        if thread is not None:  # None: the interpreter is exiting, the rebuild is skipped
-            part.compaction = (job, thread)
+        if thread is None:  # the interpreter is exiting: the rebuild is skipped, and committing the job never
+            part.index.commit_compaction(job)  # built abandons it (the index stops journaling writes for it)
+            return
+        part.compaction = (job, thread)
 
     def _maybe_compact(self, part: Partition) -> None:
         if part.compaction is None and part.index.needs_compaction():
