@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 
-from cachelayers.embedders import embed, embedder_name, resolve_embedder, same_words
-from cachelayers.engines.semantic.lookups import Candidate, Verifier
+from cachelayers.embedders import embed, embedder_name, resolve_embedder
+from cachelayers.engines.semantic.lookups import Candidate, Verifier, ambiguous
 from cachelayers.engines.semantic.options import DEFAULT_MAX_CANDIDATES
 from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
 from cachelayers.validation import similarity as check_similarity
@@ -315,13 +315,11 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
     rows = np.arange(len(pairs))
     runner_up = sims[rows, order[:, 1]] if len(origins) > 1 else np.full(len(pairs), -1.0)
     clear = sims[rows, order[:, 0]] - runner_up >= margin - 1e-9
-    for row in np.flatnonzero(~clear).tolist():  # as the engine: a runner-up with the nearest's words is the
-        nearest = origins[order[row, 0]]         # same question, the next one decides
-        clear[row] = True
-        for j in order[row, 1:max_candidates]:
-            if not (nearest and origins[j] and same_words(nearest, origins[j])):
-                clear[row] = sims[row, order[row, 0]] - sims[row, j] >= margin - 1e-9
-                break
+    for row in np.flatnonzero(~clear).tolist():  # the engine's rule (same-words runner-ups passed over)
+        best = order[row, 0]
+        clear[row] = not ambiguous(origins[best], float(sims[row, best]),
+                                   ((origins[j], float(sims[row, j])) for j in order[row, 1:max_candidates]),
+                                   margin - 1e-9)
     chosen = order[:, 0].copy()  # the candidate that answers, if its similarity reaches the threshold
     if verifier is not None:
         for i, (_, similar) in enumerate(pairs):

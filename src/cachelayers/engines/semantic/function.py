@@ -22,13 +22,13 @@ from cachelayers import audit
 from cachelayers.backends.vectors import GONE, parse_vector_index
 from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_duration
-from cachelayers.embedders import HashingEmbedder, embed, embedder_name, same_words
+from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.arguments import CallSplitter
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
-from cachelayers.engines.semantic.lookups import Candidate, Lookup, record
+from cachelayers.engines.semantic.lookups import Candidate, Lookup, ambiguous, record
 from cachelayers.engines.semantic.options import (
     DEFAULT_MAX_CANDIDATES,
     DEFAULT_MAX_ENTRIES,
@@ -378,7 +378,8 @@ class SemanticFunction(Generic[P, T]):
             return await self._uncached(args, kwargs, text, partition, f"index failed: {exc}")
         best = candidates[0][1] if candidates else None
         rejected = 0
-        if len(candidates) > 1 and candidates[0][1] - candidates[1][1] < self.margin and self._ambiguous(candidates):
+        if len(candidates) > 1 and candidates[0][1] - candidates[1][1] < self.margin and ambiguous(
+                candidates[0][0].text, candidates[0][1], ((e.text, s) for e, s in candidates[1:]), self.margin):
             candidates = []  # ambiguous: two entries about as near as each other, neither is served
         for entry, similarity in candidates:
             if similarity < self.threshold:
@@ -401,16 +402,6 @@ class SemanticFunction(Generic[P, T]):
         result = await self._compute_and_store(store, args, kwargs, text, partition, vector)
         self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
         return result
-
-    def _ambiguous(self, candidates: Sequence[tuple[Entry, float]]) -> bool:
-        """Whether a runner-up within the margin of the nearest entry is another question: entries with the
-        same words as the nearest (`same_words`: a question stored twice, in another case or punctuation) are
-        passed over for the next one."""
-        best = candidates[0][0].text
-        for entry, similarity in candidates[1:]:
-            if not (best and entry.text and same_words(best, entry.text)):
-                return candidates[0][1] - similarity < self.margin
-        return False
 
     async def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         """Run the function for a call the cache does not answer: a miss, timed."""

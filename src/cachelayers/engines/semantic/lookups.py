@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from cachelayers.embedders import same_words
 from cachelayers.engines.tiered.control import set_reporter, unwatch, watch
 
-__all__ = ["Candidate", "Explanation", "Level", "Lookup", "Verifier", "explain", "last_lookup", "record"]
+__all__ = ["Candidate", "Explanation", "Level", "Lookup", "Verifier", "ambiguous", "explain", "last_lookup",
+           "record"]
 
 Level = Literal["exact", "semantic", "computed", "uncached"]
 
@@ -151,3 +153,14 @@ class Candidate(NamedTuple):
 
 Verifier = Callable[[str, Candidate], Awaitable[bool]]
 """An async ``(text, Candidate) -> bool`` that must accept a candidate before it is served."""
+
+
+def ambiguous(nearest: str, similarity: float, others: Iterable[tuple[str, float]], margin: float) -> bool:
+    """The margin rule: whether the nearest entry (text ``nearest``, at ``similarity``) is less than ``margin``
+    more similar than the next *other question* among ``others`` (``(text, similarity)``, best first). A runner-up
+    with the nearest's words (`cachelayers.embedders.same_words`: one question stored twice) is passed over;
+    an empty text (an encrypted entry) never has the same words."""
+    for text, other in others:
+        if not (nearest and text and same_words(nearest, text)):
+            return similarity - other < margin
+    return False
