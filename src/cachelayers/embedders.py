@@ -43,6 +43,7 @@ import numpy as np
 
 from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
 from cachelayers.keys import function_identity
+from cachelayers.validation import probability
 
 __all__ = [
     "PAIR_FEATURES",
@@ -439,9 +440,7 @@ class PairVerifier:
 
     def __init__(self, min_probability: float = 0.5, *,
                  weights: Sequence[float] | None = None) -> None:
-        if (isinstance(min_probability, bool) or not isinstance(min_probability, (int, float))
-                or not 0.0 <= min_probability <= 1.0):
-            raise ConfigError("min_probability", min_probability, "expected a probability in [0, 1]")
+        min_probability = probability(min_probability, "min_probability")
         chosen = tuple(PAIR_VERIFIER_WEIGHTS if weights is None else weights)
         if len(chosen) != len(PAIR_FEATURES) + 1 or not all(math.isfinite(w) for w in chosen):
             raise ConfigError("weights", weights, f"expected {len(PAIR_FEATURES) + 1} finite numbers")

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from cachelayers.errors import ConfigError
 
-__all__ = ["check_options", "flag", "optional_positive_int", "positive_int", "similarity"]
+__all__ = ["check_options", "flag", "optional_positive_int", "positive_int", "probability", "similarity"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -56,6 +58,18 @@ def similarity(value: object, field: str = "threshold") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
         raise ConfigError(field, value, "expected a similarity in [0, 1]")
+    return float(value)
+
+
+def probability(value: object, field: str) -> float:
+    """Return ``value`` (a Python or numpy number, not a bool) as a float in [0, 1].
+
+    Raises:
+        ConfigError: ``value`` is not a number in [0, 1] (NaN is not).
+    """
+    if (isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating)
+            or not 0.0 <= float(value) <= 1.0):
+        raise ConfigError(field, value, "expected a probability in [0, 1]")
     return float(value)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cachelayers.errors import ConfigError
-from cachelayers.validation import positive_int
+from cachelayers.validation import positive_int, probability
 
 __all__ = ["AnswerAgreement"]
 
@@ -131,9 +131,7 @@ class AnswerAgreement:
         if window + 2 < 1.0 / max_error:  # even a window of agreements would keep the estimate above max_error
             raise ConfigError("window", window, f"too short for max_error={max_error}: a window of n agreeing "
                               f"checks estimates 1/(n+2), so it needs at least {math.ceil(1.0 / max_error) - 2}")
-        if (isinstance(min_rate, bool) or not isinstance(min_rate, _REAL) or not math.isfinite(min_rate)
-                or not 0.0 <= min_rate <= 1.0):
-            raise ConfigError("min_rate", min_rate, "expected a probability in [0, 1]")
+        min_rate = probability(min_rate, "min_rate")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str, bytes))):
             raise ConfigError("seed", seed, "expected an int, a str or bytes (or None for the system's entropy)")
         if agree is not None and not callable(agree):
