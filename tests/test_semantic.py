@@ -615,11 +615,14 @@ async def test_identical_concurrent_calls_run_the_function_once() -> None:
     async def one() -> None:
         results.append(await ask("same question"))
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(5):
-            tg.start_soon(one)
+    with explain() as info:
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(one)
     assert calls == 1
     assert results == [1] * 5
+    # the four that joined the running call say so: they were not answered by a stored entry
+    assert sorted((lookup.level, lookup.tier) for lookup in info) == [("computed", None)] + [("exact", "in-flight")] * 4
 
 
 async def test_identical_concurrent_calls_that_fail_run_the_function_once_and_all_fail() -> None:

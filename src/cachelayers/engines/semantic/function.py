@@ -266,7 +266,7 @@ class SemanticFunction(Generic[P, T]):
         record(lookup)
         if audit.SAMPLING[0] and audit.sampled():
             audit.access(self._keys.namespace, lookup.level, "semantic_cached", partition=lookup.partition or None,
-                         function=self.identity)
+                         function=self.identity, tier=lookup.tier)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.log.failure(what, exc)
@@ -313,8 +313,8 @@ class SemanticFunction(Generic[P, T]):
             if flight.done:
                 if flight.error is not None:  # the call failed: its waiters fail with it, as with multilevel_cached
                     raise flight.waiter_error()
-                self.stats.exact_hits += 1
-                self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex()))
+                self.stats.exact_hits += 1  # answered by the identical call running (its result may not be stored)
+                self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex(), tier="in-flight"))
                 return cast(T, flight.value)
             flight = self._inflight.get(flight_key)  # the computing caller was cancelled: one waiter takes over
         entry = store.find_exact(partition, text)

@@ -32,7 +32,8 @@ class Lookup:
         rejected: Candidates above the threshold that the verifier rejected.
         reason: Why the call was ``uncached``, or ``None``.
         tier: For a `multilevel_cached` call answered from the cache, the tier that answered (``"memory"``, a
-            tier's name, ``"in-flight"`` for a call that joined a running computation, ``"stale"``); else ``None``.
+            tier's name, ``"stale"``); for a call of either decorator that joined the identical call running and
+            got its result, ``"in-flight"``; else ``None``.
         decorator: ``"semantic_cached"``, or ``"multilevel_cached"`` for an exact cache's lookup.
     """
 
