@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar
 
@@ -37,6 +38,24 @@ while redis.call('ZCARD', pkey) > cap do
   drop(redis.call('ZPOPMIN', pkey)[1])
 end
 return evicted
+"""
+
+# The function's slot: a new entry id from the counter (KEYS[1]) that no live entry (KEYS[2]) has, even after the
+# counter was reset (a restore, or a writer that set it): an id names one entry as long as it is live.
+_NEXT_ID = """
+local id = redis.call('INCR', KEYS[1])
+local tries = 0
+while redis.call('ZSCORE', KEYS[2], id) and tries < 10000000 do
+  id = redis.call('INCR', KEYS[1])
+  tries = tries + 1
+end
+return id
+"""
+
+# The function's slot: the epoch of the function's keys (KEYS[1]), made when missing (ARGV[1] a new random token).
+_EPOCH = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 """
 
 # The partition's slot: remove entries (ARGV ids) from its LRU set (KEYS[1]).
@@ -123,7 +142,11 @@ class RedisVectorStore:
     namespace, the embedder and the scalar type, so vectors of two embedders never meet):
 
     ``seq``
-        counter handing out entry ids (never reused, so an id names one entry forever);
+        counter handing out entry ids (an id already live is skipped, so a counter reset by a restore or by
+        another writer never gives one id to two live entries);
+    ``epoch``
+        a random token made by the first process that opens the store: a Redis restarted empty or flushed has
+        another (or none), and every replica then reloads instead of mixing ids of two generations;
     ``all``
         sorted set of every id by expiry (ms, ``+inf`` for never): what a new process loads;
     ``where``
@@ -167,6 +190,8 @@ class RedisVectorStore:
         self._remove: Any = None
         self._log: Any = None
         self._log_keys = [f"{base}log", f"{base}all", f"{base}where"]
+        self._next_id: Any = None
+        self._epoch: Any = None
 
     def partition_base(self, partition: str) -> str:
         """Prefix of the keys of ``partition`` (hex): the function's hash tag extended by the partition."""
@@ -194,12 +219,21 @@ class RedisVectorStore:
             self._insert = self._client.register_script(_INSERT)
             self._remove = self._client.register_script(_REMOVE)
             self._log = self._client.register_script(_LOG)
+            self._next_id = self._client.register_script(_NEXT_ID)
+            self._epoch = self._client.register_script(_EPOCH)
         return self._client
 
     @_gated
     async def next_id(self) -> int:
-        """A new entry id (never handed out before)."""
-        return int(await self.client.incr(f"{self.base}seq"))
+        """A new entry id (no live entry has it)."""
+        _ = self.client
+        return int(await self._next_id(keys=[f"{self.base}seq", f"{self.base}all"]))
+
+    @_gated
+    async def epoch(self) -> str:
+        """The epoch of the function's keys in this Redis, made now if missing (see the class)."""
+        _ = self.client
+        return _str(await self._epoch(keys=[f"{self.base}epoch"], args=[secrets.token_hex(8)]))
 
     @_gated
     async def insert(self, id_: int, partition: str, text: str, row: bytes, payload: bytes,
@@ -287,18 +321,21 @@ class RedisVectorStore:
         return _str(info["last-generated-id"]), int(info["entries-added"])
 
     @_gated
-    async def events(self, after: str, count: int = 1000) -> tuple[list[Event], int]:
+    async def events(self, after: str, count: int = 1000) -> tuple[list[Event], int, str | None]:
         """Changes after ``after`` (up to ``count``) and, read atomically with them, the number of changes
-        ever logged — with which a reader tells whether changes it never saw were trimmed away."""
+        ever logged — with which a reader tells whether changes it never saw were trimmed away — and the epoch
+        (``None`` when missing: Redis lost the function's keys)."""
         async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(f"{self.base}epoch")
             pipe.xread({f"{self.base}log": after}, count=count)
             pipe.xlen(f"{self.base}log")
             pipe.execute_command("XINFO", "STREAM", f"{self.base}log")
             try:
-                read, length, info = await pipe.execute(raise_on_error=True)
+                epoch, read, length, info = await pipe.execute(raise_on_error=True)
             except Exception as exc:
                 if "no such key" in str(exc).lower():
-                    return [], 0
+                    epoch = await self.client.get(f"{self.base}epoch")
+                    return [], 0, None if epoch is None else _str(epoch)
                 raise
         fields = dict(zip(info[::2], info[1::2], strict=True)) if isinstance(info, list) else dict(info)
         added = int(fields.get(b"entries-added", fields.get("entries-added", length)))
@@ -308,7 +345,7 @@ class RedisVectorStore:
                 values = {_str(k): _str(v) for k, v in data.items()}
                 events.append(Event(_str(event_id), values.get("op", ""), int(values.get("id") or 0),
                                     values.get("p", "")))
-        return events, added
+        return events, added, None if epoch is None else _str(epoch)
 
     @_gated
     async def clear(self) -> None:
@@ -317,7 +354,7 @@ class RedisVectorStore:
         batch: list[Any] = []
         # Every key of the function and of its partitions starts with the function's base less its "}:".
         async for key in client.scan_iter(match=f"{self.base[:-2]}*", count=500):
-            if _str(key) in (f"{self.base}seq", f"{self.base}log"):
+            if _str(key) in (f"{self.base}seq", f"{self.base}log", f"{self.base}epoch"):
                 continue
             batch.append(key)
             if len(batch) >= 500:

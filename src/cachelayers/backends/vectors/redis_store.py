@@ -41,8 +41,9 @@ class RedisStore:
     Rows (partition, text, vector, expiry) and payloads are sealed with the codec and bound to the entry's id
     (`cachelayers.backends.vectors.sealing`): a row that fails its check is deleted and counted before it is
     findable, a payload that fails is a counted miss. A hit always reads the payload from Redis: an entry
-    removed or expired elsewhere is a miss, never a stale answer. Entry ids come from a Redis counter and are
-    never reused. Runs on asyncio (redis-py's asyncio client).
+    removed or expired elsewhere is a miss, never a stale answer. Entry ids come from a Redis counter that skips
+    live ids; a Redis that lost the keys (restarted empty, flushed) has a new epoch, and replicas reload rather
+    than mix the ids of two generations. Runs on asyncio (redis-py's asyncio client).
 
     Args:
         url: The ``redis://``, ``rediss://`` or ``redis+cluster://`` URL (on a cluster each partition's
@@ -70,6 +71,7 @@ class RedisStore:
         self._replica: Replica | None = None
         self._last_event = "0-0"
         self._seen = 0  # changes ever logged up to and including _last_event
+        self._epoch: str | None = None  # the epoch of the keys the replica was loaded from
         self._synced_at = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._syncing = False
@@ -91,9 +93,12 @@ class RedisStore:
         assert self.redis is not None
         return f"{self.redis.base}row:{id_}"
 
-    def _payload_binding(self, id_: int) -> str:
+    def _payload_binding(self, id_: int, partition: bytes, text: str) -> str:
+        """What a payload is sealed against: its entry's id, partition and text, so that a payload is never
+        taken for another entry's, even one that got the same id (a Redis restarted empty hands ids out again)."""
         assert self.redis is not None
-        return f"{self.redis.base}val:{id_}"
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return f"{self.redis.base}val:{id_}:{partition.hex()}:{digest}"
 
     async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
         """Connect and load the replica from Redis."""
@@ -108,6 +113,7 @@ class RedisStore:
         assert self.redis is not None
         assert self._replica is not None
         self._replica.forget_all()
+        self._epoch = await self.redis.epoch()
         self._last_event, self._seen = await self.redis.log_position()
         ids = await self.redis.live_ids(self._now_ms())
         await self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
@@ -156,9 +162,12 @@ class RedisStore:
         self._syncing = True
         try:
             while True:
-                events, logged = await self.redis.events(self._last_event, _BATCH)
-                if len(events) < _BATCH and logged - self._seen > len(events):
-                    await self._reload()  # changes we never saw were trimmed from the log
+                events, logged, epoch = await self.redis.events(self._last_event, _BATCH)
+                if epoch != self._epoch or logged < self._seen or (
+                        len(events) < _BATCH and logged - self._seen > len(events)):
+                    # Redis lost the keys the replica came from (restarted empty, flushed: ids start again), or
+                    # changes we never saw were trimmed from the log
+                    await self._reload()
                     self._synced_at = now
                     return
                 self._seen += len(events)
@@ -194,7 +203,7 @@ class RedisStore:
         if blob is None:
             return GONE
         try:
-            return self.codec.open(self._payload_binding(entry.key), blob).value
+            return self.codec.open(self._payload_binding(entry.key, entry.partition, entry.text), blob).value
         except IntegrityError as exc:
             assert self._replica is not None
             self._replica.forget(entry.key)
@@ -212,7 +221,8 @@ class RedisStore:
         part_hex = entry.partition.hex()
         payload_body = self.codec.pack_body(value)  # raises SerializationError before anything is written
         id_ = await self.redis.next_id()
-        payload = self.codec.seal_body(self._payload_binding(id_), payload_body, entry.expires_at)
+        payload = self.codec.seal_body(self._payload_binding(id_, entry.partition, entry.text), payload_body,
+                                       entry.expires_at)
         row = seal_row(self.codec, self._row_binding(id_), entry.partition, entry.text, vector, entry.expires_at)
         id_, evicted = await self.redis.insert(
             id_, part_hex, "" if self.codec.encrypted else entry.text, row, payload,

@@ -249,7 +249,7 @@ class SemanticStore:
             if victim.text != text or victim.partition != partition:
                 self.stats.evictions += 1
             self._drop(victim)
-        if entry.key not in self.entries:
+        if not self._known(entry.key, partition, text):
             part = self._partition(partition)  # after the drops: dropping the last victim removes a partition
             part.index.add(entry.key, vector)
             self._adopt(entry, part)
@@ -343,11 +343,14 @@ class SemanticStore:
         """Make stored entries findable (values stay in the persistence).
 
         Expired rows, rows already known and rows of another dimension are skipped; of two rows with the same
-        partition and text the newer wins. ``graphs`` are indexes already holding their partitions' vectors.
+        partition and text the newer wins. A row whose key is known for another partition or text replaces
+        that entry (the key was handed out again: the entry it named is gone). ``graphs`` are indexes already
+        holding their partitions' vectors.
         """
         now = self.clock()
         for row in rows:
-            if row.key in self.entries or (row.expires_at is not None and row.expires_at <= now):
+            if self._known(row.key, row.partition, row.text) or (
+                    row.expires_at is not None and row.expires_at <= now):
                 continue
             if self.ndim is None:
                 self.ndim = int(row.vector.shape[0])
@@ -363,6 +366,17 @@ class SemanticStore:
             if row.key not in part.index:
                 part.index.add(row.key, row.vector)
             self._adopt(Entry(row.key, row.seq, row.partition, row.text, row.expires_at, GONE), part)
+
+    def _known(self, key: int, partition: bytes, text: str) -> bool:
+        """Whether ``key`` names this partition's entry of ``text`` already; an entry of another partition or
+        text under ``key`` is dropped (the key now names a new entry)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return False
+        if entry.partition == partition and entry.text == text:
+            return True
+        self._drop(entry)
+        return False
 
     def _adopted_partition(self, partition: bytes, graphs: Mapping[bytes, VectorIndex] | None) -> Partition:
         if partition not in self.partitions and graphs is not None and partition in graphs:
