@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from typing import Any
@@ -258,10 +259,34 @@ def test_bad_decoration_arguments_are_config_errors_naming_the_field() -> None:
         semantic_cached(threshold=0.9, vector_index="faiss:///tmp/x")(_noop)
     with pytest.raises(ConfigError, match="dtype"):
         semantic_cached(threshold=0.9, vector_index="memory://?dtype=f8")(_noop)
+    with pytest.raises(ConfigError, match=r"text='options'.*collects several arguments"):
+        semantic_cached(threshold=0.9, text="options")(_varargs)
+    with pytest.raises(ConfigError, match="no parameter to take the text from"):
+        semantic_cached(threshold=0.9)(_only_varargs)
     with pytest.raises(TypeError, match="needs a function"):
         semantic_cached(threshold=0.9)("not a function")  # type: ignore[call-overload]
     # A plain function is welcome since issue 14 (tests/test_sync.py).
     assert isinstance(semantic_cached(threshold=0.9)(lambda question: question), SyncSemanticCachedFunction)
+
+
+async def _varargs(question: str, **options: Any) -> str:
+    return question
+
+
+async def _only_varargs(*args: Any) -> str:
+    return ""
+
+
+async def test_an_ignored_first_parameter_is_not_taken_for_the_text() -> None:
+    @semantic_cached(threshold=0.9, ignore=("client",))
+    async def ask(client: object, question: str, tenant: str) -> str:
+        return f"{tenant}: {question}"
+
+    with explain() as info:
+        assert await ask(object(), "how do I reset my password", "a") == "a: how do I reset my password"
+        assert await ask(object(), "how do I reset my password", "a") == "a: how do I reset my password"
+    assert [(lookup.level, lookup.text) for lookup in info] == [
+        ("computed", "how do I reset my password"), ("exact", "how do I reset my password")]
 
 
 async def test_a_non_string_text_is_a_type_error_at_call_time() -> None:
@@ -362,11 +387,39 @@ async def test_an_index_failure_makes_the_call_proceed_uncached(monkeypatch: pyt
 
 async def test_a_failing_partition_function_does_not_fail_the_call() -> None:
     @semantic_cached(threshold=0.5, partition=lambda model, **_: model["missing"])
-    async def ask(question: str, model: dict[str, str]) -> str:
+    async def ask(question: str, model: Any) -> str:
         return question
 
-    assert await ask("q", {}) == "q"
-    assert ask.cache_info().uncached == 1
+    assert await ask("q", {}) == "q"  # KeyError
+    with explain() as info:
+        assert await ask("q", None) == "q"  # TypeError ('NoneType' object is not subscriptable), the user's own
+    assert ask.cache_info().uncached == 2
+    assert info.last is not None
+    assert info.last.level == "uncached"
+    assert info.last.reason is not None
+    assert info.last.reason.startswith("TypeError")
+
+    @semantic_cached(threshold=0.5, text=lambda messages, **_: messages[-1]["content"],
+                     partition=lambda messages, **_: len(messages))
+    async def chat(messages: Any) -> str:
+        return "reply"
+
+    assert await chat(None) == "reply"  # the text= function raises TypeError: uncached too
+    assert chat.cache_info().uncached == 1
+
+
+async def test_a_text_with_a_lone_surrogate_does_not_fail_the_call() -> None:
+    calls = 0
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        return "answer"
+
+    broken = json.loads('"what is \\ud83d"')  # a truncated emoji, as JSON lets through
+    assert await ask(broken) == "answer"
+    assert calls == 1
 
 
 # -- TTL, eviction, key reuse ----------------------------------------------------------------------------------
@@ -538,6 +591,23 @@ async def test_a_rejected_candidate_lets_the_next_candidate_be_tried() -> None:
     assert info.last.rejected == 1
 
 
+async def test_a_plain_function_verifier_is_called_as_such() -> None:
+    emb = AngleEmbedder()
+
+    def verifier(text: str, candidate: Candidate) -> bool:
+        return not text.endswith("@15")
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def ask(question: str) -> str:
+        return f"answer {question}"
+
+    await ask("p@0")
+    assert await ask("p@10") == "answer p@0"
+    assert await ask("p@15") == "answer p@15"
+    assert ask.cache_info().verifier_errors == 0
+    assert ask.cache_info().verifier_rejections == 1
+
+
 async def test_a_verifier_that_raises_rejects_and_is_counted() -> None:
     emb = AngleEmbedder()
 
@@ -623,6 +693,41 @@ async def test_identical_concurrent_calls_run_the_function_once() -> None:
     assert results == [1] * 5
     # the four that joined the running call say so: they were not answered by a stored entry
     assert sorted((lookup.level, lookup.tier) for lookup in info) == [("computed", None)] + [("exact", "in-flight")] * 4
+
+
+async def test_a_call_that_joins_the_identical_running_call_is_reported_as_that_call_was_answered() -> None:
+    angles = AngleEmbedder()
+    down = False
+
+    async def emb(texts: list[str]) -> Any:
+        await anyio.sleep(0.05)  # so the identical calls meet while the first is running
+        if down:
+            raise RuntimeError("embedder down")
+        return angles(texts)
+
+    @semantic_cached(embed=emb, threshold=0.9, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return f"answer {question}"
+
+    await ask("j@0")
+
+    async def together(question: str) -> cachelayers.Explanation:
+        with explain() as info:
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(ask, question)
+        return info
+
+    info = await together("j@5")  # a semantic hit of j@0, and two callers who joined it
+    assert sorted((lookup.level, lookup.tier or "", lookup.matched_text) for lookup in info) == [
+        ("semantic", "", "j@0"), ("semantic", "in-flight", "j@0"), ("semantic", "in-flight", "j@0")]
+    assert ask.cache_info().semantic_hits == 3
+    down = True
+    info = await together("j@40")  # the embedder fails: the running call is uncached, and so are its joiners
+    assert [lookup.level for lookup in info] == ["uncached"] * 3
+    assert all(lookup.reason is not None and "embedder down" in lookup.reason for lookup in info)
+    info_ = ask.cache_info()
+    assert (info_.uncached, info_.exact_hits, info_.entries) == (3, 0, 1)
 
 
 async def test_identical_concurrent_calls_that_fail_run_the_function_once_and_all_fail() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -326,7 +327,8 @@ async def replay_rates(pairs: Sequence[tuple[str, str]], embedder: Callable[[lis
             chosen[i] = -1
             for j in order[i, :max_candidates] if clear[i] else ():
                 candidate = Candidate(origins[j], origins[j], float(sims[i, j]))
-                if await verifier(similar, candidate):
+                verdict = verifier(similar, candidate)
+                if await verdict if inspect.isawaitable(verdict) else verdict:
                     chosen[i] = j
                     break
     answered = chosen >= 0

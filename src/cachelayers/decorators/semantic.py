@@ -166,8 +166,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
             least recently used entry of any partition is evicted, and a partition left empty is freed with
             its index (a partition per tenant stays bounded however many tenants come and go). All functions
             together are bounded by ``Settings.semantic_max_entries`` (500,000 by default, process-wide).
-        verifier: ``async (text, candidate) -> bool``: a second stage that must accept a candidate before it
-            is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected. The
+        verifier: ``(text, candidate) -> bool``, async or plain: a second stage that must accept a candidate
+            before it is served (e.g. a cross-encoder or an LLM judge). If it raises, the candidate is rejected. The
             embedder's ``default_verifier`` (if any) when neither ``threshold`` nor ``verifier`` is given.
         agreement: An `AnswerAgreement`: compute some would-be hits instead of serving them and compare the
             answers, as often as the disagreements seen require to keep wrong answers near its ``max_error``

@@ -17,13 +17,15 @@ class Flight:
     a second caller waits, so a flight nobody joins costs no event.
     """
 
-    __slots__ = ("done", "error", "event", "value")
+    __slots__ = ("done", "error", "event", "outcome", "value")
 
     def __init__(self) -> None:
         self.event: anyio.Event | None = None
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
+        self.outcome: Any = None
+        """What the computing caller tells its waiters about how the value was found (the engine's choice)."""
 
     async def wait(self) -> None:
         """Wait until the computing caller calls `finish`."""

@@ -10,10 +10,18 @@ from typing import Any, Final, cast
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
 from cachelayers.keys import FAST_TYPES, KeyBuilder, canonical_bytes
 
-__all__ = ["CallSplitter"]
+__all__ = ["ArgumentFunctionError", "CallSplitter"]
 
 _MEMO_ARGUMENTS: Final = 4  # partitions of at most this many scalar arguments have their digest remembered
 _MEMO_SIZE: Final = 4096  # digests remembered per function (the memo starts again when full)
+
+
+class ArgumentFunctionError(Exception):
+    """A ``text=`` or ``partition=`` function raised ``error`` (whatever its type): the call runs uncached."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 class CallSplitter:
@@ -38,15 +46,21 @@ class CallSplitter:
         self.identity = self.keys.identity
         text = options.get("text")
         partition = options.get("partition")
-        names = list(inspect.signature(fn).parameters)
+        parameters = inspect.signature(fn).parameters
+        names = list(parameters)
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         if text is None:
-            candidates = [n for n in names if n not in ("self", "cls")]
+            candidates = [n for n, p in parameters.items()
+                          if n not in ("self", "cls") and n not in self.keys.ignored and p.kind not in variadic]
             if not candidates:
                 raise ConfigError("text", None, f"{self.identity}() has no parameter to take the text from")
             text = candidates[0]
         if isinstance(text, str):
             if text not in names:
                 raise ConfigError("text", text, f"{self.identity}() has no such parameter")
+            if parameters[text].kind in variadic:
+                raise ConfigError("text", text, f"{self.identity}()'s {text} collects several arguments: name the "
+                                  "one parameter that holds the text, or give a function of the arguments")
             if text in self.keys.ignored:
                 raise ConfigError("ignore", text, "the text argument is never part of the partition anyway")
             self._text_arg: str | None = text
@@ -132,10 +146,13 @@ class CallSplitter:
         Raises:
             TypeError: The text is not a ``str``.
             UnkeyableArgumentError: A partition argument cannot be keyed.
-            Exception: What a ``text=`` or ``partition=`` function raised.
+            ArgumentFunctionError: A ``text=`` or ``partition=`` function raised (whatever it raised).
         """
         if self._text_fn is not None:
-            text = self._text_fn(**arguments)
+            try:
+                text = self._text_fn(**arguments)
+            except Exception as exc:
+                raise ArgumentFunctionError(exc) from exc
             where = "text= function"
         else:
             text = arguments[cast(str, self._text_arg)]
@@ -144,7 +161,11 @@ class CallSplitter:
             raise TypeError(f"semantic_cached {self.identity}(): the semantic text ({where}) must be a str, "
                             f"got {type(text).__name__}")
         if self._partition_fn is not None:
-            return text, self._digest(("partition=", self._partition_fn(**arguments)))
+            try:
+                value_of_partition = self._partition_fn(**arguments)
+            except Exception as exc:
+                raise ArgumentFunctionError(exc) from exc
+            return text, self._digest(("partition=", value_of_partition))
         value = {k: v for k, v in arguments.items() if k not in self._partition_exclude}
         if len(value) > _MEMO_ARGUMENTS or any(type(v) not in FAST_TYPES for v in value.values()):
             return text, self._digest(value)

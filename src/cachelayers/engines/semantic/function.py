@@ -26,7 +26,7 @@ from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
-from cachelayers.engines.semantic.arguments import CallSplitter
+from cachelayers.engines.semantic.arguments import ArgumentFunctionError, CallSplitter
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
 from cachelayers.engines.semantic.lookups import Candidate, Lookup, ambiguous, record
 from cachelayers.engines.semantic.options import (
@@ -103,7 +103,7 @@ class SemanticFunction(Generic[P, T]):
         if verifier is None and threshold_given is None:  # a measured default comes with its threshold
             verifier = getattr(self._embedder, "default_verifier", None)
         if verifier is not None and not callable(verifier):
-            raise ConfigError("verifier", verifier, "expected an async function (text, Candidate) -> bool")
+            raise ConfigError("verifier", verifier, "expected a function (text, Candidate) -> bool, async or not")
         self._verifier = verifier
         agreement = options.get("agreement")
         if agreement is not None and not isinstance(agreement, AnswerAgreement):
@@ -217,7 +217,7 @@ class SemanticFunction(Generic[P, T]):
             EmbeddingError: The embedder failed or returned a malformed vector.
         """
         cache = self._embed_cache()
-        key = self._embed_prefix + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        key = self._embed_prefix + hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         if cache is not None:
             try:
                 cached = await cache.get(key, _NO_VECTOR)
@@ -261,12 +261,36 @@ class SemanticFunction(Generic[P, T]):
         functools.update_wrapper(wrapper, self._fn)
         return wrapper
 
-    def _record(self, lookup: Lookup) -> None:
-        """Report ``lookup`` (`record`) and, when access sampling is on, make its sampled audit record."""
+    def _record(self, lookup: Lookup, flight_key: tuple[bytes, str] | None = None) -> None:
+        """Report ``lookup`` (`record`) and, when access sampling is on, make its sampled audit record; with
+        ``flight_key``, also tell the call's waiters how it was answered."""
+        if flight_key is not None:
+            flight = self._inflight.get(flight_key)
+            if flight is not None:
+                flight.outcome = lookup
         record(lookup)
         if audit.SAMPLING[0] and audit.sampled():
             audit.access(self._keys.namespace, lookup.level, "semantic_cached", partition=lookup.partition or None,
                          function=self.identity, tier=lookup.tier)
+
+    def _joined(self, leader: Lookup | None, text: str, partition: bytes) -> None:
+        """Count and report a call answered by the identical call that was running (``leader``, its lookup): as
+        that call was answered, with tier ``"in-flight"``."""
+        level = leader.level if leader is not None else "exact"
+        if level == "semantic":
+            assert leader is not None
+            self.stats.semantic_hits += 1
+            lookup = Lookup(self.identity, "semantic", leader.similarity, leader.matched_text, text, partition.hex(),
+                            leader.rejected, tier="in-flight")
+        elif level == "uncached":  # the running call was not cached (an embedder or store failure): nor is this
+            assert leader is not None
+            self.stats.uncached += 1
+            lookup = Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, leader.reason,
+                            tier="in-flight")
+        else:  # computed (or checked) for this very text
+            self.stats.exact_hits += 1
+            lookup = Lookup(self.identity, "exact", 1.0, text, text, partition.hex(), tier="in-flight")
+        self._record(lookup)
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.log.failure(what, exc)
@@ -276,7 +300,8 @@ class SemanticFunction(Generic[P, T]):
     async def _uncached(self, args: tuple[Any, ...], kwargs: dict[str, Any], text: str | None, partition: bytes,
                         reason: str) -> T:
         self.stats.uncached += 1
-        self._record(Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, reason))
+        self._record(Lookup(self.identity, "uncached", None, None, text, partition.hex(), 0, reason),
+                     None if text is None else (partition, text))
         return await self._fn(*args, **kwargs)
 
     async def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
@@ -288,12 +313,10 @@ class SemanticFunction(Generic[P, T]):
             return await self._fn(*args, **kwargs)  # let the function report its own bad arguments
         try:
             text, partition = self._text_and_partition(arguments)
-        except TypeError:
-            raise
-        except Exception as exc:  # a failing partition= or text= function must not fail the call
+        except ArgumentFunctionError as exc:  # a failing partition= or text= function must not fail the call
             self.stats.uncached += 1
-            self._failed(f"partition/text functions of {self.identity}", exc)
-            self._record(Lookup(self.identity, "uncached", None, None, None, "", 0, f"{type(exc).__name__}: {exc}"))
+            self._failed(f"partition/text functions of {self.identity}", exc.error)
+            self._record(Lookup(self.identity, "uncached", None, None, None, "", 0, str(exc)))
             return await self._fn(*args, **kwargs)
         if not text.strip():
             return await self._uncached(args, kwargs, text, partition, "empty text")
@@ -313,8 +336,7 @@ class SemanticFunction(Generic[P, T]):
             if flight.done:
                 if flight.error is not None:  # the call failed: its waiters fail with it, as with multilevel_cached
                     raise flight.waiter_error()
-                self.stats.exact_hits += 1  # answered by the identical call running (its result may not be stored)
-                self._record(Lookup(self.identity, "exact", 1.0, text, text, partition.hex(), tier="in-flight"))
+                self._joined(flight.outcome, text, partition)
                 return cast(T, flight.value)
             flight = self._inflight.get(flight_key)  # the computing caller was cancelled: one waiter takes over
         entry = store.find_exact(partition, text)
@@ -397,10 +419,12 @@ class SemanticFunction(Generic[P, T]):
             store.touch(entry)
             self.stats.semantic_hits += 1
             self.stats.cached_latency.add(time.perf_counter() - started)
-            self._record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected))
+            self._record(Lookup(self.identity, "semantic", similarity, entry.text, text, partition.hex(), rejected),
+                         (partition, text))
             return cast(T, value)
         result = await self._compute_and_store(store, args, kwargs, text, partition, vector)
-        self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected))
+        self._record(Lookup(self.identity, "computed", best, None, text, partition.hex(), rejected),
+                     (partition, text))
         return result
 
     async def _compute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
@@ -455,7 +479,8 @@ class SemanticFunction(Generic[P, T]):
     async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:
         assert self._verifier is not None
         try:
-            accepted = await self._verifier(text, Candidate(entry.text, value, similarity))
+            verdict = self._verifier(text, Candidate(entry.text, value, similarity))
+            accepted = await verdict if inspect.isawaitable(verdict) else verdict
         except Exception as exc:  # a broken verifier rejects: serving unverified answers is the worse failure
             self.stats.verifier_errors += 1
             self.log.failure(f"verifier of {self.identity}", exc)

@@ -152,8 +152,8 @@ class Candidate(NamedTuple):
     similarity: float
 
 
-Verifier = Callable[[str, Candidate], Awaitable[bool]]
-"""An async ``(text, Candidate) -> bool`` that must accept a candidate before it is served."""
+Verifier = Callable[[str, Candidate], Awaitable[bool] | bool]
+"""A ``(text, Candidate) -> bool``, async or plain, that must accept a candidate before it is served."""
 
 
 def ambiguous(nearest: str, similarity: float, others: Iterable[tuple[str, float]], margin: float) -> bool:
