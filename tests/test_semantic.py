@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import traceback
 from typing import Any
@@ -420,6 +421,48 @@ async def test_a_text_with_a_lone_surrogate_does_not_fail_the_call() -> None:
     broken = json.loads('"what is \\ud83d"')  # a truncated emoji, as JSON lets through
     assert await ask(broken) == "answer"
     assert calls == 1
+
+
+async def test_a_computation_running_during_a_clear_stores_nothing() -> None:
+    release = anyio.Event()
+    calls = 0
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+        return f"answer {calls} from the data as it was"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "what does the report say")
+        await anyio.wait_all_tasks_blocked()
+        await ask.invalidate_all()  # the data changed while the first call was computing
+        release.set()
+    with explain() as info:
+        assert await ask("what does the report say") == "answer 2 from the data as it was"
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert ask.cache_info().entries == 1
+
+
+async def test_clears_are_limited_and_audited(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cachelayers.audit")
+    cachelayers.configure(invalidation_limit="1/minute")
+
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("q")
+    await ask.invalidate_all()
+    with pytest.raises(cachelayers.RateLimitExceeded):
+        await ask.cache_clear()
+    records = [r.audit for r in caplog.records if r.name == "cachelayers.audit" and hasattr(r, "audit")
+               and r.audit["event"] == "clear"]
+    assert [(a["event"], a["outcome"], a["tiers"]) for a in records] == [
+        ("clear", "ok", [f"semantic:{ask.cache.identity}"]), ("clear", "refused", [f"semantic:{ask.cache.identity}"])]
 
 
 # -- TTL, eviction, key reuse ----------------------------------------------------------------------------------

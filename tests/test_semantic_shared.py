@@ -249,6 +249,32 @@ async def test_a_reset_id_counter_never_gives_one_id_to_two_live_entries(shared_
     await b.aclose()
 
 
+async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(shared_url: str) -> None:
+    release = anyio.Event()
+
+    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
+    async def slow(question: str, tenant: str = "t") -> dict[str, str]:
+        await release.wait()
+        return {"q": question, "tenant": tenant, "data": "old"}
+
+    other = make(shared_url, sync_interval=0)  # another process, over the same entries
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow, QUESTIONS[0])
+        await anyio.wait_all_tasks_blocked()
+        await other.invalidate_all()  # the data changed while slow was computing
+        release.set()
+    with explain() as info:
+        assert await other(QUESTIONS[0]) == {"q": QUESTIONS[0], "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "computed"  # slow's old answer was not put back after the clear
+    assert await slow(QUESTIONS[0]) == {"q": QUESTIONS[0], "tenant": "t"}  # other's new one, exactly
+    client = sync_client(shared_url)
+    assert len(all_keys(client, "*sem:*:e:*")) == 1  # and slow's dropped entry left no keys behind
+    client.close()
+    await slow.aclose()
+    await other.aclose()
+
+
 async def test_ttl_is_absolute_in_shared_mode(shared_url: str) -> None:
     clock = FakeClock(time.time())
     a = make(shared_url, sync_interval=0, ttl=60, clock=clock)

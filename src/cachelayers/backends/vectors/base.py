@@ -62,6 +62,12 @@ class EntryRef(Protocol):
         """Wall-clock expiry, or ``None`` for never."""
         ...
 
+    @property
+    def stamp(self) -> int:
+        """The storage's count of clears when the computation the entry holds began (a shared storage drops an
+        entry whose computation began before a clear, rather than keep what the clear meant to remove)."""
+        ...
+
 
 class StoredRow(NamedTuple):
     """An entry read back from storage, with its vector and without its value."""
@@ -99,6 +105,8 @@ class Appended(NamedTuple):
     """Key of the new entry (a shared storage hands it out)."""
     removed: list[int]
     """Keys removed with the write (replaced and evicted entries)."""
+    dropped: bool = False
+    """The entry was not kept: the storage was cleared after the computation it holds began (see `EntryRef.stamp`)."""
 
 
 class Replica(Protocol):

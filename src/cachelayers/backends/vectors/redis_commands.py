@@ -69,16 +69,23 @@ end
 return removed
 """
 
-# The function's slot: the change log (KEYS[1]), the live ids by expiry (KEYS[2]) and their partitions (KEYS[3]).
-# ARGV: maxlen, now, partition, added id ('' for none), its expiry, then removed ids.
+# The function's slot: the change log (KEYS[1]), the live ids by expiry (KEYS[2]), their partitions (KEYS[3]) and
+# the count of clears (KEYS[4]). ARGV: maxlen, now, partition, added id ('' for none), its expiry, the clears its
+# writer knew when its computation began ('' for none), then removed ids. An added id whose computation began
+# before a clear is not logged (no replica ever finds it) and 1 is returned: the writer then deletes it.
 _LOG = """
 local maxlen, part, added = ARGV[1], ARGV[3], ARGV[4]
+local stale = 0
+if added ~= '' and ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[4]) or '0') > tonumber(ARGV[6]) then
+  stale = 1
+  added = ''
+end
 if added ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[5] == '' and '+inf' or ARGV[5], added)
   redis.call('HSET', KEYS[3], added, part)
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'a', 'id', added, 'p', part)
 end
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   redis.call('ZREM', KEYS[2], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'd', 'id', ARGV[i], 'p', part)
@@ -87,7 +94,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
 end
-return 1
+return stale
 """
 
 
@@ -144,6 +151,10 @@ class RedisVectorStore:
     ``seq``
         counter handing out entry ids (an id already live is skipped, so a counter reset by a restore or by
         another writer never gives one id to two live entries);
+    ``clears``
+        how many times the function's entries were cleared: counted before a clear deletes anything, read by
+        every replica as it syncs, and checked when an insert is logged, so that a computation that began
+        before a clear (in any process) does not put back what the clear removed;
     ``epoch``
         a random token made by the first process that opens the store: a Redis restarted empty or flushed has
         another (or none), and every replica then reloads instead of mixing ids of two generations;
@@ -189,7 +200,7 @@ class RedisVectorStore:
         self._insert: Any = None
         self._remove: Any = None
         self._log: Any = None
-        self._log_keys = [f"{base}log", f"{base}all", f"{base}where"]
+        self._log_keys = [f"{base}log", f"{base}all", f"{base}where", f"{base}clears"]
         self._next_id: Any = None
         self._epoch: Any = None
 
@@ -238,8 +249,10 @@ class RedisVectorStore:
     @_gated
     async def insert(self, id_: int, partition: str, text: str, row: bytes, payload: bytes,
                      expires_at_ms: int | None, now_ms: int, capacity: int,
-                     replace: int | None) -> tuple[int, list[int]]:
-        """Store entry ``id_`` (from `next_id`), evict beyond ``capacity``; return its id and the evicted ids."""
+                     replace: int | None, stamp: int | None = None) -> tuple[int, list[int], bool]:
+        """Store entry ``id_`` (from `next_id`), evict beyond ``capacity``; return its id, the evicted ids and
+        whether it was dropped again because the entries were cleared after ``stamp`` (the clears its writer
+        knew when its computation began)."""
         _ = self.client
         pbase = self.partition_base(partition)
         expires = "" if expires_at_ms is None else str(expires_at_ms)
@@ -247,9 +260,12 @@ class RedisVectorStore:
             f"{pbase}e:", partition, text, row, expires, str(now_ms), str(capacity),
             "" if replace is None else str(replace), str(id_), payload])
         removed = [int(v) for v in evicted]
-        await self._log(keys=self._log_keys, args=[
-            str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, *map(str, removed)])
-        return id_, removed
+        stale = await self._log(keys=self._log_keys, args=[
+            str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, "" if stamp is None else str(stamp),
+            *map(str, removed)])
+        if stale:  # never logged, so no replica knows it: only its keys are left to delete
+            await self._remove(keys=[f"{pbase}p"], args=[f"{pbase}e:", str(id_)])
+        return id_, removed, bool(stale)
 
     @_gated
     async def remove(self, items: Sequence[tuple[int, str]]) -> int:
@@ -266,7 +282,7 @@ class RedisVectorStore:
             pbase = self.partition_base(partition)
             removed += int(await self._remove(keys=[f"{pbase}p"], args=[f"{pbase}e:", *ids]))
             await self._log(keys=self._log_keys, args=[
-                str(self.stream_maxlen), now, partition, "", "", *ids])
+                str(self.stream_maxlen), now, partition, "", "", "", *ids])
         return removed
 
     @_gated
@@ -321,21 +337,22 @@ class RedisVectorStore:
         return _str(info["last-generated-id"]), int(info["entries-added"])
 
     @_gated
-    async def events(self, after: str, count: int = 1000) -> tuple[list[Event], int, str | None]:
+    async def events(self, after: str, count: int = 1000) -> tuple[list[Event], int, str | None, int]:
         """Changes after ``after`` (up to ``count``) and, read atomically with them, the number of changes
-        ever logged — with which a reader tells whether changes it never saw were trimmed away — and the epoch
-        (``None`` when missing: Redis lost the function's keys)."""
+        ever logged — with which a reader tells whether changes it never saw were trimmed away —, the epoch
+        (``None`` when missing: Redis lost the function's keys) and the count of clears."""
         async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(f"{self.base}clears")
             pipe.get(f"{self.base}epoch")
             pipe.xread({f"{self.base}log": after}, count=count)
             pipe.xlen(f"{self.base}log")
             pipe.execute_command("XINFO", "STREAM", f"{self.base}log")
             try:
-                epoch, read, length, info = await pipe.execute(raise_on_error=True)
+                clears, epoch, read, length, info = await pipe.execute(raise_on_error=True)
             except Exception as exc:
                 if "no such key" in str(exc).lower():
-                    epoch = await self.client.get(f"{self.base}epoch")
-                    return [], 0, None if epoch is None else _str(epoch)
+                    clears, epoch = await self.client.mget(f"{self.base}clears", f"{self.base}epoch")
+                    return [], 0, None if epoch is None else _str(epoch), int(clears or 0)
                 raise
         fields = dict(zip(info[::2], info[1::2], strict=True)) if isinstance(info, list) else dict(info)
         added = int(fields.get(b"entries-added", fields.get("entries-added", length)))
@@ -345,16 +362,22 @@ class RedisVectorStore:
                 values = {_str(k): _str(v) for k, v in data.items()}
                 events.append(Event(_str(event_id), values.get("op", ""), int(values.get("id") or 0),
                                     values.get("p", "")))
-        return events, added, None if epoch is None else _str(epoch)
+        return events, added, None if epoch is None else _str(epoch), int(clears or 0)
+
+    @_gated
+    async def cleared(self) -> int:
+        """How many times the entries were cleared."""
+        return int(await self.client.get(f"{self.base}clears") or 0)
 
     @_gated
     async def clear(self) -> None:
-        """Delete every entry (the id counter is kept, so ids are never reused) and log a ``c`` change."""
+        """Count the clear, delete every entry (the id counter is kept) and log a ``c`` change."""
         client = self.client
-        batch: list[Any] = []
+        await client.incr(f"{self.base}clears")  # first: an insert logged from now on whose computation began
+        batch: list[Any] = []  # before it is dropped, one logged before it is deleted below
         # Every key of the function and of its partitions starts with the function's base less its "}:".
         async for key in client.scan_iter(match=f"{self.base[:-2]}*", count=500):
-            if _str(key) in (f"{self.base}seq", f"{self.base}log", f"{self.base}epoch"):
+            if _str(key) in (f"{self.base}seq", f"{self.base}log", f"{self.base}epoch", f"{self.base}clears"):
                 continue
             batch.append(key)
             if len(batch) >= 500:

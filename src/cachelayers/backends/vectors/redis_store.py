@@ -72,6 +72,8 @@ class RedisStore:
         self._last_event = "0-0"
         self._seen = 0  # changes ever logged up to and including _last_event
         self._epoch: str | None = None  # the epoch of the keys the replica was loaded from
+        self.clears = 0
+        """How many times the entries were cleared, as of the last sync (see `SemanticStore.clears`)."""
         self._synced_at = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._syncing = False
@@ -114,6 +116,7 @@ class RedisStore:
         assert self._replica is not None
         self._replica.forget_all()
         self._epoch = await self.redis.epoch()
+        self.clears = await self.redis.cleared()
         self._last_event, self._seen = await self.redis.log_position()
         ids = await self.redis.live_ids(self._now_ms())
         await self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
@@ -162,7 +165,7 @@ class RedisStore:
         self._syncing = True
         try:
             while True:
-                events, logged, epoch = await self.redis.events(self._last_event, _BATCH)
+                events, logged, epoch, self.clears = await self.redis.events(self._last_event, _BATCH)
                 if epoch != self._epoch or logged < self._seen or (
                         len(events) < _BATCH and logged - self._seen > len(events)):
                     # Redis lost the keys the replica came from (restarted empty, flushed: ids start again), or
@@ -224,11 +227,11 @@ class RedisStore:
         payload = self.codec.seal_body(self._payload_binding(id_, entry.partition, entry.text), payload_body,
                                        entry.expires_at)
         row = seal_row(self.codec, self._row_binding(id_), entry.partition, entry.text, vector, entry.expires_at)
-        id_, evicted = await self.redis.insert(
+        id_, evicted, dropped = await self.redis.insert(
             id_, part_hex, "" if self.codec.encrypted else entry.text, row, payload,
             None if entry.expires_at is None else int(entry.expires_at * 1000), self._now_ms(), capacity,
-            evict[0].key if evict else None)
-        return Appended(id_, evicted)
+            evict[0].key if evict else None, entry.stamp)
+        return Appended(id_, evicted, dropped)
 
     async def remove(self, entries: Sequence[EntryRef]) -> None:
         """Remove entries from Redis (every replica drops them when it sees the change)."""

@@ -37,6 +37,7 @@ from cachelayers.engines.semantic.options import (
 )
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
+from cachelayers.engines.tiered.guard import InvalidationGuard
 from cachelayers.errors import BatchError, ConfigError, EmbeddingError
 from cachelayers.keys import claim_identity
 from cachelayers.metrics import StateLog, register_stats_source
@@ -128,6 +129,8 @@ class SemanticFunction(Generic[P, T]):
         self._store: SemanticStore | None = None
         self._store_url: str | None = None
         self._opening: Flight | None = None
+        self._clears = 0  # cache_clear calls: a computation that began before one stores nothing
+        self._guard: InvalidationGuard | None = None
         self._inflight: dict[tuple[bytes, str], Flight] = {}
         # Claims last: a decoration refused for a bad option must not hold the identity or the policy.
         if options.get("name") is None:
@@ -437,16 +440,21 @@ class SemanticFunction(Generic[P, T]):
 
     async def _compute_and_store(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
                                  text: str, partition: bytes, vector: np.ndarray) -> T:
+        began = self._clears, store.clears
         result = await self._compute(args, kwargs)
-        await self._store_result(store, text, partition, vector, result)
+        await self._store_result(store, text, partition, vector, result, began)
         return result
 
     async def _store_result(self, store: SemanticStore, text: str, partition: bytes, vector: np.ndarray,
-                            result: Any) -> None:
+                            result: Any, began: tuple[int, int]) -> None:
+        """Store ``result`` unless the cache was cleared since its computation began (``began``: this engine's
+        clears and the store's, taken then): a clear removes what was computed before it, in flight or not."""
+        if self._clears != began[0]:
+            return
         ttl = self._ttl if self._ttl is not None else get_settings().default_ttl
         expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
         try:
-            await store.insert(partition, text, vector, result, expires_at)
+            await store.insert(partition, text, vector, result, expires_at, began[1])
         except Exception as exc:  # whatever the store raised (a Redis or SQLite error too), the result is returned
             self.stats.index_errors += 1
             self._failed(f"semantic store of {self.identity}", exc)
@@ -460,6 +468,7 @@ class SemanticFunction(Generic[P, T]):
         still answers this text, and a twin of it would make the margin see two entries where there is one).
         """
         assert self._agreement is not None
+        began = self._clears, store.clears
         result = await self._compute(args, kwargs)
         agreed = self._agreement.observe(result, cached)
         if self._agreement.error is not None:
@@ -471,7 +480,7 @@ class SemanticFunction(Generic[P, T]):
             store.touch(entry)
         else:
             self.stats.answer_disagreements += 1
-            await self._store_result(store, text, partition, vector, result)
+            await self._store_result(store, text, partition, vector, result, began)
         self._record(Lookup(self.identity, "computed", similarity, None, text, partition.hex(), rejected,
                             "checked: the cached answer " + ("agreed" if agreed else "disagreed")))
         return result
@@ -550,9 +559,30 @@ class SemanticFunction(Generic[P, T]):
     # -- management ---------------------------------------------------------------------------------------
 
     async def cache_clear(self) -> None:
-        """Remove every entry of this function (vectors and payloads, in every process when shared)."""
-        store = await self.store()
-        await store.clear()
+        """Remove every entry of this function (vectors and payloads, in every process when shared), including
+        what a computation that began before the clear would store after it.
+
+        Limited by ``Settings.invalidation_limit`` and audited on the ``cachelayers.audit`` logger, as the exact
+        cache's clears are.
+
+        Raises:
+            RateLimitExceeded: Over ``Settings.invalidation_limit`` (nothing was removed).
+            Exception: The store failed (a shared store may be partly cleared; computations in flight in this
+                process still store nothing).
+        """
+        settings = get_settings()
+        guard = self._guard
+        if guard is None or guard.settings is not settings:
+            guard = self._guard = InvalidationGuard(settings, [f"semantic:{self.identity}"])
+
+        def local(kind: str, items: list[str]) -> None:
+            self._clears += 1
+
+        async def everywhere(kind: str, items: list[str]) -> None:
+            store = await self.store()
+            await store.clear()
+
+        await guard.run("c", [], local, everywhere)
 
     async def save(self) -> None:
         """Persist the index now (disk mode: an atomic snapshot; otherwise a no-op)."""

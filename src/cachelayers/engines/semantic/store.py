@@ -43,10 +43,10 @@ __all__ = ["Entry", "Partition", "SemanticStore", "enforce_process_bound", "open
 class Entry:
     """One cached call: where it lives, what it said, until when, and (without persistence) its value."""
 
-    __slots__ = ("expires_at", "key", "partition", "seq", "text", "used", "value")
+    __slots__ = ("expires_at", "key", "partition", "seq", "stamp", "text", "used", "value")
 
     def __init__(self, key: int, seq: int, partition: bytes, text: str, expires_at: float | None,
-                 value: Any) -> None:
+                 value: Any, stamp: int = 0) -> None:
         self.key = key
         self.seq = seq
         self.partition = partition
@@ -54,6 +54,7 @@ class Entry:
         self.expires_at = expires_at
         self.value = value
         self.used = 0  # the process-wide stamp of its last use (`budget.ProcessBudget.stamp`)
+        self.stamp = stamp  # the storage's clears when its computation began (`clears`)
 
 
 def eviction_batch(capacity: int) -> int:
@@ -219,9 +220,16 @@ class SemanticStore:
 
     # -- writing ------------------------------------------------------------------------------------------
 
+    @property
+    def clears(self) -> int:
+        """How many times the storage was cleared, as far as this process knows (0 unless shared): taken when a
+        computation begins and given to `insert`, so that a shared storage cleared meanwhile drops its result."""
+        return int(getattr(self.persistence, "clears", 0))
+
     async def insert(self, partition: bytes, text: str, vector: np.ndarray, value: Any,
-                     expires_at: float | None) -> bool:
-        """Store a computed call; return ``False`` when its value could not be stored.
+                     expires_at: float | None, stamp: int = 0) -> bool:
+        """Store a computed call; return ``False`` when its value could not be stored (or, shared, was dropped
+        because the storage was cleared after ``stamp``, its `clears` when the computation began).
 
         Expired entries are swept first; an entry of the same partition with the same text is replaced; the
         least recently used entries are evicted while the partition is full (by the storage, when shared), then
@@ -231,7 +239,7 @@ class SemanticStore:
         evict = self._victims(partition, text)
         self._seq += 1
         key = -1 if self._shared else self._alloc_key()
-        entry = Entry(key, self._seq, partition, text, expires_at, value)
+        entry = Entry(key, self._seq, partition, text, expires_at, value, stamp)
         if self.persistence is not None:
             try:
                 stored = await self.persistence.append(entry, value, vector, evict, self.max_entries)
@@ -245,6 +253,10 @@ class SemanticStore:
             if self._shared:
                 entry.key = entry.seq = stored.key
                 evict = [e for e in map(self.entries.get, stored.removed) if e is not None]
+                if stored.dropped:
+                    for victim in evict:
+                        self._drop(victim)
+                    return False
         for victim in evict:
             if victim.text != text or victim.partition != partition:
                 self.stats.evictions += 1
