@@ -34,11 +34,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ from _util import make_parser, render_table, to_json
 from cachelayers import AnswerAgreement, Candidate, explain, semantic_cached
 from cachelayers.calibrate import Calibration, Pair, load_pairs
 from cachelayers.embedders import PairVerifier, embed, embedder_name, resolve_embedder
+from cachelayers.errors import ConfigError
+from cachelayers.validation import positive_int, probability, similarity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -116,8 +120,14 @@ def half_of(text: str) -> str:
 
 
 async def replay(embedder: Any, pairs: list[dict[str, str]], protocol: str,
-                 options: dict[str, Any]) -> dict[str, float]:
-    """Run one protocol through a fresh ``@semantic_cached`` function; return the rates (in %)."""
+                 options: dict[str, Any]) -> dict[str, float | None]:
+    """Run one protocol through a fresh ``@semantic_cached`` function; return the rates (in %).
+
+    ``None`` for what cannot be measured: every rate of a split without pairs (a half of a short ``--limit``),
+    the latency when nothing was a semantic hit.
+    """
+    if not pairs:
+        return {"true": None, "false": None, "miss": None, "origins_wrong": None, "hit_p50_us": None, "pairs": 0}
     group: dict[str, int] = {}
     for row in pairs:
         group.setdefault(row["origin"], len(group))
@@ -160,7 +170,7 @@ async def replay(embedder: Any, pairs: list[dict[str, str]], protocol: str,
     n = len(pairs)
     return {"true": 100 * true_hits / n, "false": 100 * false_hits / n,
             "miss": 100 * (n - true_hits - false_hits) / n, "origins_wrong": 100 * wrong_origins / len(origins),
-            "hit_p50_us": 1e6 * statistics.median(hit_times) if hit_times else float("nan"),
+            "hit_p50_us": 1e6 * statistics.median(hit_times) if hit_times else None,
             "pairs": n}
 
 
@@ -170,10 +180,10 @@ def qqp_check(vectors: dict[str, np.ndarray], qqp: list[Pair], target: float, na
     for pair in qqp:
         halves[half_of(pair.a + "\x00" + pair.b)].append(pair)
     out: dict[str, Any] = {}
-    for half, rows in halves.items():
-        a = np.stack([vectors[p.a] for p in rows]).astype(np.float64)
-        b = np.stack([vectors[p.b] for p in rows]).astype(np.float64)
-        out[half] = Calibration(np.einsum("ij,ij->i", a, b), np.array([p.duplicate for p in rows]), embedder=name)
+    for half, rows in halves.items():  # a half may be empty (a tiny --qqp-limit)
+        similarities = np.array([np.dot(vectors[p.a].astype(np.float64), vectors[p.b].astype(np.float64))
+                                 for p in rows], dtype=np.float64)
+        out[half] = Calibration(similarities, np.array([p.duplicate for p in rows], dtype=bool), embedder=name)
     out["chosen"] = out["tune"].threshold_for(target)
     return out
 
@@ -221,10 +231,10 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     model: Any = Concatenated([resolve_embedder(part) for part in spec.split("+")]) if "+" in spec else \
         resolve_embedder(spec)
     mock = json.loads((args.data / "gptcache-mock-pairs.json").read_text(encoding="utf-8"))
-    if args.limit:
+    if args.limit is not None:
         mock = mock[:args.limit]
     qqp = load_pairs(args.data / "qqp-dev.jsonl.gz") if args.qqp else []
-    if args.qqp_limit:
+    if args.qqp_limit is not None:
         random.Random(13).shuffle(qqp)  # a sample of the whole file, the same in every run
         qqp = qqp[:args.qqp_limit]
     texts = sorted({r[k] for r in mock for k in ("origin", "similar")} | {t for p in qqp for t in (p.a, p.b)})
@@ -257,6 +267,11 @@ async def evaluate(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def cell(value: float | None, unit: str, digits: int = 1) -> str:
+    """``value`` with its unit, or a dash when it could not be measured (no pairs, no hits)."""
+    return "-" if value is None else f"{value:.{digits}f} {unit}"
+
+
 def print_report(r: dict[str, Any], target: float) -> None:
     if "bounds" in r:
         b = r["bounds"]
@@ -274,9 +289,9 @@ def print_report(r: dict[str, Any], target: float) -> None:
     print("(a) GPTCache replay through @semantic_cached")
     print(render_table(["protocol", "pairs", "true hit", "false hit", "miss", "origins wrong", "semantic hit p50"],
                        [[row["protocol"] + ("" if row["split"] == "all" else f" ({row['split']} half)"),
-                         str(row["pairs"]), f"{row['true']:.1f} %", f"{row['false']:.1f} %", f"{row['miss']:.1f} %",
-                         f"{row['origins_wrong']:.1f} %" if row["protocol"] == "realistic" else "-",
-                         f"{row['hit_p50_us']:.0f} µs"] for row in r["replay"]]))
+                         str(row["pairs"]), cell(row["true"], "%"), cell(row["false"], "%"), cell(row["miss"], "%"),
+                         cell(row["origins_wrong"], "%") if row["protocol"] == "realistic" else "-",
+                         cell(row["hit_p50_us"], "µs", 0)] for row in r["replay"]]))
     qqp = r.get("qqp")
     if qqp is None:
         return
@@ -300,28 +315,84 @@ def print_report(r: dict[str, Any], target: float) -> None:
                   f"({p.true_positives + p.false_positives} pairs accepted)")
 
 
+def checked(check: Callable[[Any, str], Any], convert: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, then ``check`` it with a `cachelayers.validation` helper.
+
+    A value the helper refuses is a usage error naming the flag (exit 2, no traceback), as text that does not
+    convert is.
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            return check(convert(text), "")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"{exc.reason}, got {text}") from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse's "invalid float value: 'x'"
+    return parse
+
+
+def target_precision(value: float, field: str) -> float:
+    """A precision to reach, in (0, 1], as `Calibration.threshold_for` requires."""
+    try:
+        target = probability(value, field)
+    except ConfigError:
+        target = 0.0
+    if target == 0.0:
+        raise ConfigError(field, value, "expected a precision in (0, 1]")
+    return target
+
+
+# The flag of each `AnswerAgreement` argument, for its errors.
+AGREEMENT_FLAGS = {"max_error": "--agreement", "window": "--agreement-window", "min_rate": "--agreement-min-rate",
+                   "seed": "--seed"}
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, as a usage error naming the flag, what the parser alone cannot check; before any work starts."""
+    if args.agreement is not None:
+        try:
+            AnswerAgreement(args.agreement, window=args.agreement_window, min_rate=args.agreement_min_rate,
+                            seed=args.seed)
+        except ConfigError as exc:
+            parser.error(f"argument {AGREEMENT_FLAGS.get(exc.field, exc.field)}: {exc.reason}, got {exc.value}")
+    if args.cache_dir is not None:
+        if args.cache_dir.exists() and not args.cache_dir.is_dir():
+            parser.error(f"argument --cache-dir: {str(args.cache_dir)!r} is not a directory")
+        try:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"argument --cache-dir: cannot create {str(args.cache_dir)!r}: {exc.strerror or exc}")
+        if not os.access(args.cache_dir, os.W_OK | os.X_OK):
+            parser.error(f"argument --cache-dir: {str(args.cache_dir)!r} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(__doc__)
     parser.add_argument("--embedders", nargs="+", default=["minilm", "default"])
-    parser.add_argument("--threshold", type=float, default=None, help="override the embedder's default")
-    parser.add_argument("--margin", type=float, default=None, help="override the embedder's default margin")
-    parser.add_argument("--verifier", type=float, default=None, metavar="P",
+    parser.add_argument("--threshold", type=checked(similarity), default=None, help="override the embedder's default")
+    parser.add_argument("--margin", type=checked(similarity), default=None,
+                        help="override the embedder's default margin")
+    parser.add_argument("--verifier", type=checked(probability), default=None, metavar="P",
                         help="add a PairVerifier accepting at probability >= P")
     parser.add_argument("--agreement", type=float, default=None, metavar="MAX_ERROR",
                         help="add an AnswerAgreement with this max_error")
-    parser.add_argument("--agreement-window", type=int, default=None)
-    parser.add_argument("--agreement-min-rate", type=float, default=0.01)
+    parser.add_argument("--agreement-window", type=checked(positive_int, int), default=None)
+    parser.add_argument("--agreement-min-rate", type=checked(probability), default=0.01)
     parser.add_argument("--seed", type=int, default=0, help="seed of the agreement's draws")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N replay pairs")
+    parser.add_argument("--limit", type=checked(positive_int, int), default=None,
+                        help="use only the first N replay pairs")
     parser.add_argument("--qqp", action=argparse.BooleanOptionalAction, default=True, help="run (b) too")
-    parser.add_argument("--qqp-limit", type=int, default=None, help="use a fixed random sample of N QQP pairs")
-    parser.add_argument("--target-precision", type=float, default=0.9)
+    parser.add_argument("--qqp-limit", type=checked(positive_int, int), default=None,
+                        help="use a fixed random sample of N QQP pairs")
+    parser.add_argument("--target-precision", type=checked(target_precision), default=0.9)
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache embeddings here (.npy)")
     parser.add_argument("--bounds", action="store_true",
                         help="print what a rule of texts alone can reach on the replay, and stop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     if not (args.data / "gptcache-mock-pairs.json").exists():
         print(f"no evaluation data in {args.data}", file=sys.stderr)
         return 2
