@@ -27,12 +27,14 @@ from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.arguments import ArgumentFunctionError, CallSplitter
+from cachelayers.engines.semantic.differences import differing_parts, parts_are_alike
 from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
 from cachelayers.engines.semantic.lookups import Candidate, Lookup, ambiguous, record
 from cachelayers.engines.semantic.options import (
     DEFAULT_MAX_CANDIDATES,
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_TOTAL_ENTRIES,
+    SIMILARITY_TOLERANCE,
     SemanticOptions,
 )
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
@@ -407,12 +409,18 @@ class SemanticFunction(Generic[P, T]):
                 candidates[0][0].text, candidates[0][1], ((e.text, s) for e, s in candidates[1:]), self.margin):
             candidates = []  # ambiguous: two entries about as near as each other, neither is served
         for entry, similarity in candidates:
-            if similarity < self.threshold:
+            if similarity < self.threshold - SIMILARITY_TOLERANCE:
                 break
             value = await self._read(store, entry)
             if value is GONE:
                 continue
-            if self._verifier is not None and not await self._verify(text, entry, value, similarity):
+            parts = differing_parts(text, entry.text)  # long texts that share most words: judged by what differs
+            if parts is not None:
+                if not await self._parts_agree(parts, value):
+                    rejected += 1
+                    self.stats.difference_rejections += 1
+                    continue
+            elif self._verifier is not None and not await self._verify(text, entry, value, similarity):
                 rejected += 1
                 continue
             agreement = self._agreement
@@ -484,6 +492,25 @@ class SemanticFunction(Generic[P, T]):
         self._record(Lookup(self.identity, "computed", similarity, None, text, partition.hex(), rejected,
                             "checked: the cached answer " + ("agreed" if agreed else "disagreed")))
         return result
+
+    async def _parts_agree(self, parts: tuple[str, str], value: Any) -> bool:
+        """Whether the parts in which two long texts differ (`differing_parts`) ask alike: embedded on their own,
+        as similar as the threshold asks, and accepted by the verifier if any."""
+        verdict = parts_are_alike(*parts)
+        if verdict is not None:
+            return verdict
+        try:
+            mine, theirs = await self.embed_text(parts[0]), await self.embed_text(parts[1])
+        except EmbeddingError as exc:
+            self.stats.embed_errors += 1
+            self._failed(f"embedder {self.embedder_name}", exc)
+            return False
+        similarity = min(1.0, float(np.dot(mine, theirs)))
+        if similarity < self.threshold - SIMILARITY_TOLERANCE:
+            return False
+        if self._verifier is None:
+            return True
+        return await self._verify(parts[0], Entry(-1, -1, b"", parts[1], None, value), value, similarity)
 
     async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:
         assert self._verifier is not None
@@ -609,7 +636,8 @@ class SemanticFunction(Generic[P, T]):
             index_errors=s.index_errors, verifier_rejections=s.verifier_rejections,
             verifier_errors=s.verifier_errors, unstorable=s.unstorable, compactions=s.compactions,
             cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50),
-            corrupt=s.corrupt, answer_checks=s.answer_checks, answer_disagreements=s.answer_disagreements)
+            corrupt=s.corrupt, answer_checks=s.answer_checks, answer_disagreements=s.answer_disagreements,
+            difference_rejections=s.difference_rejections)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""

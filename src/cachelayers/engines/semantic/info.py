@@ -38,13 +38,17 @@ class SemanticCacheInfo(NamedTuple):
     """Would-be semantic hits computed instead, to check them (``agreement=``); counted in ``misses`` too."""
     answer_disagreements: int = 0
     """Checks whose cached answer disagreed with the function's: wrong answers the checks kept from serving."""
+    difference_rejections: int = 0
+    """Candidates refused because the parts in which two long texts differ do not ask alike (see
+    `cachelayers.engines.semantic.differences`)."""
 
 
 class SemanticStats:
     """The counters of one semantically cached function, bumped by its engine and its store."""
 
     __slots__ = ("answer_checks", "answer_disagreements", "cached_latency", "compactions", "computed_latency",
-                 "corrupt", "embed_errors", "evictions", "exact_hits", "expirations", "index_errors", "misses",
+                 "corrupt", "difference_rejections", "embed_errors", "evictions", "exact_hits", "expirations",
+                 "index_errors", "misses",
                  "semantic_hits", "uncached", "unstorable", "verifier_errors", "verifier_rejections")
 
     def __init__(self) -> None:
@@ -63,6 +67,7 @@ class SemanticStats:
         self.corrupt = 0
         self.answer_checks = 0
         self.answer_disagreements = 0
+        self.difference_rejections = 0
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
 

@@ -10,7 +10,8 @@ from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.lookups import Verifier
 from cachelayers.engines.tiered import TieredCache
 
-__all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_TOTAL_ENTRIES", "SemanticOptions"]
+__all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_TOTAL_ENTRIES", "SIMILARITY_TOLERANCE",
+           "SemanticOptions"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 """Entries per partition before the least recently used is evicted."""
@@ -20,6 +21,10 @@ DEFAULT_MAX_TOTAL_ENTRIES: Final = 100_000
 
 DEFAULT_MAX_CANDIDATES: Final = 4
 """Candidates above the threshold offered to the verifier."""
+
+SIMILARITY_TOLERANCE: Final = 1e-6
+"""How far below the threshold a similarity may fall and still reach it: the rounding of float32 unit vectors
+(two identical texts score 0.9999999 as often as 1.0), so that ``threshold=1.0`` serves identical vectors."""
 
 
 class SemanticOptions(TypedDict, total=False):

@@ -201,7 +201,7 @@ class SemanticStore:
                 continue  # cannot happen while the structures agree; never serve across partitions
             if entry.expires_at is not None and entry.expires_at <= now:
                 continue
-            out.append((entry, similarity))
+            out.append((entry, min(1.0, similarity)))  # float32 rounding can give 1.0000001 for the same vector
         return out
 
     def touch(self, entry: Entry) -> None:
