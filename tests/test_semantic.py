@@ -423,6 +423,33 @@ async def test_a_text_with_a_lone_surrogate_does_not_fail_the_call() -> None:
     assert calls == 1
 
 
+async def test_each_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+        caplog: pytest.LogCaptureFixture) -> None:
+    angles = AngleEmbedder()
+    down = False
+
+    def emb(texts: list[str]) -> Any:
+        if down:
+            raise ConnectionError("embedding service unreachable")
+        return angles(texts)
+
+    @semantic_cached(embed=emb, threshold=0.9, cache_embeddings=False)
+    async def ask(question: str) -> str:
+        return question
+
+    caplog.set_level(logging.WARNING, logger="cachelayers")
+    for outage in range(2):
+        down = True
+        for i in range(3):
+            assert await ask(f"o@{outage * 10 + i}") == f"o@{outage * 10 + i}"
+        down = False
+        for i in range(3):
+            await ask(f"o@{50 + outage * 10 + i}")
+    lines = [r.getMessage() for r in caplog.records if "embedder" in r.getMessage()]
+    assert [line.rsplit(" ", 1)[-1] if line.endswith("recovered") else "failing" for line in lines] == [
+        "failing", "recovered", "failing", "recovered"]
+
+
 async def test_a_computation_running_during_a_clear_stores_nothing() -> None:
     release = anyio.Event()
     calls = 0

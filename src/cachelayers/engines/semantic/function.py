@@ -57,6 +57,19 @@ _NO_VECTOR: Final[Any] = object()
 _functions: weakref.WeakSet[SemanticFunction[Any, Any]] = weakref.WeakSet()
 
 
+class _Whats:
+    """The names under which the engine logs what fails (once) and recovers (once)."""
+
+    __slots__ = ("embedder", "index", "split", "store", "verifier")
+
+    def __init__(self, identity: str, embedder: str) -> None:
+        self.split = f"partition/text functions of {identity}"
+        self.store = f"semantic store of {identity}"
+        self.index = f"semantic index of {identity}"
+        self.embedder = f"embedder {embedder}"
+        self.verifier = f"verifier of {identity}"
+
+
 class SemanticFunction(Generic[P, T]):
     """The engine of one function decorated with `semantic_cached` (see the module docstring).
 
@@ -128,6 +141,7 @@ class SemanticFunction(Generic[P, T]):
             name=f"embed:{self.identity}")
         self.stats = SemanticStats()
         self.log = StateLog()
+        self._whats = _Whats(self.identity, self.embedder_name)
         self._store: SemanticStore | None = None
         self._store_url: str | None = None
         self._opening: Flight | None = None
@@ -320,9 +334,11 @@ class SemanticFunction(Generic[P, T]):
             text, partition = self._text_and_partition(arguments)
         except ArgumentFunctionError as exc:  # a failing partition= or text= function must not fail the call
             self.stats.uncached += 1
-            self._failed(f"partition/text functions of {self.identity}", exc.error)
+            self._failed(self._whats.split, exc.error)
             self._record(Lookup(self.identity, "uncached", None, None, None, "", 0, str(exc)))
             return await self._fn(*args, **kwargs)
+        log = self.log
+        log.recovered(self._whats.split)
         if not text.strip():
             return await self._uncached(args, kwargs, text, partition, "empty text")
         try:
@@ -332,8 +348,9 @@ class SemanticFunction(Generic[P, T]):
             raise
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(f"semantic store of {self.identity}", exc)
+            self._failed(self._whats.store, exc)
             return await self._uncached(args, kwargs, text, partition, f"store failed: {exc}")
+        log.recovered(self._whats.store)  # a failure logged once, and its end once: a later one is logged again
         flight_key = (partition, text)
         flight = self._inflight.get(flight_key)
         while flight is not None:
@@ -374,7 +391,7 @@ class SemanticFunction(Generic[P, T]):
             value = await store.read_value(entry)
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(f"semantic store of {self.identity}", exc)
+            self._failed(self._whats.store, exc)
             return GONE
         if value is GONE:
             await self._forget(store, [entry])
@@ -385,7 +402,7 @@ class SemanticFunction(Generic[P, T]):
             await store.remove(entries)
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(f"semantic store of {self.identity}", exc)
+            self._failed(self._whats.store, exc)
 
     async def _lookup_or_compute(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
                                  text: str, partition: bytes, started: float) -> T:
@@ -393,16 +410,19 @@ class SemanticFunction(Generic[P, T]):
             vector = await self.embed_text(text)
         except EmbeddingError as exc:
             self.stats.embed_errors += 1
-            self._failed(f"embedder {self.embedder_name}", exc)
+            self._failed(self._whats.embedder, exc)
             return await self._uncached(args, kwargs, text, partition, f"embedding failed: {exc}")
+        log = self.log
+        log.recovered(self._whats.embedder)
         try:
             if store.ndim is None:
                 store.ndim = int(vector.shape[0])
             candidates = store.find_similar(partition, vector, self.max_candidates)
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(f"semantic index of {self.identity}", exc)
+            self._failed(self._whats.index, exc)
             return await self._uncached(args, kwargs, text, partition, f"index failed: {exc}")
+        log.recovered(self._whats.index)
         best = candidates[0][1] if candidates else None
         rejected = 0
         if len(candidates) > 1 and candidates[0][1] - candidates[1][1] < self.margin and ambiguous(
@@ -465,7 +485,9 @@ class SemanticFunction(Generic[P, T]):
             await store.insert(partition, text, vector, result, expires_at, began[1])
         except Exception as exc:  # whatever the store raised (a Redis or SQLite error too), the result is returned
             self.stats.index_errors += 1
-            self._failed(f"semantic store of {self.identity}", exc)
+            self._failed(self._whats.store, exc)
+        else:
+            self.log.recovered(self._whats.store)
 
     async def _check(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any], text: str,
                      partition: bytes, vector: np.ndarray, entry: Entry, cached: Any, similarity: float,
@@ -503,7 +525,7 @@ class SemanticFunction(Generic[P, T]):
             mine, theirs = await self.embed_text(parts[0]), await self.embed_text(parts[1])
         except EmbeddingError as exc:
             self.stats.embed_errors += 1
-            self._failed(f"embedder {self.embedder_name}", exc)
+            self._failed(self._whats.embedder, exc)
             return False
         similarity = min(1.0, float(np.dot(mine, theirs)))
         if similarity < self.threshold - SIMILARITY_TOLERANCE:
@@ -519,8 +541,9 @@ class SemanticFunction(Generic[P, T]):
             accepted = await verdict if inspect.isawaitable(verdict) else verdict
         except Exception as exc:  # a broken verifier rejects: serving unverified answers is the worse failure
             self.stats.verifier_errors += 1
-            self.log.failure(f"verifier of {self.identity}", exc)
+            self.log.failure(self._whats.verifier, exc)
             return False
+        self.log.recovered(self._whats.verifier)
         if not accepted:
             self.stats.verifier_rejections += 1
         return bool(accepted)
