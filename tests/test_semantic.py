@@ -260,6 +260,16 @@ def test_bad_decoration_arguments_are_config_errors_naming_the_field() -> None:
         semantic_cached(threshold=0.9, vector_index="faiss:///tmp/x")(_noop)
     with pytest.raises(ConfigError, match="dtype"):
         semantic_cached(threshold=0.9, vector_index="memory://?dtype=f8")(_noop)
+    for url in ("redis+cluster://", "redis://localhost:6379/x", "redis+cluster://localhost:7000/3"):
+        with pytest.raises(ConfigError, match="vector_index"):
+            semantic_cached(threshold=0.9, vector_index=url)(_noop)
+    with pytest.raises(ConfigError, match="namespace"):
+        semantic_cached(threshold=0.9, namespace=5)(_noop)  # type: ignore[arg-type]
+    for name in ("", "   "):
+        with pytest.raises(ConfigError, match="name"):
+            semantic_cached(threshold=0.9, name=name)(_noop)
+    with pytest.raises(ConfigError, match="cache_embeddings"):
+        semantic_cached(threshold=0.9, cache_embeddings="no")(_noop)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"text='options'.*collects several arguments"):
         semantic_cached(threshold=0.9, text="options")(_varargs)
     with pytest.raises(ConfigError, match="no parameter to take the text from"):

@@ -343,6 +343,10 @@ class KeyBuilder:
         ignore: Iterable[str] = (),
         name: str | None = None,
     ) -> None:
+        if name is not None and (not isinstance(name, str) or not name.strip() or "\x00" in name):
+            raise ConfigError("name", name, "must be a non-empty string without NUL (or None for module.qualname)")
+        if namespace is not None and not isinstance(namespace, str):
+            raise ConfigError("namespace", namespace, "must be a non-empty string without ':' or NUL")
         self.identity = name or function_identity(fn)
         self.namespace = namespace if namespace is not None else self.identity
         self.version = str(version)

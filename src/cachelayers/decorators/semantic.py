@@ -153,7 +153,8 @@ def semantic_cached(**options: Unpack[SemanticOptions]) -> SemanticDecorator:
             served; an entry with the same words as the nearest, one question stored twice, is passed over).
             The embedder's ``default_margin`` when neither ``threshold`` nor ``margin`` is given
             (`cachelayers.embedders.minilm` carries 0.06 with its 0.90), else 0.
-        text: Name of the argument holding the text (the first parameter by default), or a function of the
+        text: Name of the argument holding the text (by default the first parameter other than ``self``,
+            ``cls``, those in ``ignore`` and ``*args``/``**kwargs``), or a function of the
             arguments (by name) returning it, e.g. ``lambda messages, **_: messages[-1]["content"]``.
         partition: Function of the arguments (by name) returning what must be *equal* for two calls to share
             an answer; by default every argument except the text and ``ignore``. Required with a ``text``

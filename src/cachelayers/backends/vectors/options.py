@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final, NamedTuple
 
 from cachelayers.backends.base import BackendURL
+from cachelayers.backends.redis.options import validate_redis_url
 from cachelayers.backends.vectors.index import DTYPES
 from cachelayers.durations import parse_duration
 from cachelayers.errors import ConfigError
@@ -50,7 +51,8 @@ def parse_vector_index(url: str, field: str = "vector_index") -> tuple[BackendUR
     ``redis+cluster://``). Nothing is imported or opened.
 
     Raises:
-        ConfigError: Unknown scheme or option, a bad option value, or ``usearch://`` without a path.
+        ConfigError: Unknown scheme or option, a bad option value, ``usearch://`` without a path, or a Redis URL
+            without a host or with a path that is not a database number (not 0 on a cluster).
     """
     parsed = BackendURL.parse(url, field)
     known = _MODE_OPTIONS.get(parsed.scheme)
@@ -67,6 +69,8 @@ def parse_vector_index(url: str, field: str = "vector_index") -> tuple[BackendUR
         raise ConfigError(field, url, "expected usearch:///absolute/path/to/a/directory")
     if parsed.scheme == "memory" and (parsed.host or parsed.path not in ("", "/")):
         raise ConfigError(field, url, "memory:// takes no host or path")
+    if parsed.scheme in ("redis", "rediss", "redis+cluster"):
+        validate_redis_url(parsed)  # a host, a database number in the path (0 on a cluster), sound options
     int_option(parsed, "save_every")
     int_option(parsed, "stream_maxlen")
     if "sync_interval" in parsed.options:

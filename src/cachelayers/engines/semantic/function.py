@@ -127,7 +127,10 @@ class SemanticFunction(Generic[P, T]):
         self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
         self._explicit_cache = options.get("cache")
-        self._cache_embeddings = bool(options.get("cache_embeddings", True))
+        cache_embeddings = options.get("cache_embeddings", True)
+        if not isinstance(cache_embeddings, bool):
+            raise ConfigError("cache_embeddings", cache_embeddings, "expected True or False")
+        self._cache_embeddings = cache_embeddings
         vector_index = options.get("vector_index")
         if vector_index is not None:
             parse_vector_index(vector_index)
