@@ -109,6 +109,21 @@ async def test_the_default_embedder_and_its_calibrated_threshold_are_used_withou
     assert await ask("What is the capital of France?") == "WHAT IS THE CAPITAL OF FRANCE?"
 
 
+async def test_an_explain_block_inside_another_gives_its_calls_to_both() -> None:
+    @semantic_cached(threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    with explain() as outer:
+        await ask("first question here")
+        with explain() as inner:
+            await ask("second question here")
+        await ask("third question here")
+    assert [lookup.text for lookup in outer] == ["first question here", "second question here",
+                                                 "third question here"]
+    assert [lookup.text for lookup in inner] == ["second question here"]
+
+
 async def test_explain_collects_calls_made_in_child_tasks() -> None:
     emb = AngleEmbedder()
 
@@ -228,8 +243,9 @@ async def test_an_unkeyable_partition_argument_raises_a_type_error_naming_it() -
     async def ask(question: str, client: object) -> str:
         return question
 
-    with pytest.raises(cachelayers.UnkeyableArgumentError, match="client"):
+    with pytest.raises(cachelayers.UnkeyableArgumentError, match="client") as raised:
         await ask("q", object())
+    assert "Pass partition=... to the decorator" in str(raised.value)  # semantic_cached has no key=
 
 
 # -- configuration errors --------------------------------------------------------------------------------------

@@ -104,12 +104,12 @@ class UnkeyableArgumentError(CacheLayersError, TypeError):
         argument: The parameter name, with a path into containers (e.g. ``"messages[0]['meta']"``).
     """
 
-    def __init__(self, function: str, argument: str, value: object) -> None:
+    def __init__(self, function: str, argument: str, value: object, *, option: str = "key") -> None:
         self.function = function
         self.argument = argument
         super().__init__(
             f"cannot build a cache key for {function}(): argument {argument!r} of type "
-            f"{type(value).__module__}.{type(value).__qualname__} is not keyable. Pass key=... to the "
+            f"{type(value).__module__}.{type(value).__qualname__} is not keyable. Pass {option}=... to the "
             f"decorator, list the argument in ignore=..., or give the type a __cache_key__() method."
         )
 

@@ -194,5 +194,6 @@ class CallSplitter:
                 try:
                     canonical_bytes(item)
                 except TypeError:
-                    return UnkeyableArgumentError(self.identity, name, item)
-        return UnkeyableArgumentError(self.identity, "partition=", value[1] if isinstance(value, tuple) else value)
+                    return UnkeyableArgumentError(self.identity, name, item, option="partition")
+        return UnkeyableArgumentError(self.identity, "partition=", value[1] if isinstance(value, tuple) else value,
+                                      option="partition")

@@ -52,10 +52,11 @@ class Lookup:
 class Explanation:
     """The `Lookup` of every semantically cached call made inside an `explain` block, in order."""
 
-    __slots__ = ("_lookups",)
+    __slots__ = ("_lookups", "_outer")
 
-    def __init__(self) -> None:
+    def __init__(self, outer: Explanation | None = None) -> None:
         self._lookups: list[Lookup] = []
+        self._outer = outer  # the enclosing block, which collects the calls of this one too
 
     def __iter__(self) -> Iterator[Lookup]:
         return iter(self._lookups)
@@ -99,8 +100,8 @@ def explain() -> Iterator[Explanation]:
     (with the tier that answered it in `Lookup.tier`).
 
     Calls made in tasks started inside the block are collected too (the collector travels with the
-    context), and calls of sync functions made in the block's thread. The return values of the calls are
-    untouched.
+    context), and calls of sync functions made in the block's thread; a block inside another gives its calls
+    to both. The return values of the calls are untouched.
 
     Example::
 
@@ -108,7 +109,7 @@ def explain() -> Iterator[Explanation]:
             answer = await ask("How do I reset my password?")
         print(info.last.level, info.last.similarity, info.last.matched_text)
     """
-    collector = Explanation()
+    collector = Explanation(_explanation.get())
     token = _explanation.set(collector)
     watch()  # exact calls leave their compiled hit path to report, while any explain block is open
     try:
@@ -131,8 +132,9 @@ def record(lookup: Lookup) -> None:
     """Make ``lookup`` the last one of this context, and add it to the enclosing `explain` block if any."""
     _last.set(lookup)
     collector = _explanation.get()
-    if collector is not None:
+    while collector is not None:
         collector._lookups.append(lookup)
+        collector = collector._outer
 
 
 def _record_exact(function: str, level: str, tier: str | None, partition: str, reason: str | None) -> None:
