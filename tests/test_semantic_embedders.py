@@ -173,6 +173,62 @@ async def test_the_sentence_transformers_adapter_loads_lazily_and_normalises(mon
     assert resolve_embedder("st:other").name == "st:other"  # type: ignore[attr-defined]
 
 
+class WordTokenizer:
+    """A tokenizer of words, as a sentence-transformers model's: ids per text, and back."""
+
+    def __init__(self) -> None:
+        self.vocabulary: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def __call__(self, texts: list[str], **options: Any) -> dict[str, list[list[int]]]:
+        assert options == {"add_special_tokens": False, "truncation": False, "verbose": False}
+        return {"input_ids": [[self._id(word) for word in text.split()] for text in texts]}
+
+    def _id(self, word: str) -> int:
+        if word not in self.vocabulary:
+            self.vocabulary[word] = len(self.words)
+            self.words.append(word)
+        return self.vocabulary[word]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
+class TruncatingModel:
+    """Reads only its first ``max_seq_length - 2`` words, as a transformer does: a bag of those words."""
+
+    max_seq_length = 10
+
+    def __init__(self) -> None:
+        self.tokenizer = WordTokenizer()
+        self.encoded: list[list[str]] = []
+
+    def encode(self, texts: list[str], **_: Any) -> np.ndarray:
+        self.encoded.append(list(texts))
+        rows = np.zeros((len(texts), 64), dtype=np.float32)
+        for row, text in zip(rows, texts, strict=True):
+            for word in text.split()[:self.max_seq_length - 2]:
+                row[hash(word) % 64] += 1.0
+        normalised: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return normalised
+
+
+def test_a_text_longer_than_the_model_reads_is_embedded_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TruncatingModel()
+    monkeypatch.setattr(embedders, "_import", lambda module, package, extra: fake_module())
+    emb = SentenceTransformerEmbedder(model)
+    shared = " ".join(f"w{i}" for i in range(20))
+    short = ["what is covered", "how to cancel"]
+    vectors = emb([shared + " what is covered", shared + " how to cancel", *short])
+    assert cos(vectors[0], vectors[1]) < 0.99  # the model alone scores them 1.0: it never reads the question
+    assert cos(model.encode([shared + " a"])[0], model.encode([shared + " b"])[0]) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[2:], model.encode(short), atol=1e-6)  # short texts: the model's own
+    assert len(model.encoded[0]) == 3 + 3 + 2  # 23 words in windows of 8, twice; the short texts whole
+    assert model.encoded[0][2] == "w16 w17 w18 w19 what is covered"
+    assert emb(short).tolist() == model.encode(short).tolist()  # nothing long: one plain encode
+
+
 async def test_the_model2vec_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
     class Static:
         @staticmethod

@@ -332,10 +332,49 @@ class SentenceTransformerEmbedder:
         return self._model
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        """Embed ``texts`` (blocking)."""
+        """Embed ``texts`` (blocking).
+
+        A text longer than the model reads (``max_seq_length`` tokens: 256 word pieces for all-MiniLM-L6-v2) is
+        embedded in windows of that length, and its vector is their mean weighted by length: truncated, two
+        texts that differ only after the first window would get the same vector.
+        """
         model = self._load()
-        return np.asarray(model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                       normalize_embeddings=True, show_progress_bar=False))
+        pieces, owners, weights = self._windows(model, texts)
+        vectors = np.asarray(model.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
+                                          normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
+        if len(pieces) == len(texts):
+            return vectors
+        out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float64)
+        np.add.at(out, owners, vectors * weights[:, None])
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)
+
+    @staticmethod
+    def _windows(model: Any, texts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The texts to encode (a long text as its windows), the text each belongs to, and their token counts."""
+        limit = getattr(model, "max_seq_length", None)
+        tokenizer = getattr(model, "tokenizer", None)
+        if not isinstance(limit, int) or limit <= 8 or tokenizer is None:
+            return texts, np.arange(len(texts)), np.ones(len(texts))
+        size = limit - 2  # the model adds its own start and end tokens
+        ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        if all(len(row) <= size for row in ids):
+            return texts, np.arange(len(texts)), np.ones(len(texts))
+        pieces: list[str] = []
+        owners: list[int] = []
+        weights: list[float] = []
+        for i, (text, row) in enumerate(zip(texts, ids, strict=True)):
+            if len(row) <= size:
+                pieces.append(text)
+                owners.append(i)
+                weights.append(float(max(len(row), 1)))
+                continue
+            for start in range(0, len(row), size):
+                window = row[start:start + size]
+                pieces.append(tokenizer.decode(window))
+                owners.append(i)
+                weights.append(float(len(window)))
+        return pieces, np.asarray(owners), np.asarray(weights)
 
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder({self.name!r})"
