@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import cachelayers
 from cachelayers import explain, semantic_cached
+from cachelayers.backends.vectors.redis_commands import COMMANDS_IN_FLIGHT
 from cachelayers.backends.vectors.redis_store import RedisStore
 from cachelayers.engines.semantic import SemanticStore
 from tests.conftest import FakeClock
@@ -402,6 +403,44 @@ async def test_redis_killed_while_the_function_runs_still_returns_its_result() -
         assert await ask(QUESTIONS[1]) == {"q": QUESTIONS[1]}
         assert ask.cache_info().index_errors >= 1
         assert await ask(QUESTIONS[2]) == {"q": QUESTIONS[2]}  # and the calls after it proceed uncached
+        await ask.aclose()
+    finally:
+        server.kill()
+
+
+async def test_a_hung_redis_is_left_alone_for_a_while_instead_of_each_call_waiting_out_the_timeout() -> None:
+    cachelayers.configure(tier_timeout="50ms", breaker_threshold=3, breaker_cooldown="300ms")
+    server = RedisServer().start()
+    try:
+        @semantic_cached(threshold=0.8, name="shared.hung", vector_index=f"{server.url}?sync_interval=0")
+        async def ask(question: str) -> dict[str, str]:
+            return {"q": question}
+
+        await ask(QUESTIONS[0])
+        server.pause()
+        reasons: list[str] = []
+
+        async def one(i: int) -> None:
+            with explain() as info:
+                assert await ask(f"question number {i}") == {"q": f"question number {i}"}
+            assert info.last is not None
+            assert info.last.level in ("uncached", "computed")  # computed: its store failed after it ran
+            reasons.append(info.last.level)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(one, i)
+        assert len(reasons) == 300
+        counts = ask.cache_info()
+        assert counts.index_errors >= 300  # each call's store operation failed, and its result was returned
+        # those in flight when it hung waited out the timeout; the others were not sent
+        assert counts.index_errors - counts.store_skipped <= COMMANDS_IN_FLIGHT + 3
+        server.resume()
+        await anyio.sleep(0.4)  # the cool-down: then one call probes, and Redis answers again
+        with explain() as info:
+            assert await ask(QUESTIONS[1]) == {"q": QUESTIONS[1]}
+            assert await ask(QUESTIONS[0] + "?") == {"q": QUESTIONS[0]}
+        assert [lookup.level for lookup in info] == ["computed", "semantic"]
         await ask.aclose()
     finally:
         server.kill()

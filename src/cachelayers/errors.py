@@ -126,6 +126,10 @@ class BackendError(CacheLayersError):
     """A storage tier failed. The driver's exception is available as ``__cause__``."""
 
 
+class CircuitOpenError(BackendError):
+    """A storage was not tried: it kept failing (or stalling to its timeout), so its circuit breaker is open."""
+
+
 class InvalidationError(CacheLayersError):
     """An invalidation (``invalidate_tags``, ``invalidate_namespace``, ``clear``, ``invalidate``, ``delete``)
     did not reach every tier within the tier timeout.

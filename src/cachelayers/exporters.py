@@ -61,7 +61,7 @@ _COUNTERS: Final = frozenset({
     "writes", "timeouts", "skipped", "corrupt", "evictions",  # tiers
     "exact_hits", "semantic_hits", "uncached", "expirations", "embed_errors", "index_errors",  # semantic
     "verifier_rejections", "verifier_errors", "compactions", "answer_checks", "answer_disagreements",
-    "difference_rejections",
+    "difference_rejections", "store_skipped",
     "calls", "deduplicated", "dropped", "rejected", "batches", "items", "failed_batches",  # batching
     "admitted", "immediate", "waited", "cancelled", "storage_calls", "pause_reads", "refusals", "refunds",  # limits
     "rate_limit_errors", "retries", "pauses",

@@ -34,7 +34,17 @@ class SemanticCachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
         return self.cache.cache_info()
 
     async def cache_clear(self) -> None:
-        """Remove every entry of the function (every process's, when shared)."""
+        """Remove every entry of the function (every process's, when shared), and what a computation that began
+        before the clear would store after it (in any process).
+
+        Limited by ``Settings.invalidation_limit`` and audited on the ``cachelayers.audit`` logger, as the exact
+        cache's clears are.
+
+        Raises:
+            RateLimitExceeded: Over ``Settings.invalidation_limit`` (nothing was removed).
+            Exception: The store failed (a shared store may be partly cleared; computations in flight in this
+                process still store nothing).
+        """
         await self.cache.cache_clear()
 
     async def invalidate_all(self) -> None:
@@ -44,7 +54,16 @@ class SemanticCachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
     async def prefill(self, entries: Iterable[tuple[str, T]], /, **partition_arguments: Any) -> int:
         """Pre-load answers: store each ``(text, value)`` pair as if the function had computed it.
 
-        Like GPTCache's ``import_data``: known questions and their answers go in before traffic does.
+        Like GPTCache's ``import_data``: known questions and their answers go in before traffic does. Entries are
+        stored as given, even when one looks like another; an entry with the text of an existing one replaces
+        it. Entries with an empty text are skipped, as such calls are never cached. The TTL is the function's,
+        and the bounds apply.
+
+        With a ``text=`` function the entry's text is not an argument, so give the arguments of a whole call:
+        ``partition=`` sees them as given. A chat function whose partition is ``messages[:-1]`` then takes
+        ``messages`` ending with a stand-in for the message each entry's text is
+        (``messages=[system, {"role": "user", "content": ""}]``); without it, the partition would drop the
+        system message and no call would find the entries.
 
         Args:
             entries: ``(semantic text, result)`` pairs.
@@ -52,12 +71,16 @@ class SemanticCachedFunction(FunctionWrapper[P, Coroutine[Any, Any, T]]):
                 arguments may be left out): the entries are stored in those calls' partition.
 
         Returns:
-            How many entries were stored (entries with an empty text are skipped).
+            How many entries were stored (an entry replaced or evicted by a later one of the same prefill
+            counts). A value the store cannot encode (a class neither registered nor named by the return
+            annotation, with a disk or Redis index) is skipped, logged and counted in
+            ``cache_info().unstorable``, not in this number.
 
         Raises:
             TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
             UnkeyableArgumentError: A partition argument cannot be keyed.
             EmbeddingError: The embedder failed.
+            Exception: The store could not be opened.
 
         Example::
 

@@ -1,7 +1,7 @@
 """Engines do the work behind the decorators; each can be used directly."""
 
+from cachelayers.breaker import CircuitBreaker
 from cachelayers.engines.batcher import Batcher, BatchInfo, QueueFullPolicy, Rows
-from cachelayers.engines.breaker import CircuitBreaker
 from cachelayers.engines.limiter import (
     Adaptive,
     LimitedFunction,

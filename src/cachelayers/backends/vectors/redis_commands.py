@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar
 
@@ -10,7 +11,8 @@ import anyio
 
 from cachelayers.backends.base import BackendURL
 from cachelayers.backends.redis.options import DEFAULT_MAX_CONNECTIONS
-from cachelayers.errors import MissingDependencyError
+from cachelayers.breaker import CircuitBreaker
+from cachelayers.errors import CircuitOpenError, MissingDependencyError
 
 __all__ = ["Event", "RedisVectorStore", "StoredEntry"]
 
@@ -136,7 +138,17 @@ def _gated(method: Callable[Concatenate[RedisVectorStore, _P], Coroutine[Any, An
 
     async def run(self: RedisVectorStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         async with self.gate:
-            return await method(self, *args, **kwargs)
+            breaker = self.breaker
+            if not breaker.allow():  # Redis kept failing or stalling to the timeout: fail at once for a while
+                raise CircuitOpenError(f"Redis at {self.url.redacted()} is failing: not tried for "
+                                            f"{breaker.cooldown:g} s after {breaker.threshold} failures in a row")
+            try:
+                result = await method(self, *args, **kwargs)
+            except Exception:
+                breaker.failure()
+                raise
+            breaker.success()
+            return result
 
     run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
     return run
@@ -187,16 +199,21 @@ class RedisVectorStore:
         base: Prefix of the function's keys, ending with ``}:``.
         timeout: Socket timeout of every command, in seconds.
         stream_maxlen: Approximate length the change log is trimmed to.
+        breaker: The circuit breaker of its operations (5 failures, 2 s by default).
     """
 
-    def __init__(self, url: BackendURL, base: str, *, timeout: float, stream_maxlen: int) -> None:
+    def __init__(self, url: BackendURL, base: str, *, timeout: float, stream_maxlen: int,
+                 breaker: CircuitBreaker | None = None) -> None:
         self.url = url
+        self.breaker = breaker if breaker is not None else CircuitBreaker(5, 2.0, time.monotonic)
+        """Stops calling Redis for a while after consecutive failures (timeouts of a stalled server included), so
+        that a burst of calls does not each wait out the timeout; then lets one probe through."""
         self.base = base
         self.timeout = timeout
         self.stream_maxlen = stream_maxlen
         self._client: Any = None
         self.gate = anyio.Semaphore(COMMANDS_IN_FLIGHT)
-        """Bounds the operations in flight (see `COMMANDS_IN_FLIGHT`)."""
+        """Bounds the operations in flight (see `COMMANDS_IN_FLIGHT`); within it, `breaker` decides whether to try."""
         self._insert: Any = None
         self._remove: Any = None
         self._log: Any = None

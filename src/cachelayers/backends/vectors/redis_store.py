@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from cachelayers.backends.vectors.base import GONE, Appended, EntryRef, Loaded, 
 from cachelayers.backends.vectors.options import IndexOptions, int_option
 from cachelayers.backends.vectors.redis_commands import RedisVectorStore, StoredEntry
 from cachelayers.backends.vectors.sealing import open_row, seal_row
+from cachelayers.breaker import CircuitBreaker
 from cachelayers.codec import Codec
 from cachelayers.durations import parse_duration
 from cachelayers.errors import IntegrityError, SerializationError
@@ -106,8 +108,11 @@ class RedisStore:
         """Connect and load the replica from Redis."""
         self._replica = replica
         self._loop = asyncio.get_running_loop()
+        settings = get_settings()
         self.redis = RedisVectorStore(self.url, self._base(self.namespace, embedder, options.dtype),
-                                      timeout=get_settings().tier_timeout * 4, stream_maxlen=self.stream_maxlen)
+                                      timeout=settings.tier_timeout * 4, stream_maxlen=self.stream_maxlen,
+                                      breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown,
+                                                             time.monotonic))
         await self._reload()
         return Loaded(None, 0)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from cachelayers.embedders import same_words
+from cachelayers.verifiers import same_words
 
 __all__ = ["LONG_TEXT_WORDS", "differing_parts", "parts_are_alike"]
 

@@ -27,9 +27,9 @@ from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.arguments import ArgumentFunctionError, CallSplitter
-from cachelayers.engines.semantic.differences import differing_parts, parts_are_alike
-from cachelayers.engines.semantic.info import SemanticCacheInfo, SemanticStats
-from cachelayers.engines.semantic.lookups import Candidate, Lookup, ambiguous, record
+from cachelayers.engines.semantic.info import LogNames, SemanticCacheInfo, SemanticStats
+from cachelayers.engines.semantic.judge import Judge
+from cachelayers.engines.semantic.lookups import Lookup, ambiguous, record
 from cachelayers.engines.semantic.options import (
     DEFAULT_MAX_CANDIDATES,
     DEFAULT_MAX_ENTRIES,
@@ -40,7 +40,7 @@ from cachelayers.engines.semantic.options import (
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
 from cachelayers.engines.tiered.guard import InvalidationGuard
-from cachelayers.errors import BatchError, ConfigError, EmbeddingError
+from cachelayers.errors import BatchError, CircuitOpenError, ConfigError, EmbeddingError
 from cachelayers.keys import claim_identity
 from cachelayers.metrics import StateLog, register_stats_source
 from cachelayers.settings import Settings, get_settings
@@ -55,19 +55,6 @@ T = TypeVar("T")
 _NO_VECTOR: Final[Any] = object()
 
 _functions: weakref.WeakSet[SemanticFunction[Any, Any]] = weakref.WeakSet()
-
-
-class _Whats:
-    """The names under which the engine logs what fails (once) and recovers (once)."""
-
-    __slots__ = ("embedder", "index", "split", "store", "verifier")
-
-    def __init__(self, identity: str, embedder: str) -> None:
-        self.split = f"partition/text functions of {identity}"
-        self.store = f"semantic store of {identity}"
-        self.index = f"semantic index of {identity}"
-        self.embedder = f"embedder {embedder}"
-        self.verifier = f"verifier of {identity}"
 
 
 class SemanticFunction(Generic[P, T]):
@@ -120,7 +107,6 @@ class SemanticFunction(Generic[P, T]):
             verifier = getattr(self._embedder, "default_verifier", None)
         if verifier is not None and not callable(verifier):
             raise ConfigError("verifier", verifier, "expected a function (text, Candidate) -> bool, async or not")
-        self._verifier = verifier
         agreement = options.get("agreement")
         if agreement is not None and not isinstance(agreement, AnswerAgreement):
             raise ConfigError("agreement", agreement, "expected an AnswerAgreement(max_error=...)")
@@ -144,7 +130,9 @@ class SemanticFunction(Generic[P, T]):
             name=f"embed:{self.identity}")
         self.stats = SemanticStats()
         self.log = StateLog()
-        self._whats = _Whats(self.identity, self.embedder_name)
+        self._whats = LogNames(self.identity, self.embedder_name)
+        self._judge = Judge(self.threshold, verifier, self.embed_text, self.stats, self.log, self.identity,
+                            lambda exc: self._failed(self._whats.embedder, exc))
         self._store: SemanticStore | None = None
         self._store_url: str | None = None
         self._opening: Flight | None = None
@@ -314,6 +302,16 @@ class SemanticFunction(Generic[P, T]):
             lookup = Lookup(self.identity, "exact", 1.0, text, text, partition.hex(), tier="in-flight")
         self._record(lookup)
 
+    def _store_failed(self, exc: BaseException) -> None:
+        """A store operation failed (or was not tried: its circuit breaker is open): logged once per outage."""
+        if isinstance(exc, CircuitOpenError):
+            self.stats.store_skipped += 1
+        self._failed(self._whats.store, exc)
+
+    def _store_worked(self) -> None:
+        """A store write or read worked: the end of an outage is logged once (a later one is logged again)."""
+        self.log.recovered(self._whats.store)
+
     def _failed(self, what: str, exc: BaseException) -> None:
         self.log.failure(what, exc)
         if get_settings().strict:
@@ -340,8 +338,7 @@ class SemanticFunction(Generic[P, T]):
             self._failed(self._whats.split, exc.error)
             self._record(Lookup(self.identity, "uncached", None, None, None, "", 0, str(exc)))
             return await self._fn(*args, **kwargs)
-        log = self.log
-        log.recovered(self._whats.split)
+        self.log.recovered(self._whats.split)
         if not text.strip():
             return await self._uncached(args, kwargs, text, partition, "empty text")
         try:
@@ -351,9 +348,8 @@ class SemanticFunction(Generic[P, T]):
             raise
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(self._whats.store, exc)
+            self._store_failed(exc)
             return await self._uncached(args, kwargs, text, partition, f"store failed: {exc}")
-        log.recovered(self._whats.store)  # a failure logged once, and its end once: a later one is logged again
         flight_key = (partition, text)
         flight = self._inflight.get(flight_key)
         while flight is not None:
@@ -394,8 +390,9 @@ class SemanticFunction(Generic[P, T]):
             value = await store.read_value(entry)
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(self._whats.store, exc)
+            self._store_failed(exc)
             return GONE
+        self._store_worked()
         if value is GONE:
             await self._forget(store, [entry])
         return value
@@ -405,7 +402,7 @@ class SemanticFunction(Generic[P, T]):
             await store.remove(entries)
         except Exception as exc:
             self.stats.index_errors += 1
-            self._failed(self._whats.store, exc)
+            self._store_failed(exc)
 
     async def _lookup_or_compute(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any],
                                  text: str, partition: bytes, started: float) -> T:
@@ -437,13 +434,7 @@ class SemanticFunction(Generic[P, T]):
             value = await self._read(store, entry)
             if value is GONE:
                 continue
-            parts = differing_parts(text, entry.text)  # long texts that share most words: judged by what differs
-            if parts is not None:
-                if not await self._parts_agree(parts, value):
-                    rejected += 1
-                    self.stats.difference_rejections += 1
-                    continue
-            elif self._verifier is not None and not await self._verify(text, entry, value, similarity):
+            if not await self._judge.accepts(text, entry.text, value, similarity):
                 rejected += 1
                 continue
             agreement = self._agreement
@@ -488,9 +479,9 @@ class SemanticFunction(Generic[P, T]):
             await store.insert(partition, text, vector, result, expires_at, began[1])
         except Exception as exc:  # whatever the store raised (a Redis or SQLite error too), the result is returned
             self.stats.index_errors += 1
-            self._failed(self._whats.store, exc)
+            self._store_failed(exc)
         else:
-            self.log.recovered(self._whats.store)
+            self._store_worked()
 
     async def _check(self, store: SemanticStore, args: tuple[Any, ...], kwargs: dict[str, Any], text: str,
                      partition: bytes, vector: np.ndarray, entry: Entry, cached: Any, similarity: float,
@@ -518,68 +509,10 @@ class SemanticFunction(Generic[P, T]):
                             "checked: the cached answer " + ("agreed" if agreed else "disagreed")))
         return result
 
-    async def _parts_agree(self, parts: tuple[str, str], value: Any) -> bool:
-        """Whether the parts in which two long texts differ (`differing_parts`) ask alike: embedded on their own,
-        as similar as the threshold asks, and accepted by the verifier if any."""
-        verdict = parts_are_alike(*parts)
-        if verdict is not None:
-            return verdict
-        try:
-            mine, theirs = await self.embed_text(parts[0]), await self.embed_text(parts[1])
-        except EmbeddingError as exc:
-            self.stats.embed_errors += 1
-            self._failed(self._whats.embedder, exc)
-            return False
-        similarity = min(1.0, float(np.dot(mine, theirs)))
-        if similarity < self.threshold - SIMILARITY_TOLERANCE:
-            return False
-        if self._verifier is None:
-            return True
-        return await self._verify(parts[0], Entry(-1, -1, b"", parts[1], None, value), value, similarity)
-
-    async def _verify(self, text: str, entry: Entry, value: Any, similarity: float) -> bool:
-        assert self._verifier is not None
-        try:
-            verdict = self._verifier(text, Candidate(entry.text, value, similarity))
-            accepted = await verdict if inspect.isawaitable(verdict) else verdict
-        except Exception as exc:  # a broken verifier rejects: serving unverified answers is the worse failure
-            self.stats.verifier_errors += 1
-            self.log.failure(self._whats.verifier, exc)
-            return False
-        self.log.recovered(self._whats.verifier)
-        if not accepted:
-            self.stats.verifier_rejections += 1
-        return bool(accepted)
-
     # -- pre-loading --------------------------------------------------------------------------------------
 
     async def prefill(self, entries: Iterable[tuple[str, Any]], /, **partition_arguments: Any) -> int:
-        """Store known answers without calling the function: each ``(text, value)`` as if computed.
-
-        ``partition_arguments`` are the other arguments of the calls the entries answer (by name; ignored
-        arguments may be left out), so the entries land in the partition those calls look in. Entries are
-        stored as given, even when one looks like another (like GPTCache's ``import_data``); an entry with the
-        text of an existing one replaces it. Entries with an empty text are skipped, as such calls are never
-        cached. The TTL is the function's, and the bounds apply.
-
-        With a ``text=`` function the entry's text is not an argument, so give the arguments of a whole call:
-        ``partition=`` sees them as given. A chat function whose partition is ``messages[:-1]`` then takes
-        ``messages`` ending with a stand-in for the message each entry's text is
-        (``messages=[system, {"role": "user", "content": ""}]``); without it, the partition would drop the
-        system message and no call would find the entries.
-
-        Returns:
-            How many entries were stored (an entry replaced or evicted by a later one of the same prefill
-            counts). A value the store cannot encode (a class neither registered nor named by the return
-            annotation, with a disk or Redis index) is skipped, logged and counted in
-            ``cache_info().unstorable``, not in this number.
-
-        Raises:
-            TypeError: An entry is not a ``(str, value)`` pair; a partition argument is unknown or missing.
-            UnkeyableArgumentError: A partition argument cannot be keyed.
-            EmbeddingError: The embedder failed.
-            Exception: The store could not be opened.
-        """
+        """Store known answers without calling the function (see `SemanticCachedFunction.prefill`)."""
         rows: list[tuple[str, Any, bytes]] = []
         for item in entries:
             if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
@@ -612,17 +545,7 @@ class SemanticFunction(Generic[P, T]):
     # -- management ---------------------------------------------------------------------------------------
 
     async def cache_clear(self) -> None:
-        """Remove every entry of this function (vectors and payloads, in every process when shared), including
-        what a computation that began before the clear would store after it.
-
-        Limited by ``Settings.invalidation_limit`` and audited on the ``cachelayers.audit`` logger, as the exact
-        cache's clears are.
-
-        Raises:
-            RateLimitExceeded: Over ``Settings.invalidation_limit`` (nothing was removed).
-            Exception: The store failed (a shared store may be partly cleared; computations in flight in this
-                process still store nothing).
-        """
+        """Remove every entry, and what computations begun before would store (see `SemanticCachedFunction`)."""
         settings = get_settings()
         guard = self._guard
         if guard is None or guard.settings is not settings:
@@ -663,7 +586,7 @@ class SemanticFunction(Generic[P, T]):
             verifier_errors=s.verifier_errors, unstorable=s.unstorable, compactions=s.compactions,
             cached_p50=s.cached_latency.percentile(50), computed_p50=s.computed_latency.percentile(50),
             corrupt=s.corrupt, answer_checks=s.answer_checks, answer_disagreements=s.answer_disagreements,
-            difference_rejections=s.difference_rejections)
+            difference_rejections=s.difference_rejections, store_skipped=s.store_skipped)
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Entry for `cachelayers.stats()`."""

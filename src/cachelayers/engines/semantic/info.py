@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from cachelayers.metrics import LatencyRing
 
-__all__ = ["SemanticCacheInfo", "SemanticStats"]
+__all__ = ["LogNames", "SemanticCacheInfo", "SemanticStats"]
 
 
 class SemanticCacheInfo(NamedTuple):
@@ -41,6 +41,9 @@ class SemanticCacheInfo(NamedTuple):
     difference_rejections: int = 0
     """Candidates refused because the parts in which two long texts differ do not ask alike (see
     `cachelayers.engines.semantic.differences`)."""
+    store_skipped: int = 0
+    """Store operations not tried because the store kept failing (its circuit breaker was open); also counted
+    in ``index_errors``."""
 
 
 class SemanticStats:
@@ -48,8 +51,8 @@ class SemanticStats:
 
     __slots__ = ("answer_checks", "answer_disagreements", "cached_latency", "compactions", "computed_latency",
                  "corrupt", "difference_rejections", "embed_errors", "evictions", "exact_hits", "expirations",
-                 "index_errors", "misses",
-                 "semantic_hits", "uncached", "unstorable", "verifier_errors", "verifier_rejections")
+                 "index_errors", "misses", "semantic_hits", "store_skipped", "uncached", "unstorable",
+                 "verifier_errors", "verifier_rejections")
 
     def __init__(self) -> None:
         self.exact_hits = 0
@@ -68,6 +71,19 @@ class SemanticStats:
         self.answer_checks = 0
         self.answer_disagreements = 0
         self.difference_rejections = 0
+        self.store_skipped = 0
         self.cached_latency = LatencyRing()
         self.computed_latency = LatencyRing()
 
+
+
+class LogNames:
+    """The names under which a semantically cached function logs what fails (once) and recovers (once)."""
+
+    __slots__ = ("embedder", "index", "split", "store")
+
+    def __init__(self, identity: str, embedder: str) -> None:
+        self.split = f"partition/text functions of {identity}"
+        self.store = f"semantic store of {identity}"
+        self.index = f"semantic index of {identity}"
+        self.embedder = f"embedder {embedder}"

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from cachelayers.embedders import same_words
 from cachelayers.engines.tiered.control import set_reporter, unwatch, watch
+from cachelayers.verifiers import same_words
 
 __all__ = ["Candidate", "Explanation", "Level", "Lookup", "Verifier", "ambiguous", "explain", "last_lookup",
            "record"]

@@ -8,7 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 from cachelayers.backends import Backend, StoreItem
 from cachelayers.backends.base import BackendBusyError, ClearPrefixSupport, DeadlineSupport
-from cachelayers.engines.breaker import CircuitBreaker
+from cachelayers.breaker import CircuitBreaker
 from cachelayers.errors import BackendError
 from cachelayers.metrics import StateLog, TierStats
 from cachelayers.settings import Settings

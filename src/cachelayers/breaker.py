@@ -1,4 +1,4 @@
-"""A circuit breaker per tier: stop calling a failing tier for a while, then probe it once."""
+"""A circuit breaker per tier and per shared vector store: stop calling a failing one a while, then probe once."""
 
 from __future__ import annotations
 
