@@ -251,6 +251,13 @@ async def test_an_unkeyable_partition_argument_raises_a_type_error_naming_it() -
 # -- configuration errors --------------------------------------------------------------------------------------
 
 
+def test_a_numpy_threshold_and_margin_are_taken() -> None:
+    options: dict[str, Any] = {"threshold": np.float32(0.9), "margin": np.float64(0.05)}  # e.g. read from a config
+    fn = semantic_cached(**options)(_noop)
+    assert fn.cache.threshold == pytest.approx(0.9)
+    assert fn.cache.margin == 0.05
+
+
 @pytest.mark.parametrize("threshold", [-0.01, 1.01, math.nan, math.inf, True, "0.9"])
 def test_a_threshold_outside_0_1_is_a_config_error_at_decoration(threshold: Any) -> None:
     with pytest.raises(ConfigError, match="threshold"):

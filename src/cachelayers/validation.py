@@ -51,12 +51,13 @@ def optional_positive_int(value: object, field: str) -> int | None:
 
 
 def similarity(value: object, field: str = "threshold") -> float:
-    """Return ``value`` as a float in [0, 1] (a cosine similarity threshold).
+    """Return ``value`` (a Python or numpy number, not a bool) as a float in [0, 1] (a cosine similarity).
 
     Raises:
-        ConfigError: ``value`` is not a number in [0, 1].
+        ConfigError: ``value`` is not a number in [0, 1] (NaN is not).
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+    if (isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating)
+            or not 0.0 <= float(value) <= 1.0):
         raise ConfigError(field, value, "expected a similarity in [0, 1]")
     return float(value)
 
