@@ -56,7 +56,7 @@ async def test_entries_survive_a_restart(tmp_path: Path) -> None:
         await ask(q)
     await ask(QUESTIONS[0], tenant="other")
     await ask.aclose()
-    assert suffixes(tmp_path) == [".sqlite", ".usearch"]
+    assert suffixes(tmp_path) == [".lock", ".sqlite", ".usearch"]  # the lock file stays: it is not held
 
     again = make(tmp_path)
     with explain() as info:
@@ -74,7 +74,7 @@ async def test_a_restart_without_a_snapshot_rebuilds_the_graph_from_the_rows(tmp
         await ask(q)
     store = ask.cache._store
     assert isinstance(store.persistence, DiskStore)
-    store.persistence._file.close()  # no snapshot was ever written (save_every is 1000)
+    await store.persistence.aclose()  # no snapshot was ever written (save_every is 1000)
     ask.cache._store = None
     assert ".usearch" not in suffixes(tmp_path)
     again = make(tmp_path)

@@ -7,17 +7,24 @@ every partition's graph with the ``(key, seq)`` of each vector. On load
 ``(key, seq)`` has no such row is dropped, a row missing from the snapshot is added from its sealed vector, and
 a snapshot that fails its check is not used at all (the graphs are built from the rows).
 
+A directory serves one process: `hold_directory` takes an exclusive ``flock`` on ``cachelayers-semantic.lock``
+in it for as long as a store of the process has files there, and refuses when another process holds it. A
+SQLite file that SQLite reports as corrupt is moved aside (`move_aside`) rather than failing every call.
+
 Files are created readable by their owner only (0600; SQLite gives its ``-wal`` and ``-shm`` files the mode
 of the database), directories 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import struct
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -26,13 +33,15 @@ import numpy as np
 
 from cachelayers.backends.vectors.index import atomic_write
 from cachelayers.codec import Codec
-from cachelayers.errors import SerializationError
+from cachelayers.errors import BackendError, SerializationError
 
-__all__ = ["EntryRow", "PartitionSnapshot", "PayloadFile", "private_directory", "private_file", "read_snapshot",
-           "write_snapshot"]
+__all__ = ["LOCK_NAME", "EntryRow", "PartitionSnapshot", "PayloadFile", "hold_directory", "is_corrupt", "move_aside",
+           "private_directory", "private_file", "read_snapshot", "release_directory", "write_snapshot"]
 
 _MAGIC: Final = b"CLSEMIX1"
 _LENGTH: Final = struct.Struct("<Q")
+LOCK_NAME: Final = "cachelayers-semantic.lock"
+_CORRUPT: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 def private_directory(path: Path) -> None:
@@ -48,6 +57,109 @@ def private_file(path: Path) -> None:
     except FileExistsError:
         return
     os.close(fd)
+
+
+class _Hold:
+    """This process's lock on one directory: the open lock file and the stores (file names) using it."""
+
+    __slots__ = ("fd", "names")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.names: set[str] = set()
+
+
+_holds: dict[str, _Hold] = {}
+_holds_lock = threading.Lock()
+
+
+def hold_directory(directory: Path, name: str) -> None:
+    """Take this process's exclusive lock on ``directory`` for the store whose files are named ``name``.
+
+    The lock is a ``flock`` on `LOCK_NAME`, taken without waiting and held until the last store of the process
+    in the directory calls `release_directory` (or the process ends).
+
+    Raises:
+        BackendError: Another process holds the directory, or a store of this process has the files ``name``
+            open already.
+        OSError: The directory or the lock file cannot be created.
+    """
+    private_directory(directory)
+    where = os.path.realpath(directory)
+    with _holds_lock:
+        held = _holds.get(where)
+        if held is None:
+            held = _holds[where] = _Hold(_lock(directory / LOCK_NAME))
+        elif name in held.names:
+            raise BackendError(f"the semantic store {name} in {directory} is open already in this process (two "
+                               "functions with one name?): close the other one first (await fn.aclose())")
+        held.names.add(name)
+
+
+def release_directory(directory: Path, name: str) -> None:
+    """Undo `hold_directory` (nothing if not held); the lock goes with the process's last store there."""
+    where = os.path.realpath(directory)
+    with _holds_lock:
+        held = _holds.get(where)
+        if held is None or name not in held.names:
+            return
+        held.names.discard(name)
+        if not held.names:
+            del _holds[where]
+            os.close(held.fd)  # releases the lock
+
+
+if sys.platform != "win32":
+    import fcntl
+
+    def _lock(path: Path) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise BackendError(
+                f"the semantic store directory {path.parent} is in use by another process (pid {holder}): a "
+                "usearch:// directory serves one process; give each process its own directory, or share the "
+                "entries between processes with redis://") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message of the process refused
+        return fd
+
+    def _forget_inherited_holds() -> None:
+        """After a fork: the parent's locks are not the child's. Closing the inherited descriptors keeps the
+        parent's lock (it holds its own) and lets the child lock the directory once the parent lets go."""
+        for held in _holds.values():
+            os.close(held.fd)
+        _holds.clear()
+
+    os.register_at_fork(after_in_child=_forget_inherited_holds)
+else:  # pragma: no cover - no flock on Windows, where an open database file cannot be opened twice anyway
+
+    def _lock(path: Path) -> int:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file is damaged or is not a database (not busy, full or unreadable)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPT
+
+
+def move_aside(path: Path) -> Path:
+    """Rename the SQLite file ``path`` and its ``-wal`` and ``-shm`` files to ``<path>.corrupt-<time>`` (the
+    log and index follow, so the copy opens as it was); return the new path of the file."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() // 1000 % 10**6:06d}"
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path.with_name(path.name + suffix), target.with_name(target.name + suffix))
+    return target
 
 
 class EntryRow(NamedTuple):
@@ -75,15 +187,32 @@ class PayloadFile:
         private_file(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # WAL with synchronous=NORMAL: a commit survives a killed process (the WAL is in the OS's hands);
-        # only a power cut can lose the last commits, and then rows and snapshot are reconciled on load.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS entries (key INTEGER PRIMARY KEY, seq INTEGER NOT NULL, "
-            "partition BLOB NOT NULL, text TEXT NOT NULL, expires_at REAL, vector BLOB NOT NULL, "
-            "value BLOB NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        try:
+            # WAL with synchronous=NORMAL: a commit survives a killed process (the WAL is in the OS's hands);
+            # only a power cut can lose the last commits, and then rows and snapshot are reconciled on load.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS entries (key INTEGER PRIMARY KEY, seq INTEGER NOT NULL, "
+                "partition BLOB NOT NULL, text TEXT NOT NULL, expires_at REAL, vector BLOB NOT NULL, "
+                "value BLOB NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def check(self) -> None:
+        """Check every page of the file (SQLite's ``quick_check``).
+
+        Raises:
+            sqlite3.DatabaseError: The file is damaged (`is_corrupt` holds for it).
+        """
+        with self._lock:
+            found = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        if found != ["ok"]:
+            exc = sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(found)[:200]}")
+            exc.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+            raise exc
 
     def meta(self) -> dict[str, str]:
         """The metadata stored with the entries (embedder, dimension, ...)."""

@@ -4,16 +4,23 @@ The file of rows is the truth; the snapshot only saves rebuilding the graphs on 
 with the rows when loaded (see `cachelayers.backends.vectors.disk_files`). Every row is sealed with its
 partition, text, vector and expiry, bound to its key and sequence number, and checked before it is findable
 (see `cachelayers.backends.vectors.sealing`); the snapshot is sealed too.
+
+A directory serves one process (`cachelayers.backends.vectors.disk_files.hold_directory`): a store that finds
+it held by another process does not open. A file SQLite reports as damaged is moved aside and the store
+goes on empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeVar
 
 import anyio
 import numpy as np
@@ -24,8 +31,12 @@ from cachelayers.backends.vectors.disk_files import (
     EntryRow,
     PartitionSnapshot,
     PayloadFile,
+    hold_directory,
+    is_corrupt,
+    move_aside,
     private_directory,
     read_snapshot,
+    release_directory,
     write_snapshot,
 )
 from cachelayers.backends.vectors.index import VectorIndex
@@ -39,10 +50,16 @@ from cachelayers.workers import start_worker
 __all__ = ["DiskStore"]
 
 _ROW_FORMAT = "2"  # rows sealed with partition, text, vector and expiry; files of format 1 are emptied
+_SAME_VECTOR: Final = 0.999  # cosine above which a snapshot's quantized vector is the row's (f32: equal)
+_INHERITED: list[PayloadFile] = []  # files a forked child got from its parent: never used nor closed there
+
+T = TypeVar("T")
 
 
 class DiskStore:
     """A `VectorPersistence` in a directory: ``<name>.sqlite`` (the rows) and ``<name>.usearch`` (snapshots).
+
+    The directory belongs to one process while a store is open in it (see the module docstring).
 
     Args:
         url: The ``usearch:///dir`` URL; its option ``save_every`` (writes between snapshots, 1000).
@@ -69,6 +86,9 @@ class DiskStore:
         self._replica: Replica | None = None
         self._writes = 0
         self._file: Any = None
+        self._held = False
+        self._pid: int | None = None  # the process that opened the files
+        self._stored_ndim: int | None = None  # the dimension the file's metadata names
         self._saving: threading.Thread | None = None
         self._save_lock = threading.Lock()
 
@@ -85,25 +105,43 @@ class DiskStore:
         return f"semsnap:{self.embedder}:{self.base.name}"
 
     def usable(self) -> bool:
-        """Always: files are not bound to an event loop."""
-        return True
+        """Unless this process is a fork of the one that opened the files: they are the parent's."""
+        return self._pid is None or self._pid == os.getpid()
+
+    def _forked(self) -> bool:
+        return self._pid is not None and self._pid != os.getpid()
 
     async def sync(self) -> None:
         """Nothing to do: one process writes the directory."""
 
     async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
-        """Load the entries and graphs saved for this function into ``replica``."""
+        """Take the directory (`hold_directory`) and load the entries and graphs saved for this function into
+        ``replica``.
+
+        Raises:
+            BackendError: Another process holds the directory, or this process has these files open already.
+        """
         self._replica = replica
         self.embedder = embedder
         self.options = options
+        hold_directory(self.directory, self.base.name)  # never waits: a held directory fails at once
+        self._held = True
+        self._pid = os.getpid()
         return await anyio.to_thread.run_sync(self._load, replica, ndim)
 
-    def _open_file(self) -> dict[str, str]:
+    def _open_file(self, replica: Replica) -> dict[str, str]:
         private_directory(self.directory)
         for stale in self.directory.glob(f".{self.base.name}.usearch.*.tmp"):
             stale.unlink(missing_ok=True)  # a snapshot whose writer died before the rename
-        self._file = PayloadFile(self._path(".sqlite"))
-        meta: dict[str, str] = self._file.meta()
+        try:
+            self._file = PayloadFile(self._path(".sqlite"))
+            self._file.check()
+            meta: dict[str, str] = self._file.meta()
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise
+            self._set_aside(replica, exc)
+            meta = {}
         if meta and meta.get("rows") != _ROW_FORMAT:
             self.log.failure(f"semantic store {self.base.name}", "stored entries have an older format: dropping them")
             self._file.clear()
@@ -117,21 +155,60 @@ class DiskStore:
             meta = {}
         return meta
 
+    def _set_aside(self, replica: Replica, exc: sqlite3.DatabaseError) -> None:
+        """Move the damaged SQLite file aside (`move_aside`) and go on with an empty one; count and log it."""
+        if self._file is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._file.close()
+            self._file = None
+        moved = move_aside(self._path(".sqlite"))
+        self._file = PayloadFile(self._path(".sqlite"))
+        self._stored_ndim = None
+        replica.forget_all()
+        replica.corrupt(1, f"semantic store file {self.base.name}",
+                        IntegrityError(f"{exc}: moved to {moved.name}, the store starts empty"))
+
+    def _on_file(self, op: Callable[[PayloadFile], T]) -> T:
+        """``op(file)``; when SQLite reports the file damaged, it is set aside and ``op`` runs on an empty one."""
+        try:
+            return op(self._file)
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc) or self._replica is None:
+                raise
+            self._set_aside(self._replica, exc)
+        self._save_meta(self._replica.ndim)
+        return op(self._file)
+
+    def _save_meta(self, ndim: int | None) -> None:
+        self._file.set_meta(self._meta(ndim))
+        self._stored_ndim = ndim
+
     def _load(self, replica: Replica, ndim: int | None) -> Loaded:
-        meta = self._open_file()
+        meta = self._open_file(replica)
         stored_ndim = int(meta["ndim"]) if meta.get("ndim") else None
         if ndim is None:
             ndim = stored_ndim
         elif stored_ndim is not None and stored_ndim != ndim:
+            self.log.failure(f"semantic store {self.base.name}",
+                             f"stored entries have dimension {stored_ndim}, the embedder's is {ndim}: dropping them")
             self._file.clear()
-        last_seq = self._file.max_seq()
+        snapshot = read_snapshot(self._path(".usearch"), self.codec, self._snapshot_binding())
+        # New entries number after every one the snapshot names, even if its rows are gone: a snapshot never
+        # vouches for a (key, seq) that was handed out again.
+        last_seq = max(self._file.max_seq(), max((int(item.seqs.max()) for item in snapshot[1] if len(item.seqs)),
+                                                 default=0) if snapshot is not None else 0)
         rows = self._live_rows(replica)
         if rows and ndim is None:
             ndim = len(rows[0].vector) // 4
-        graphs = self._graphs(rows, ndim) if ndim is not None else {}
+        if ndim is not None:
+            other = [r.key for r in rows if len(r.vector) != 4 * ndim]
+            if other:  # written with another dimension (the metadata was lost): never compared
+                self._file.delete(other)
+                rows = [r for r in rows if len(r.vector) == 4 * ndim]
+        graphs = self._graphs(rows, ndim, snapshot) if ndim is not None else {}
         replica.adopt([StoredRow(r.key, r.seq, r.partition, r.text, r.expires_at,
                                  np.frombuffer(r.vector, dtype=np.float32)) for r in rows], graphs)
-        self._file.set_meta(self._meta(ndim))
+        self._save_meta(ndim)
         return Loaded(ndim, last_seq)
 
     def _checked_rows(self, replica: Replica) -> list[EntryRow]:
@@ -180,11 +257,12 @@ class DiskStore:
             self._file.delete(stale)
         return sorted(newest.values(), key=lambda r: r.seq)
 
-    def _snapshot_graphs(self, wanted: set[tuple[int, int]], ndim: int) -> dict[bytes, VectorIndex]:
-        snapshot = read_snapshot(self._path(".usearch"), self.codec, self._snapshot_binding())
+    def _snapshot_graphs(self, rows: Sequence[EntryRow], ndim: int,
+                         snapshot: tuple[dict[str, str], list[PartitionSnapshot]] | None) -> dict[bytes, VectorIndex]:
         graphs: dict[bytes, VectorIndex] = {}
         if snapshot is None or snapshot[0].get("embedder") != self.embedder:
             return graphs
+        wanted = {(r.key, r.seq): r for r in rows}
         for item in snapshot[1]:
             try:
                 index = VectorIndex.from_bytes(item.graph, dtype=self.options.dtype)
@@ -197,14 +275,31 @@ class DiskStore:
                         if (int(k), int(s)) not in wanted]
             index.remove_many(outdated)
             present = set(index.keys().tolist())
-            listed = {int(k) for k in item.keys.tolist()}
-            index.remove_many(present - listed)  # a vector the snapshot does not vouch for
+            listed = {int(k): int(s) for k, s in zip(item.keys.tolist(), item.seqs.tolist(), strict=True)}
+            index.remove_many(present - set(listed))  # a vector the snapshot does not vouch for
+            index.remove_many(self._other_vectors(index, [wanted[k, listed[k]] for k in present & set(listed)
+                                                          if (k, listed[k]) in wanted]))
             graphs[item.partition] = index
         return graphs
 
-    def _graphs(self, rows: Sequence[EntryRow], ndim: int) -> dict[bytes, VectorIndex]:
+    def _other_vectors(self, index: VectorIndex, rows: Sequence[EntryRow]) -> list[int]:
+        """The keys of ``rows`` whose vector in ``index`` is not the row's (the row is the truth)."""
+        if not rows:
+            return []
+        held = index.get([r.key for r in rows])
+        truth = np.stack([np.frombuffer(r.vector, dtype=np.float32) for r in rows])
+        if index.dtype == "f32":
+            same = np.all(held == truth, axis=1)
+        else:
+            held64, truth64 = held.astype(np.float64), truth.astype(np.float64)
+            norms = np.linalg.norm(held64, axis=1) * np.linalg.norm(truth64, axis=1)
+            same = np.einsum("ij,ij->i", held64, truth64) >= _SAME_VECTOR * np.where(norms > 0, norms, np.inf)
+        return [r.key for r, ok in zip(rows, same.tolist(), strict=True) if not ok]
+
+    def _graphs(self, rows: Sequence[EntryRow], ndim: int,
+                snapshot: tuple[dict[str, str], list[PartitionSnapshot]] | None) -> dict[bytes, VectorIndex]:
         """Every partition's graph: the snapshot's, reconciled with the rows, else built from them."""
-        graphs = self._snapshot_graphs({(r.key, r.seq) for r in rows}, ndim)
+        graphs = self._snapshot_graphs(rows, ndim, snapshot)
         by_partition: dict[bytes, list[EntryRow]] = {}
         for row in rows:
             by_partition.setdefault(row.partition, []).append(row)
@@ -230,13 +325,13 @@ class DiskStore:
 
     async def read(self, entry: EntryRef) -> Any:
         """Read and check the payload of ``entry`` from the SQLite file; `GONE` when it is not there."""
-        blob = self._file.value(entry.key, entry.seq)
+        blob = self._on_file(lambda file: file.value(entry.key, entry.seq))
         if blob is None:
             return GONE
         try:
             return self.codec.open(self._storage_key(entry.key, entry.seq), blob).value
         except IntegrityError as exc:
-            self._file.delete([entry.key])
+            self._on_file(lambda file: file.delete([entry.key]))
             if self._replica is not None:
                 self._replica.forget(entry.key)
                 self._replica.corrupt(1, f"semantic store {self.base.name}", exc)
@@ -250,8 +345,8 @@ class DiskStore:
         """Write the row of ``entry`` and delete the rows of ``evict``, in one transaction."""
         blob = self.codec.seal(self._storage_key(entry.key, entry.seq), value, entry.expires_at)
         ndim = self._replica.ndim if self._replica is not None else None
-        if ndim is not None and not self._file.meta().get("ndim"):
-            self._file.set_meta(self._meta(ndim))
+        if ndim is not None and ndim != self._stored_ndim:
+            self._on_file(lambda file: self._save_meta(ndim))
         sealed = seal_row(self.codec, self._row_binding(entry.key, entry.seq), entry.partition, entry.text, vector,
                           entry.expires_at)
         # With encryption the plain columns say nothing: the sealed row is the only place of partition and text.
@@ -259,13 +354,13 @@ class DiskStore:
         row = EntryRow(entry.key, entry.seq, b"" if encrypted else entry.partition, "" if encrypted else entry.text,
                        entry.expires_at, sealed, blob)
         removed = [e.key for e in evict]
-        self._file.write(row, removed)
+        self._on_file(lambda file: file.write(row, removed))
         self._wrote(1 + len(evict))
         return Appended(entry.key, removed)
 
     async def remove(self, entries: Sequence[EntryRef]) -> None:
         """Delete the rows of ``entries``."""
-        self._file.delete([e.key for e in entries])
+        self._on_file(lambda file: file.delete([e.key for e in entries]))
         self._wrote(len(entries))
 
     def _wrote(self, count: int) -> None:
@@ -291,7 +386,7 @@ class DiskStore:
 
     async def save(self) -> None:
         """Write a snapshot of every graph now (atomically) and wait for it."""
-        if self._file is None:
+        if self._file is None or self._forked():
             return
         if self._saving is not None:
             await anyio.to_thread.run_sync(self._saving.join)
@@ -301,12 +396,22 @@ class DiskStore:
 
     async def clear(self) -> None:
         """Delete every row and write an empty snapshot."""
-        if self._file is not None:
-            self._file.clear()
+        if self._file is not None and not self._forked():
+            self._on_file(lambda file: file.clear())
+            self._save_meta(None)  # the next entry's dimension is the one to keep
             await self.save()
 
     async def aclose(self) -> None:
-        """Close the file (the store saved a snapshot first)."""
+        """Close the file (the store saved a snapshot first) and let go of the directory."""
+        if self._forked():  # the parent's connection and lock: closing them here could touch its files
+            if self._file is not None:
+                _INHERITED.append(self._file)
+            self._file = None
+            self._held = False
+            return
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._held:
+            self._held = False
+            release_directory(self.directory, self.base.name)
