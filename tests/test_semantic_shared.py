@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -274,6 +275,38 @@ async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(s
     client.close()
     await slow.aclose()
     await other.aclose()
+
+
+class Resized:
+    """One embedder name, two models: vectors of ``ndim`` from the words (same words, same vector)."""
+
+    name = "shared.resized"
+
+    def __init__(self, ndim: int) -> None:
+        self.size = ndim
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        rows = [np.random.default_rng(sum(map(ord, " ".join(sorted(t.casefold().strip("?").split())))))
+                .standard_normal(self.size) for t in texts]
+        return np.asarray(rows, dtype=np.float32)
+
+
+async def test_processes_on_two_dimensions_of_one_embedder_keep_their_own_entries(shared_url: str) -> None:
+    """A rolling upgrade of the model under one name: each process compares only vectors of its dimension, and
+    none wipes the other's entries."""
+    old = make(shared_url, sync_interval=0, embed=Resized(16), cache_embeddings=False)
+    await old(QUESTIONS[0])
+    new = make(shared_url, sync_interval=0, embed=Resized(32), cache_embeddings=False)
+    with explain() as info:
+        await new(QUESTIONS[0] + "?")  # the old entry is never compared: computed, and stored at 32
+        await new(QUESTIONS[0])
+        await old(QUESTIONS[0] + "?")  # the old process still has its own, and skips the new one
+    assert [lookup.level for lookup in info] == ["computed", "semantic", "semantic"]
+    assert new.cache_info().embed_errors == old.cache_info().embed_errors == 0
+    assert {e.text for e in replica(new).entries.values()} == {QUESTIONS[0] + "?"}
+    assert {e.text for e in replica(old).entries.values()} == {QUESTIONS[0]}
+    await old.aclose()
+    await new.aclose()
 
 
 async def test_ttl_is_absolute_in_shared_mode(shared_url: str) -> None:

@@ -207,8 +207,6 @@ class SemanticFunction(Generic[P, T]):
                     except Exception as exc:  # the open failure is the one to report
                         self.log.failure(f"closing the semantic store of {self.identity}", exc)
                 raise
-            if new.ndim is not None and self._ndim is None:
-                self._ndim = new.ndim
             self._store, self._store_url = new, url
             return new
         finally:
@@ -415,8 +413,8 @@ class SemanticFunction(Generic[P, T]):
         log = self.log
         log.recovered(self._whats.embedder)
         try:
-            if store.ndim is None:
-                store.ndim = int(vector.shape[0])
+            if store.ndim != vector.shape[0]:
+                await store.fit_dimension(int(vector.shape[0]))
             candidates = store.find_similar(partition, vector, self.max_candidates)
         except Exception as exc:
             self.stats.index_errors += 1
@@ -534,8 +532,8 @@ class SemanticFunction(Generic[P, T]):
             vectors = await embed(self._embedder, [text for text, _, _ in chunk], self._ndim)
             if self._ndim is None:
                 self._ndim = int(vectors.shape[1])
-            if store.ndim is None:
-                store.ndim = self._ndim
+            if store.ndim != self._ndim:
+                await store.fit_dimension(self._ndim)
             expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
             for (text, value, partition), vector in zip(chunk, vectors, strict=True):
                 if await store.insert(partition, text, np.array(vector, dtype=np.float32), value, expires_at):

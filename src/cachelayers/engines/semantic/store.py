@@ -144,6 +144,19 @@ class SemanticStore:
             self._free = [k for k in range(self._next_key) if k not in self.entries]
             heapq.heapify(self._free)
 
+    async def fit_dimension(self, ndim: int) -> None:
+        """Take the dimension the embedder returns: entries of another one (a new model under the same name)
+        are dropped, never compared. Shared, only this process's replica forgets them (processes still on the
+        old model keep theirs, and this one never adopts a row of the other dimension)."""
+        if self.ndim is not None and self.ndim != ndim:
+            self.log.failure(f"semantic entries of dimension {self.ndim}", f"the embedder returns {ndim} now: "
+                             "dropping them")
+            if self._shared:
+                self.forget_all()
+            else:
+                await self.clear()
+        self.ndim = ndim
+
     def usable(self) -> bool:
         """Whether the store can serve on the running event loop (a shared store's client is bound to one)."""
         return self.persistence is None or self.persistence.usable()
