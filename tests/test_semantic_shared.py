@@ -277,6 +277,52 @@ async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(s
     await other.aclose()
 
 
+async def test_prefill_stores_after_a_clear_and_a_clear_during_a_computation_wins_over_a_flush(
+        shared_url: str) -> None:
+    a = make(shared_url, sync_interval=0)
+    b = make(shared_url, sync_interval=0)
+    await a.invalidate_all()
+    await a.invalidate_all()  # the count of clears is 2
+    assert await a.prefill([(QUESTIONS[0], {"q": "known answer", "tenant": "t"})]) == 1
+    assert await b(QUESTIONS[0] + "?") == {"q": "known answer", "tenant": "t"}
+
+    release = anyio.Event()
+
+    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
+    async def slow(question: str, tenant: str = "t") -> dict[str, str]:
+        await release.wait()
+        return {"q": question, "tenant": tenant, "data": "old"}
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow, QUESTIONS[1])
+        await anyio.wait_all_tasks_blocked()
+        flush(shared_url)  # Redis loses its keys: the count of clears starts again, below slow's
+        await b.invalidate_all()
+        release.set()
+    with explain() as info:
+        assert await b(QUESTIONS[1]) == {"q": QUESTIONS[1], "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "computed"  # slow's old answer was dropped, though the count went 2 -> 1
+    for fn in (a, b, slow):
+        await fn.aclose()
+
+
+async def test_a_replica_that_has_not_synced_since_a_clear_stores_again_after_its_first_dropped_insert(
+        shared_url: str) -> None:
+    lagging = make(shared_url, sync_interval=3600)
+    other = make(shared_url, sync_interval=0)
+    await lagging("open lagging")
+    await other.invalidate_all()
+    await lagging(QUESTIONS[0])  # began before it knew of the clear: dropped, and it syncs at its next call
+    await lagging(QUESTIONS[1])
+    with explain() as info:
+        assert await other(QUESTIONS[1]) == {"q": QUESTIONS[1], "tenant": "t"}
+    assert info.last is not None
+    assert info.last.level == "exact"
+    await lagging.aclose()
+    await other.aclose()
+
+
 class Resized:
     """One embedder name, two models: vectors of ``ndim`` from the words (same words, same vector)."""
 

@@ -63,9 +63,10 @@ class EntryRef(Protocol):
         ...
 
     @property
-    def stamp(self) -> int:
-        """The storage's count of clears when the computation the entry holds began (a shared storage drops an
-        entry whose computation began before a clear, rather than keep what the clear meant to remove)."""
+    def stamp(self) -> object:
+        """What the storage told of its clears when the computation the entry holds began (its ``clears``; a
+        shared storage drops an entry whose computation began before a clear, rather than keep what the clear
+        meant to remove), or ``None`` for no check."""
         ...
 
 

@@ -71,14 +71,16 @@ end
 return removed
 """
 
-# The function's slot: the change log (KEYS[1]), the live ids by expiry (KEYS[2]), their partitions (KEYS[3]) and
-# the count of clears (KEYS[4]). ARGV: maxlen, now, partition, added id ('' for none), its expiry, the clears its
-# writer knew when its computation began ('' for none), then removed ids. An added id whose computation began
-# before a clear is not logged (no replica ever finds it) and 1 is returned: the writer then deletes it.
+# The function's slot: the change log (KEYS[1]), the live ids by expiry (KEYS[2]), their partitions (KEYS[3]), the
+# count of clears (KEYS[4]) and the epoch (KEYS[5]). ARGV: maxlen, now, partition, added id ('' for none), its
+# expiry, the clears and the epoch its writer knew when its computation began ('' for no check), then removed
+# ids. An added id whose computation began before a clear (or before Redis lost its keys: another epoch) is not
+# logged (no replica ever finds it) and 1 is returned: the writer then deletes it.
 _LOG = """
 local maxlen, part, added = ARGV[1], ARGV[3], ARGV[4]
 local stale = 0
-if added ~= '' and ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[4]) or '0') > tonumber(ARGV[6]) then
+if added ~= '' and ARGV[6] ~= '' and (redis.call('GET', KEYS[5]) ~= ARGV[7]
+    or tonumber(redis.call('GET', KEYS[4]) or '0') > tonumber(ARGV[6])) then
   stale = 1
   added = ''
 end
@@ -87,7 +89,7 @@ if added ~= '' then
   redis.call('HSET', KEYS[3], added, part)
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'a', 'id', added, 'p', part)
 end
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   redis.call('ZREM', KEYS[2], ARGV[i])
   redis.call('HDEL', KEYS[3], ARGV[i])
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'op', 'd', 'id', ARGV[i], 'p', part)
@@ -217,7 +219,7 @@ class RedisVectorStore:
         self._insert: Any = None
         self._remove: Any = None
         self._log: Any = None
-        self._log_keys = [f"{base}log", f"{base}all", f"{base}where", f"{base}clears"]
+        self._log_keys = [f"{base}log", f"{base}all", f"{base}where", f"{base}clears", f"{base}epoch"]
         self._next_id: Any = None
         self._epoch: Any = None
 
@@ -266,10 +268,11 @@ class RedisVectorStore:
     @_gated
     async def insert(self, id_: int, partition: str, text: str, row: bytes, payload: bytes,
                      expires_at_ms: int | None, now_ms: int, capacity: int,
-                     replace: int | None, stamp: int | None = None) -> tuple[int, list[int], bool]:
+                     replace: int | None, stamp: tuple[str | None, int] | None = None,
+                     ) -> tuple[int, list[int], bool]:
         """Store entry ``id_`` (from `next_id`), evict beyond ``capacity``; return its id, the evicted ids and
-        whether it was dropped again because the entries were cleared after ``stamp`` (the clears its writer
-        knew when its computation began)."""
+        whether it was dropped again because the entries were cleared after ``stamp`` (the epoch and the clears
+        its writer knew when its computation began; ``None``: no check)."""
         _ = self.client
         pbase = self.partition_base(partition)
         expires = "" if expires_at_ms is None else str(expires_at_ms)
@@ -277,9 +280,9 @@ class RedisVectorStore:
             f"{pbase}e:", partition, text, row, expires, str(now_ms), str(capacity),
             "" if replace is None else str(replace), str(id_), payload])
         removed = [int(v) for v in evicted]
+        count, epoch = ("", "") if stamp is None else (str(stamp[1]), stamp[0] or "")
         stale = await self._log(keys=self._log_keys, args=[
-            str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, "" if stamp is None else str(stamp),
-            *map(str, removed)])
+            str(self.stream_maxlen), str(now_ms), partition, str(id_), expires, count, epoch, *map(str, removed)])
         if stale:  # never logged, so no replica knows it: only its keys are left to delete
             await self._remove(keys=[f"{pbase}p"], args=[f"{pbase}e:", str(id_)])
         return id_, removed, bool(stale)
@@ -299,7 +302,7 @@ class RedisVectorStore:
             pbase = self.partition_base(partition)
             removed += int(await self._remove(keys=[f"{pbase}p"], args=[f"{pbase}e:", *ids]))
             await self._log(keys=self._log_keys, args=[
-                str(self.stream_maxlen), now, partition, "", "", "", *ids])
+                str(self.stream_maxlen), now, partition, "", "", "", "", *ids])
         return removed
 
     @_gated

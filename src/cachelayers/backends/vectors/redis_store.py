@@ -74,8 +74,7 @@ class RedisStore:
         self._last_event = "0-0"
         self._seen = 0  # changes ever logged up to and including _last_event
         self._epoch: str | None = None  # the epoch of the keys the replica was loaded from
-        self.clears = 0
-        """How many times the entries were cleared, as of the last sync (see `SemanticStore.clears`)."""
+        self._clears = 0  # how many times the entries were cleared, as of the last sync
         self._synced_at = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._syncing = False
@@ -104,6 +103,13 @@ class RedisStore:
         digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         return f"{self.redis.base}val:{id_}:{partition.hex()}:{digest}"
 
+    @property
+    def clears(self) -> tuple[str | None, int]:
+        """The epoch and the count of clears as of the last sync (see `SemanticStore.clears`): an insert whose
+        computation began before a clear, or before Redis lost its keys (whose count then starts again), is
+        dropped."""
+        return self._epoch, self._clears
+
     async def open(self, replica: Replica, embedder: str, ndim: int | None, options: IndexOptions) -> Loaded:
         """Connect and load the replica from Redis."""
         self._replica = replica
@@ -121,7 +127,7 @@ class RedisStore:
         assert self._replica is not None
         self._replica.forget_all()
         self._epoch = await self.redis.epoch()
-        self.clears = await self.redis.cleared()
+        self._clears = await self.redis.cleared()
         self._last_event, self._seen = await self.redis.log_position()
         ids = await self.redis.live_ids(self._now_ms())
         await self._adopt([e for e in await self.redis.fetch(ids) if e is not None])
@@ -170,7 +176,7 @@ class RedisStore:
         self._syncing = True
         try:
             while True:
-                events, logged, epoch, self.clears = await self.redis.events(self._last_event, _BATCH)
+                events, logged, epoch, self._clears = await self.redis.events(self._last_event, _BATCH)
                 if epoch != self._epoch or logged < self._seen or (
                         len(events) < _BATCH and logged - self._seen > len(events)):
                     # Redis lost the keys the replica came from (restarted empty, flushed: ids start again), or
@@ -232,10 +238,13 @@ class RedisStore:
         payload = self.codec.seal_body(self._payload_binding(id_, entry.partition, entry.text), payload_body,
                                        entry.expires_at)
         row = seal_row(self.codec, self._row_binding(id_), entry.partition, entry.text, vector, entry.expires_at)
+        stamp = entry.stamp if isinstance(entry.stamp, tuple) else None
         id_, evicted, dropped = await self.redis.insert(
             id_, part_hex, "" if self.codec.encrypted else entry.text, row, payload,
             None if entry.expires_at is None else int(entry.expires_at * 1000), self._now_ms(), capacity,
-            evict[0].key if evict else None, entry.stamp)
+            evict[0].key if evict else None, stamp)
+        if dropped:  # cleared since: sync at the next lookup, so that new computations know it
+            self._synced_at = float("-inf")
         return Appended(id_, evicted, dropped)
 
     async def remove(self, entries: Sequence[EntryRef]) -> None:

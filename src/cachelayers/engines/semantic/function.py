@@ -466,7 +466,7 @@ class SemanticFunction(Generic[P, T]):
         return result
 
     async def _store_result(self, store: SemanticStore, text: str, partition: bytes, vector: np.ndarray,
-                            result: Any, began: tuple[int, int]) -> None:
+                            result: Any, began: tuple[int, object]) -> None:
         """Store ``result`` unless the cache was cleared since its computation began (``began``: this engine's
         clears and the store's, taken then): a clear removes what was computed before it, in flight or not."""
         if self._clears != began[0]:
@@ -524,10 +524,13 @@ class SemanticFunction(Generic[P, T]):
             return 0
         store = await self.store()
         await store.sync()
+        began = self._clears, store.clears  # a clear during the prefill removes what it stored before, and after
         ttl = self._ttl if self._ttl is not None else get_settings().default_ttl
         stored = 0
         size = self._batcher.max_size
         for start in range(0, len(rows), size):
+            if self._clears != began[0]:
+                break
             chunk = rows[start:start + size]
             vectors = await embed(self._embedder, [text for text, _, _ in chunk], self._ndim)
             if self._ndim is None:
@@ -536,7 +539,8 @@ class SemanticFunction(Generic[P, T]):
                 await store.fit_dimension(self._ndim)
             expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
             for (text, value, partition), vector in zip(chunk, vectors, strict=True):
-                if await store.insert(partition, text, np.array(vector, dtype=np.float32), value, expires_at):
+                if await store.insert(partition, text, np.array(vector, dtype=np.float32), value, expires_at,
+                                      began[1]):
                     stored += 1
         return stored
 

@@ -46,7 +46,7 @@ class Entry:
     __slots__ = ("expires_at", "key", "partition", "seq", "stamp", "text", "used", "value")
 
     def __init__(self, key: int, seq: int, partition: bytes, text: str, expires_at: float | None,
-                 value: Any, stamp: int = 0) -> None:
+                 value: Any, stamp: object = None) -> None:
         self.key = key
         self.seq = seq
         self.partition = partition
@@ -234,13 +234,13 @@ class SemanticStore:
     # -- writing ------------------------------------------------------------------------------------------
 
     @property
-    def clears(self) -> int:
-        """How many times the storage was cleared, as far as this process knows (0 unless shared): taken when a
-        computation begins and given to `insert`, so that a shared storage cleared meanwhile drops its result."""
-        return int(getattr(self.persistence, "clears", 0))
+    def clears(self) -> object:
+        """The storage's clears as far as this process knows (``None`` unless shared): taken when a computation
+        begins and given to `insert`, so that a shared storage cleared meanwhile drops its result."""
+        return getattr(self.persistence, "clears", None)
 
     async def insert(self, partition: bytes, text: str, vector: np.ndarray, value: Any,
-                     expires_at: float | None, stamp: int = 0) -> bool:
+                     expires_at: float | None, stamp: object = None) -> bool:
         """Store a computed call; return ``False`` when its value could not be stored (or, shared, was dropped
         because the storage was cleared after ``stamp``, its `clears` when the computation began).
 
