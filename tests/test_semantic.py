@@ -484,7 +484,7 @@ async def test_each_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
 
 
 async def test_a_computation_running_during_a_clear_stores_nothing() -> None:
-    release = anyio.Event()
+    started, release = anyio.Event(), anyio.Event()
     calls = 0
 
     @semantic_cached(threshold=0.9)
@@ -492,12 +492,13 @@ async def test_a_computation_running_during_a_clear_stores_nothing() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
+            started.set()
             await release.wait()
         return f"answer {calls} from the data as it was"
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ask, "what does the report say")
-        await anyio.wait_all_tasks_blocked()
+        await started.wait()
         await ask.invalidate_all()  # the data changed while the first call was computing
         release.set()
     with explain() as info:

@@ -252,17 +252,18 @@ async def test_a_reset_id_counter_never_gives_one_id_to_two_live_entries(shared_
 
 
 async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(shared_url: str) -> None:
-    release = anyio.Event()
+    started, release = anyio.Event(), anyio.Event()
 
     @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
     async def slow(question: str, tenant: str = "t") -> dict[str, str]:
+        started.set()  # the computation has begun (the store is open, the lookup missed)
         await release.wait()
         return {"q": question, "tenant": tenant, "data": "old"}
 
     other = make(shared_url, sync_interval=0)  # another process, over the same entries
     async with anyio.create_task_group() as tg:
         tg.start_soon(slow, QUESTIONS[0])
-        await anyio.wait_all_tasks_blocked()
+        await started.wait()
         await other.invalidate_all()  # the data changed while slow was computing
         release.set()
     with explain() as info:
@@ -286,16 +287,17 @@ async def test_prefill_stores_after_a_clear_and_a_clear_during_a_computation_win
     assert await a.prefill([(QUESTIONS[0], {"q": "known answer", "tenant": "t"})]) == 1
     assert await b(QUESTIONS[0] + "?") == {"q": "known answer", "tenant": "t"}
 
-    release = anyio.Event()
+    started, release = anyio.Event(), anyio.Event()
 
     @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
     async def slow(question: str, tenant: str = "t") -> dict[str, str]:
+        started.set()  # the computation has begun (the store is open, the lookup missed)
         await release.wait()
         return {"q": question, "tenant": tenant, "data": "old"}
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(slow, QUESTIONS[1])
-        await anyio.wait_all_tasks_blocked()
+        await started.wait()
         flush(shared_url)  # Redis loses its keys: the count of clears starts again, below slow's
         await b.invalidate_all()
         release.set()
