@@ -42,6 +42,44 @@ def test_the_parts_between_a_shared_beginning_and_end_are_what_differs() -> None
         " ".join(words[LONG_TEXT_WORDS:]), " ".join(other[LONG_TEXT_WORDS:]))
 
 
+def test_every_region_that_differs_is_in_the_parts() -> None:
+    a = "Today is 2024-05-01. " + CONTEXT + " Question: " + QUESTIONS[0]
+    b = "Today is 2024-05-02. " + CONTEXT + " Question: " + QUESTIONS[1]
+    assert differing_parts(a, b) == ("2024-05-01. " + QUESTIONS[0], "2024-05-02. " + QUESTIONS[1])
+    middle = CONTEXT.replace("item 20 ", "item 21 ")
+    assert differing_parts(CONTEXT, middle + " please") == ("20", "21 please")
+
+
+async def test_a_long_prompt_whose_header_and_question_both_differ_is_not_served() -> None:
+    @semantic_cached()
+    async def answer(prompt: str) -> str:
+        return prompt.rsplit("Question: ", 1)[1]
+
+    with explain() as info:
+        for user, question in zip(("Alice", "Bob", "Carol"), QUESTIONS, strict=False):
+            assert await answer(f"The user is {user}. {CONTEXT} Question: {question}") == question
+    assert [lookup.level for lookup in info] == ["computed"] * 3
+
+
+async def test_the_verifier_sees_long_texts_whole_when_only_case_or_punctuation_differs() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def case_sensitive(text: str, candidate: Candidate) -> bool:  # code: API_KEY is not api_key
+        seen.append((text, candidate.text))
+        return text == candidate.text
+
+    @semantic_cached(verifier=case_sensitive, threshold=0.9)
+    async def run(prompt: str) -> str:
+        return "ran " + prompt.rsplit(" ", 1)[1]
+
+    assert await run(CONTEXT + " print(API_KEY)") == "ran print(API_KEY)"
+    with explain() as info:
+        assert await run(CONTEXT + " print(api_key)") == "ran print(api_key)"
+    assert info.last is not None
+    assert info.last.level == "computed"
+    assert seen == [(CONTEXT + " print(api_key)", CONTEXT + " print(API_KEY)")]
+
+
 def test_parts_that_need_no_embedding_are_decided_at_once() -> None:
     assert parts_are_alike("", "") is True
     assert parts_are_alike("Covered?", "covered") is True

@@ -228,6 +228,12 @@ def test_a_text_longer_than_the_model_reads_is_embedded_in_windows(monkeypatch: 
     assert model.encoded[0][2] == "w16 w17 w18 w19 what is covered"
     assert emb(short).tolist() == model.encode(short).tolist()  # nothing long: one plain encode
 
+    capped = SentenceTransformerEmbedder(model, max_windows=2)
+    model.encoded.clear()
+    long_text = " ".join(f"x{i}" for i in range(8 * 5))  # five windows: the first and the last are embedded
+    capped([long_text])
+    assert model.encoded == [[" ".join(f"x{i}" for i in range(8)), " ".join(f"x{i}" for i in range(32, 40))]]
+
 
 async def test_the_model2vec_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
     class Static:

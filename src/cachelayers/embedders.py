@@ -43,6 +43,7 @@ import numpy as np
 
 from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
 from cachelayers.keys import function_identity
+from cachelayers.validation import positive_int
 from cachelayers.verifiers import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features, same_words
 
 __all__ = [
@@ -301,13 +302,15 @@ class SentenceTransformerEmbedder:
             ``margin``), if you measured one.
         default_verifier: The verifier used with ``default_threshold`` (see `semantic_cached`'s ``verifier``),
             e.g. a `PairVerifier`, if you measured one.
+        max_windows: The most windows of ``max_seq_length`` tokens a long text is embedded in (its beginning
+            and its end); 8 by default.
     """
 
     blocking = True
 
     def __init__(self, model: Any, *, batch_size: int = 64, device: str | None = None, name: str | None = None,
                  default_threshold: float | None = None, default_margin: float | None = None,
-                 default_verifier: Callable[[str, Any], Any] | None = None) -> None:
+                 default_verifier: Callable[[str, Any], Any] | None = None, max_windows: int = 8) -> None:
         _import("sentence_transformers", "sentence-transformers", "sentence-transformers")
         self._model: Any = None if isinstance(model, str | Path) else model
         self._source = str(model) if isinstance(model, str | Path) else None
@@ -319,6 +322,7 @@ class SentenceTransformerEmbedder:
         self.default_threshold = default_threshold
         self.default_margin = default_margin
         self.default_verifier = default_verifier
+        self.max_windows = positive_int(max_windows, "max_windows")
         self.ndim: int | None = None
 
     def _load(self) -> Any:
@@ -336,10 +340,12 @@ class SentenceTransformerEmbedder:
 
         A text longer than the model reads (``max_seq_length`` tokens: 256 word pieces for all-MiniLM-L6-v2) is
         embedded in windows of that length, and its vector is their mean weighted by length: truncated, two
-        texts that differ only after the first window would get the same vector.
+        texts that differ only after the first window would get the same vector. A text of more than
+        ``max_windows`` windows is embedded from its first and last ``max_windows / 2`` (a window takes about as
+        long as a short text: 8 windows of MiniLM about 2,000 word pieces).
         """
         model = self._load()
-        pieces, owners, weights = self._windows(model, texts)
+        pieces, owners, weights = self._windows(model, texts, self.max_windows)
         vectors = np.asarray(model.encode(pieces, batch_size=self.batch_size, convert_to_numpy=True,
                                           normalize_embeddings=True, show_progress_bar=False), dtype=np.float32)
         if len(pieces) == len(texts):
@@ -350,7 +356,7 @@ class SentenceTransformerEmbedder:
         return out.astype(np.float32)
 
     @staticmethod
-    def _windows(model: Any, texts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _windows(model: Any, texts: list[str], max_windows: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The texts to encode (a long text as its windows), the text each belongs to, and their token counts."""
         limit = getattr(model, "max_seq_length", None)
         tokenizer = getattr(model, "tokenizer", None)
@@ -369,7 +375,10 @@ class SentenceTransformerEmbedder:
                 owners.append(i)
                 weights.append(float(max(len(row), 1)))
                 continue
-            for start in range(0, len(row), size):
+            starts = list(range(0, len(row), size))
+            if len(starts) > max_windows:  # the beginning and the end: where instructions and questions are
+                starts = starts[:max_windows // 2] + starts[len(starts) - (max_windows - max_windows // 2):]
+            for start in starts:
                 window = row[start:start + size]
                 pieces.append(tokenizer.decode(window))
                 owners.append(i)

@@ -49,16 +49,18 @@ class Judge:
         """Whether the entry of text ``other`` (holding ``value``, at ``similarity``) may answer ``text``."""
         parts = differing_parts(text, other)  # long texts that share most words: judged by what differs
         if parts is not None:
-            if await self._parts_agree(parts, value):
-                return True
-            self._stats.difference_rejections += 1
-            return False
+            verdict = parts_are_alike(*parts)
+            if verdict is None:  # the differing words must ask alike on their own
+                verdict = await self._parts_agree(parts, value)
+                if verdict:
+                    return True  # the verifier, if any, judged the parts
+            if not verdict:
+                self._stats.difference_rejections += 1
+                return False
+        # case or punctuation apart the same texts, or short ones: the verifier, if any, sees them whole
         return self._verifier is None or await self._verify(text, other, value, similarity)
 
     async def _parts_agree(self, parts: tuple[str, str], value: Any) -> bool:
-        verdict = parts_are_alike(*parts)
-        if verdict is not None:
-            return verdict
         try:
             mine, theirs = await self._embed_text(parts[0]), await self._embed_text(parts[1])
         except EmbeddingError as exc:
