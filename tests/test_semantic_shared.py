@@ -251,14 +251,21 @@ async def test_a_reset_id_counter_never_gives_one_id_to_two_live_entries(shared_
     await b.aclose()
 
 
-async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(shared_url: str) -> None:
+def make_slow(url: str) -> tuple[Any, anyio.Event, anyio.Event]:
+    """A 'process' whose computation, of the data as it was, waits for ``release`` once it has ``started``."""
     started, release = anyio.Event(), anyio.Event()
 
-    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
+    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{url}?sync_interval=0")
     async def slow(question: str, tenant: str = "t") -> dict[str, str]:
         started.set()  # the computation has begun (the store is open, the lookup missed)
         await release.wait()
         return {"q": question, "tenant": tenant, "data": "old"}
+
+    return slow, started, release
+
+
+async def test_a_computation_that_began_before_a_clear_elsewhere_is_not_stored(shared_url: str) -> None:
+    slow, started, release = make_slow(shared_url)
 
     other = make(shared_url, sync_interval=0)  # another process, over the same entries
     async with anyio.create_task_group() as tg:
@@ -287,13 +294,7 @@ async def test_prefill_stores_after_a_clear_and_a_clear_during_a_computation_win
     assert await a.prefill([(QUESTIONS[0], {"q": "known answer", "tenant": "t"})]) == 1
     assert await b(QUESTIONS[0] + "?") == {"q": "known answer", "tenant": "t"}
 
-    started, release = anyio.Event(), anyio.Event()
-
-    @semantic_cached(threshold=0.8, name="shared.ask", vector_index=f"{shared_url}?sync_interval=0")
-    async def slow(question: str, tenant: str = "t") -> dict[str, str]:
-        started.set()  # the computation has begun (the store is open, the lookup missed)
-        await release.wait()
-        return {"q": question, "tenant": tenant, "data": "old"}
+    slow, started, release = make_slow(shared_url)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(slow, QUESTIONS[1])
