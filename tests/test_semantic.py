@@ -648,15 +648,19 @@ async def test_same_text_recomputed_after_expiry_replaces_the_entry(clock: FakeC
 # -- verifier ------------------------------------------------------------------------------------------------
 
 
-async def test_a_verifier_confirms_or_rejects_candidates_before_they_are_served() -> None:
+@pytest.mark.parametrize("plain", [False, True], ids=["async", "plain-function"])
+async def test_a_verifier_confirms_or_rejects_candidates_before_they_are_served(plain: bool) -> None:
     emb = AngleEmbedder()
     seen: list[tuple[str, Candidate]] = []
 
-    async def verifier(text: str, candidate: Candidate) -> bool:
+    def judge(text: str, candidate: Candidate) -> bool:
         seen.append((text, candidate))
         return not text.endswith("@15")
 
-    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def judge_async(text: str, candidate: Candidate) -> bool:
+        return judge(text, candidate)
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=judge if plain else judge_async)
     async def ask(question: str) -> str:
         return f"answer {question}"
 
@@ -673,6 +677,7 @@ async def test_a_verifier_confirms_or_rejects_candidates_before_they_are_served(
     assert candidate.value == "answer v@0"
     assert candidate.similarity == pytest.approx(math.cos(math.radians(10)), abs=1e-5)
     assert ask.cache_info().verifier_rejections >= 1
+    assert ask.cache_info().verifier_errors == 0  # a plain function's bool is not awaited
 
 
 async def test_a_rejected_candidate_lets_the_next_candidate_be_tried() -> None:
@@ -693,23 +698,6 @@ async def test_a_rejected_candidate_lets_the_next_candidate_be_tried() -> None:
     assert info.last is not None
     assert info.last.level == "semantic"
     assert info.last.rejected == 1
-
-
-async def test_a_plain_function_verifier_is_called_as_such() -> None:
-    emb = AngleEmbedder()
-
-    def verifier(text: str, candidate: Candidate) -> bool:
-        return not text.endswith("@15")
-
-    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
-    async def ask(question: str) -> str:
-        return f"answer {question}"
-
-    await ask("p@0")
-    assert await ask("p@10") == "answer p@0"
-    assert await ask("p@15") == "answer p@15"
-    assert ask.cache_info().verifier_errors == 0
-    assert ask.cache_info().verifier_rejections == 1
 
 
 async def test_a_verifier_that_raises_rejects_and_is_counted() -> None:
