@@ -56,10 +56,7 @@ def similarity(value: object, field: str = "threshold") -> float:
     Raises:
         ConfigError: ``value`` is not a number in [0, 1] (NaN is not).
     """
-    if (isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating)
-            or not 0.0 <= float(value) <= 1.0):
-        raise ConfigError(field, value, "expected a similarity in [0, 1]")
-    return float(value)
+    return _unit_interval(value, field, "a similarity")
 
 
 def probability(value: object, field: str) -> float:
@@ -68,9 +65,13 @@ def probability(value: object, field: str) -> float:
     Raises:
         ConfigError: ``value`` is not a number in [0, 1] (NaN is not).
     """
+    return _unit_interval(value, field, "a probability")
+
+
+def _unit_interval(value: object, field: str, what: str) -> float:
     if (isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating)
             or not 0.0 <= float(value) <= 1.0):
-        raise ConfigError(field, value, "expected a probability in [0, 1]")
+        raise ConfigError(field, value, f"expected {what} in [0, 1]")
     return float(value)
 
 
