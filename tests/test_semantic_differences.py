@@ -127,6 +127,7 @@ async def test_the_differing_parts_go_through_the_threshold_and_the_verifier() -
         assert await answer(CONTEXT + " q@-40") == "answer to q@-40"  # parts at 0.766: below the threshold
     assert [lookup.level for lookup in info] == ["semantic", "computed", "computed"]
     assert judged[:2] == [("q@10", "q@0", 0.985), ("q@20", "q@0", 0.94)]
+    assert ["q@10", "q@0"] in angles.calls  # the two parts were embedded in one call
     assert all(text != "q@-40" for text, _, _ in judged)
 
 

@@ -52,7 +52,7 @@ def differing_parts(text: str, other: str) -> tuple[str, str] | None:
         tail += 1
     middle_a, middle_b = slice(head, len(a) - tail), slice(head, len(b) - tail)
     shared = head + tail
-    if max(len(fa[middle_a]), len(fb[middle_b])) > MAX_ALIGNED_WORDS:
+    if max(len(a), len(b)) - shared > MAX_ALIGNED_WORDS:
         if 2 * shared < shorter:
             return None
         return " ".join(a[middle_a]), " ".join(b[middle_b])

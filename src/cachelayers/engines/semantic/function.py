@@ -131,7 +131,7 @@ class SemanticFunction(Generic[P, T]):
         self.stats = SemanticStats()
         self.log = StateLog()
         self._whats = LogNames(self.identity, self.embedder_name)
-        self._judge = Judge(self.threshold, verifier, self.embed_text, self.stats, self.log, self.identity,
+        self._judge = Judge(self.threshold, verifier, self.embed_text, self.stats, self.log, self._whats,
                             lambda exc: self._failed(self._whats.embedder, exc))
         self._store: SemanticStore | None = None
         self._store_url: str | None = None
@@ -494,9 +494,9 @@ class SemanticFunction(Generic[P, T]):
         result = await self._compute(args, kwargs)
         agreed = self._agreement.observe(result, cached)
         if self._agreement.error is not None:
-            self.log.failure(f"agree of {self.identity}", self._agreement.error)
+            self.log.failure(self._whats.agree, self._agreement.error)
         else:
-            self.log.recovered(f"agree of {self.identity}")
+            self.log.recovered(self._whats.agree)
         self.stats.answer_checks += 1
         if agreed:
             store.touch(entry)

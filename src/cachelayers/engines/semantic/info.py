@@ -80,9 +80,11 @@ class SemanticStats:
 class LogNames:
     """The names under which a semantically cached function logs what fails (once) and recovers (once)."""
 
-    __slots__ = ("embedder", "index", "split", "store")
+    __slots__ = ("agree", "embedder", "index", "split", "store", "verifier")
 
     def __init__(self, identity: str, embedder: str) -> None:
+        self.agree = f"agree of {identity}"
+        self.verifier = f"verifier of {identity}"
         self.split = f"partition/text functions of {identity}"
         self.store = f"semantic store of {identity}"
         self.index = f"semantic index of {identity}"

@@ -4,13 +4,14 @@ in (`cachelayers.engines.semantic.differences`), else the verifier."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
 
+from cachelayers.engines.parallel import Outcome, gather_bounded
 from cachelayers.engines.semantic.differences import differing_parts, parts_are_alike
-from cachelayers.engines.semantic.info import SemanticStats
+from cachelayers.engines.semantic.info import LogNames, SemanticStats
 from cachelayers.engines.semantic.lookups import Candidate, Verifier
 from cachelayers.engines.semantic.options import SIMILARITY_TOLERANCE
 from cachelayers.errors import EmbeddingError
@@ -28,21 +29,22 @@ class Judge:
         embed_text: The function's embedding path (cached, batched).
         stats: The function's counters.
         log: The function's failure log.
-        identity: The function's identity (for the log).
+        names: What the function's log calls its parts.
         failed: How the function reports a failure of its embedder (logged; raised in strict mode).
     """
 
     __slots__ = ("_embed_text", "_failed", "_log", "_stats", "_verifier", "_what", "threshold")
 
-    def __init__(self, threshold: float, verifier: Verifier | None, embed_text: Callable[[str], Awaitable[np.ndarray]],
-                 stats: SemanticStats, log: StateLog, identity: str,
+    def __init__(self, threshold: float, verifier: Verifier | None,
+                 embed_text: Callable[[str], Coroutine[Any, Any, np.ndarray]], stats: SemanticStats, log: StateLog,
+                 names: LogNames,
                  failed: Callable[[EmbeddingError], None]) -> None:
         self.threshold = threshold
         self._verifier = verifier
         self._embed_text = embed_text
         self._stats = stats
         self._log = log
-        self._what = f"verifier of {identity}"
+        self._what = names.verifier
         self._failed = failed
 
     async def accepts(self, text: str, other: str, value: Any, similarity: float) -> bool:
@@ -61,12 +63,18 @@ class Judge:
         return self._verifier is None or await self._verify(text, other, value, similarity)
 
     async def _parts_agree(self, parts: tuple[str, str], value: Any) -> bool:
-        try:
-            mine, theirs = await self._embed_text(parts[0]), await self._embed_text(parts[1])
-        except EmbeddingError as exc:
-            self._stats.embed_errors += 1
-            self._failed(exc)
-            return False
+        # together, so that the embedding batcher sends both texts in one embedder call
+        outcomes: list[Outcome[np.ndarray]] = await gather_bounded([self._embed_text(part) for part in parts])
+        for outcome in outcomes:
+            if isinstance(outcome.error, EmbeddingError):
+                self._stats.embed_errors += 1
+                self._failed(outcome.error)
+                return False
+            if outcome.error is not None:
+                raise outcome.error
+        mine, theirs = (outcome.value for outcome in outcomes)
+        assert mine is not None
+        assert theirs is not None
         similarity = min(1.0, float(np.dot(mine, theirs)))
         if similarity < self.threshold - SIMILARITY_TOLERANCE:
             return False
