@@ -330,7 +330,7 @@ class TieredCache:
         entry went by since.
         """
         keys, epochs = (storage_key,), self.epochs
-        if epochs is not None and not epochs.ready:
+        if epochs is not None:  # the stamps it checks are only current while the channel is heard in this loop
             await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
             if self.invalidations.blocked and not await self.invalidations.before_read(tier):
@@ -379,7 +379,7 @@ class TieredCache:
         pending = list(range(len(storage_keys)))
         open_ = (codec or self.codec).open
         local, epochs = self.local, self.epochs
-        if epochs is not None and not epochs.ready:
+        if epochs is not None:  # the stamps it checks are only current while the channel is heard in this loop
             await self.follow_invalidations()
         for index, tier in enumerate(self.tiers):
             if not pending:

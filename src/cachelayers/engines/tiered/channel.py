@@ -85,6 +85,8 @@ class Listener:
         self.loop = token
         self.subscribed = False
         self.lost = False
+        if self.cache.epochs is not None:
+            self.cache.epochs.ready = False  # loaded in another run: load them again before relying on them
         self.waiters = {}
         ready = self.ready = anyio.Event()
         self.cache.background.start_soon(self._run, token)
@@ -95,6 +97,8 @@ class Listener:
         """Forget the subscription (the engine is closing)."""
         self.loop = None
         self.subscribed = False
+        if self.cache.epochs is not None:
+            self.cache.epochs.ready = False
 
     def waiter(self, lock_name: str) -> anyio.Event:
         """An event set when a release of ``lock_name`` is announced."""
@@ -106,27 +110,35 @@ class Listener:
     async def _run(self, token: object) -> None:
         what = f"invalidation channel on {self.tier.name!r}"
         backoff = 0.05
-        while self.loop is token:
-            try:
-                async with self.backend.subscribe(self.cache.channel) as messages:
-                    await self._load_epochs()
-                    self._on_subscribed()
-                    self.cache.log.recovered(what)
-                    backoff = 0.05
-                    async for message in messages:
-                        self._on_message(message)
-            except Exception as exc:
-                self.cache.log.failure(what, exc)
-                if self.ready is not None:
-                    self.ready.set()  # whoever waits in start() goes on without: entries stay unsynced
-            if self.subscribed:
-                self.subscribed = False
-                self.lost = True
-                self.cache.invalidated("c", [])  # what was missed from here on is not known: drop it all now
-            if self.cache.epochs is not None:
-                self.cache.epochs.ready = False
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, LISTEN_MAX_BACKOFF)
+        try:
+            while self.loop is token:
+                try:
+                    async with self.backend.subscribe(self.cache.channel) as messages:
+                        await self._load_epochs()
+                        self._on_subscribed()
+                        self.cache.log.recovered(what)
+                        backoff = 0.05
+                        async for message in messages:
+                            self._on_message(message)
+                except Exception as exc:
+                    self.cache.log.failure(what, exc)
+                    if self.ready is not None:
+                        self.ready.set()  # whoever waits in start() goes on without: entries stay unsynced
+                self._unsubscribed()
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_MAX_BACKOFF)
+        finally:  # also when cancelled, as when the event loop it ran in ends: a later run must start again
+            if self.loop is token:
+                self.loop = None
+                self._unsubscribed()
+
+    def _unsubscribed(self) -> None:
+        if self.subscribed:
+            self.subscribed = False
+            self.lost = True
+            self.cache.invalidated("c", [])  # what was missed from here on is not known: drop it all now
+        if self.cache.epochs is not None:
+            self.cache.epochs.ready = False
 
     async def _load_epochs(self) -> None:
         epochs = self.cache.epochs

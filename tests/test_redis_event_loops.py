@@ -1,0 +1,69 @@
+"""One process, several event loops in a row (``asyncio.run`` twice) on a Redis tier: invalidations stay heard.
+
+The invalidation listener runs in the loop that started it; when that loop ends, the next loop must start it
+again and reload the invalidation epochs before it trusts a stamp, with or without a memory tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis
+
+from cachelayers import Settings, TieredCache, multilevel_cached
+
+
+def _engine(redis_url: str, memory: bool) -> TieredCache:
+    tiers = {"memory": "memory://", "redis": redis_url} if memory else {"redis": redis_url}
+    return TieredCache(Settings(tiers=tiers, key_prefix="loops:"))
+
+
+def _function(engine: TieredCache, calls: list[str], version: list[str]) -> Any:
+    @multilevel_cached(ttl=600, name="loops.f", cache=engine)
+    async def f(x: int) -> str:
+        calls.append(version[0])
+        return version[0]
+
+    return f
+
+
+def test_a_second_event_loop_without_memory_tier_still_caches_after_its_own_invalidation(redis_url: str) -> None:
+    engine = _engine(redis_url, memory=False)
+    calls: list[str] = []
+    f = _function(engine, calls, ["v"])
+
+    async def session() -> int:
+        calls.clear()
+        await f.invalidate(1)
+        for _ in range(4):
+            assert await f(1) == "v"
+        return len(calls)
+
+    assert asyncio.run(session()) == 1
+    assert asyncio.run(session()) == 1  # was 4: stamped older than its own invalidation, every entry refused
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["redis-only", "memory+redis"])
+def test_a_second_event_loop_hears_another_process_and_refuses_its_old_bytes(redis_url: str, memory: bool) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    engine, other = _engine(redis_url, memory), _engine(redis_url, memory)  # other: as another process
+    calls: list[str] = []
+    version = ["v1"]
+    f, f_elsewhere = _function(engine, calls, version), _function(other, [], version)
+
+    async def session(x: int) -> str:
+        version[0] = "v1"
+        before = set(raw.keys("loops:*"))
+        assert await f(x) == "v1"
+        (key,) = {k for k in set(raw.keys("loops:*")) - before if b"~" not in k}  # not the tag keys
+        old, ttl = raw.get(key), raw.pttl(key)
+        await f_elsewhere.invalidate(x)
+        await asyncio.sleep(0.2)  # the message reaches this engine's listener
+        raw.set(key, old, px=ttl)  # the old bytes come back (a replayed write, a lagging writer)
+        version[0] = "v2"
+        return await f(x)
+
+    assert asyncio.run(session(1)) == "v2"
+    assert asyncio.run(session(2)) == "v2"  # was "v1" without a memory tier: the old entry served
