@@ -59,11 +59,12 @@ def test_a_second_event_loop_hears_another_process_and_refuses_its_old_bytes(red
         assert await f(x) == "v1"
         (key,) = {k for k in set(raw.keys("loops:*")) - before if b"~" not in k}  # not the tag keys
         old, ttl = raw.get(key), raw.pttl(key)
+        assert old is not None
         await f_elsewhere.invalidate(x)
         await asyncio.sleep(0.2)  # the message reaches this engine's listener
         raw.set(key, old, px=ttl)  # the old bytes come back (a replayed write, a lagging writer)
         version[0] = "v2"
-        return await f(x)
+        return str(await f(x))
 
     assert asyncio.run(session(1)) == "v2"
     assert asyncio.run(session(2)) == "v2"  # was "v1" without a memory tier: the old entry served
