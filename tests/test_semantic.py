@@ -715,6 +715,35 @@ async def test_a_verifier_that_raises_rejects_and_is_counted() -> None:
     assert ask.cache_info().verifier_errors == 1
 
 
+@pytest.mark.parametrize("verdict", ["NO", "false", [False], np.array([False, False]), 1, None],
+                         ids=["judge-reply", "str", "list", "array", "int", "none"])
+async def test_a_verdict_that_is_not_a_bool_rejects_and_is_counted(verdict: Any) -> None:
+    """An LLM judge's "NO" is truthy and a 2-element array has no truth: neither may serve, nor fail the call."""
+    emb = AngleEmbedder()
+
+    def verifier(text: str, candidate: Candidate) -> Any:
+        return verdict
+
+    @semantic_cached(embed=emb, threshold=0.9, verifier=verifier)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("e@0")
+    assert await ask("e@5") == "e@5"  # computed: the candidate e@0 was not accepted
+    assert ask.cache_info().verifier_errors == 1
+
+
+@pytest.mark.parametrize("verdict", [True, np.True_])
+async def test_python_and_numpy_true_accept(verdict: Any) -> None:
+    @semantic_cached(embed=AngleEmbedder(), threshold=0.9, verifier=lambda text, candidate: verdict)
+    async def ask(question: str) -> str:
+        return question
+
+    await ask("e@0")
+    assert await ask("e@5") == "e@0"
+    assert ask.cache_info().verifier_errors == 0
+
+
 # -- embeddings: cached and batched -----------------------------------------------------------------------------
 
 

@@ -84,7 +84,11 @@ class Judge:
         assert self._verifier is not None
         try:
             verdict = self._verifier(text, Candidate(other, value, similarity))
-            accepted = await verdict if inspect.isawaitable(verdict) else verdict
+            accepted: object = await verdict if inspect.isawaitable(verdict) else verdict
+            if type(accepted) is not bool and not isinstance(accepted, np.bool_):
+                # "NO" from an LLM judge is truthy, an array has no single truth: only a bool is a verdict
+                raise TypeError(f"the verifier returned {type(accepted).__name__} {accepted!r:.60}, "
+                                "not True or False")
         except Exception as exc:  # a broken verifier rejects: serving unverified answers is the worse failure
             self._stats.verifier_errors += 1
             self._log.failure(self._what, exc)
