@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cachelayers
 from cachelayers import explain, semantic_cached
 from tests.conftest import FakeClock
 from tests.semantic_helpers import AngleEmbedder
@@ -168,3 +171,34 @@ def test_a_sync_function_is_prefilled_the_same_way() -> None:
     assert ask("a@3", "acme") == "acme's answer"
     assert ask("a@3", "globex") == "computed a@3"
     assert calls == ["a@3"]
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+async def test_a_clear_while_a_chunk_is_embedded_stores_nothing_of_it(on_disk: bool, tmp_path: Path) -> None:
+    """A clear that lands while prefill awaits the embedder: the chunk embedded meanwhile is not stored."""
+    if on_disk:
+        cachelayers.configure(vector_index=f"usearch://{tmp_path}")
+    inner = AngleEmbedder()
+    embedding, go_on = anyio.Event(), anyio.Event()
+
+    async def slow(texts: list[str]) -> Any:
+        if texts[0].startswith("a@"):  # the prefill's chunk
+            embedding.set()
+            await go_on.wait()
+        return inner(texts)
+
+    @semantic_cached(embed=slow, threshold=0.99)
+    async def ask(question: str) -> str:
+        return "computed " + question
+
+    async with anyio.create_task_group() as tg:
+        async def prefill() -> None:
+            assert await ask.prefill([("a@0", "stale 0"), ("a@40", "stale 40")]) == 0
+
+        tg.start_soon(prefill)
+        await embedding.wait()
+        await ask.cache_clear()
+        go_on.set()
+    assert ask.cache_info().entries == 0
+    assert await ask("a@0") == "computed a@0"
+    await ask.aclose()

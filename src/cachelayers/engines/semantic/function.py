@@ -529,8 +529,6 @@ class SemanticFunction(Generic[P, T]):
         stored = 0
         size = self._batcher.max_size
         for start in range(0, len(rows), size):
-            if self._clears != began[0]:
-                break
             chunk = rows[start:start + size]
             vectors = await embed(self._embedder, [text for text, _, _ in chunk], self._ndim)
             if self._ndim is None:
@@ -539,6 +537,8 @@ class SemanticFunction(Generic[P, T]):
                 await store.fit_dimension(self._ndim)
             expires_at = (self._clock or time.time)() + ttl if ttl is not None else None
             for (text, value, partition), vector in zip(chunk, vectors, strict=True):
+                if self._clears != began[0]:  # checked after every await: the embedding, each insert
+                    return stored
                 if await store.insert(partition, text, np.array(vector, dtype=np.float32), value, expires_at,
                                       began[1]):
                     stored += 1
