@@ -1,11 +1,12 @@
 """The files of the disk store: a SQLite file of entries (the truth) and atomic snapshots of the graphs.
 
 ``<name>.sqlite`` holds one row per entry (partition, text, sealed row, sealed payload, expiry and a sequence
-number never reused; see `cachelayers.backends.vectors.sealing`); ``<name>.usearch`` a sealed snapshot of
-every partition's graph with the ``(key, seq)`` of each vector. On load
-`cachelayers.backends.vectors.disk_store.DiskStore` trusts the rows that pass their check: a vector whose
-``(key, seq)`` has no such row is dropped, a row missing from the snapshot is added from its sealed vector, and
-a snapshot that fails its check is not used at all (the graphs are built from the rows).
+number never reused; see `cachelayers.backends.vectors.sealing`) and the file's identity: a random id made with
+the file and the highest sequence number it ever stored, which a clear keeps (`PayloadFile.file_id`,
+`PayloadFile.max_seq`); ``<name>.usearch`` a sealed snapshot of every partition's graph with the ``(key, seq)``
+of each vector. On load `cachelayers.backends.vectors.disk_store.DiskStore` trusts the rows that pass their
+check: a vector whose ``(key, seq)`` has no such row is dropped, a row missing from the snapshot is added from
+its sealed vector, and a snapshot that fails its check is not used at all (the graphs are built from the rows).
 
 A directory serves one process: `hold_directory` takes an exclusive ``flock`` on ``cachelayers-semantic.lock``
 in it for as long as a store of the process has files there, and refuses when another process holds it. A
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import struct
 import sys
@@ -177,6 +179,11 @@ class EntryRow(NamedTuple):
 class PayloadFile:
     """The SQLite file of entries. Thread-safe; every method is one transaction.
 
+    Its ``identity`` table holds `file_id`, random and made with the file (an existing file without one gets
+    one), and the highest sequence number ever written to it: the store binds every sealed part to the id, so
+    that nothing of another file (one deleted since, under the same name) passes a check in this one, and
+    numbers entries after `max_seq`, which `clear` does not lower.
+
     Args:
         path: The ``.sqlite`` file; created with its directory when missing.
     """
@@ -197,6 +204,12 @@ class PayloadFile:
                 "partition BLOB NOT NULL, text TEXT NOT NULL, expires_at REAL, vector BLOB NOT NULL, "
                 "value BLOB NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS identity (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                             "file TEXT NOT NULL, last_seq INTEGER NOT NULL)")
+            self._db.execute("INSERT OR IGNORE INTO identity (id, file, last_seq) "
+                             "SELECT 1, ?, COALESCE(MAX(seq), 0) FROM entries", (secrets.token_hex(16),))
+            found = self._db.execute("SELECT file FROM identity WHERE id = 1").fetchone()
+            self.file_id: str = str(found[0])  # see the class docstring
         except BaseException:
             self._db.close()
             raise
@@ -243,6 +256,8 @@ class PayloadFile:
                         "INSERT OR REPLACE INTO entries (key, seq, partition, text, expires_at, vector, value) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (row.key, row.seq, row.partition, row.text, row.expires_at, row.vector, row.value))
+                    self._db.execute("UPDATE identity SET last_seq = MAX(CAST(last_seq AS INTEGER), ?) WHERE id = 1",
+                                     (row.seq,))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -268,13 +283,16 @@ class PayloadFile:
             yield EntryRow(int(key), int(seq), bytes(partition), str(text), expires_at, bytes(vector))
 
     def max_seq(self) -> int:
-        """The highest sequence number stored (0 when empty)."""
+        """The highest sequence number ever stored in the file, also of entries deleted or cleared since (0 for
+        none)."""
         with self._lock:
-            found = self._db.execute("SELECT MAX(seq) FROM entries").fetchone()
+            found = self._db.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(seq) FROM entries), 0), "
+                "COALESCE((SELECT CAST(last_seq AS INTEGER) FROM identity WHERE id = 1), 0))").fetchone()
         return int(found[0] or 0)
 
     def clear(self) -> None:
-        """Delete every entry."""
+        """Delete every entry (the file's identity and highest sequence number stay)."""
         with self._lock:
             self._db.execute("DELETE FROM entries")
 

@@ -2,8 +2,10 @@
 
 The file of rows is the truth; the snapshot only saves rebuilding the graphs on start, and is reconciled
 with the rows when loaded (see `cachelayers.backends.vectors.disk_files`). Every row is sealed with its
-partition, text, vector and expiry, bound to its key and sequence number, and checked before it is findable
-(see `cachelayers.backends.vectors.sealing`); the snapshot is sealed too.
+partition, text, vector and expiry, bound to the store (its namespace, embedder and the file's random id), its
+key and its sequence number — never reused in one file, not even after a clear — and checked before it is
+findable (see `cachelayers.backends.vectors.sealing`). Its payload is bound to the same and to its partition
+and text, so that no payload passes for another entry's, of this file or another; the snapshot is sealed too.
 
 A directory serves one process (`cachelayers.backends.vectors.disk_files.hold_directory`): a store that finds
 it held by another process does not open. A file SQLite reports as damaged is moved aside and the store
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -49,7 +52,9 @@ from cachelayers.workers import start_worker
 
 __all__ = ["DiskStore"]
 
-_ROW_FORMAT = "2"  # rows sealed with partition, text, vector and expiry; files of format 1 are emptied
+# 3: rows and payloads bound to the store and the file's id, payloads to their partition and text too, and the
+# highest sequence number kept across clears; files of an older format are emptied
+_ROW_FORMAT = "3"
 _SAME_VECTOR: Final = 0.999  # cosine above which a snapshot's quantized vector is the row's (f32: equal)
 _INHERITED: list[PayloadFile] = []  # files a forked child got from its parent: never used nor closed there
 
@@ -63,7 +68,7 @@ class DiskStore:
 
     Args:
         url: The ``usearch:///dir`` URL; its option ``save_every`` (writes between snapshots, 1000).
-        namespace: The function's namespace (names the files).
+        namespace: The function's namespace (names the files; every sealed part is bound to it).
         codec: Seals the values.
         log: Failure log.
         clock: Wall-clock time source for expiry.
@@ -75,6 +80,7 @@ class DiskStore:
                  clock: Callable[[], float]) -> None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", namespace)[-80:]
         digest = hashlib.blake2b(namespace.encode(), digest_size=6).hexdigest()
+        self.namespace = namespace
         self.directory = Path(url.path)
         self.base = self.directory / f"{slug}-{digest}"
         self.save_every = int_option(url, "save_every") or 1000
@@ -95,14 +101,22 @@ class DiskStore:
     def _path(self, suffix: str) -> Path:
         return self.base.parent / (self.base.name + suffix)
 
-    def _storage_key(self, key: int, seq: int) -> str:
-        return f"sem:{self.embedder}:{key}:{seq}"
+    def _binding(self, kind: str, *parts: object) -> str:
+        """What a sealed part of kind ``kind`` is bound to: this store — its namespace, the open file's random
+        id, the embedder — and ``parts`` (JSON, so that no two lists of parts give one binding)."""
+        return f"sem{kind}:" + json.dumps([self.namespace, self._file.file_id, self.embedder, *parts])
+
+    def _payload_binding(self, entry: EntryRef) -> str:
+        """A payload is bound to its entry's key and sequence number (never reused in one file), partition and
+        text: a payload moved to another row, another file or a file of another function fails its check."""
+        digest = hashlib.blake2b(entry.text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return self._binding("val", entry.key, entry.seq, entry.partition.hex(), digest)
 
     def _row_binding(self, key: int, seq: int) -> str:
-        return f"semrow:{self.embedder}:{key}:{seq}"
+        return self._binding("row", key, seq)
 
     def _snapshot_binding(self) -> str:
-        return f"semsnap:{self.embedder}:{self.base.name}"
+        return self._binding("snap", self.base.name)
 
     def usable(self) -> bool:
         """Unless this process is a fork of the one that opened the files: they are the parent's."""
@@ -329,7 +343,7 @@ class DiskStore:
         if blob is None:
             return GONE
         try:
-            return self.codec.open(self._storage_key(entry.key, entry.seq), blob).value
+            return self.codec.open(self._payload_binding(entry), blob).value
         except IntegrityError as exc:
             self._on_file(lambda file: file.delete([entry.key]))
             if self._replica is not None:
@@ -343,20 +357,25 @@ class DiskStore:
     async def append(self, entry: EntryRef, value: Any, vector: np.ndarray, evict: Sequence[EntryRef],
                      capacity: int) -> Appended:
         """Write the row of ``entry`` and delete the rows of ``evict``, in one transaction."""
-        blob = self.codec.seal(self._storage_key(entry.key, entry.seq), value, entry.expires_at)
+        body = self.codec.pack_body(value)  # raises SerializationError before anything is written
         ndim = self._replica.ndim if self._replica is not None else None
         if ndim is not None and ndim != self._stored_ndim:
             self._on_file(lambda file: self._save_meta(ndim))
+        removed = [e.key for e in evict]
+        # Sealed for the file written: a damaged one set aside by `_on_file` is followed by one of another id.
+        self._on_file(lambda file: file.write(self._sealed(entry, body, vector), removed))
+        self._wrote(1 + len(evict))
+        return Appended(entry.key, removed)
+
+    def _sealed(self, entry: EntryRef, body: bytes, vector: np.ndarray) -> EntryRow:
+        """The row of ``entry`` to write, sealed (``body`` from `Codec.pack_body`)."""
+        blob = self.codec.seal_body(self._payload_binding(entry), body, entry.expires_at)
         sealed = seal_row(self.codec, self._row_binding(entry.key, entry.seq), entry.partition, entry.text, vector,
                           entry.expires_at)
         # With encryption the plain columns say nothing: the sealed row is the only place of partition and text.
         encrypted = self.codec.encrypted
-        row = EntryRow(entry.key, entry.seq, b"" if encrypted else entry.partition, "" if encrypted else entry.text,
-                       entry.expires_at, sealed, blob)
-        removed = [e.key for e in evict]
-        self._on_file(lambda file: file.write(row, removed))
-        self._wrote(1 + len(evict))
-        return Appended(entry.key, removed)
+        return EntryRow(entry.key, entry.seq, b"" if encrypted else entry.partition, "" if encrypted else entry.text,
+                        entry.expires_at, sealed, blob)
 
     async def remove(self, entries: Sequence[EntryRef]) -> None:
         """Delete the rows of ``entries``."""
@@ -367,20 +386,20 @@ class DiskStore:
         self._writes += count
         if self._writes >= self.save_every and (self._saving is None or not self._saving.is_alive()):
             self._writes = 0
-            payload = self._snapshot()
+            payload = self._snapshot()  # its binding too: taken here, where the file is not closed meanwhile
             # A worker the interpreter waits for at exit rather than killing usearch mid-write (None once exiting:
             # the snapshot is skipped, the rows are on disk and the graph is rebuilt from them on load).
             self._saving = start_worker(self._write_snapshot, *payload, name="cachelayers-snapshot")
 
-    def _snapshot(self) -> tuple[list[PartitionSnapshot], dict[str, str]]:
+    def _snapshot(self) -> tuple[list[PartitionSnapshot], dict[str, str], str]:
         assert self._replica is not None
         items = [PartitionSnapshot(g.partition, g.keys, g.seqs, g.graph.to_bytes()) for g in self._replica.graphs()]
-        return items, self._meta(self._replica.ndim)
+        return items, self._meta(self._replica.ndim), self._snapshot_binding()
 
-    def _write_snapshot(self, items: list[PartitionSnapshot], meta: dict[str, str]) -> None:
+    def _write_snapshot(self, items: list[PartitionSnapshot], meta: dict[str, str], binding: str) -> None:
         with self._save_lock:
             try:
-                write_snapshot(self._path(".usearch"), items, meta, self.codec, self._snapshot_binding())
+                write_snapshot(self._path(".usearch"), items, meta, self.codec, binding)
             except OSError as exc:
                 self.log.failure(f"semantic snapshot {self.base.name}", exc)
 
@@ -390,8 +409,8 @@ class DiskStore:
             return
         if self._saving is not None:
             await anyio.to_thread.run_sync(self._saving.join)
-        items, meta = self._snapshot()
-        await anyio.to_thread.run_sync(self._write_snapshot, items, meta)
+        items, meta, binding = self._snapshot()
+        await anyio.to_thread.run_sync(self._write_snapshot, items, meta, binding)
         self._writes = 0
 
     async def clear(self) -> None:
