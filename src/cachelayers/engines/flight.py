@@ -17,9 +17,12 @@ class Flight:
     a second caller waits, so a flight nobody joins costs no event.
     """
 
-    __slots__ = ("done", "error", "event", "outcome", "value")
+    __slots__ = ("done", "epoch", "error", "event", "outcome", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+        """The engine's invalidation generation when the computation began: a caller that comes after an
+        invalidation (a later generation) computes again instead of waiting for a value from before it."""
         self.event: anyio.Event | None = None
         self.done = False
         self.value: Any = None

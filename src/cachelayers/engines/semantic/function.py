@@ -350,7 +350,7 @@ class SemanticFunction(Generic[P, T]):
             return await self._uncached(args, kwargs, text, partition, f"store failed: {exc}")
         flight_key = (partition, text)
         flight = self._inflight.get(flight_key)
-        while flight is not None:
+        while flight is not None and flight.epoch == self._clears:  # begun before a clear: not this call's
             await flight.wait()
             if flight.done:
                 if flight.error is not None:  # the call failed: its waiters fail with it, as with multilevel_cached
@@ -367,7 +367,7 @@ class SemanticFunction(Generic[P, T]):
                 self.stats.cached_latency.add(time.perf_counter() - started)
                 self._record(Lookup(self.identity, "exact", 1.0, entry.text, text, partition.hex()))
                 return cast(T, value)
-        flight = self._inflight[flight_key] = Flight()
+        flight = self._inflight[flight_key] = Flight(self._clears)
         try:
             value = await self._lookup_or_compute(store, args, kwargs, text, partition, started)
         except Exception as exc:

@@ -175,14 +175,14 @@ class BatchFunctionCache(FunctionCache[P, T]):
         inflight = cache.inflight
         mine: list[Hashable] = []
         theirs: dict[Hashable, Flight] = {}
-        flight = Flight()
+        flight = Flight(epoch)
         results: dict[Hashable, Any] = {}
         flight.value = results
         for key in first:
             if key in values:
                 continue
             other = inflight.get(key)
-            if other is not None:
+            if other is not None and other.epoch == epoch:  # not one begun before an invalidation
                 theirs[key] = other
             else:
                 inflight[key] = flight

@@ -268,7 +268,7 @@ class FunctionCache(Generic[P, T]):
         inflight = cache.inflight
         while True:
             flight = inflight.get(local_key)
-            if flight is None:
+            if flight is None or flight.epoch != cache.epoch:  # none, or begun before an invalidation
                 break
             await flight.wait()
             if flight.done:
@@ -277,7 +277,7 @@ class FunctionCache(Generic[P, T]):
                 self._served(flight.value, "in-flight", trace)
                 return flight.value  # type: ignore[no-any-return]
             # The computing caller was cancelled: one of the waiters takes over.
-        flight = inflight[local_key] = Flight()
+        flight = inflight[local_key] = Flight(cache.epoch)
         try:
             if cache.tiers or cache.listener is not None:
                 value = await self._load(cache, local_key, args, kwargs, trace)
@@ -437,7 +437,7 @@ class FunctionCache(Generic[P, T]):
         inflight = cache.inflight
         if local_key in inflight:
             return
-        flight = inflight[local_key] = Flight()
+        flight = inflight[local_key] = Flight(cache.epoch)
         cache.background.start_soon(self._refresh, cache, local_key, args, kwargs, flight)
 
     async def _refresh(self, cache: TieredCache, local_key: Hashable, args: Any, kwargs: Any,
@@ -501,7 +501,7 @@ class FunctionCache(Generic[P, T]):
         cache = self.cache
         self.refreshed += 1
         inflight = cache.inflight
-        flight = inflight[local_key] = Flight()
+        flight = inflight[local_key] = Flight(cache.epoch)
         try:
             storage_key = self._prefix + self._keys.storage_digest(local_key)
             value = await self._compute(cache, local_key, storage_key, args, kwargs, cache.epoch, cache.failures,

@@ -1,0 +1,66 @@
+"""A call made after an invalidation never waits for a computation that began before it (single flight).
+
+Callers that find the same call being computed wait for its value instead of computing it again; but a value
+computed from before a clear or an invalidation is what the invalidation removed, so a caller that comes
+after it computes anew. Callers that joined before the invalidation still get the value they waited for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from cachelayers import multilevel_cached, semantic_cached
+
+pytestmark = pytest.mark.anyio
+
+
+def _gated(decorator: Callable[[Callable[[str], Awaitable[str]]], Any]) -> tuple[Any, dict[str, Any]]:
+    state: dict[str, Any] = {"kb": "old", "started": anyio.Event(), "release": anyio.Event(), "runs": 0}
+
+    @decorator
+    async def answer(question: str) -> str:
+        snapshot = state["kb"]
+        state["runs"] += 1
+        if snapshot == "old":
+            state["started"].set()
+            await state["release"].wait()
+        return f"{question} from {snapshot}"
+
+    return answer, state
+
+
+async def _race(fn: Any, state: dict[str, Any], invalidate: Callable[[], Awaitable[Any]]) -> None:
+    results: dict[str, str] = {}
+
+    async def call(name: str) -> None:
+        results[name] = await fn("refund window?")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "before")
+        await state["started"].wait()
+        tg.start_soon(call, "joined before")
+        await anyio.wait_all_tasks_blocked()  # it waits for the computation begun by "before"
+        state["kb"] = "new"
+        await invalidate()
+        after = await fn("refund window?")  # computed anew: it does not wait for the old computation
+        assert after == "refund window? from new"
+        state["release"].set()
+    assert results == {"before": "refund window? from old", "joined before": "refund window? from old"}
+    assert state["runs"] == 2
+    assert await fn("refund window?") == "refund window? from new"  # and the old result was not stored
+    assert state["runs"] == 2
+
+
+@pytest.mark.parametrize("decorator", [multilevel_cached(), semantic_cached()], ids=["multilevel", "semantic"])
+async def test_a_call_after_a_clear_computes_again(decorator: Any) -> None:
+    fn, state = _gated(decorator)
+    await _race(fn, state, fn.cache_clear)
+
+
+async def test_a_call_after_invalidating_its_key_computes_again() -> None:
+    fn, state = _gated(multilevel_cached())
+    await _race(fn, state, lambda: fn.invalidate("refund window?"))
