@@ -98,7 +98,24 @@ class EmbeddedModel(pydantic.BaseModel):
     vector: list[Any]
 
 
+class Quote(pydantic.BaseModel):
+    plan: str
+    discount: float
+
+
+@dataclasses.dataclass
+class PlainQuote:
+    plan: str
+    discount: float
+
+
 @pytest.mark.parametrize(("new", "cached", "agreed"), [
+    # distinct NaN objects, as in a value read back from a store (the same object would pass `is` in ==)
+    (Quote(plan="a", discount=float("nan")), Quote(plan="a", discount=float("nan")), True),  # its own == is False
+    (Quote(plan="a", discount=float("nan")), Quote(plan="b", discount=float("nan")), False),
+    (Quote(plan="a", discount=1.0), Quote(plan="a", discount=2.0), False),
+    (PlainQuote("a", float("nan")), PlainQuote("a", float("nan")), True),
+    (PlainQuote("a", float("nan")), PlainQuote("b", float("nan")), False),
     (np.arange(4.0), np.arange(4.0), True),
     (np.arange(4.0), np.arange(4.0) + 1, False),
     (np.arange(4.0), np.arange(5.0), False),  # another shape

@@ -51,17 +51,25 @@ def _equal(new: Any, cached: Any) -> bool:
             and callable(getattr(new, "equals", None)):
         return bool(new.equals(cached))  # == compares pandas objects element by element (or raises)
     try:
-        return bool(new == cached)
-    except (ValueError, TypeError):  # an ambiguous verdict: arrays compared inside an object
+        if new == cached:
+            return True
+        ambiguous: Exception | None = None
+    except (ValueError, TypeError) as exc:  # an ambiguous verdict: arrays compared inside an object
         if type(new) is not type(cached):
             raise
+        ambiguous = exc
+    # Unequal or ambiguous: a dataclass or pydantic model is compared again field by field, where arrays
+    # compare whole and NaN equals NaN (its own == says a NaN field differs from itself).
+    if type(new) is type(cached):
         if dataclasses.is_dataclass(new):
             return all(_equal(getattr(new, f.name), getattr(cached, f.name))
                        for f in dataclasses.fields(new) if f.compare)
         if hasattr(type(new), "model_fields") and hasattr(new, "__dict__"):  # a pydantic model: what its == compares
             return all(_equal(getattr(new, part, None), getattr(cached, part, None))
                        for part in ("__dict__", "__pydantic_extra__", "__pydantic_private__"))
-        raise  # `AnswerAgreement.observe` counts a disagreement
+    if ambiguous is not None:
+        raise ambiguous  # `AnswerAgreement.observe` counts a disagreement
+    return False
 
 
 def _is_nan(value: Any) -> bool:
