@@ -30,6 +30,7 @@ from cachelayers import (
     UnkeyableArgumentError,
     configure,
     multilevel_cached,
+    semantic_cached,
 )
 from tests.conftest import FakeClock
 
@@ -140,6 +141,66 @@ async def test_bad_ttl_in_the_key_value_api(clock: FakeClock, ttl: Any, message:
     with pytest.raises(ConfigError, match=message):
         await cache.set("k", "v", ttl=ttl)
     assert await cache.get("k", "absent") == "absent"
+
+
+TOO_LONG = [
+    pytest.param(1e30, id="1e30"),
+    pytest.param(100 * 365 * 86400 + 1, id="100-years-and-1s"),
+    pytest.param("5300w", id="weeks-string"),
+    pytest.param(timedelta(days=40000), id="timedelta"),
+]
+
+
+@pytest.mark.parametrize("ttl", TOO_LONG)
+def test_a_ttl_no_tier_can_store_fails_at_decoration(ttl: Any) -> None:
+    """A TTL over 100 years (Redis refuses ``PX`` of 1e33 ms: the function would silently never be cached
+    there) fails at decoration, naming ``ttl`` and saying how to keep entries for ever."""
+
+    async def f(x: int) -> int:
+        return x
+
+    for decorate in (multilevel_cached(ttl=ttl), semantic_cached(threshold=0.9, ttl=ttl)):
+        with pytest.raises(ConfigError, match=r"at most 100 years.*use ttl=None for entries that never expire") \
+                as info:
+            decorate(f)
+        assert info.value.field == "ttl"
+
+
+@pytest.mark.parametrize("ttl", TOO_LONG)
+def test_a_default_ttl_no_tier_can_store_fails_when_the_settings_are_made(ttl: Any) -> None:
+    with pytest.raises(ConfigError, match=r"at most 100 years.*use default_ttl=None") as info:
+        Settings(default_ttl=ttl)
+    assert info.value.field == "default_ttl"
+    with pytest.raises(ConfigError, match="at most 100 years") as info:
+        Settings.from_env({"CACHELAYERS_DEFAULT_TTL": "6000w"})
+    assert info.value.field == "CACHELAYERS_DEFAULT_TTL"
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    pytest.param({"ttl": 60, "stale": 1e30}, "stale", id="stale"),
+    pytest.param({"ttl": 60, "stale": "6000w"}, "stale", id="stale-string"),
+    pytest.param({"lock": 1e30}, "lock", id="lock-lease"),
+])
+def test_a_grace_period_or_lease_no_tier_can_store_fails_at_decoration(options: dict[str, Any], field: str) -> None:
+    """``stale=`` extends the entry's lifetime in Redis, ``lock=`` is a Redis lease (``PX``): bounded alike."""
+
+    async def f(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigError, match="at most 100 years") as info:
+        multilevel_cached(**options)(f)
+    assert info.value.field == field
+
+
+@pytest.mark.anyio
+async def test_a_ttl_no_tier_can_store_in_the_key_value_api(clock: FakeClock) -> None:
+    cache = TieredCache(Settings(), clock=clock)
+    with pytest.raises(ConfigError, match="use ttl=None") as info:
+        await cache.set("k", "v", ttl=1e30)
+    assert info.value.field == "ttl"
+    assert await cache.get("k", "absent") == "absent"
+    assert await cache.set("k", "v", ttl="36500d")  # the longest is stored
+    assert await cache.get("k") == "v"
 
 
 @pytest.mark.parametrize(

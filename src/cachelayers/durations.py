@@ -5,10 +5,25 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
+from typing import Final
 
 from cachelayers.errors import ConfigError
 
-__all__ = ["parse_duration", "parse_size"]
+__all__ = ["LONGEST", "LONGEST_TEXT", "parse_duration", "parse_size", "parse_ttl"]
+
+LONGEST: Final = 100 * 365 * 86400.0
+"""The longest lifetime of anything stored: a TTL, a ``stale=`` grace period, a lock's lease, a limit's window.
+
+100 years of 365 days (3,153,600,000 s). Every tier holds it, twice over (a TTL plus its ``stale=`` grace):
+memory and the disk tier (SQLite ``REAL``) keep the expiry as a float; memcached is given no expiry beyond 30
+days (it would read the number as a date) and expires the entry itself; Redis takes milliseconds as 64-bit
+integers (``PX``, ``PEXPIRE``), and a Lua script writes a number of 1e14 or more in exponent notation when it
+makes text of it. A TTL of 1e30 s made Redis refuse every write (``value is not an integer or out of range``);
+a limit's window of 4000 years made the limiter's Redis scripts answer ``1.24416e+14`` where an integer was
+read."""
+
+LONGEST_TEXT: Final = "100 years, 3153600000 s"
+"""`LONGEST` in words, for messages."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0,
@@ -19,7 +34,7 @@ _SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2
                "tib": 1024**4}
 
 
-def parse_duration(value: object, field: str, *, allow_zero: bool = False) -> float:
+def parse_duration(value: object, field: str, *, allow_zero: bool = False, stored: bool = False) -> float:
     """Return a duration in seconds.
 
     Args:
@@ -27,12 +42,14 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = False) -> fl
             ``"90s"``, ``"5m"``, ``"1h"``, ``"2d"``.
         field: Name of the setting, used in the error message.
         allow_zero: Whether zero is acceptable.
+        stored: The duration is a lifetime in the tiers (a grace period, a lease): at most `LONGEST`.
 
     Returns:
         The duration in seconds, finite and positive (or zero when allowed).
 
     Raises:
-        ConfigError: The value is negative, not finite, of the wrong type or malformed.
+        ConfigError: The value is negative, not finite, of the wrong type or malformed (or, with ``stored``,
+            longer than `LONGEST`).
     """
     if isinstance(value, bool):
         raise ConfigError(field, value, "expected a duration (seconds or a string like '90s'), got a bool")
@@ -54,6 +71,22 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = False) -> fl
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ConfigError(field, value, "duration must be positive" if not allow_zero
                           else "duration must not be negative")
+    if stored and seconds > LONGEST:
+        raise ConfigError(field, value, f"longer than the tiers can store (at most {LONGEST_TEXT})")
+    return seconds
+
+
+def parse_ttl(value: object, field: str = "ttl") -> float:
+    """Return a TTL in seconds: a duration as `parse_duration` reads it, of at most `LONGEST`.
+
+    Raises:
+        ConfigError: The value is not a positive duration, or is longer than any tier can store (the message
+            says to use ``None`` for entries that never expire).
+    """
+    seconds = parse_duration(value, field)
+    if seconds > LONGEST:
+        raise ConfigError(field, value, f"longer than the tiers can store (at most {LONGEST_TEXT}); use "
+                                        f"{field}=None for entries that never expire")
     return seconds
 
 

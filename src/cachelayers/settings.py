@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar, final
@@ -20,9 +19,9 @@ from cachelayers import audit
 from cachelayers.backends import validate_backend_url
 from cachelayers.backends.vectors.options import parse_vector_index
 from cachelayers.codec.crypto import parse_encryption_keys, require_cryptography
-from cachelayers.durations import parse_duration
+from cachelayers.durations import parse_duration, parse_ttl
 from cachelayers.errors import ConfigError, redact_urls
-from cachelayers.validation import flag, positive_int
+from cachelayers.validation import flag, limit_windows, positive_int
 
 __all__ = ["DEFAULT_TIERS", "ENV_PREFIX", "PerSettings", "Settings", "SettingsTracker", "configure", "get_settings",
            "reset_settings", "tracker"]
@@ -31,11 +30,6 @@ T = TypeVar("T")
 
 ENV_PREFIX: Final = "CACHELAYERS_"
 DEFAULT_TIERS: Final = (("memory", "memory://?max_entries=10000&max_bytes=64MiB"),)
-_LIMIT = re.compile(
-    r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*"
-    r"(;\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day|month|year)s?\s*)*$",
-    re.IGNORECASE,
-)
 
 
 def _tiers(value: object) -> tuple[tuple[str, str], ...]:
@@ -115,8 +109,8 @@ class Settings:
         tiers: Ordered tiers, fastest first, as ``name -> URL`` (a list of URLs is named after the
             schemes). Schemes: ``memory://?max_entries=&max_bytes=``; ``redis://``, ``rediss://``,
             ``redis+cluster://``, ``unix://`` and ``disk:///path?max_bytes=`` with their extras.
-        default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``; ``None`` keeps
-            them until evicted.
+        default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``, at most 100 years
+            (`cachelayers.durations.LONGEST`); ``None`` keeps them until evicted.
         key_prefix: Prefix of every storage key, so several applications can share one Redis: non-empty,
             ending with ``:`` and with no other ``:`` (so that no prefix starts with another).
         secret: Key that signs every stored entry (16-64 bytes). Entries not signed with it are never served.
@@ -134,7 +128,8 @@ class Settings:
         strict: Raise cache failures to the caller instead of computing uncached (for tests and debugging).
         vector_index: Where the semantic cache keeps its entries: ``memory://`` (in-process),
             ``usearch:///path`` (on disk, reloaded on start) or ``redis://host:port/db`` (shared by processes).
-        limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``.
+        limits: Named rate limits, e.g. ``{"llm-rpm": "3500/minute"}``, checked as ``@rate_limited`` checks an
+            inline limit (`cachelayers.validation.limit_windows`).
         semantic_max_entries: Entries of every semantically cached function of the process together (all
             functions, all partitions) before the least recently used of them is evicted; 500,000 by default.
         invalidation_limit: How fast this process may invalidate and clear, e.g. ``"100/second"``
@@ -171,7 +166,7 @@ class Settings:
         set_(self, "tiers", _tiers(self.tiers))
         _check_key_prefix(self.key_prefix)
         if self.default_ttl is not None:
-            set_(self, "default_ttl", parse_duration(self.default_ttl, "default_ttl"))
+            set_(self, "default_ttl", parse_ttl(self.default_ttl, "default_ttl"))
         if self.secret is not None:
             raw = self.secret.encode() if isinstance(self.secret, str) else self.secret
             if not isinstance(raw, bytes) or not 16 <= len(raw) <= 64:
@@ -200,9 +195,7 @@ class Settings:
         if not isinstance(limits, Mapping):
             raise ConfigError("limits", self.limits, "expected a mapping of name to a limit like '3500/minute'")
         for name, spec in limits.items():
-            if not isinstance(spec, str) or not _LIMIT.match(spec):
-                raise ConfigError(f"limits[{name!r}]", spec,
-                                  "expected a limit like '3500/minute' or '10 per 2 seconds'")
+            limit_windows(spec, f"limits[{name!r}]")  # every check of the rate limiter's parse_limit
         set_(self, "semantic_max_entries", positive_int(self.semantic_max_entries, "semantic_max_entries", text=True))
         set_(self, "limits", tuple(sorted((str(k), str(v).strip()) for k, v in limits.items())))
         self._check_audit_and_guard()
@@ -212,7 +205,7 @@ class Settings:
         limit = self.invalidation_limit
         if isinstance(limit, str) and limit.strip().lower() in ("", "none"):
             limit = None
-        if limit is not None and (not isinstance(limit, str) or not _LIMIT.match(limit) or ";" in limit):
+        if limit is not None and len(limit_windows(limit, "invalidation_limit")) != 1:
             raise ConfigError("invalidation_limit", limit, "expected one limit like '100/second' or '10 per minute'")
         set_(self, "invalidation_limit", limit.strip() if limit is not None else None)
         set_(self, "invalidation_limit_wait", flag(self.invalidation_limit_wait, "invalidation_limit_wait"))

@@ -18,6 +18,7 @@ from limits.aio.strategies import (
 from limits.util import parse_many
 
 from cachelayers.errors import ConfigError, RateLimitExceeded
+from cachelayers.validation import limit_windows
 
 __all__ = ["DEFAULT_STRATEGY", "LIMIT_NAME", "STRATEGIES", "Limit", "Strategy", "cost_plan", "cost_units",
            "looks_like_spec", "parse_limit", "strategy_name"]
@@ -84,21 +85,17 @@ def parse_limit(spec: str, field: str = "limit", *, name: str | None = None) -> 
         The parsed `Limit`.
 
     Raises:
-        ConfigError: The text is not a limit, or a window allows nothing.
+        ConfigError: The text is not a limit, or a window allows nothing, lasts no time or is too long to store
+            (`cachelayers.validation.limit_windows`, which the settings check named limits with too).
     """
-    if not isinstance(spec, str):
-        raise ConfigError(field, spec, "expected a limit like '3500/minute' or '10 per 2 seconds'")
+    windows = limit_windows(spec, field)
     text = spec.strip()
     try:
         items = tuple(parse_many(text))
     except ValueError:
-        raise ConfigError(field, spec, "not a limit; expected e.g. '3500/minute', '10 per 2 seconds' or "
-                                       "'10/second;500/minute'") from None
-    if not items:
-        raise ConfigError(field, spec, "not a limit; expected e.g. '3500/minute'")
-    for item in items:
-        if item.amount < 1:
-            raise ConfigError(field, spec, "a limit must allow at least 1 unit per window")
+        items = ()
+    if [(item.amount, item.get_expiry()) for item in items] != list(windows):  # limits must read it as we do
+        raise ConfigError(field, spec, "not a limit as the limits library reads it")
     return Limit(name or text, text, items)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from cachelayers import audit
 from cachelayers.backends.vectors import GONE, parse_vector_index
 from cachelayers.codec import Codec, allowed_types
-from cachelayers.durations import parse_duration
+from cachelayers.durations import parse_ttl
 from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
@@ -98,7 +98,7 @@ class SemanticFunction(Generic[P, T]):
         self._keys = self._split.keys
         self.identity = self._keys.identity
         ttl = options.get("ttl")
-        self._ttl = parse_duration(ttl, "ttl") if ttl is not None else None
+        self._ttl = parse_ttl(ttl, "ttl") if ttl is not None else None
         self.max_entries = positive_int(options.get("max_entries", DEFAULT_MAX_ENTRIES), "max_entries")
         self.max_total_entries = positive_int(options.get("max_total_entries", DEFAULT_MAX_TOTAL_ENTRIES),
                                               "max_total_entries")

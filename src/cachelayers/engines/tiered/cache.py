@@ -27,7 +27,7 @@ from cachelayers.backends.base import MISSING, Clock, LockSupport, PubSubSupport
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec
 from cachelayers.codec.sizing import live_entry_size
-from cachelayers.durations import parse_duration
+from cachelayers.durations import parse_ttl
 from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.tiered.channel import Listener
@@ -160,11 +160,11 @@ class TieredCache:
         """Store ``value`` under ``key`` in every tier; return whether it could be encoded.
 
         Raises:
-            ConfigError: ``ttl`` is malformed or negative.
+            ConfigError: ``ttl`` is malformed, negative or longer than the tiers can store.
             TypeError: A tag is not a string.
             ValueError: A tag starts as namespace tags do (``"ns\\x1f"``).
         """
-        seconds = parse_duration(ttl, "ttl") if ttl is not None else self.settings.default_ttl
+        seconds = parse_ttl(ttl, "ttl") if ttl is not None else self.settings.default_ttl
         expires_at = self.clock() + seconds if seconds is not None else None
         checked = user_tags(tags, "TieredCache.set")
         sk = self.storage_key(key)

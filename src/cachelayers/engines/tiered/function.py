@@ -20,7 +20,7 @@ from cachelayers import audit
 from cachelayers.backends.base import MISSING
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec, allowed_types
-from cachelayers.durations import parse_duration
+from cachelayers.durations import parse_duration, parse_ttl
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.sync import is_async, run, to_async
 from cachelayers.engines.tiered.cache import TieredCache, default_cache
@@ -110,7 +110,7 @@ class FunctionCache(Generic[P, T]):
         self._cost = cost
         self._lease = lease(options.get("lock"))
         stale = options.get("stale")
-        self._grace = parse_duration(stale, "stale") if stale is not None else 0.0
+        self._grace = parse_duration(stale, "stale", stored=True) if stale is not None else 0.0
         self.refreshes = 0
         """Background refreshes of stale entries completed (``stale=``)."""
         cache = options.get("cache")
@@ -403,7 +403,7 @@ class FunctionCache(Generic[P, T]):
                     self.not_stored += 1
                     return False
                 if chosen is not None:
-                    ttl = parse_duration(chosen, "ttl")
+                    ttl = parse_ttl(chosen, "ttl")
         except Exception as exc:
             self.stats.errors += 1
             cache.log.failure(f"cache_if=/ttl= of {self.identity}", exc)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
 
-from cachelayers.durations import parse_duration
+from cachelayers.durations import parse_duration, parse_ttl
 from cachelayers.engines.tiered.cache import TieredCache
 from cachelayers.errors import ConfigError
 
@@ -41,13 +41,13 @@ def lease(lock: bool | float | str | timedelta | None) -> float | None:
     """The lease in seconds of a ``lock=`` option, or ``None`` for no distributed lock.
 
     Raises:
-        ConfigError: ``lock`` is a malformed or non-positive duration.
+        ConfigError: ``lock`` is a malformed or non-positive duration, or longer than the tiers can store.
     """
     if lock is None or lock is False:
         return None
     if lock is True:
         return DEFAULT_LOCK_LEASE
-    seconds = parse_duration(lock, "lock")
+    seconds = parse_duration(lock, "lock", stored=True)
     if seconds <= 0:
         raise ConfigError("lock", lock, "the lease must be positive (or pass lock=True for the default)")
     return seconds
@@ -70,11 +70,11 @@ def ttl_options(ttl: Any, cache_if: Any) -> tuple[float | None, Callable[[Any], 
     """The ``ttl=`` and ``cache_if=`` options read: ``(seconds, ttl function, cache_if function)``.
 
     Raises:
-        ConfigError: ``ttl`` is a malformed duration, ``cache_if`` is not a function, or a function given for
-            either cannot be called with the result alone.
+        ConfigError: ``ttl`` is a malformed duration (or longer than the tiers can store), ``cache_if`` is not a
+            function, or a function given for either cannot be called with the result alone.
     """
     ttl_fn = ttl if callable(ttl) else None
-    seconds = parse_duration(ttl, "ttl") if ttl is not None and ttl_fn is None else None
+    seconds = parse_ttl(ttl, "ttl") if ttl is not None and ttl_fn is None else None
     if cache_if is not None and not callable(cache_if):
         raise ConfigError("cache_if", cache_if, "must be a function of the result returning whether to store it")
     for field, given in (("ttl", ttl_fn), ("cache_if", cache_if)):
