@@ -282,3 +282,49 @@ async def test_a_snapshot_vector_that_is_not_its_rows_answers_nothing(tmp_path: 
         ("computed", {"q": PARAPHRASES[QUESTIONS[0]], "tenant": "t"}),
         ("semantic", {"q": QUESTIONS[1], "tenant": "t"})]  # the row's vector answers for it
     await again.aclose()
+
+
+def _module_level_embedder(texts: list[str]) -> Any:
+    return np.ones((len(texts), 4), dtype=np.float32)
+
+
+class _Unnamed:
+    def __call__(self, texts: list[str]) -> Any:
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["lambda", "object"])
+async def test_an_embedder_without_a_lasting_name_is_refused_for_a_disk_index(kind: str, tmp_path: Path) -> None:
+    """Its name carries a token of this process: every restart would open an empty index, silently."""
+    embedder: Any = (lambda texts: np.ones((len(texts), 4))) if kind == "lambda" else _Unnamed()
+    with pytest.raises(cachelayers.ConfigError, match="embed") as info:
+        @semantic_cached(embed=embedder, threshold=0.9, vector_index=f"usearch://{tmp_path}")
+        async def refused(question: str) -> str:
+            return question
+    assert "name" in str(info.value)
+
+    cachelayers.configure(vector_index=f"usearch://{tmp_path}")  # the settings' index: refused at the first call
+
+    @semantic_cached(embed=embedder, threshold=0.9)
+    async def ask(question: str) -> str:
+        return question
+
+    with pytest.raises(cachelayers.ConfigError, match="embed"):
+        await ask("hello")
+    embedder.name = "ones"  # named: accepted, and found again by the next process
+    assert await ask("hello") == "hello"
+    await ask.aclose()
+
+
+async def test_module_level_and_in_memory_embedders_need_no_name(tmp_path: Path) -> None:
+    @semantic_cached(embed=_module_level_embedder, threshold=0.9, vector_index=f"usearch://{tmp_path}")
+    async def on_disk(question: str) -> str:
+        return question
+
+    @semantic_cached(embed=lambda texts: np.ones((len(texts), 4)), threshold=0.9, vector_index="memory://")
+    async def in_memory(question: str) -> str:
+        return question
+
+    assert await on_disk("a") == "a"
+    assert await in_memory("a") == "a"
+    await on_disk.aclose()

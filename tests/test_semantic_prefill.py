@@ -187,6 +187,8 @@ async def test_a_clear_while_a_chunk_is_embedded_stores_nothing_of_it(on_disk: b
             await go_on.wait()
         return inner(texts)
 
+    slow.name = "slow-angles"  # type: ignore[attr-defined]  # a disk store needs a name known after restarts
+
     @semantic_cached(embed=slow, threshold=0.99)
     async def ask(question: str) -> str:
         return "computed " + question

@@ -57,6 +57,7 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "embed",
     "embedder_name",
+    "has_stable_name",
     "minilm",
     "pair_features",
     "resolve_embedder",
@@ -106,9 +107,19 @@ def embedder_name(embedder: Callable[..., Any]) -> str:
     if isinstance(name, str) and name:
         return name
     identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
-    if "<lambda>" in identity or "<locals>" in identity or not inspect.isfunction(embedder):
+    if not has_stable_name(embedder):
         identity += f"@{_process_token(embedder)}"
     return identity
+
+
+def has_stable_name(embedder: Callable[..., Any]) -> bool:
+    """Whether `embedder_name` names ``embedder`` the same in every process (a ``name`` attribute, or a
+    module-level function), rather than with a token of this process."""
+    name = getattr(embedder, "name", None)
+    if isinstance(name, str) and name:
+        return True
+    identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
+    return inspect.isfunction(embedder) and "<lambda>" not in identity and "<locals>" not in identity
 
 
 def validate_embeddings(raw: Any, count: int, ndim: int | None = None, source: str = "embedder") -> np.ndarray:

@@ -22,7 +22,7 @@ from cachelayers import audit
 from cachelayers.backends.vectors import GONE, parse_vector_index
 from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_ttl
-from cachelayers.embedders import HashingEmbedder, embed, embedder_name
+from cachelayers.embedders import HashingEmbedder, embed, embedder_name, has_stable_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
@@ -118,11 +118,11 @@ class SemanticFunction(Generic[P, T]):
             raise ConfigError("cache_embeddings", cache_embeddings, "expected True or False")
         self._cache_embeddings = cache_embeddings
         vector_index = options.get("vector_index")
-        if vector_index is not None:
-            parse_vector_index(vector_index)
-        self._vector_index = vector_index
         self._clock = options.get("clock")
         self.embedder_name = embedder_name(self._embedder)
+        if vector_index is not None:
+            self._check_lasting(vector_index, "vector_index")
+        self._vector_index = vector_index
         self._embed_prefix = "emb:" + hashlib.blake2b(self.embedder_name.encode(), digest_size=8).hexdigest() + ":"
         self._ndim: int | None = getattr(self._embedder, "ndim", None)
         self._batcher: Batcher[str, [], np.ndarray] = Batcher(
@@ -169,6 +169,16 @@ class SemanticFunction(Generic[P, T]):
             return None
         return self._explicit_cache if self._explicit_cache is not None else default_cache()
 
+    def _check_lasting(self, url: str, field: str) -> None:
+        """Check ``url``; a store that outlives the process (disk) or is shared (Redis) needs an embedder named
+        the same in every process, or its entries are never found again (`has_stable_name`)."""
+        scheme = parse_vector_index(url, field)[0].scheme
+        if scheme != "memory" and not has_stable_name(self._embedder):
+            raise ConfigError("embed", self._embedder, f"a {scheme}:// vector index keeps entries for other "
+                              "processes and restarts, which know an embedder by its name: a lambda, a nested "
+                              "function or an object without a `name` attribute has none. Give it a `name` "
+                              "attribute (or use a module-level function)")
+
     async def store(self) -> SemanticStore:
         """The store of the settings in force (opened, and loaded from disk or Redis, on first use).
 
@@ -181,6 +191,7 @@ class SemanticFunction(Generic[P, T]):
         store = self._store
         if store is not None and self._store_url == url and store.usable():
             return store
+        self._check_lasting(url, "vector_index")
         while self._opening is not None:
             await self._opening.wait()
             if self._store is not None and self._store_url == url and self._store.usable():
