@@ -581,3 +581,34 @@ async def test_failing_tier_does_not_break_the_key_value_api(clock: FakeClock) -
     with pytest.raises(InvalidationError):
         await cache.clear()
     assert await cache.get("k", "gone") == "gone"
+
+
+@pytest.mark.parametrize(("decorator", "options", "field"), [
+    pytest.param(multilevel_cached, {"version": [1]}, "version", id="multilevel-version-list"),
+    pytest.param(multilevel_cached, {"version": {"a": 1}}, "version", id="multilevel-version-dict"),
+    pytest.param(multilevel_cached, {"cache": 5}, "cache", id="multilevel-cache"),
+    pytest.param(semantic_cached, {"version": [1]}, "version", id="semantic-version-list"),
+    pytest.param(semantic_cached, {"version": True}, "version", id="semantic-version-bool"),
+    pytest.param(semantic_cached, {"clock": 5}, "clock", id="semantic-clock"),
+    pytest.param(semantic_cached, {"cache": 5}, "cache", id="semantic-cache"),
+])
+def test_engine_options_of_the_wrong_kind_fail_at_decoration(decorator: Any, options: dict[str, Any],
+                                                             field: str) -> None:
+    """Before, each was accepted: a clock of 5 made every store write fail (nothing ever cached), a cache of 5
+    failed every embedding-cache read, a list version went into the keys as its text."""
+
+    async def f(x: str) -> str:
+        return x
+
+    with pytest.raises(ConfigError) as info:
+        decorator(**options)(f)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("version", [0, 3, "v2", ""])
+def test_a_str_or_int_version_is_accepted(version: str | int) -> None:
+    async def f(x: str) -> str:
+        return x
+
+    multilevel_cached(version=version)(f)
+    semantic_cached(version=version)(f)

@@ -347,6 +347,8 @@ class KeyBuilder:
             raise ConfigError("name", name, "must be a non-empty string without NUL (or None for module.qualname)")
         if namespace is not None and not isinstance(namespace, str):
             raise ConfigError("namespace", namespace, "must be a non-empty string without ':' or NUL")
+        if not isinstance(version, str | int) or isinstance(version, bool):
+            raise ConfigError("version", version, "expected a str or an int (its text is part of every key)")
         self.identity = name or function_identity(fn)
         self.namespace = namespace if namespace is not None else self.identity
         self.version = str(version)

@@ -113,12 +113,16 @@ class SemanticFunction(Generic[P, T]):
         self._agreement = agreement
         self.max_candidates = positive_int(options.get("max_candidates", DEFAULT_MAX_CANDIDATES), "max_candidates")
         self._explicit_cache = options.get("cache")
+        if self._explicit_cache is not None and not isinstance(self._explicit_cache, TieredCache):
+            raise ConfigError("cache", self._explicit_cache, "expected a TieredCache (for the cached embeddings)")
         cache_embeddings = options.get("cache_embeddings", True)
         if not isinstance(cache_embeddings, bool):
             raise ConfigError("cache_embeddings", cache_embeddings, "expected True or False")
         self._cache_embeddings = cache_embeddings
         vector_index = options.get("vector_index")
         self._clock = options.get("clock")
+        if self._clock is not None and not callable(self._clock):
+            raise ConfigError("clock", self._clock, "expected a function returning the time in seconds")
         self.embedder_name = embedder_name(self._embedder)
         if vector_index is not None:
             self._check_lasting(vector_index, "vector_index")

@@ -77,6 +77,8 @@ class FunctionCache(Generic[P, T]):
         self.sync = not is_async(fn)
         """Whether the function is a plain ``def`` (then `wrapper` is one too)."""
         self._fn: Callable[..., Awaitable[T]] = to_async(cast(Callable[..., T], fn)) if self.sync else fn
+        if options.get("cache") is not None and not isinstance(options.get("cache"), TieredCache):
+            raise ConfigError("cache", options.get("cache"), "expected a TieredCache (an engine made from Settings)")
         namespace = options.get("namespace")
         self._keys = KeyBuilder(fn, namespace=namespace, version=options.get("version", 0), key=options.get("key"),
                                 ignore=options.get("ignore", ()), name=options.get("name"))
