@@ -44,7 +44,14 @@ import numpy as np
 from cachelayers.errors import ConfigError, EmbeddingError, MissingDependencyError
 from cachelayers.keys import function_identity
 from cachelayers.validation import positive_int
-from cachelayers.verifiers import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features, same_words
+from cachelayers.verifiers import (
+    PAIR_FEATURES,
+    PAIR_VERIFIER_WEIGHTS,
+    PairVerifier,
+    SameFacts,
+    pair_features,
+    same_words,
+)
 
 __all__ = [
     "PAIR_FEATURES",
@@ -210,9 +217,9 @@ class HashingEmbedder:
 
     What scores high: re-casing, punctuation and spacing (1.0); reordered words, a changed function word or
     a misspelling (0.7-0.95, below the calibrated 0.98). What it misses: meaning. Synonyms ("car" /
-    "automobile") look unrelated, and a negation or a changed number can look nearly identical. Pair it with
-    a verifier or use a neural embedder for paraphrase traffic; ``cachelayers calibrate`` measures it on
-    your data.
+    "automobile") look unrelated, and a negation or a changed number can look nearly identical (its
+    ``default_verifier``, `cachelayers.verifiers.SameFacts`, refuses those). Pair it with a verifier or use a
+    neural embedder for paraphrase traffic; ``cachelayers calibrate`` measures it on your data.
 
     Args:
         ndim: Dimension of the vectors (more buckets, fewer collisions).
@@ -229,6 +236,8 @@ class HashingEmbedder:
             raise ConfigError("ndim", ndim, "expected an integer of at least 16")
         self.ndim = ndim
         self.name = f"cachelayers.hashing-v1-{ndim}"
+        self.default_verifier = SameFacts()
+        """Used with ``default_threshold``: a text whose numbers or negation differ is never the same question."""
         self._words: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _hashed(self, feature: str, weight: float) -> tuple[int, float]:
