@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from cachelayers import multilevel_cached, semantic_cached
+from cachelayers import invalidate_tags, multilevel_cached, semantic_cached
 
 pytestmark = pytest.mark.anyio
 
@@ -64,3 +64,34 @@ async def test_a_call_after_a_clear_computes_again(decorator: Any) -> None:
 async def test_a_call_after_invalidating_its_key_computes_again() -> None:
     fn, state = _gated(multilevel_cached())
     await _race(fn, state, lambda: fn.invalidate("refund window?"))
+
+
+async def test_an_unrelated_invalidation_keeps_one_computation() -> None:
+    """Invalidating another key or tag must not defeat single flight for this one (no herd of recomputations)."""
+    started, release = anyio.Event(), anyio.Event()
+    runs: list[str] = []
+
+    @multilevel_cached(tags=lambda question: [f"q:{question}"])
+    async def answer(question: str) -> str:
+        runs.append(question)
+        if question == "slow":
+            started.set()
+            await release.wait()
+        return f"answer to {question}"
+
+    results: list[str] = []
+
+    async def call() -> None:
+        results.append(await answer("slow"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await started.wait()
+        await answer.invalidate("other")
+        await invalidate_tags("q:other")
+        for _ in range(3):
+            tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert runs == ["slow"]
+    assert results == ["answer to slow"] * 4

@@ -270,8 +270,9 @@ class FunctionCache(Generic[P, T]):
         inflight = cache.inflight
         while True:
             flight = inflight.get(local_key)
-            if flight is None or flight.epoch != cache.epoch:  # none, or begun before an invalidation
-                break
+            if flight is None or (flight.epoch != cache.epoch and not self._joinable(cache, flight, local_key,
+                                                                                      args, kwargs)):
+                break  # none, or begun before an invalidation of this call: its value is not for this caller
             await flight.wait()
             if flight.done:
                 if flight.error is not None:
@@ -540,6 +541,15 @@ class FunctionCache(Generic[P, T]):
         if self.sync:
             return run(lambda: self._answer(local_key, args, kwargs, mode))
         return self._answer(local_key, args, kwargs, mode)
+
+    def _joinable(self, cache: TieredCache, flight: Flight, local_key: Hashable, args: Any, kwargs: Any) -> bool:
+        """Whether a caller may wait for ``flight``, begun before other invalidations: none of them covers this
+        call (its key, its tags, its namespace, or everything). Unrelated invalidations keep one computation."""
+        try:
+            tags = self._tags(args, kwargs)
+        except Exception:  # counted where the result is stored; here, computing anew is the safe answer
+            return False
+        return not cache.invalidated_since(flight.epoch, self._prefix + self._keys.storage_digest(local_key), tags)
 
     def _tags(self, args: Any, kwargs: Any) -> tuple[str, ...]:
         if self._tags_fn is None:
