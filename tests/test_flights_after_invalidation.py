@@ -95,3 +95,39 @@ async def test_an_unrelated_invalidation_keeps_one_computation() -> None:
         release.set()
     assert runs == ["slow"]
     assert results == ["answer to slow"] * 4
+
+
+@pytest.mark.parametrize("related", [False, True], ids=["unrelated-tag", "clear"])
+async def test_a_batch_function_joins_or_recomputes_an_item_as_the_invalidations_say(related: bool) -> None:
+    started, release = anyio.Event(), anyio.Event()
+    batches: list[list[str]] = []
+    kb = ["old"]
+
+    @multilevel_cached(batch=True)
+    async def embed(texts: list[str]) -> list[str]:
+        batches.append(list(texts))
+        snapshot = kb[0]
+        if snapshot == "old":
+            started.set()
+            await release.wait()
+        return [f"{t} from {snapshot}" for t in texts]
+
+    results: list[list[str]] = []
+
+    async def call() -> None:
+        results.append(await embed(["slow"]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await started.wait()
+        kb[0] = "new"
+        await (embed.cache_clear() if related else invalidate_tags("unrelated"))
+        tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    if related:  # the later call computed anew and got the new value
+        assert batches == [["slow"], ["slow"]]
+        assert sorted(results) == [["slow from new"], ["slow from old"]]
+    else:  # it waited for the computation under way
+        assert batches == [["slow"]]
+        assert results == [["slow from old"]] * 2

@@ -162,6 +162,14 @@ class BatchFunctionCache(FunctionCache[P, T]):
                 self._count_cost(values[key])
         return self._output(rows)
 
+    def _item_joinable(self, cache: TieredCache, call: _BatchCall, key: Hashable, item: Any, other: Flight) -> bool:
+        """Whether the item may wait for ``other``, begun before invalidations: none of them covers the item."""
+        try:
+            tags = self._tags(*call.with_items(item, self._batch_name))
+        except Exception:  # counted where the result is stored; here, computing anew is the safe answer
+            return False
+        return not cache.invalidated_since(other.epoch, self._prefix + self._keys.storage_digest(key), tags)
+
     async def _fill(self, cache: TieredCache, call: _BatchCall, first: dict[Hashable, Any],
                     values: dict[Hashable, Any]) -> None:
         """Find the missing items in the lower tiers, compute the rest in one call, store them.
@@ -182,7 +190,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
             if key in values:
                 continue
             other = inflight.get(key)
-            if other is not None and other.epoch == epoch:  # not one begun before an invalidation
+            if other is not None and (other.epoch == epoch or self._item_joinable(cache, call, key, first[key], other)):
                 theirs[key] = other
             else:
                 inflight[key] = flight
