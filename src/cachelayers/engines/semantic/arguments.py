@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, cast
 
 from cachelayers.errors import ConfigError, UnkeyableArgumentError
@@ -82,6 +82,23 @@ class CallSplitter:
         self._signature = inspect.signature(fn)
         self._memo: dict[tuple[tuple[str, Any], ...], bytes] = {}
         """Partition digests of calls whose partition arguments are a few plain scalars (most calls)."""
+
+    def prefill_rows(self, entries: Iterable[tuple[str, Any]],
+                     partition_arguments: Mapping[str, Any]) -> list[tuple[str, Any, bytes]]:
+        """``(text, value, partition)`` of each prefill entry with a non-blank text.
+
+        Raises:
+            TypeError: An entry is not a ``(str, value)`` pair, or as `prefill_arguments`.
+        """
+        rows: list[tuple[str, Any, bytes]] = []
+        for item in entries:
+            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
+                raise TypeError(f"prefill of {self.identity}: expected (text, value) pairs with a str text, "
+                                f"got {item!r:.80}")
+            text, value = item
+            if text.strip():
+                rows.append((text, value, self.partition_of(text, self.prefill_arguments(text, partition_arguments))))
+        return rows
 
     def prefill_arguments(self, text: str, partition_arguments: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments of a call with semantic text ``text`` and ``partition_arguments`` (for `split`).

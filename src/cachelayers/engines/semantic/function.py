@@ -19,10 +19,10 @@ import anyio
 import numpy as np
 
 from cachelayers import audit
-from cachelayers.backends.vectors import GONE, parse_vector_index
+from cachelayers.backends.vectors import GONE
 from cachelayers.codec import Codec, allowed_types
 from cachelayers.durations import parse_ttl
-from cachelayers.embedders import HashingEmbedder, embed, embedder_name, has_stable_name
+from cachelayers.embedders import HashingEmbedder, embed, embedder_name
 from cachelayers.engines.batcher import Batcher
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.semantic.agreement import AnswerAgreement
@@ -36,6 +36,7 @@ from cachelayers.engines.semantic.options import (
     DEFAULT_MAX_TOTAL_ENTRIES,
     SIMILARITY_TOLERANCE,
     SemanticOptions,
+    check_lasting,
 )
 from cachelayers.engines.semantic.store import Entry, SemanticStore, open_store
 from cachelayers.engines.tiered import TieredCache, default_cache
@@ -125,7 +126,7 @@ class SemanticFunction(Generic[P, T]):
             raise ConfigError("clock", self._clock, "expected a function returning the time in seconds")
         self.embedder_name = embedder_name(self._embedder)
         if vector_index is not None:
-            self._check_lasting(vector_index, "vector_index")
+            check_lasting(vector_index, self._embedder)
         self._vector_index = vector_index
         self._embed_prefix = "emb:" + hashlib.blake2b(self.embedder_name.encode(), digest_size=8).hexdigest() + ":"
         self._ndim: int | None = getattr(self._embedder, "ndim", None)
@@ -173,16 +174,6 @@ class SemanticFunction(Generic[P, T]):
             return None
         return self._explicit_cache if self._explicit_cache is not None else default_cache()
 
-    def _check_lasting(self, url: str, field: str) -> None:
-        """Check ``url``; a store that outlives the process (disk) or is shared (Redis) needs an embedder named
-        the same in every process, or its entries are never found again (`has_stable_name`)."""
-        scheme = parse_vector_index(url, field)[0].scheme
-        if scheme != "memory" and not has_stable_name(self._embedder):
-            raise ConfigError("embed", self._embedder, f"a {scheme}:// vector index keeps entries for other "
-                              "processes and restarts, which know an embedder by its name: a lambda, a nested "
-                              "function or an object without a `name` attribute has none. Give it a `name` "
-                              "attribute (or use a module-level function)")
-
     async def store(self) -> SemanticStore:
         """The store of the settings in force (opened, and loaded from disk or Redis, on first use).
 
@@ -195,7 +186,7 @@ class SemanticFunction(Generic[P, T]):
         store = self._store
         if store is not None and self._store_url == url and store.usable():
             return store
-        self._check_lasting(url, "vector_index")
+        check_lasting(url, self._embedder)
         while self._opening is not None:
             await self._opening.wait()
             if self._store is not None and self._store_url == url and self._store.usable():
@@ -526,15 +517,7 @@ class SemanticFunction(Generic[P, T]):
 
     async def prefill(self, entries: Iterable[tuple[str, Any]], /, **partition_arguments: Any) -> int:
         """Store known answers without calling the function (see `SemanticCachedFunction.prefill`)."""
-        rows: list[tuple[str, Any, bytes]] = []
-        for item in entries:
-            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], str):
-                raise TypeError(f"prefill of {self.identity}: expected (text, value) pairs with a str text, "
-                                f"got {item!r:.80}")
-            text, value = item
-            if text.strip():
-                arguments = self._split.prefill_arguments(text, partition_arguments)
-                rows.append((text, value, self._split.partition_of(text, arguments)))
+        rows = self._split.prefill_rows(entries, partition_arguments)
         if not rows:
             return 0
         store = await self.store()

@@ -6,12 +6,15 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
 
+from cachelayers.backends.vectors import parse_vector_index
+from cachelayers.embedders import has_stable_name
 from cachelayers.engines.semantic.agreement import AnswerAgreement
 from cachelayers.engines.semantic.lookups import Verifier
 from cachelayers.engines.tiered import TieredCache
+from cachelayers.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_CANDIDATES", "DEFAULT_MAX_ENTRIES", "DEFAULT_MAX_TOTAL_ENTRIES", "SIMILARITY_TOLERANCE",
-           "SemanticOptions"]
+           "SemanticOptions", "check_lasting"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 """Entries per partition before the least recently used is evicted."""
@@ -52,3 +55,18 @@ class SemanticOptions(TypedDict, total=False):
     cache_embeddings: bool
     vector_index: str | None
     clock: Callable[[], float] | None
+
+
+def check_lasting(url: str, embedder: Any) -> None:
+    """Check the ``vector_index`` URL; one that outlives the process (disk) or is shared (Redis) needs an
+    embedder named the same in every process, or its entries are never found again (`has_stable_name`).
+
+    Raises:
+        ConfigError: The URL is invalid (``vector_index``), or the embedder has no lasting name (``embed``).
+    """
+    scheme = parse_vector_index(url, "vector_index")[0].scheme
+    if scheme != "memory" and not has_stable_name(embedder):
+        raise ConfigError("embed", embedder, f"a {scheme}:// vector index keeps entries for other processes and "
+                          "restarts, which know an embedder by its name: a lambda, a nested function or an object "
+                          "without a `name` attribute has none. Give it a `name` attribute (or use a "
+                          "module-level function)")

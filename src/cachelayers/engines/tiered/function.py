@@ -13,21 +13,20 @@ import inspect
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, cast
 
 from cachelayers import audit
 from cachelayers.backends.base import MISSING
 from cachelayers.backends.memory import MemoryBackend
 from cachelayers.codec import Codec, allowed_types
-from cachelayers.durations import parse_duration, parse_ttl
+from cachelayers.durations import parse_duration
 from cachelayers.engines.flight import Flight
 from cachelayers.engines.sync import is_async, run, to_async
 from cachelayers.engines.tiered.cache import TieredCache, default_cache
 from cachelayers.engines.tiered.control import Mode, Trace, current_mode, on_switch, only_sampling, switch_now
 from cachelayers.engines.tiered.hitpath import compile_hit_path
 from cachelayers.engines.tiered.locks import compute_locked, refresh_locked
-from cachelayers.engines.tiered.options import CacheOptions, lease, ttl_options
+from cachelayers.engines.tiered.options import CacheOptions, lease, result_lifetime, ttl_options
 from cachelayers.engines.tiered.tags import namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Stale
 from cachelayers.errors import BackendError, ConfigError, SerializationError
@@ -39,7 +38,6 @@ from cachelayers.validation import check_options
 
 __all__ = ["FunctionCache"]
 
-_ZERO = timedelta(0)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -396,22 +394,15 @@ class FunctionCache(Generic[P, T]):
         ``cache_if``/``ttl`` function is counted and logged, and the result is not stored (raised in strict
         mode)."""
         try:
-            if self._cache_if is not None and not self._cache_if(result):
-                self.not_stored += 1
-                return False
-            ttl = self._expiry_default
-            if self._ttl_fn is not None:
-                chosen = self._ttl_fn(result)
-                if chosen == 0 or chosen == _ZERO:
-                    self.not_stored += 1
-                    return False
-                if chosen is not None:
-                    ttl = parse_ttl(chosen, "ttl")
+            ttl = result_lifetime(self._cache_if, self._ttl_fn, self._expiry_default, result)
         except Exception as exc:
             self.stats.errors += 1
             cache.log.failure(f"cache_if=/ttl= of {self.identity}", exc)
             if cache.strict:
                 raise
+            return False
+        if ttl is False:
+            self.not_stored += 1
             return False
         return cache.clock() + ttl if ttl is not None else None
 

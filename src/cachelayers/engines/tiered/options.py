@@ -11,7 +11,7 @@ from cachelayers.durations import parse_duration, parse_ttl
 from cachelayers.engines.tiered.cache import TieredCache
 from cachelayers.errors import ConfigError
 
-__all__ = ["DEFAULT_LOCK_LEASE", "CacheOptions", "lease", "takes_result", "ttl_options"]
+__all__ = ["DEFAULT_LOCK_LEASE", "CacheOptions", "lease", "result_lifetime", "takes_result", "ttl_options"]
 
 DEFAULT_LOCK_LEASE: Final = 30.0
 
@@ -35,6 +35,24 @@ class CacheOptions(TypedDict, total=False):
     stale: float | str | timedelta | None
     lock: bool | float | str | timedelta | None
     batch: bool | str
+
+
+_ZERO: Final = timedelta(0)
+
+
+def result_lifetime(cache_if: Callable[[Any], Any] | None, ttl_fn: Callable[[Any], Any] | None,
+                    default: float | None, result: Any) -> float | bool | None:
+    """Seconds an entry of ``result`` lives (``None``: until invalidated), or ``False`` when it is not stored:
+    ``cache_if`` refused it or ``ttl_fn`` gave zero. What either function raises propagates."""
+    if cache_if is not None and not cache_if(result):
+        return False
+    if ttl_fn is not None:
+        chosen = ttl_fn(result)
+        if chosen == 0 or chosen == _ZERO:
+            return False
+        if chosen is not None:
+            return parse_ttl(chosen, "ttl")
+    return default
 
 
 def lease(lock: bool | float | str | timedelta | None) -> float | None:
