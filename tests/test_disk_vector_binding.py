@@ -107,8 +107,8 @@ def execute(path: Path, sql: str, *args: Any) -> None:
         db.close()
 
 
-async def test_a_payload_copied_from_another_functions_file_is_refused(
-        tmp_path: Path, protection: dict[str, str]) -> None:
+async def one_entry_each(tmp_path: Path, protection: dict[str, str]) -> tuple[Any, Any]:
+    """Store one answer with each function, close both; their rows, which share a key and sequence number."""
     public, admin = functions(tmp_path, protection)
     await public(PUBLIC_Q)
     await admin(ADMIN_Q)
@@ -117,6 +117,12 @@ async def test_a_payload_copied_from_another_functions_file_is_refused(
     (pub_row,) = entries(file_of(tmp_path, "public_faq"))
     (adm_row,) = entries(file_of(tmp_path, "admin_tool"))
     assert pub_row[:2] == adm_row[:2]  # one key and sequence number in both files
+    return pub_row, adm_row
+
+
+async def test_a_payload_copied_from_another_functions_file_is_refused(
+        tmp_path: Path, protection: dict[str, str]) -> None:
+    pub_row, adm_row = await one_entry_each(tmp_path, protection)
     execute(file_of(tmp_path, "public_faq"), "UPDATE entries SET value = ? WHERE key = ?", adm_row[6], pub_row[0])
 
     public, admin = functions(tmp_path, protection)
@@ -129,14 +135,7 @@ async def test_a_payload_copied_from_another_functions_file_is_refused(
 
 async def test_a_whole_row_copied_from_another_functions_file_is_refused(
         tmp_path: Path, protection: dict[str, str]) -> None:
-    public, admin = functions(tmp_path, protection)
-    await public(PUBLIC_Q)
-    await admin(ADMIN_Q)
-    await public.aclose()
-    await admin.aclose()
-    (pub_row,) = entries(file_of(tmp_path, "public_faq"))
-    (adm_row,) = entries(file_of(tmp_path, "admin_tool"))
-    assert pub_row[:2] == adm_row[:2]
+    _, adm_row = await one_entry_each(tmp_path, protection)
     execute(file_of(tmp_path, "public_faq"), "INSERT OR REPLACE INTO entries (key, seq, partition, text, expires_at, "
             "vector, value) VALUES (?, ?, ?, ?, ?, ?, ?)", *adm_row)
     delete(tmp_path, "*.usearch")
