@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["current_loop_token", "running_asyncio_loop"]
+__all__ = ["current_loop_token", "loop_alive", "running_asyncio_loop"]
 
 
 def current_loop_token() -> object:
@@ -29,3 +29,15 @@ def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def loop_alive(token: object) -> bool:
+    """Whether the event loop ``token`` (from `current_loop_token`) is running now, in this or another thread:
+    an asyncio loop that runs, a trio run that has not finished."""
+    if isinstance(token, asyncio.AbstractEventLoop):
+        return token.is_running() and not token.is_closed()
+    try:
+        token.run_sync_soon(lambda: None)  # type: ignore[attr-defined]
+    except Exception:  # trio.RunFinishedError: the run is over
+        return False
+    return True

@@ -37,7 +37,6 @@ from cachelayers.engines.tiered.guard import InvalidationGuard
 from cachelayers.engines.tiered.tags import NAMESPACE_TAG, covered_since, namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Stale, Tier
 from cachelayers.errors import SerializationError
-from cachelayers.loops import current_loop_token
 from cachelayers.metrics import FunctionStats, StateLog, TierStats, register_stats_source
 from cachelayers.settings import PerSettings, Settings, get_settings
 
@@ -269,9 +268,8 @@ class TieredCache:
     async def follow_invalidations(self) -> None:
         """Make sure this process hears other processes' invalidations before its memory tier takes entries."""
         listener = self.listener
-        if listener is not None and (self.local is not None or self.epochs is not None) and (
-                listener.loop is not current_loop_token() or not listener.subscribed):
-            await listener.start()
+        if listener is not None and (self.local is not None or self.epochs is not None):
+            await listener.follow()
 
     def invalidated(self, kind: str, items: list[str]) -> None:
         """Record an invalidation (ours or another process's) and apply it to the memory tier.

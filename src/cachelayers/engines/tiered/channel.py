@@ -24,7 +24,7 @@ from cachelayers.engines.background import BackgroundTasks
 from cachelayers.engines.tiered.epochs import Epochs, Invalidations, fields_of
 from cachelayers.engines.tiered.events import ClearGate, Events
 from cachelayers.engines.tiered.tier import Tier
-from cachelayers.loops import current_loop_token
+from cachelayers.loops import current_loop_token, loop_alive
 from cachelayers.metrics import StateLog
 
 __all__ = ["Listener", "ListenerHost"]
@@ -92,6 +92,22 @@ class Listener:
         self.cache.background.start_soon(self._run, token)
         with anyio.move_on_after(self.tier.timeout):
             await ready.wait()
+
+    async def follow(self) -> None:
+        """Make sure the channel is heard: start listening in this loop, unless the listener runs (or retries)
+        in another loop that is still running, such as the library's loop of the plain functions, or the
+        application's. One subscription per process: moving it at every call from the other loop would leave
+        the old one open each time."""
+        token = current_loop_token()
+        if self.loop is token:
+            if not self.subscribed:
+                await self.start()
+        elif self.loop is None or not loop_alive(self.loop):
+            await self.start()
+
+    def here(self) -> bool:
+        """Whether the channel is heard in the running loop (its events can be awaited here)."""
+        return self.subscribed and self.loop is current_loop_token()
 
     def stop(self) -> None:
         """Forget the subscription (the engine is closing)."""

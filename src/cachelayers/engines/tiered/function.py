@@ -31,7 +31,6 @@ from cachelayers.engines.tiered.tags import namespace_tag, user_tags
 from cachelayers.engines.tiered.tier import Stale
 from cachelayers.errors import BackendError, ConfigError, SerializationError
 from cachelayers.keys import KeyBuilder, KeyFunctionError, claim_identity
-from cachelayers.loops import current_loop_token
 from cachelayers.metrics import CacheInfo, FunctionStats, register_stats_source, stable_list
 from cachelayers.settings import tracker
 from cachelayers.validation import check_options
@@ -330,10 +329,8 @@ class FunctionCache(Generic[P, T]):
         """Read the lower tiers, else compute (under the distributed lock, if asked) and store."""
         storage_key = self._prefix + self._keys.storage_digest(local_key)
         epoch, since = cache.epoch, cache.failures
-        listener = cache.listener
-        if listener is not None and cache.local is not None and (
-                listener.loop is not current_loop_token() or not listener.subscribed):
-            await listener.start()
+        if cache.listener is not None and cache.local is not None:
+            await cache.listener.follow()
         if cache.tiers:
             value = await self._read(cache, local_key, storage_key, epoch, trace)
             if value is not MISSING:

@@ -16,7 +16,6 @@ import anyio
 from cachelayers.backends.base import MISSING, LockSupport
 from cachelayers.engines.tiered.cache import TieredCache
 from cachelayers.engines.tiered.tier import Tier
-from cachelayers.loops import current_loop_token
 
 __all__ = ["compute_locked", "refresh_locked"]
 
@@ -51,12 +50,12 @@ async def compute_locked(cache: TieredCache, storage_key: str, lease: float, rea
     name = _lock_name(cache, storage_key)
     token = os.urandom(16).hex()
     listener = cache.listener
-    if listener is not None and (listener.loop is not current_loop_token() or not listener.subscribed):
-        await listener.start()
-    notified = listener is not None and listener.subscribed
+    if listener is not None:
+        await listener.follow()
+    notified = listener is not None and listener.here()  # a release is heard, and can be awaited, in this loop
     pause = LOCK_FIRST_WAIT_NOTIFIED if notified else LOCK_FIRST_WAIT
     while True:
-        woken = listener.waiter(name) if listener is not None and listener.subscribed else None
+        woken = listener.waiter(name) if listener is not None and listener.here() else None
         acquired = await tier.call(lambda: backend.acquire_lock(name, token, lease), None)
         if acquired is None:
             return await compute()
