@@ -11,10 +11,10 @@ from cachelayers.errors import ConfigError
 
 __all__ = ["LONGEST", "LONGEST_TEXT", "parse_duration", "parse_size", "parse_ttl"]
 
-LONGEST: Final = 100 * 365 * 86400.0
+LONGEST: Final = 1000 * 365 * 86400.0
 """The longest lifetime of anything stored: a TTL, a ``stale=`` grace period, a lock's lease, a limit's window.
 
-100 years of 365 days (3,153,600,000 s). Every tier holds it, twice over (a TTL plus its ``stale=`` grace):
+1000 years of 365 days (31,536,000,000 s). Every tier holds it, twice over (a TTL plus its ``stale=`` grace):
 memory and the disk tier (SQLite ``REAL``) keep the expiry as a float; memcached is given no expiry beyond 30
 days (it would read the number as a date) and expires the entry itself; Redis takes milliseconds as 64-bit
 integers (``PX``, ``PEXPIRE``), and a Lua script writes a number of 1e14 or more in exponent notation when it
@@ -22,7 +22,7 @@ makes text of it. A TTL of 1e30 s made Redis refuse every write (``value is not 
 a limit's window of 4000 years made the limiter's Redis scripts answer ``1.24416e+14`` where an integer was
 read."""
 
-LONGEST_TEXT: Final = "100 years, 3153600000 s"
+LONGEST_TEXT: Final = "1000 years, 31536000000 s"
 """`LONGEST` in words, for messages."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|min|h|d|w)?\s*$", re.IGNORECASE)
@@ -72,7 +72,7 @@ def parse_duration(value: object, field: str, *, allow_zero: bool = False, store
         raise ConfigError(field, value, "duration must be positive" if not allow_zero
                           else "duration must not be negative")
     if stored and seconds > LONGEST:
-        raise ConfigError(field, value, f"longer than the tiers can store (at most {LONGEST_TEXT})")
+        raise ConfigError(field, value, f"longer than every tier keeps exactly (at most {LONGEST_TEXT})")
     return seconds
 
 
@@ -85,7 +85,7 @@ def parse_ttl(value: object, field: str = "ttl") -> float:
     """
     seconds = parse_duration(value, field)
     if seconds > LONGEST:
-        raise ConfigError(field, value, f"longer than the tiers can store (at most {LONGEST_TEXT}); use "
+        raise ConfigError(field, value, f"longer than every tier keeps exactly (at most {LONGEST_TEXT}); use "
                                         f"{field}=None for entries that never expire")
     return seconds
 

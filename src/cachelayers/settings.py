@@ -109,7 +109,7 @@ class Settings:
         tiers: Ordered tiers, fastest first, as ``name -> URL`` (a list of URLs is named after the
             schemes). Schemes: ``memory://?max_entries=&max_bytes=``; ``redis://``, ``rediss://``,
             ``redis+cluster://``, ``unix://`` and ``disk:///path?max_bytes=`` with their extras.
-        default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``, at most 100 years
+        default_ttl: Lifetime of entries when a decorator gives none, in seconds or ``"1h"``, at most 1000 years
             (`cachelayers.durations.LONGEST`); ``None`` keeps them until evicted.
         key_prefix: Prefix of every storage key, so several applications can share one Redis: non-empty,
             ending with ``:`` and with no other ``:`` (so that no prefix starts with another).

@@ -123,7 +123,7 @@ def limit_windows(value: object, field: str) -> tuple[LimitWindow, ...]:
         if multiples < 1:
             raise ConfigError(field, value, f"a window must last at least 1 {unit}, not 0")
         if multiples * LIMIT_UNITS[unit] > LONGEST:
-            raise ConfigError(field, value, f"a window must not be longer than the tiers can store "
+            raise ConfigError(field, value, f"a window must not be longer than every tier counts exactly "
                                             f"(at most {LONGEST_TEXT})")
         windows.append(LimitWindow(amount, multiples * LIMIT_UNITS[unit]))
     return tuple(windows)
