@@ -26,6 +26,7 @@ import gc
 import hashlib
 import inspect
 import math
+import numbers
 import pathlib
 import threading
 import uuid
@@ -338,7 +339,7 @@ class KeyBuilder:
         fn: Callable[..., Any],
         *,
         namespace: str | None = None,
-        version: str | int = 0,
+        version: str | float | uuid.UUID = 0,
         key: Callable[..., Any] | None = None,
         ignore: Iterable[str] = (),
         name: str | None = None,
@@ -347,8 +348,9 @@ class KeyBuilder:
             raise ConfigError("name", name, "must be a non-empty string without NUL (or None for module.qualname)")
         if namespace is not None and not isinstance(namespace, str):
             raise ConfigError("namespace", namespace, "must be a non-empty string without ':' or NUL")
-        if not isinstance(version, str | int) or isinstance(version, bool):
-            raise ConfigError("version", version, "expected a str or an int (its text is part of every key)")
+        given: object = version  # checked at run time: untyped callers pass anything
+        if isinstance(given, bool) or not isinstance(given, str | numbers.Real | uuid.UUID):
+            raise ConfigError("version", given, "expected a str, a number or a UUID (its text is part of every key)")
         self.identity = name or function_identity(fn)
         self.namespace = namespace if namespace is not None else self.identity
         self.version = str(version)

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
+from uuid import UUID
 
 from cachelayers.durations import parse_duration, parse_ttl
 from cachelayers.engines.tiered.cache import TieredCache
@@ -27,7 +28,7 @@ class CacheOptions(TypedDict, total=False):
     tags: Callable[..., Iterable[str]] | Iterable[str] | None
     key: Callable[..., Any] | None
     namespace: str | None
-    version: str | int
+    version: str | float | UUID
     ignore: Iterable[str]
     name: str | None
     cost: float | Callable[[Any], float] | None
