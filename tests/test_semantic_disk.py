@@ -3,6 +3,7 @@ that disagrees with its rows. Each is checked through the public API."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 
 import cachelayers
-from cachelayers import explain, semantic_cached
+from cachelayers import explain, rate_limited, semantic_cached
 from cachelayers.backends.vectors.disk_files import PayloadFile
+from cachelayers.embedders import embedder_name, has_stable_name
 from tests.test_semantic_persistence import PARAPHRASES, QUESTIONS, ROOT, make
 
 pytestmark = pytest.mark.anyio
@@ -328,3 +330,51 @@ async def test_module_level_and_in_memory_embedders_need_no_name(tmp_path: Path)
     assert await on_disk("a") == "a"
     assert await in_memory("a") == "a"
     await on_disk.aclose()
+
+
+class _NamedModel:
+    name = "model-v1"
+
+    def embed(self, texts: list[str]) -> Any:
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+    @classmethod
+    def embed_cls(cls, texts: list[str]) -> Any:
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+
+class _UnnamedModel:
+    def embed(self, texts: list[str]) -> Any:
+        return np.ones((len(texts), 4), dtype=np.float32)
+
+
+def _wrapping(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(texts: list[str]) -> Any:
+        return fn(texts)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(("make", "lasting"), [
+    pytest.param(lambda: rate_limited("100/second")(_module_level_embedder), True, id="rate_limited-module-function"),
+    pytest.param(lambda: _wrapping(_module_level_embedder), True, id="functools.wraps"),
+    pytest.param(lambda: _NamedModel().embed, True, id="method-of-a-named-object"),
+    pytest.param(lambda: _NamedModel.embed_cls, True, id="classmethod"),
+    pytest.param(lambda: _UnnamedModel().embed, False, id="method-of-an-unnamed-object"),
+    pytest.param(lambda: functools.partial(_module_level_embedder), False, id="partial"),
+])
+async def test_which_embedders_have_a_lasting_name(make: Any, lasting: bool, tmp_path: Path) -> None:
+    embedder = make()
+    assert has_stable_name(embedder) is lasting
+    assert ("@" not in embedder_name(embedder)) is lasting  # a name with a process token otherwise
+
+    async def ask(question: str) -> str:
+        return question
+
+    decorate = semantic_cached(embed=embedder, threshold=0.9, vector_index=f"usearch://{tmp_path}")
+    if lasting:
+        assert await decorate(ask)("a") == "a"
+    else:
+        with pytest.raises(cachelayers.ConfigError, match="embed"):
+            decorate(ask)

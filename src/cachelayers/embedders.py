@@ -110,23 +110,42 @@ def embedder_name(embedder: Callable[..., Any]) -> str:
     process: their qualified names are not unique, so their cached embeddings stay in-process rather than
     risk being read by another embedder. Give such embedders a ``name`` to share their cache.
     """
-    name = getattr(embedder, "name", None)
-    if isinstance(name, str) and name:
-        return name
+    lasting = _lasting_name(embedder)
+    if lasting is not None:
+        return lasting
     identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
-    if not has_stable_name(embedder):
-        identity += f"@{_process_token(embedder)}"
-    return identity
+    return f"{identity}@{_process_token(embedder)}"
 
 
 def has_stable_name(embedder: Callable[..., Any]) -> bool:
-    """Whether `embedder_name` names ``embedder`` the same in every process (a ``name`` attribute, or a
-    module-level function), rather than with a token of this process."""
+    """Whether `embedder_name` names ``embedder`` the same in every process, rather than with a token of this
+    process: it has a ``name`` attribute, or it is a module-level function (also under decorators that keep
+    ``__wrapped__``, such as ``rate_limited``), a method of an object with a ``name``, or a class method of a
+    module-level class. Lambdas, nested functions, ``functools.partial`` objects and other callables without a
+    ``name`` have none (a partial's arguments may change what it embeds: name it)."""
+    return _lasting_name(embedder) is not None
+
+
+def _module_level(identity: str) -> bool:
+    return "<lambda>" not in identity and "<locals>" not in identity
+
+
+def _lasting_name(embedder: Any) -> str | None:
     name = getattr(embedder, "name", None)
     if isinstance(name, str) and name:
-        return True
-    identity = function_identity(embedder if inspect.isroutine(embedder) else type(embedder))
-    return inspect.isfunction(embedder) and "<lambda>" not in identity and "<locals>" not in identity
+        return name
+    if inspect.ismethod(embedder):
+        owner, method = embedder.__self__, embedder.__func__.__name__
+        if inspect.isclass(owner):  # a class method
+            identity = function_identity(owner)
+            return f"{identity}.{method}" if _module_level(identity) else None
+        owner_name = getattr(owner, "name", None)  # a method of a named object: the object tells what it embeds
+        return f"{owner_name}.{method}" if isinstance(owner_name, str) and owner_name else None
+    inner = inspect.unwrap(embedder) if hasattr(embedder, "__wrapped__") else embedder
+    if inspect.isfunction(inner):
+        identity = function_identity(inner)
+        return identity if _module_level(identity) else None
+    return None
 
 
 def validate_embeddings(raw: Any, count: int, ndim: int | None = None, source: str = "embedder") -> np.ndarray:

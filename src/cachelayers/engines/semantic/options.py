@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, Final, TypedDict
+from uuid import UUID
 
 from cachelayers.backends.vectors import parse_vector_index
 from cachelayers.embedders import has_stable_name
@@ -49,7 +50,7 @@ class SemanticOptions(TypedDict, total=False):
     agreement: AnswerAgreement | None
     max_candidates: int
     namespace: str | None
-    version: str | int
+    version: str | float | UUID
     name: str | None
     cache: TieredCache | None
     cache_embeddings: bool
@@ -67,6 +68,6 @@ def check_lasting(url: str, embedder: Any) -> None:
     scheme = parse_vector_index(url, "vector_index")[0].scheme
     if scheme != "memory" and not has_stable_name(embedder):
         raise ConfigError("embed", embedder, f"a {scheme}:// vector index keeps entries for other processes and "
-                          "restarts, which know an embedder by its name: a lambda, a nested function or an object "
-                          "without a `name` attribute has none. Give it a `name` attribute (or use a "
-                          "module-level function)")
+                          "restarts, which know an embedder by its name: a lambda, a nested function, a "
+                          "functools.partial or an object without a `name` attribute has none. Give it (or, for a "
+                          "method, its object) a `name` attribute, or use a module-level function")
