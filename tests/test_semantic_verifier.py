@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from cachelayers import Candidate, ConfigError, explain, semantic_cached
 from cachelayers.embedders import PAIR_FEATURES, PAIR_VERIFIER_WEIGHTS, PairVerifier, pair_features, same_words
+from cachelayers.verifiers import facts_differ
 from tests.semantic_helpers import AngleEmbedder, WordsEmbedder
 
 pytestmark = pytest.mark.anyio
@@ -195,3 +196,20 @@ async def test_the_default_configuration_refuses_a_long_prompt_differing_in_a_nu
         assert await advise(RECORD.format(asked)) == f"computed {RECORD.format(asked)[-45:]}"
     assert info.last is not None
     assert info.last.rejected == 1  # the embedding found it; the verifier refused it
+
+
+@pytest.mark.parametrize(("text", "other", "differ"), [
+    ("dose for 5 mg", "dose for 50 mg", True),
+    ("version 3.10", "version 3.1", True),
+    ("it is -40 degrees", "it is 40 degrees", True),
+    ("x = \u22123", "x = 3", True),  # a Unicode minus
+    ("is it safe", "is it not safe", True),
+    ("can I go", "I can't go", True),
+    ("1,000 users", "1000 users", False),
+    ("pages 10-20", "pages 10 to 20", False),  # a dash between numbers is no sign
+    ("isn\u2019t it", "isn't it", False),
+    ("no numbers", "none here either", False),  # both negate
+])
+def test_facts_differ_reads_numbers_as_written_and_negation(text: str, other: str, differ: bool) -> None:
+    assert (facts_differ(text, other) is not None) is differ
+    assert (facts_differ(other, text) is not None) is differ

@@ -71,13 +71,20 @@ def same_words(text: str, other: str) -> bool:
 
 _NUMERIC: Final = re.compile(r"\.?\d")
 _THOUSANDS: Final = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_NEGATIVE: Final = re.compile(r"(?:^|(?<=[\s(\[{:=,;/]))[-\u2212](\.?\d[\d,]*(?:\.\d+)*)")
+"""A number written with a minus sign of its own (``-40``, ``(-5``), not a dash between two (``10-20``)."""
+
+
+def _number(word: str) -> str:
+    return word.replace(",", "") if _THOUSANDS.fullmatch(word) else word
 
 
 def _facts(text: str) -> tuple[frozenset[str], bool]:
     """The numbers of ``text`` as written (``1,000`` is ``1000``; ``2.50`` is not ``2.5``, as ``3.10`` is not
-    ``3.1``) and whether it negates."""
+    ``3.1``; ``-40`` is not ``40``) and whether it negates."""
     words = [w.replace("\u2019", "'") for w in _words(text)]
-    numbers = {w.replace(",", "") if _THOUSANDS.fullmatch(w) else w for w in words if _NUMERIC.match(w)}
+    numbers = {_number(w) for w in words if _NUMERIC.match(w)}
+    numbers |= {"-" + _number(n) for n in _NEGATIVE.findall(unicodedata.normalize("NFKC", text))}
     return frozenset(numbers), any(w in _NEGATIONS for w in words)
 
 
@@ -85,7 +92,7 @@ def facts_differ(text: str, other: str) -> str | None:
     """Why ``text`` and ``other`` cannot ask the same thing however similar they read, or ``None``.
 
     Two texts differ in fact when their numbers differ as written (``5 mg`` / ``50 mg``, ``2.5`` / ``25``,
-    ``3.10`` / ``3.1``; ``1,000`` and ``1000`` are one number) or when one negates (``not``, ``no``,
+    ``3.10`` / ``3.1``, ``-40`` / ``40``; ``1,000`` and ``1000`` are one number) or when one negates (``not``, ``no``,
     ``never``, ``without``, ``can't``, ...) and the other does not. Embeddings of long texts that differ in
     one number are nearly identical.
     """
