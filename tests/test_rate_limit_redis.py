@@ -313,3 +313,23 @@ def test_redis_storage_under_trio_is_a_clear_config_error(redis_url: str) -> Non
     with pytest.raises(ConfigError, match="needs asyncio"):
         anyio.run(main, backend="trio")
 
+
+
+async def test_an_absurd_retry_after_pauses_for_the_longest_lifetime_and_the_call_keeps_its_error(
+        redis_url: str) -> None:
+    """A provider's ``Retry-After: 1e30`` (or a pause of 1e30 s asked for) is more than Redis keeps: the pause is
+    the longest lifetime instead, and the caller sees the provider's error, not Redis's "out of range"."""
+    engine = RateLimiter(Settings(limits={"shared": "100/second"}), storage=redis_url)
+    try:
+        @rate_limited("shared", limiter=engine, timeout=0)
+        async def complete() -> None:
+            raise ProviderRateLimitError("1e30")
+
+        with pytest.raises(ProviderRateLimitError):
+            await complete()
+        with pytest.raises(RateLimitExceeded):  # paused, in Redis too
+            await complete()
+        with pytest.raises(ConfigError, match="seconds"):
+            await engine.pause("shared", seconds=1e30)
+    finally:
+        await engine.aclose()

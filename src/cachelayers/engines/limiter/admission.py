@@ -22,6 +22,7 @@ from limits.aio.storage import Storage
 
 from cachelayers.backends.limits_fair import RedisFairLine
 from cachelayers.backends.limits_storage import MemoryLimitStorage, RedisLimitExtras, create_limits_storage
+from cachelayers.durations import LONGEST
 from cachelayers.engines.limiter.adaptive import Adaptive, decrease, increase
 from cachelayers.engines.limiter.info import Stats
 from cachelayers.engines.limiter.limits import Strategy
@@ -449,6 +450,7 @@ class Admission:
 
 
     async def _pause(self, windows: Sequence[Window], seconds: float) -> None:
+        seconds = min(seconds, LONGEST)  # a provider's Retry-After of 1e30 s: Redis keeps no such expiry
         now = self._clock()
         until = now + seconds
         self.stats.pauses += 1

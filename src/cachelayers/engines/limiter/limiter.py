@@ -257,7 +257,7 @@ class RateLimiter(Admission):
         self._ensure_storage()
         resolved, strat = self._limits(limits, strategy)
         queue = self._queue(resolved, str(key), strat)
-        await self._pause(queue.windows, parse_duration(seconds, "seconds", allow_zero=True))
+        await self._pause(queue.windows, parse_duration(seconds, "seconds", allow_zero=True, stored=True))
 
     def effective_limit(self, limit: str | Limit, key: str = "", strategy: str | None = None) -> int:
         """The amount ``limit``'s (first) window admits now for ``key``: lower than configured after AIMD cuts."""
