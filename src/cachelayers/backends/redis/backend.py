@@ -93,6 +93,8 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         self.cluster = parsed.scheme == "redis+cluster"
         self._kwargs = client_kwargs(parsed)
         self._state: LoopState | None = None
+        """The pool of the loop of the last call (the fast path); all of them are in ``_states``."""
+        self._states: dict[int, LoopState] = {}
 
     @classmethod
     def validate_url(cls, url: BackendURL) -> None:
@@ -111,31 +113,44 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         state = self._state
         if state is not None and state.loop is loop:
             return state
-        if state is not None:
-            self._state = None
-            abandon(state)
-        writers = min(MAX_WRITERS, self._kwargs["max_connections"])
-        state = self._state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster), max_writers=writers)
+        # Another loop than the last call's: the library's loop of plain functions and the application's
+        # loop take turns in one process. Each keeps its pool; a pool of a loop that has ended is dropped.
+        state = self._states.get(id(loop))
+        if state is None or state.loop is not loop:
+            for key, other in list(self._states.items()):
+                if other.loop.is_closed() or other.loop is loop:
+                    del self._states[key]
+                    abandon(other)
+            writers = min(MAX_WRITERS, self._kwargs["max_connections"])
+            state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster), max_writers=writers)
+            self._states[id(loop)] = state
+        self._state = state
         return state
 
     def __del__(self) -> None:
-        state = getattr(self, "_state", None)
-        if state is not None:
-            self._state = None
+        states = getattr(self, "_states", {})
+        self._state, self._states = None, {}
+        for state in states.values():
             with contextlib.suppress(Exception):
                 abandon(state)
 
     async def aclose(self) -> None:
-        """Close the connection pool of the current event loop (and forget any other)."""
-        state, self._state = self._state, None
-        if state is None:
-            return
+        """Close the connection pool of the current event loop, and drop those of loops that have ended (a loop
+        still running elsewhere keeps its pool until `aclose` is awaited there)."""
+        self._state = None
         try:
-            current = asyncio.get_running_loop()
+            current_loop = asyncio.get_running_loop()
         except RuntimeError:
-            current = None
-        if state.loop is not current:
-            abandon(state)
+            current_loop = None
+        state = None
+        for key, other in list(self._states.items()):
+            if other.loop is current_loop or other.loop.is_closed() or current_loop is None:
+                del self._states[key]
+                if other.loop is current_loop:
+                    state = other
+                else:
+                    abandon(other)
+        if state is None:
             return
         if state.flushes:  # writes being sent: let them finish (each is bounded by its deadlines)
             await asyncio.wait(list(state.flushes))
