@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,31 @@ def test_backend_urls_never_show_their_password() -> None:
         assert PASSWORD not in text
     assert url.password == PASSWORD  # the driver still gets it
     assert str(url) == "rediss://:***@cache.internal:6380/0?timeout=2s"
+
+
+@pytest.mark.parametrize("password", ["pa'ss-hunter2", 'pa"ss-hunter2', "pa'ss\"hunter2"])
+def test_passwords_with_quotes_are_hidden_whole(password: str) -> None:
+    """A quote is a legal character of a URL's password; a repr then quotes the URL with the other quote."""
+    settings = Settings(tiers={"memory": "memory://", "redis": f"redis://:{password}@cache.internal:6379/0"},
+                        vector_index=f"redis://:{password}@vectors.internal:6379/1")
+    url = BackendURL.parse(f"redis://:{password}@cache.internal:6379/0")
+    for text in (repr(settings), str(settings), repr(url), url.redacted()):
+        assert "hunter2" not in text
+    assert url.password == password
+
+
+@pytest.mark.parametrize("password", ["p@ss-hunter2", "pa ss-hunter2", "pa\tss-hunter2"])
+def test_passwords_with_at_or_space_are_refused_without_showing_them(password: str) -> None:
+    """redis-py would take them whole, but no message could then hide all of them: percent-encode them."""
+    builds: tuple[Callable[[], object], ...] = (
+        lambda: Settings(tiers={"redis": f"redis://:{password}@cache.internal:6379/0"}),
+        lambda: Settings(vector_index=f"redis://:{password}@vectors.internal:6379/1"),
+        lambda: Settings.from_env({"CACHELAYERS_TIERS": f"redis://:{password}@cache.internal:6379/0"}))
+    for build in builds:
+        with pytest.raises(ConfigError, match="percent-encode") as info:
+            build()
+        assert "hunter2" not in str(info.value)
+        assert "ss" not in str(info.value).split("percent-encode")[0].split("@")[0]
 
 
 @pytest.mark.parametrize("build", [

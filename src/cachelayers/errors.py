@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 # ``scheme://user:password@`` (user may be empty): the password is what goes.
-_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s'\"]*:)([^@\s'\"]*)(@)")
+_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s'\"]*:)([^@\s]*)(@)")
+"""A URL's ``user:password@``: the password runs to the ``@`` (quotes included: ``pa'ss`` is a password, and a
+``repr`` then quotes the URL with ``"``); a password with ``@`` or a space is refused by `BackendURL.parse`."""
 
 
 def redact_urls(text: str) -> str:

@@ -79,6 +79,12 @@ class BackendURL:
             port = parts.port
         except ValueError as exc:
             raise ConfigError(field, url, f"malformed URL: {exc}") from None
+        authority = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]  # as written: urlsplit drops tabs
+        userinfo, at, host = authority.rpartition("@")
+        if at and ("@" in userinfo or any(c.isspace() for c in userinfo)):
+            # redis-py would take such a password whole; messages, logs and reprs could not hide all of it
+            raise ConfigError(field, f"{parts.scheme}://***@{host}",
+                              "the user or password holds '@' or a space: percent-encode it (%40, %20)")
         options: dict[str, str] = {}
         for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
             if name in options:
