@@ -536,3 +536,29 @@ def test_interpreter_exit_is_clean(tmp_path: Path, redis_url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2 5"
     assert done.stderr == ""
+
+
+def test_a_plain_call_joining_an_async_computation_of_its_key_gets_the_value() -> None:
+    """A ``def`` and an ``async def`` with one identity share entries (and single flight): a plain call made
+    while the async call computes its key waits for it across the two loops, rather than forever."""
+    runs: list[str] = []
+
+    @multilevel_cached(ttl=60, name="tests.sync.shared")
+    async def answer_async(q: str) -> str:
+        runs.append("async")
+        await asyncio.sleep(0.3)
+        return f"answer to {q}"
+
+    @multilevel_cached(ttl=60, name="tests.sync.shared")
+    def answer_sync(q: str) -> str:
+        runs.append("sync")
+        return f"answer to {q}"
+
+    async def main() -> tuple[str, str]:
+        computing = asyncio.ensure_future(answer_async("q"))
+        await asyncio.sleep(0.05)
+        joined = await asyncio.wait_for(asyncio.to_thread(answer_sync, "q"), timeout=10)
+        return await computing, joined
+
+    assert asyncio.run(main()) == ("answer to q", "answer to q")
+    assert runs == ["async"]  # the plain call waited for it: one computation

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Final
 
 import anyio
 
+from cachelayers.loops import current_loop_token
+
 __all__ = ["Flight"]
+
+
+_CROSS_LOOP_POLL: Final = 0.002
 
 
 class Flight:
@@ -17,9 +22,12 @@ class Flight:
     a second caller waits, so a flight nobody joins costs no event.
     """
 
-    __slots__ = ("done", "epoch", "error", "event", "outcome", "value")
+    __slots__ = ("done", "epoch", "error", "event", "finished", "loop", "outcome", "value")
 
     def __init__(self, epoch: int = 0) -> None:
+        self.loop = current_loop_token()
+        """The event loop of the computing caller: its event can only wake waiters of the same loop."""
+        self.finished = False
         self.epoch = epoch
         """The engine's invalidation generation when the computation began: a caller that comes after an
         invalidation (a later generation) computes again instead of waiting for a value from before it."""
@@ -31,13 +39,22 @@ class Flight:
         """What the computing caller tells its waiters about how the value was found (the engine's choice)."""
 
     async def wait(self) -> None:
-        """Wait until the computing caller calls `finish`."""
+        """Wait until the computing caller calls `finish`.
+
+        A waiter in another event loop (a plain function on the library's loop joining an async call on the
+        application's, or the reverse) cannot be woken by the event: it checks every few milliseconds instead.
+        """
+        if self.loop is not current_loop_token():
+            while not self.finished:  # noqa: ASYNC110 - an event of another loop cannot wake this one
+                await anyio.sleep(_CROSS_LOOP_POLL)
+            return
         if self.event is None:
             self.event = anyio.Event()
         await self.event.wait()
 
     def finish(self) -> None:
         """Wake every waiter (whether or not the computation succeeded)."""
+        self.finished = True
         if self.event is not None:
             self.event.set()
 
