@@ -290,3 +290,42 @@ async def test_a_non_callable_fallback_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         with_fallbacks(Provider("p"), "not a function")  # type: ignore[arg-type]
     assert info.value.field == "fallbacks[0]"
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_a_job_cancelled_by_other_code_is_its_own_outcome(timeout: float | None) -> None:
+    """A job that awaited a task cancelled elsewhere ends in CancelledError: that is its outcome, and the others
+    keep theirs (it crashed the gather without a timeout, and with one reported every job as timed out)."""
+
+    async def awaits_a_cancelled_task() -> None:
+        task = asyncio.ensure_future(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        task.cancel()  # by shutdown logic elsewhere
+        await task
+
+    async def ok(n: int) -> int:
+        await asyncio.sleep(0.01)
+        return n
+
+    async def main() -> list[Outcome[Any]]:
+        return await gather_bounded([ok(1), awaits_a_cancelled_task(), ok(3)], timeout=timeout)
+
+    first, failed, third = asyncio.run(main())
+    assert (first.value, third.value) == (1, 3)
+    assert isinstance(failed.error, RuntimeError)
+    assert isinstance(failed.error.__cause__, asyncio.CancelledError)
+    assert not failed.timed_out
+
+
+def test_the_callers_own_cancellation_still_cancels_the_gather() -> None:
+    async def slow() -> None:
+        await asyncio.sleep(10)
+
+    async def main() -> None:
+        gather = asyncio.ensure_future(gather_bounded([slow(), slow()]))
+        await asyncio.sleep(0.01)
+        gather.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gather
+
+    asyncio.run(main())

@@ -6,6 +6,7 @@ behind: when `gather_bounded` returns, every task it started has finished, even 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import math
@@ -18,6 +19,7 @@ import anyio
 
 from cachelayers.durations import parse_duration
 from cachelayers.errors import AllAttemptsFailedError, ConfigError
+from cachelayers.loops import running_asyncio_loop
 from cachelayers.validation import optional_positive_int
 
 __all__ = ["Outcome", "gather_bounded", "with_fallbacks"]
@@ -106,6 +108,13 @@ async def gather_bounded(
                 value = await (job if inspect.iscoroutine(job) else cast(Callable[[], Awaitable[T]], job)())
             except Exception as exc:
                 outcomes[index] = Outcome(error=exc)
+            except anyio.get_cancelled_exc_class() as exc:
+                if _cancelled_here():  # the overall timeout, or the caller's own cancellation
+                    raise
+                # The job awaited something cancelled elsewhere (a task shut down by other code): its outcome
+                failure = RuntimeError(f"job {index} was cancelled by something other than this gather")
+                failure.__cause__ = exc
+                outcomes[index] = Outcome(error=failure)
             else:
                 outcomes[index] = Outcome(value=value)
 
@@ -122,10 +131,19 @@ async def gather_bounded(
     for index, outcome in enumerate(outcomes):
         if outcome is None:
             what = "was still running" if started[index] else "had not started"
-            outcome = Outcome(error=TimeoutError(f"job {index} {what} when the overall timeout of {seconds:g}s "
+            limit_text = "" if seconds is None else f" of {seconds:g}s"
+            outcome = Outcome(error=TimeoutError(f"job {index} {what} when the overall timeout{limit_text} "
                                                  f"expired"), timed_out=True)
         results.append(outcome)
     return results
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task itself is being cancelled (under trio, a cancellation always is)."""
+    if running_asyncio_loop() is None:
+        return True
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def with_fallbacks(
