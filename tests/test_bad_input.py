@@ -614,3 +614,15 @@ def test_a_str_number_or_uuid_version_is_accepted(version: Any) -> None:
 
     multilevel_cached(version=version)(f)
     semantic_cached(version=version)(f)
+
+
+@pytest.mark.parametrize(("env", "field"), [
+    ({"CACHELAYERS_BREAKER_THRESHOLD": "²"}, "CACHELAYERS_BREAKER_THRESHOLD"),  # a digit for str.isdigit, not int()
+    ({"CACHELAYERS_SEMANTIC_MAX_ENTRIES": "5²"}, "CACHELAYERS_SEMANTIC_MAX_ENTRIES"),
+    ({"CACHELAYERS_TIERS": "memory://?max_entries=²"}, "max_entries"),
+    ({"CACHELAYERS_TIERS": "memory://?max_bytes=" + "9" * 400}, "max_bytes"),  # float() of it is infinite
+])
+def test_hostile_numbers_in_the_environment_are_config_errors(env: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert field in str(info.value.field)

@@ -105,7 +105,10 @@ def parse_size(value: object, field: str) -> int:
         if match is None:
             raise ConfigError(field, value, "malformed size; use bytes or a string like '512KiB', '64MiB'")
         unit = match.group(2).lower() if match.group(2) else None
-        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        try:
+            size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        except OverflowError:  # hundreds of digits: float() is infinite
+            raise ConfigError(field, value, "size too large") from None
     else:
         raise ConfigError(field, value, f"expected a size in bytes, got {type(value).__name__}")
     if size <= 0:

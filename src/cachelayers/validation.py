@@ -49,7 +49,7 @@ def positive_int(value: object, field: str, *, text: bool = False) -> int:
     Raises:
         ConfigError: ``value`` is not a positive integer (``True`` and ``False`` are not integers here).
     """
-    if text and isinstance(value, str) and value.strip().isdigit():
+    if text and isinstance(value, str) and value.strip().isdecimal():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(field, value, "expected a positive integer")

@@ -122,7 +122,7 @@ class MemoryBackend(Backend, LocalTier):
         if url.host or url.path not in ("", "/"):
             raise ConfigError(url.field, url.url, "memory:// takes no host or path, only ?max_entries=&max_bytes=")
         raw = url.options.get("max_entries")
-        if raw is not None and (not raw.isdigit() or int(raw) <= 0):
+        if raw is not None and (not raw.isdecimal() or int(raw) <= 0):
             raise ConfigError(url.option_field("max_entries"), raw, "must be a positive integer")
         if "max_bytes" in url.options:
             parse_size(url.options["max_bytes"], url.option_field("max_bytes"))

@@ -165,7 +165,7 @@ class DiskBackend(Backend, ClearPrefixSupport):
         if "max_bytes" in url.options and parse_size(url.options["max_bytes"], url.option_field("max_bytes")) <= 0:
             raise ConfigError(url.option_field("max_bytes"), url.options["max_bytes"], "must be positive")
         raw = url.options.get("max_entries")
-        if raw is not None and (not raw.isdigit() or int(raw) <= 0):
+        if raw is not None and (not raw.isdecimal() or int(raw) <= 0):
             raise ConfigError(url.option_field("max_entries"), raw, "must be a positive integer")
         if "busy_timeout" in url.options:
             parse_duration(url.options["busy_timeout"], url.option_field("busy_timeout"))

@@ -128,7 +128,7 @@ class MemcachedBackend(Backend, ClearPrefixSupport):
             raise ConfigError(url.option_field("namespace"), namespace,
                               "expected 1 to 32 of the characters A-Z a-z 0-9 _ . -")
         pool_size = url.options.get("pool_size", "4")
-        if not pool_size.isdigit() or not 1 <= int(pool_size) <= 1024:
+        if not pool_size.isdecimal() or not 1 <= int(pool_size) <= 1024:
             raise ConfigError(url.option_field("pool_size"), pool_size, "expected a whole number from 1 to 1024")
 
     # -- one client per event loop --------------------------------------------------------------------------

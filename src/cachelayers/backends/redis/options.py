@@ -31,13 +31,13 @@ def validate_redis_url(url: BackendURL) -> None:
     if url.scheme == "unix":
         if url.host or not url.path.startswith("/"):
             raise ConfigError(url.field, url.redacted(), "expected unix:///absolute/path/to/redis.sock")
-        if "db" in opts and not opts["db"].isdigit():
+        if "db" in opts and not opts["db"].isdecimal():
             raise ConfigError(url.option_field("db"), opts["db"], "expected a database number (0, 1, ...)")
     else:
         if not url.host:
             raise ConfigError(url.field, url.redacted(), f"needs a host, e.g. {url.scheme}://localhost:6379/0")
         db = url.path.strip("/")
-        if db and not db.isdigit():
+        if db and not db.isdecimal():
             raise ConfigError(url.field, url.redacted(), f"the path must be a database number, got {db!r}")
         if "db" in opts:
             raise ConfigError(url.option_field("db"), opts["db"], "put the database number in the path: /0")
@@ -49,7 +49,7 @@ def validate_redis_url(url: BackendURL) -> None:
     if "health_check_interval" in opts:
         parse_duration(opts["health_check_interval"], url.option_field("health_check_interval"))
     raw = opts.get("max_connections")
-    if raw is not None and (not raw.isdigit() or int(raw) <= 0):
+    if raw is not None and (not raw.isdecimal() or int(raw) <= 0):
         raise ConfigError(url.option_field("max_connections"), raw, "expected a positive integer")
     if "ssl" in opts:
         if url.scheme != "redis+cluster":

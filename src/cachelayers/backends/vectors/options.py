@@ -38,7 +38,7 @@ def int_option(url: BackendURL, name: str) -> int | None:
     raw = url.options.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) <= 0:
+    if not raw.isdecimal() or int(raw) <= 0:
         raise ConfigError(url.option_field(name), raw, "expected a positive integer")
     return int(raw)
 

@@ -342,7 +342,7 @@ class RedisVectorStore:
         for start in range(0, len(ids), 1000):
             chunk = ids[start:start + 1000]
             partitions = await self.client.hmget(f"{self.base}where", chunk)
-            out += [(int(i), _str(p)) for i, p in zip(chunk, partitions, strict=True) if i.isdigit() and p]
+            out += [(int(i), _str(p)) for i, p in zip(chunk, partitions, strict=True) if i.isdecimal() and p]
         return sorted(out)
 
     @_gated
