@@ -329,3 +329,12 @@ def test_the_callers_own_cancellation_still_cancels_the_gather() -> None:
             await gather
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("fallback_on", ["ConnectionError", ConnectionError("x"), 42, (ConnectionError, None), ()])
+def test_fallback_on_must_name_exception_classes(fallback_on: Any) -> None:
+    async def primary() -> int:
+        return 1
+
+    with pytest.raises(ConfigError, match="fallback_on"):
+        with_fallbacks(primary, primary, fallback_on=fallback_on)

@@ -179,6 +179,9 @@ def with_fallbacks(
     for index, fn in enumerate(attempts):
         if not callable(fn):
             raise ConfigError("primary" if index == 0 else f"fallbacks[{index - 1}]", fn, "must be an async function")
+    kinds = fallback_on if isinstance(fallback_on, tuple) else (fallback_on,)
+    if not kinds or not all(isinstance(kind, type) and issubclass(kind, Exception) for kind in kinds):
+        raise ConfigError("fallback_on", fallback_on, "expected an Exception class or a tuple of them")
     per_attempt = _seconds(attempt_timeout, "attempt_timeout")
     overall = _seconds(timeout, "timeout")
     names = [getattr(fn, "__qualname__", None) or type(fn).__qualname__ for fn in attempts]
