@@ -233,6 +233,8 @@ def test_the_calibrate_command_prints_replay_rates(tmp_path: Path, capsys: pytes
     (["--replay", "{missing}"], "No such file"),
     (["{pairs}", "--plot", "{nowhere}"], "is in a directory that does not exist"),
     (["{pairs}", "--plot", "{here}"], "is a directory"),
+    (["{pairs}", "--plot", "{curve}"], "ending in .png, .svg, .pdf"),  # matplotlib wrote curve.png, not curve
+    (["{pairs}", "--plot", "{text}"], "ending in .png, .svg, .pdf"),  # a traceback of matplotlib's ValueError
 ])
 def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    arguments: list[str], message: str) -> None:
@@ -243,7 +245,8 @@ def test_the_calibrate_command_names_bad_arguments(tmp_path: Path, capsys: pytes
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"a": "x", "b": "y", "duplicate": True}) + "\n")
     paths = {"replay": str(replay), "bad": str(bad), "missing": str(tmp_path / "missing.json"), "pairs": str(pairs),
-             "nowhere": str(tmp_path / "no" / "such" / "dir" / "curve.png"), "here": str(tmp_path)}
+             "nowhere": str(tmp_path / "no" / "such" / "dir" / "curve.png"), "here": str(tmp_path),
+             "curve": str(tmp_path / "curve"), "text": str(tmp_path / "curve.txt")}
     assert cli.main(["calibrate", *[a.format(**paths) for a in arguments]]) == 2
     out = capsys.readouterr().out
     assert "cachelayers calibrate: error:" in out

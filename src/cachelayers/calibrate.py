@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import anyio
 import numpy as np
@@ -374,11 +374,15 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision to reach: 1 - the share of cache answers that may be wrong (default 0.9)")
     parser.add_argument("--embedder", default="default",
                         help="'default' (built-in hashing), 'minilm', 'model2vec:PATH' or 'st:NAME_OR_PATH'")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of precision and recall here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write a plot of precision and recall here (.png, .svg or .pdf, by the extension)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     parser.add_argument("--every", type=float, default=0.05, help="print one row per this step of threshold")
     parser.add_argument("--min-support", type=int, default=50,
                         help="ignore thresholds accepting fewer pairs than this (their precision is noise)")
+
+
+_PLOT_FORMATS: Final = (".png", ".svg", ".pdf")
 
 
 def check_calibrate_arguments(args: argparse.Namespace) -> str | None:
@@ -390,6 +394,9 @@ def check_calibrate_arguments(args: argparse.Namespace) -> str | None:
     if args.plot is not None and (Path(args.plot).is_dir() or not Path(args.plot).resolve().parent.is_dir()):
         where = "is a directory" if Path(args.plot).is_dir() else "is in a directory that does not exist"
         return f"--plot {str(args.plot)!r} {where}: give the path of a PNG file to write"
+    if args.plot is not None and Path(args.plot).suffix.lower() not in _PLOT_FORMATS:
+        return (f"--plot {str(args.plot)!r}: give a file name ending in {', '.join(_PLOT_FORMATS)} (the name's "
+                "extension is the image's format)")
     if not 0 < args.target_precision <= 1:
         return f"--target-precision must be in (0, 1], got {args.target_precision:g}"
     if args.margin is not None and not 0 <= args.margin <= 1:
