@@ -162,14 +162,6 @@ class BatchFunctionCache(FunctionCache[P, T]):
                 self._count_cost(values[key])
         return self._output(rows)
 
-    def _item_joinable(self, cache: TieredCache, call: _BatchCall, key: Hashable, item: Any, other: Flight) -> bool:
-        """Whether the item may wait for ``other``, begun before invalidations: none of them covers the item."""
-        try:
-            tags = self._tags(*call.with_items(item, self._batch_name))
-        except Exception:  # counted where the result is stored; here, computing anew is the safe answer
-            return False
-        return not cache.invalidated_since(other.epoch, self._prefix + self._keys.storage_digest(key), tags)
-
     async def _fill(self, cache: TieredCache, call: _BatchCall, first: dict[Hashable, Any],
                     values: dict[Hashable, Any]) -> None:
         """Find the missing items in the lower tiers, compute the rest in one call, store them.
@@ -190,7 +182,7 @@ class BatchFunctionCache(FunctionCache[P, T]):
             if key in values:
                 continue
             other = inflight.get(key)
-            if other is not None and (other.epoch == epoch or self._item_joinable(cache, call, key, first[key], other)):
+            if other is not None and self._joinable(cache, other, key, *call.with_items(first[key], self._batch_name)):
                 theirs[key] = other
             else:
                 inflight[key] = flight

@@ -267,8 +267,7 @@ class FunctionCache(Generic[P, T]):
         inflight = cache.inflight
         while True:
             flight = inflight.get(local_key)
-            if flight is None or (flight.epoch != cache.epoch and not self._joinable(cache, flight, local_key,
-                                                                                      args, kwargs)):
+            if flight is None or not self._joinable(cache, flight, local_key, args, kwargs):
                 break  # none, or begun before an invalidation of this call: its value is not for this caller
             await flight.wait()
             if flight.done:
@@ -531,8 +530,10 @@ class FunctionCache(Generic[P, T]):
         return self._answer(local_key, args, kwargs, mode)
 
     def _joinable(self, cache: TieredCache, flight: Flight, local_key: Hashable, args: Any, kwargs: Any) -> bool:
-        """Whether a caller may wait for ``flight``, begun before other invalidations: none of them covers this
-        call (its key, its tags, its namespace, or everything). Unrelated invalidations keep one computation."""
+        """Whether a caller may wait for ``flight``: no invalidation since it began covers this call (its key, its
+        tags, its namespace, or everything). Unrelated invalidations keep one computation."""
+        if flight.epoch == cache.epoch:  # none since: the usual case, without tags or a digest
+            return True
         try:
             tags = self._tags(args, kwargs)
         except Exception:  # counted where the result is stored; here, computing anew is the safe answer
