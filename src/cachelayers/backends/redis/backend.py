@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 from cachelayers.backends.base import (
@@ -36,6 +36,7 @@ from cachelayers.backends.redis.options import OPTIONS, client_kwargs, close_cli
 from cachelayers.backends.redis.pubsub import subscription
 from cachelayers.backends.redis.writes import MAX_WRITERS, write_many
 from cachelayers.errors import BackendError
+from cachelayers.loops import running_asyncio_loop
 
 __all__ = ["RedisBackend"]
 
@@ -94,7 +95,7 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         self._kwargs = client_kwargs(parsed)
         self._state: LoopState | None = None
         """The pool of the loop of the last call (the fast path); all of them are in ``_states``."""
-        self._states: dict[int, LoopState] = {}
+        self._states: dict[asyncio.AbstractEventLoop, LoopState] = {}
 
     @classmethod
     def validate_url(cls, url: BackendURL) -> None:
@@ -115,17 +116,19 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
             return state
         # Another loop than the last call's: the library's loop of plain functions and the application's
         # loop take turns in one process. Each keeps its pool; a pool of a loop that has ended is dropped.
-        state = self._states.get(id(loop))
-        if state is None or state.loop is not loop:
-            for key, other in list(self._states.items()):
-                if other.loop.is_closed() or other.loop is loop:
-                    del self._states[key]
-                    abandon(other)
+        state = self._states.get(loop)
+        if state is None:
+            self._drop(lambda other: other.is_closed())
             writers = min(MAX_WRITERS, self._kwargs["max_connections"])
-            state = LoopState(loop, make_client(self._kwargs, cluster=self.cluster), max_writers=writers)
-            self._states[id(loop)] = state
+            state = self._states[loop] = LoopState(loop, make_client(self._kwargs, cluster=self.cluster),
+                                                   max_writers=writers)
         self._state = state
         return state
+
+    def _drop(self, which: Callable[[asyncio.AbstractEventLoop], bool]) -> None:
+        """Abandon the pools of the loops ``which`` selects."""
+        for loop in [loop for loop in self._states if which(loop)]:
+            abandon(self._states.pop(loop))
 
     def __del__(self) -> None:
         states = getattr(self, "_states", {})
@@ -138,18 +141,9 @@ class RedisBackend(Backend, DeadlineSupport, ClearPrefixSupport, PubSubSupport, 
         """Close the connection pool of the current event loop, and drop those of loops that have ended (a loop
         still running elsewhere keeps its pool until `aclose` is awaited there)."""
         self._state = None
-        try:
-            current_loop = asyncio.get_running_loop()
-        except RuntimeError:
-            current_loop = None
-        state = None
-        for key, other in list(self._states.items()):
-            if other.loop is current_loop or other.loop.is_closed() or current_loop is None:
-                del self._states[key]
-                if other.loop is current_loop:
-                    state = other
-                else:
-                    abandon(other)
+        current = running_asyncio_loop()
+        state = None if current is None else self._states.pop(current, None)
+        self._drop(lambda other: current is None or other.is_closed())
         if state is None:
             return
         if state.flushes:  # writes being sent: let them finish (each is bounded by its deadlines)
